@@ -1,0 +1,1 @@
+"""Prefect flows whose GPU step holds the per-worker limit."""

@@ -1,0 +1,3 @@
+"""Per-worker GPU concurrency limits for Prefect process workers."""
+
+__version__ = "0.1.0"

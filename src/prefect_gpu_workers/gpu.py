@@ -1,0 +1,112 @@
+"""GPU capacity of this machine, found with NVML, and how it becomes limit slots.
+
+With no NVIDIA driver (or no NVML library) detection reports zero GPUs and the
+reason, never an exception: the caller decides whether stated capacity applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    index: int
+    name: str
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class GpuInventory:
+    devices: tuple[GpuDevice, ...] = ()
+    # Why no GPU was found (driver missing, NVML error); None when detection worked.
+    unavailable_reason: str | None = None
+    driver_version: str | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.devices)
+
+    def describe(self) -> str:
+        if not self.devices:
+            return f"no NVIDIA GPU found ({self.unavailable_reason or 'NVML reports 0 devices'})"
+        names = ", ".join(f"{d.index}: {d.name} {d.memory_mib} MiB" for d in self.devices)
+        return f"{self.count} NVIDIA GPU(s) [{names}] driver {self.driver_version}"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def detect_gpus() -> GpuInventory:
+    """Ask NVML for the devices this process can see."""
+    try:
+        import pynvml
+    except ImportError as exc:  # nvidia-ml-py is a dependency; guard anyway
+        return GpuInventory(unavailable_reason=f"pynvml not importable: {exc}")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return GpuInventory(unavailable_reason=f"NVML could not start: {exc}")
+    try:
+        devices = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            devices.append(
+                GpuDevice(
+                    index=index,
+                    name=_text(pynvml.nvmlDeviceGetName(handle)),
+                    memory_mib=int(memory.total) // (1024 * 1024),
+                )
+            )
+        driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        return GpuInventory(devices=tuple(devices), driver_version=driver)
+    except pynvml.NVMLError as exc:
+        return GpuInventory(unavailable_reason=f"NVML query failed: {exc}")
+    finally:
+        pynvml.nvmlShutdown()
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """How many limit slots a worker gets, and where that number came from."""
+
+    gpus: int
+    slots_per_gpu: int
+    source: str
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def slots(self) -> int:
+        return self.gpus * self.slots_per_gpu
+
+
+def resolve_capacity(
+    inventory: GpuInventory,
+    *,
+    stated_gpus: int | None = None,
+    slots_per_gpu: int = 1,
+) -> Capacity:
+    """Slots for one worker: stated GPUs win, else detected GPUs.
+
+    Raises ``ValueError`` when neither gives at least one GPU, so a caller
+    never creates a zero-slot limit that would block every GPU step forever.
+    """
+    if slots_per_gpu < 1:
+        raise ValueError(f"slots per GPU must be at least 1, got {slots_per_gpu}")
+    if stated_gpus is not None:
+        if stated_gpus < 1:
+            raise ValueError(f"stated GPU count must be at least 1, got {stated_gpus}")
+        notes: tuple[str, ...] = ()
+        if inventory.count and inventory.count != stated_gpus:
+            notes = (f"stated {stated_gpus} GPU(s) overrides {inventory.describe()}",)
+        elif not inventory.count:
+            notes = (f"{inventory.describe()}; using the stated {stated_gpus} GPU(s)",)
+        return Capacity(stated_gpus, slots_per_gpu, "stated", notes)
+    if inventory.count:
+        return Capacity(inventory.count, slots_per_gpu, "detected", (inventory.describe(),))
+    raise ValueError(
+        f"{inventory.describe()}: state the capacity explicitly (for example --gpus 1)"
+    )
