@@ -148,7 +148,7 @@ class GpuSlotRequest:
             )
 
 
-def _read_limit_sync(name: str) -> GlobalConcurrencyLimitResponse | None:
+def read_limit(name: str) -> GlobalConcurrencyLimitResponse | None:
     with get_client(sync_client=True) as client:
         try:
             return client.read_global_concurrency_limit_by_name(name)
@@ -156,7 +156,7 @@ def _read_limit_sync(name: str) -> GlobalConcurrencyLimitResponse | None:
             return None
 
 
-async def _read_limit_async(name: str) -> GlobalConcurrencyLimitResponse | None:
+async def aread_limit(name: str) -> GlobalConcurrencyLimitResponse | None:
     async with get_client() as client:
         try:
             return await client.read_global_concurrency_limit_by_name(name)
@@ -178,7 +178,7 @@ def gpu_slot(
     inactive or too small. Yields the limit name.
     """
     request = GpuSlotRequest.for_worker(occupy, resource, worker_id)
-    request.check(_read_limit_sync(request.name))
+    request.check(read_limit(request.name))
     # strict=True covers the limit vanishing between the check and the acquire.
     with sync_concurrency(
         request.name, occupy=request.occupy, timeout_seconds=timeout_seconds, strict=True
@@ -196,7 +196,7 @@ async def agpu_slot(
 ) -> AsyncIterator[str]:
     """Async twin of :func:`gpu_slot`."""
     request = GpuSlotRequest.for_worker(occupy, resource, worker_id)
-    request.check(await _read_limit_async(request.name))
+    request.check(await aread_limit(request.name))
     async with async_concurrency(
         request.name, occupy=request.occupy, timeout_seconds=timeout_seconds, strict=True
     ):

@@ -1,0 +1,46 @@
+"""Run the operator: ``python -m pgw_operator [--namespace NS ...] [--liveness URL]``.
+
+One active replica at a time (the chart uses ``strategy: Recreate``); kopf runs
+standalone, without peering objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import kopf
+
+from pgw_operator import handlers  # noqa: F401  (registers the handlers)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pgw_operator", description=__doc__)
+    parser.add_argument(
+        "--namespace", "-n", action="append", default=[],
+        help="watch only this namespace (repeatable); default: all namespaces",
+    )  # fmt: skip
+    parser.add_argument(
+        "--liveness", default="http://127.0.0.1:8080/healthz",
+        help="liveness endpoint URL (bind 0.0.0.0 inside a pod for the kubelet's probe)",
+    )  # fmt: skip
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s [%(funcName)s] %(message)s",
+    )
+    kopf.run(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness or None,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Kopf wiring: indexes, wake-ups, one reconcile daemon per pool, and deletion cleanup.
+
+Every change that matters (the pool, its pods, its Deployment, a timer) leads to
+the same single reconcile loop per pool, so exactly one writer touches a pool's
+limits and status. Pod events only wake that loop; the pod facts come from an
+in-memory index, not from API calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import kubernetes
+
+from pgw_operator import kube
+from pgw_operator.errors import ReconcileError
+from pgw_operator.facts import NodeFacts, PodFacts
+from pgw_operator.plan import ledger_from_status
+from pgw_operator.reconcile import (
+    PoolRef,
+    PoolState,
+    prefect_api_for,
+    reconcile_pool,
+    report_failure,
+)
+from pgw_operator.spec import GROUP, PLURAL, POOL_LABEL, VERSION, PoolSpec
+
+RESYNC_S = 30.0  # periodic pass: garbage collection, drift, active-slot counts
+MAX_BACKOFF_S = 60.0
+
+PoolKey = tuple[str, str]
+Logger = logging.Logger | logging.LoggerAdapter[Any]  # (namespace, pool name)
+_wakeups: dict[PoolKey, asyncio.Event] = {}
+_locks: dict[PoolKey, asyncio.Lock] = {}
+
+
+def _lock(key: PoolKey) -> asyncio.Lock:
+    return _locks.setdefault(key, asyncio.Lock())
+
+
+def wake(namespace: str | None, pool: str | None) -> None:
+    if namespace and pool and (event := _wakeups.get((namespace, pool))):
+        event.set()
+
+
+def backoff_delay(failures: int) -> float:
+    return float(min(MAX_BACKOFF_S, 2 ** max(0, failures)))
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    kube.load_config()
+    # Unset, watches can stall silently (kopf #585, #847, #957).
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    # Keep kopf's bookkeeping in annotations: the status schema is ours.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/limits-cleanup"
+    settings.posting.level = logging.INFO
+
+
+@kopf.index("pods", labels={POOL_LABEL: kopf.PRESENT})
+def pods_by_pool(
+    name: str,
+    namespace: str | None,
+    labels: Mapping[str, str],
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    **_: Any,
+) -> dict[PoolKey, PodFacts]:
+    return {(namespace or "", labels[POOL_LABEL]): PodFacts.from_pod(name, spec, status, meta)}
+
+
+@kopf.index("nodes")
+def nodes_by_name(
+    name: str, status: kopf.Status, labels: Mapping[str, str], **_: Any
+) -> dict[str, NodeFacts]:
+    return {name: NodeFacts.from_node(name, status, labels)}
+
+
+@kopf.on.event("pods", labels={POOL_LABEL: kopf.PRESENT})
+def pod_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    wake(namespace, labels.get(POOL_LABEL))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={POOL_LABEL: kopf.PRESENT})
+def deployment_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    wake(namespace, labels.get(POOL_LABEL))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def pool_changed(namespace: str | None, name: str, **_: Any) -> None:
+    wake(namespace, name)
+
+
+def _pool_ref(body: kopf.Body) -> PoolRef:
+    return PoolRef(
+        namespace=body.metadata.namespace or "",
+        name=body.metadata.name or "",
+        uid=body.metadata.uid or "",
+        generation=int(body.metadata.get("generation") or 0),
+        spec=dict(body.spec),
+        status=dict(body.status),
+    )
+
+
+def _pods_of(index: kopf.Index[PoolKey, PodFacts], key: PoolKey) -> dict[str, PodFacts]:
+    return {pod.name: pod for pod in index.get(key, [])}
+
+
+def _nodes(index: kopf.Index[str, NodeFacts]) -> dict[str, NodeFacts]:
+    return {name: next(iter(store)) for name, store in index.items() if store}
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=30.0)
+async def pool_reconciler(
+    stopped: kopf.DaemonStopped,
+    body: kopf.Body,
+    logger: Logger,
+    **kwargs: Any,
+) -> None:
+    """The one reconcile loop of a pool: on every wake-up, and every RESYNC_S."""
+    # Indexes arrive as kwargs named after their functions; they are live views.
+    pod_index: kopf.Index[PoolKey, PodFacts] = kwargs["pods_by_pool"]
+    node_index: kopf.Index[str, NodeFacts] = kwargs["nodes_by_name"]
+    key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
+    event = _wakeups.setdefault(key, asyncio.Event())
+    state = PoolState(ledger=ledger_from_status(body.status))
+    failures = 0
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    try:
+        while not stopped:
+            event.clear()
+            if body.metadata.get("deletionTimestamp"):
+                return  # pool_deleted cleans up under the same lock
+            pool = _pool_ref(body)
+            try:
+                async with _lock(key):
+                    await reconcile_pool(
+                        pool,
+                        state,
+                        _pods_of(pod_index, key),
+                        _nodes(node_index),
+                        emit,
+                        logger,
+                    )
+                if failures:
+                    emit("Normal", "Recovered", "reconcile succeeded again")
+                failures, delay = 0, RESYNC_S
+            except ReconcileError as exc:
+                failures += 1
+                delay = backoff_delay(failures)
+                logger.warning("reconcile failed (%s), retry in %.0fs: %s", exc.reason, delay, exc)
+                emit("Warning", exc.reason, str(exc)[:1000])
+                await _report(pool, state, exc, logger)
+            await _wait(event, stopped, delay)
+    finally:
+        _wakeups.pop(key, None)
+
+
+async def _report(pool: PoolRef, state: PoolState, error: ReconcileError, log: Logger) -> None:
+    try:
+        await report_failure(pool, state, error)
+    except kubernetes.client.ApiException as exc:  # the pool may be gone already
+        log.info("could not write failure status: %s", exc.reason)
+
+
+async def _wait(event: asyncio.Event, stopped: kopf.DaemonStopped, delay_s: float) -> None:
+    """Sleep ``delay_s`` unless woken by a change or told to stop."""
+    waiters = {asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopped.wait())}
+    try:
+        await asyncio.wait(waiters, timeout=delay_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def pool_deleted(body: kopf.Body, logger: Logger, **_: Any) -> None:
+    """Delete every limit in the pool's ledger before the pool goes (finalizer).
+
+    Retried with backoff while Prefect is unreachable; removing the finalizer
+    by hand lets the pool go and leaves its limits behind.
+    """
+    key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
+    spec = PoolSpec.from_dict(dict(body.spec))
+    async with _lock(key):
+        ledger = ledger_from_status(body.status)
+        if not ledger:
+            return
+        try:
+            api = await prefect_api_for(key[0], spec)
+            try:
+                for name in sorted(ledger):
+                    await api.delete_limit(name)
+                    logger.info("deleted limit %s with its pool", name)
+            finally:
+                await api.aclose()
+        except ReconcileError as exc:
+            raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=30) from exc
+    _locks.pop(key, None)

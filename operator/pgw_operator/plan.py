@@ -1,0 +1,200 @@
+"""Which limits to create, resize, recreate or delete for one pool: a pure decision.
+
+The ledger is the operator's record of the limits it created for a pool, kept
+in the pool's ``status.workers``. It is written *before* Prefect is touched
+(write-ahead), so a crash can leave a ledger entry without a limit, never a
+limit without a ledger entry. Only ledger entries are ever deleted: a limit
+this operator did not create is never touched, whatever its name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pgw_operator.facts import NodeFacts, PodFacts
+from pgw_operator.sizing import LimitSize, SizingProblem, size_limit
+from pgw_operator.spec import PoolSpec
+from prefect_gpu_workers.limits import limit_name
+
+EntryState = Literal["Creating", "Ready", "Deleting"]
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    limit_name: str
+    pod: str
+    node: str | None
+    size: int
+    gpus: str
+    restarts: int
+    state: EntryState
+    active_slots: int = 0
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "limitName": self.limit_name,
+            "pod": self.pod,
+            "node": self.node or "",
+            "limitSize": self.size,
+            "gpus": self.gpus,
+            "restarts": self.restarts,
+            "state": self.state,
+            "activeSlots": self.active_slots,
+        }
+
+    @classmethod
+    def from_status(cls, item: Mapping[str, Any]) -> LedgerEntry:
+        state = item.get("state", "Ready")
+        return cls(
+            limit_name=item["limitName"],
+            pod=item.get("pod", ""),
+            node=item.get("node") or None,
+            size=int(item.get("limitSize", 0)),
+            gpus=str(item.get("gpus", "")),
+            restarts=int(item.get("restarts", 0)),
+            state=state if state in ("Creating", "Ready", "Deleting") else "Ready",
+            active_slots=int(item.get("activeSlots", 0)),
+        )
+
+
+Ledger = dict[str, LedgerEntry]
+
+
+def ledger_from_status(status: Mapping[str, Any] | None) -> Ledger:
+    items = (status or {}).get("workers") or []
+    entries = (LedgerEntry.from_status(item) for item in items if item.get("limitName"))
+    return {entry.limit_name: entry for entry in entries}
+
+
+def ledger_to_status(ledger: Ledger) -> list[dict[str, Any]]:
+    return [ledger[name].to_status() for name in sorted(ledger)]
+
+
+@dataclass(frozen=True)
+class PrefectLimit:
+    """A limit as read from Prefect."""
+
+    name: str
+    limit: int
+    active: bool
+    active_slots: int
+
+
+ActionKind = Literal["create", "resize", "recreate", "delete"]
+
+
+@dataclass(frozen=True)
+class LimitAction:
+    kind: ActionKind
+    name: str
+    size: int = 0
+    why: str = ""
+
+
+@dataclass
+class LimitPlan:
+    # The ledger to persist before acting on `actions`.
+    ledger: Ledger
+    actions: list[LimitAction] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _desired_pods(pods: Mapping[str, PodFacts]) -> list[PodFacts]:
+    """Pods that need a limit: bound to a node and not finished (terminating still counts,
+    its worker drains flow runs that may yet reach their GPU step)."""
+    return [pod for pod in pods.values() if pod.node and not pod.finished]
+
+
+def desired_limit_names(spec: PoolSpec, pods: Mapping[str, PodFacts]) -> set[str]:
+    return {limit_name(pod.name, spec.limit_prefix) for pod in _desired_pods(pods)}
+
+
+def plan_limits(
+    spec: PoolSpec,
+    ledger: Ledger,
+    pods: Mapping[str, PodFacts],
+    nodes: Mapping[str, NodeFacts],
+    prefect_limits: Mapping[str, PrefectLimit],
+) -> LimitPlan:
+    """Decide the limit actions that bring Prefect in line with the pool's pods.
+
+    ``prefect_limits`` holds what Prefect has for every name in the ledger and
+    every desired name; a name missing from it does not exist in Prefect.
+    """
+    plan = LimitPlan(ledger=dict(ledger))
+    desired: set[str] = set()
+    for pod in sorted(_desired_pods(pods), key=lambda p: p.name):
+        name = limit_name(pod.name, spec.limit_prefix)
+        desired.add(name)
+        sized = size_limit(pod, nodes.get(pod.node or ""), spec)
+        if isinstance(sized, SizingProblem):
+            plan.problems.append(sized.reason)
+            continue
+        _plan_pod(plan, pod, name, sized, ledger.get(name), prefect_limits.get(name))
+
+    for name, entry in ledger.items():
+        if name in desired:
+            continue
+        if name in prefect_limits:
+            plan.ledger[name] = replace(entry, state="Deleting")
+            plan.actions.append(LimitAction("delete", name, why=f"pod {entry.pod} is gone"))
+        else:
+            del plan.ledger[name]  # nothing left to delete
+    return plan
+
+
+def _plan_pod(
+    plan: LimitPlan,
+    pod: PodFacts,
+    name: str,
+    sized: LimitSize,
+    entry: LedgerEntry | None,
+    existing: PrefectLimit | None,
+) -> None:
+    def record(state: EntryState, restarts: int) -> None:
+        plan.ledger[name] = LedgerEntry(
+            limit_name=name,
+            pod=pod.name,
+            node=pod.node,
+            size=sized.slots,
+            gpus=sized.gpus,
+            restarts=restarts,
+            state=state,
+            active_slots=existing.active_slots if existing else 0,
+        )
+
+    if existing is None:
+        record("Creating", pod.restarts)
+        plan.actions.append(LimitAction("create", name, sized.slots, sized.basis))
+        return
+    if entry is not None and pod.restarts > entry.restarts:
+        # The worker container restarted in place: its flow runs died holding
+        # slots whose leases would only expire minutes from now. A new limit
+        # with the same name starts at zero and the old leases can never
+        # decrement it.
+        record("Creating", pod.restarts)
+        plan.actions.append(
+            LimitAction("recreate", name, sized.slots, f"worker restarted ({pod.restarts})")
+        )
+        return
+    restarts = entry.restarts if entry is not None else pod.restarts
+    if existing.limit != sized.slots or not existing.active:
+        record("Creating", restarts)
+        plan.actions.append(LimitAction("resize", name, sized.slots, sized.basis))
+        return
+    record("Ready", restarts)
+
+
+def settle(plan: LimitPlan, done: list[LimitAction]) -> Ledger:
+    """The ledger after the actions in ``done`` succeeded; the others stay pending."""
+    ledger = dict(plan.ledger)
+    for action in done:
+        if action.kind == "delete":
+            ledger.pop(action.name, None)
+        elif action.name in ledger:
+            entry = ledger[action.name]
+            slots = 0 if action.kind in ("create", "recreate") else entry.active_slots
+            ledger[action.name] = replace(entry, state="Ready", active_slots=slots)
+    return ledger

@@ -1,0 +1,127 @@
+"""Thin async adapter to the Prefect REST API: global concurrency limits and work pools.
+
+Talks HTTP directly (not through Prefect's global client settings) because each
+pool may name its own API URL and key. Every failure becomes a
+:class:`PrefectError` with a condition reason, so the reconciler can report it
+instead of crashing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from pgw_operator.errors import PrefectError
+from pgw_operator.plan import PrefectLimit
+
+
+class PrefectApi:
+    def __init__(self, api_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_url = api_url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=timeout_s)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise PrefectError(
+                "PrefectUnreachable", f"Prefect API {self.api_url} unreachable: {exc!r}"
+            ) from exc
+        if response.status_code in (401, 403):
+            raise PrefectError(
+                "PrefectUnauthorized",
+                f"Prefect API refused {method} {path}: HTTP {response.status_code}; "
+                "check spec.prefect.apiKeySecretRef",
+            )
+        if response.status_code >= 500:
+            raise PrefectError(
+                "PrefectServerError",
+                f"Prefect API {method} {path}: HTTP {response.status_code} {response.text[:200]}",
+            )
+        return response
+
+    async def _checked(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = await self._request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise PrefectError(
+                "PrefectRejected",
+                f"Prefect API {method} {path}: HTTP {response.status_code} {response.text[:300]}",
+            )
+        return response
+
+    # Global concurrency limits -------------------------------------------------
+
+    async def read_limit(self, name: str) -> PrefectLimit | None:
+        response = await self._request("GET", f"/v2/concurrency_limits/{name}")
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise PrefectError("PrefectRejected", f"read limit {name}: HTTP {response.status_code}")
+        body = response.json()
+        return PrefectLimit(
+            name=body["name"],
+            limit=int(body["limit"]),
+            active=bool(body["active"]),
+            active_slots=int(body["active_slots"]),
+        )
+
+    async def read_limits(self, names: set[str], parallel: int = 8) -> dict[str, PrefectLimit]:
+        gate = asyncio.Semaphore(parallel)
+
+        async def one(name: str) -> PrefectLimit | None:
+            async with gate:
+                return await self.read_limit(name)
+
+        found = await asyncio.gather(*(one(n) for n in sorted(names)))
+        return {limit.name: limit for limit in found if limit is not None}
+
+    async def create_limit(self, name: str, size: int) -> None:
+        await self._checked(
+            "POST", "/v2/concurrency_limits/", json={"name": name, "limit": size, "active": True}
+        )
+
+    async def resize_limit(self, name: str, size: int) -> None:
+        await self._checked(
+            "PATCH", f"/v2/concurrency_limits/{name}", json={"limit": size, "active": True}
+        )
+
+    async def delete_limit(self, name: str) -> None:
+        response = await self._request("DELETE", f"/v2/concurrency_limits/{name}")
+        if response.status_code not in (204, 404):
+            raise PrefectError(
+                "PrefectRejected", f"delete limit {name}: HTTP {response.status_code}"
+            )
+
+    async def recreate_limit(self, name: str, size: int) -> None:
+        """Drop every slot held under ``name``: leases of the old limit cannot touch the new one."""
+        await self.delete_limit(name)
+        await self.create_limit(name, size)
+
+    # Work pools ----------------------------------------------------------------
+
+    async def ensure_work_pool(self, name: str, pool_type: str = "process") -> bool:
+        """Create the work pool if missing; True when it was created."""
+        response = await self._request("GET", f"/work_pools/{name}")
+        if response.status_code == 200:
+            return False
+        if response.status_code != 404:
+            raise PrefectError(
+                "PrefectRejected", f"read work pool {name}: HTTP {response.status_code}"
+            )
+        created = await self._request(
+            "POST", "/work_pools/", json={"name": name, "type": pool_type}
+        )
+        if created.status_code == 409:  # created concurrently
+            return False
+        if created.status_code >= 400:
+            raise PrefectError(
+                "WorkPoolRejected",
+                f"create work pool {name}: HTTP {created.status_code} {created.text[:300]}",
+            )
+        return True

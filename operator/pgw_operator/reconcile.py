@@ -1,0 +1,197 @@
+"""One reconcile pass for one pool: Deployment, work pool, limits, status.
+
+The pure decisions live in desired.py, plan.py and conditions.py; this module
+only gathers their inputs and carries out their outputs, in this order:
+apply the Deployment, ensure the work pool, read the limits, persist the
+ledger (write-ahead), act on Prefect, write status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import kubernetes
+
+from pgw_operator import kube
+from pgw_operator.conditions import PoolHealth, merge_conditions, pool_conditions
+from pgw_operator.desired import desired_deployment, selector_string
+from pgw_operator.errors import PrefectError, ReconcileError
+from pgw_operator.facts import NodeFacts, PodFacts
+from pgw_operator.plan import (
+    Ledger,
+    LimitAction,
+    desired_limit_names,
+    ledger_to_status,
+    plan_limits,
+    settle,
+)
+from pgw_operator.prefect_api import PrefectApi
+from pgw_operator.spec import PoolSpec
+
+EventFn = Callable[[str, str, str], None]  # (type, reason, message)
+
+
+@dataclass
+class PoolState:
+    """What the reconciler remembers about one pool between passes."""
+
+    ledger: Ledger
+    ensured_work_pool: tuple[str, str] | None = None  # (api_url, work pool) already ensured
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: Mapping[str, Any]
+    status: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    ledger: Ledger
+    health: PoolHealth
+    actions: tuple[LimitAction, ...]
+
+
+async def prefect_api_for(namespace: str, spec: PoolSpec) -> PrefectApi:
+    """A client for the pool's Prefect API, with the key read from its Secret."""
+    if spec.api_key is None:
+        return PrefectApi(spec.api_url)
+    ref = spec.api_key
+    try:
+        key = await asyncio.to_thread(kube.read_secret_value, namespace, ref.name, ref.key)
+    except (KeyError, kubernetes.client.ApiException) as exc:
+        raise ReconcileError(
+            "ApiKeySecretUnavailable",
+            f"cannot read spec.prefect.apiKeySecretRef {ref.name}/{ref.key}: {exc}",
+        ) from exc
+    return PrefectApi(spec.api_url, key)
+
+
+async def _write_status(pool: PoolRef, status: dict[str, Any]) -> None:
+    await asyncio.to_thread(kube.patch_pool_status, pool.namespace, pool.name, status)
+
+
+async def _act(api: PrefectApi, action: LimitAction) -> None:
+    if action.kind == "create":
+        await api.create_limit(action.name, action.size)
+    elif action.kind == "resize":
+        await api.resize_limit(action.name, action.size)
+    elif action.kind == "recreate":
+        await api.recreate_limit(action.name, action.size)
+    else:
+        await api.delete_limit(action.name)
+
+
+def status_body(
+    pool: PoolRef, spec: PoolSpec, ledger: Ledger, health: PoolHealth
+) -> dict[str, Any]:
+    conditions, phase = pool_conditions(health)
+    return {
+        "observedGeneration": pool.generation,
+        "phase": phase,
+        "replicas": health.pods,
+        "readyReplicas": health.ready_workers,
+        "selector": selector_string(pool.name),
+        "deployment": pool.name,
+        "gpuSlots": sum(e.size for e in ledger.values() if e.state != "Deleting"),
+        "workers": ledger_to_status(ledger),
+        "conditions": merge_conditions(pool.status.get("conditions"), conditions, pool.generation),
+    }
+
+
+async def reconcile_pool(
+    pool: PoolRef,
+    state: PoolState,
+    pods: Mapping[str, PodFacts],
+    nodes: Mapping[str, NodeFacts],
+    emit: EventFn,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+) -> ReconcileResult:
+    """One pass. Raises ReconcileError when it cannot finish (status then says why)."""
+    spec = PoolSpec.from_dict(dict(pool.spec))
+    try:
+        await asyncio.to_thread(
+            kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
+        )
+    except kubernetes.client.ApiException as exc:
+        raise ReconcileError(
+            "DeploymentRejected", f"worker Deployment: {exc.status} {exc.reason}: {exc.body}"
+        ) from exc
+    live_pods = {name: pod for name, pod in pods.items() if not pod.finished}
+    api = await prefect_api_for(pool.namespace, spec)
+    try:
+        if spec.create_work_pool and state.ensured_work_pool != (spec.api_url, spec.work_pool):
+            if await api.ensure_work_pool(spec.work_pool):
+                emit("Normal", "WorkPoolCreated", f"created Prefect work pool {spec.work_pool}")
+            state.ensured_work_pool = (spec.api_url, spec.work_pool)
+
+        # Read exactly the limits that matter: the ledger's and the desired ones.
+        names = set(state.ledger) | desired_limit_names(spec, pods)
+        limits = await api.read_limits(names)
+        plan = plan_limits(spec, state.ledger, pods, nodes, limits)
+        if plan.ledger != state.ledger:
+            # Write-ahead: the ledger names every limit before it exists.
+            pending = PoolHealth(
+                spec.replicas, len(live_pods), 0, len(plan.actions), tuple(plan.problems)
+            )
+            await _write_status(pool, status_body(pool, spec, plan.ledger, pending))
+            state.ledger = plan.ledger
+
+        done: list[LimitAction] = []
+        failure: PrefectError | None = None
+        for action in plan.actions:
+            try:
+                await _act(api, action)
+            except PrefectError as exc:
+                failure = exc
+                break
+            done.append(action)
+            log.info("limit %s %s size=%s (%s)", action.kind, action.name, action.size, action.why)
+            emit("Normal", f"Limit{action.kind.capitalize()}d",
+                 f"{action.name}: {action.kind} size={action.size} ({action.why})")  # fmt: skip
+        state.ledger = settle(plan, done)
+    finally:
+        await api.aclose()
+
+    ready = sum(
+        1
+        for entry in state.ledger.values()
+        if entry.state == "Ready" and (pod := pods.get(entry.pod)) is not None and pod.ready
+    )
+    pending_count = sum(1 for e in state.ledger.values() if e.state != "Ready")
+    health = PoolHealth(
+        desired_replicas=spec.replicas,
+        pods=len(live_pods),
+        ready_workers=ready,
+        pending_limits=pending_count,
+        problems=tuple(plan.problems),
+        error_reason=failure.reason if failure else None,
+        error_message=str(failure) if failure else "",
+    )
+    await _write_status(pool, status_body(pool, spec, state.ledger, health))
+    if failure is not None:
+        raise failure
+    return ReconcileResult(state.ledger, health, tuple(done))
+
+
+async def report_failure(pool: PoolRef, state: PoolState, error: ReconcileError) -> None:
+    """Status for a pass that failed before it could plan (Prefect unreachable...)."""
+    spec = PoolSpec.from_dict(dict(pool.spec))
+    previous = pool.status
+    health = PoolHealth(
+        desired_replicas=spec.replicas,
+        pods=int(previous.get("replicas") or 0),
+        ready_workers=int(previous.get("readyReplicas") or 0),
+        pending_limits=0,
+        error_reason=error.reason,
+        error_message=str(error),
+    )
+    await _write_status(pool, status_body(pool, spec, state.ledger, health))
