@@ -11,7 +11,10 @@ import logging
 
 import kopf
 
-from pgw_operator import handlers  # noqa: F401  (registers the handlers)
+from pgw_operator import (
+    handlers,  # noqa: F401  (registers the handlers)
+    metrics,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--liveness", default="http://127.0.0.1:8080/healthz",
         help="liveness endpoint URL (bind 0.0.0.0 inside a pod for the kubelet's probe)",
     )  # fmt: skip
+    parser.add_argument(
+        "--metrics", default="",
+        help="serve Prometheus metrics on HOST:PORT (e.g. 0.0.0.0:9090); off when empty",
+    )  # fmt: skip
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -34,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s [%(funcName)s] %(message)s",
     )
+    if args.metrics:
+        metrics.serve(args.metrics)
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,

@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 import kubernetes
 
-from pgw_operator import kube
+from pgw_operator import kube, metrics
 from pgw_operator.errors import ReconcileError
 from pgw_operator.facts import NodeFacts, PodFacts
 from pgw_operator.plan import ledger_from_status
@@ -162,6 +162,7 @@ async def pool_reconciler(
             except ReconcileError as exc:
                 failures += 1
                 delay = backoff_delay(failures)
+                metrics.RECONCILE_ERRORS.labels(*key, exc.reason).inc()
                 logger.warning("reconcile failed (%s), retry in %.0fs: %s", exc.reason, delay, exc)
                 emit("Warning", exc.reason, str(exc)[:1000])
                 await _report(pool, state, exc, logger)
@@ -211,3 +212,4 @@ async def pool_deleted(body: kopf.Body, logger: Logger, **_: Any) -> None:
         except ReconcileError as exc:
             raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=30) from exc
     _locks.pop(key, None)
+    metrics.forget_pool(*key)

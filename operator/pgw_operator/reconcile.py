@@ -16,7 +16,7 @@ from typing import Any
 
 import kubernetes
 
-from pgw_operator import kube
+from pgw_operator import kube, metrics
 from pgw_operator.conditions import PoolHealth, merge_conditions, pool_conditions
 from pgw_operator.desired import desired_deployment, selector_string
 from pgw_operator.errors import PrefectError, ReconcileError
@@ -177,9 +177,23 @@ async def reconcile_pool(
         error_message=str(failure) if failure else "",
     )
     await _write_status(pool, status_body(pool, spec, state.ledger, health))
+    record_metrics(pool, spec, state.ledger, health, done)
     if failure is not None:
         raise failure
     return ReconcileResult(state.ledger, health, tuple(done))
+
+
+def record_metrics(
+    pool: PoolRef, spec: PoolSpec, ledger: Ledger, health: PoolHealth, done: list[LimitAction]
+) -> None:
+    labels = (pool.namespace, pool.name)
+    live = [e for e in ledger.values() if e.state != "Deleting"]
+    metrics.SLOTS_TOTAL.labels(*labels).set(sum(e.size for e in live))
+    metrics.SLOTS_IN_USE.labels(*labels).set(sum(e.active_slots for e in live))
+    metrics.WORKERS_READY.labels(*labels).set(health.ready_workers)
+    metrics.WORKERS_DESIRED.labels(*labels).set(spec.replicas)
+    for action in done:
+        metrics.LIMIT_ACTIONS.labels(*labels, action.kind).inc()
 
 
 async def report_failure(pool: PoolRef, state: PoolState, error: ReconcileError) -> None:

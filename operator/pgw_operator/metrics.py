@@ -1,0 +1,45 @@
+"""Prometheus metrics of the operator, per pool.
+
+Served by ``prometheus_client`` on the address given with ``--metrics``;
+nothing listens when it is not given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+POOL = ("namespace", "pool")
+
+SLOTS_TOTAL = Gauge("pgw_pool_gpu_slots", "GPU slots across the pool's worker limits", POOL)
+SLOTS_IN_USE = Gauge(
+    "pgw_pool_gpu_slots_in_use", "Slots held at the last reconcile (Prefect active_slots)", POOL
+)
+WORKERS_READY = Gauge("pgw_pool_workers_ready", "Worker pods ready with their limit", POOL)
+WORKERS_DESIRED = Gauge("pgw_pool_workers_desired", "spec.replicas of the pool", POOL)
+RECONCILE_SECONDS = Histogram(
+    "pgw_reconcile_duration_seconds",
+    "Duration of one reconcile pass",
+    POOL,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RECONCILE_ERRORS = Counter(
+    "pgw_reconcile_errors_total", "Failed reconcile passes by reason", (*POOL, "reason")
+)
+LIMIT_ACTIONS = Counter(
+    "pgw_limit_actions_total", "Limit changes made in Prefect", (*POOL, "action")
+)
+
+
+def serve(address: str) -> None:
+    """Serve /metrics on ``host:port``."""
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host or "127.0.0.1")
+
+
+def forget_pool(namespace: str, pool: str) -> None:
+    """Drop a deleted pool's series so dashboards do not show ghosts."""
+    for gauge in (SLOTS_TOTAL, SLOTS_IN_USE, WORKERS_READY, WORKERS_DESIRED):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, pool)
