@@ -1,0 +1,184 @@
+"""Run the real operator against the dev cluster and a real Prefect server, for tests.
+
+The operator runs as a subprocess (``python -m pgw_operator --namespace NS``),
+exactly as in its container, so tests can stop and restart it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from kubernetes import client
+
+from .cluster import REPO_ROOT, DevCluster, wait_for
+
+CRD = REPO_ROOT / "crds" / "gpuworkerpools.gpuworkers.dev.yaml"
+GROUP, VERSION, PLURAL = "gpuworkers.dev", "v1alpha1", "gpuworkerpools"
+POOL_LABEL = "gpuworkers.dev/pool"
+
+
+def install_crd(cluster: DevCluster) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/gpuworkerpools.gpuworkers.dev", "--timeout=60s"
+    )
+
+
+@dataclass
+class OperatorProcess:
+    """``python -m pgw_operator`` watching one namespace, logging to a file."""
+
+    cluster: DevCluster
+    namespace: str
+    log_path: Path
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    _proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**self.cluster.env(), **self.extra_env}
+        log = self.log_path.open("ab")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pgw_operator", "--namespace", self.namespace, "--liveness", ""],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        log.close()
+        return self
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+    def assert_alive(self) -> None:
+        assert self._proc is not None, "operator not started"
+        assert self._proc.poll() is None, f"operator exited; log tail:\n{self.log_tail()}"
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class Pools:
+    """GpuWorkerPool objects of one namespace, through the admin API client."""
+
+    def __init__(self, cluster: DevCluster, namespace: str) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        api_client = cluster.api_client()
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+
+    def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GpuWorkerPool",
+                "metadata": {"name": name}, "spec": spec}  # fmt: skip
+        created: dict[str, Any] = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, body
+        )
+        return created
+
+    def get(self, name: str) -> dict[str, Any]:
+        pool: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return pool
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def scale(self, name: str, replicas: int) -> None:
+        self.custom.patch_namespaced_custom_object_scale(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"replicas": replicas}}
+        )
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
+
+    def pods(self, pool: str) -> list[client.V1Pod]:
+        items = self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"{POOL_LABEL}={pool}"
+        ).items
+        return list(items)
+
+    def running_pods(self, pool: str) -> dict[str, str]:
+        """Pod name -> node, for pods bound and Running (not being deleted)."""
+        return {
+            p.metadata.name: p.spec.node_name
+            for p in self.pods(pool)
+            if p.status.phase == "Running" and p.metadata.deletion_timestamp is None
+        }
+
+    def condition(self, name: str, kind: str) -> dict[str, Any] | None:
+        conditions = (self.get(name).get("status") or {}).get("conditions") or []
+        return next((c for c in conditions if c["type"] == kind), None)
+
+    def events(self, name: str) -> list[client.CoreV1Event]:
+        events = self.core.list_namespaced_event(
+            self.namespace, field_selector=f"involvedObject.name={name}"
+        ).items
+        return list(events)
+
+
+class PrefectLimits:
+    """Read and create global concurrency limits through Prefect's REST API."""
+
+    def __init__(self, api_url: str) -> None:
+        self.api_url = api_url
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        response = httpx.get(f"{self.api_url}/v2/concurrency_limits/{name}", timeout=10)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    def create(self, name: str, limit: int) -> None:
+        response = httpx.post(
+            f"{self.api_url}/v2/concurrency_limits/",
+            json={"name": name, "limit": limit},
+            timeout=10,
+        )
+        response.raise_for_status()
+
+    def all_names(self) -> set[str]:
+        response = httpx.post(
+            f"{self.api_url}/v2/concurrency_limits/filter", json={"limit": 200}, timeout=10
+        )
+        response.raise_for_status()
+        return {item["name"] for item in response.json()}
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:5]}"
+
+
+def wait_until(probe: Any, what: str, timeout: float = 90.0, interval: float = 0.5) -> Any:
+    return wait_for(probe, timeout=timeout, interval=interval, what=what)
+
+
+def settle(seconds: float) -> None:
+    """Give a controller time to (wrongly) act, before asserting it did not."""
+    time.sleep(seconds)

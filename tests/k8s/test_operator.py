@@ -1,0 +1,355 @@
+"""The operator against the real control plane and a real Prefect server.
+
+Each test gets its own namespace and operator process; the module registers
+its own fake nodes (tainted, so other tests' pods stay off them) and pools pin
+themselves to one kind of node, so expected limit sizes are exact.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from prefect_gpu_workers.server import LocalPrefectServer, free_port
+
+from .cluster import DevCluster
+from .operator_harness import (
+    OperatorProcess,
+    Pools,
+    PrefectLimits,
+    install_crd,
+    settle,
+    unique,
+    wait_until,
+)
+
+GROUP_LABEL = "pgw-test/group"
+KIND_LABEL = "pgw-test/kind"
+
+
+@pytest.fixture(scope="module")
+def node_group(dev_cluster: DevCluster) -> Iterator[str]:
+    """Fake nodes for this module: 2 x 8 GPUs, 4 GPUs, MIG, time-sliced, CPU only."""
+    group = f"op-{uuid.uuid4().hex[:5]}"
+    install_crd(dev_cluster)
+    taint = {"key": GROUP_LABEL, "value": group, "effect": "NoSchedule"}
+    nodes: dict[str, dict[str, Any]] = {
+        "gpu8a": {"gpus": 8, "kind": "gpu8"},
+        "gpu8b": {"gpus": 8, "kind": "gpu8"},
+        "gpu4": {"gpus": 4, "kind": "gpu4"},
+        "mig": {
+            "resources": {"nvidia.com/mig-1g.10gb": "7"},
+            "kind": "mig",
+            "labels": {"nvidia.com/mig.strategy": "mixed"},
+        },
+        "ts": {
+            "gpus": 8,
+            "kind": "ts",
+            "labels": {"nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.count": "2"},
+        },
+        "cpu": {"kind": "cpu"},
+    }
+    for suffix, node in nodes.items():
+        dev_cluster.add_node(
+            f"{group}-{suffix}",
+            gpus=node.get("gpus", 0),
+            resources=node.get("resources"),
+            labels={GROUP_LABEL: group, KIND_LABEL: node["kind"], **node.get("labels", {})},
+            taints=[taint],
+        )
+    yield group
+    for suffix in nodes:
+        dev_cluster.remove_node(f"{group}-{suffix}")
+
+
+@pytest.fixture
+def operator(
+    dev_cluster: DevCluster, namespace: str, node_group: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(dev_cluster, namespace, tmp_path / "operator.log").start()
+    yield proc
+    proc.stop()
+    print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
+
+
+@pytest.fixture
+def pools(dev_cluster: DevCluster, namespace: str) -> Pools:
+    return Pools(dev_cluster, namespace)
+
+
+@pytest.fixture
+def limits(prefect_server: LocalPrefectServer) -> PrefectLimits:
+    return PrefectLimits(prefect_server.api_url)
+
+
+def pool_spec(
+    api_url: str, group: str, node_kind: str, gpu: dict[str, Any], replicas: int = 1
+) -> dict[str, Any]:
+    return {
+        "replicas": replicas,
+        "workPool": {"name": f"pool-{group}"},
+        "prefect": {"apiUrl": api_url},
+        "gpu": gpu,
+        "worker": {
+            "image": "registry.invalid/prefect-gpu-worker:test",
+            "drainGracePeriodSeconds": 0,
+            "podTemplate": {
+                "nodeSelector": {GROUP_LABEL: group, KIND_LABEL: node_kind},
+                "tolerations": [
+                    {
+                        "key": GROUP_LABEL,
+                        "operator": "Equal",
+                        "value": group,
+                        "effect": "NoSchedule",
+                    }
+                ],
+            },
+        },
+    }
+
+
+def ready_with_limits(
+    pools: Pools, limits: PrefectLimits, pool: str, replicas: int, prefix: str = "gpu"
+) -> dict[str, dict[str, Any]] | None:
+    """Once the pool is Ready with `replicas` running pods, each with its limit: name -> limit."""
+    running = pools.running_pods(pool)
+    ready = pools.condition(pool, "Ready")
+    if len(running) != replicas or not ready or ready["status"] != "True":
+        return None
+    found = {pod: limits.get(f"{prefix}:{pod}") for pod in running}
+    if any(limit is None for limit in found.values()):
+        return None
+    return {pod: limit for pod, limit in found.items() if limit is not None}
+
+
+def test_limits_are_sized_from_the_gpus_each_pod_has(
+    operator: OperatorProcess,
+    pools: Pools,
+    limits: PrefectLimits,
+    node_group: str,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    url = prefect_server.api_url
+    cases = {
+        # pool: (node kind, gpu spec, replicas, expected slots per pod, expected gpus)
+        "whole": ("gpu8", {"wholeNode": True}, 2, 8, "8"),
+        "two": ("gpu4", {"perWorker": 2, "slotsPerGpu": 2}, 2, 4, "2"),
+        "mig": (
+            "mig",
+            {"resourceName": "nvidia.com/mig-1g.10gb", "perWorker": 1},
+            3,
+            1,
+            "1 mig-1g.10gb",
+        ),
+        "sliced": ("ts", {"wholeNode": True}, 1, 2, "2"),
+    }
+    for name, (kind, gpu, replicas, _, _) in cases.items():
+        pools.create(name, pool_spec(url, node_group, kind, gpu, replicas))
+
+    for name, (_, _, replicas, slots, gpus) in cases.items():
+        found = wait_until(
+            lambda n=name, r=replicas: ready_with_limits(pools, limits, n, r),
+            f"pool {name} Ready with {replicas} sized limits",
+            timeout=120,
+        )
+        assert {limit["limit"] for limit in found.values()} == {slots}, (name, found)
+        status = pools.get(name)["status"]
+        assert status["gpuSlots"] == slots * replicas
+        assert status["readyReplicas"] == replicas
+        assert status["observedGeneration"] == pools.get(name)["metadata"]["generation"]
+        workers = {w["pod"]: w for w in status["workers"]}
+        assert set(workers) == set(found)
+        assert {w["gpus"] for w in workers.values()} == {gpus}
+    # Whole-node workers each took a node of their own.
+    whole_nodes = set(pools.running_pods("whole").values())
+    assert whole_nodes == {f"{node_group}-gpu8a", f"{node_group}-gpu8b"}
+    deployment = pools.apps.read_namespaced_deployment("two", pools.namespace)
+    (container,) = deployment.spec.template.spec.containers
+    assert container.resources.limits["nvidia.com/gpu"] == "2"
+    operator.assert_alive()
+
+
+def test_scale_down_removes_exactly_the_removed_pods_limits(
+    operator: OperatorProcess,
+    pools: Pools,
+    limits: PrefectLimits,
+    node_group: str,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    pools.create(
+        "scaler", pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 3)
+    )
+    before = wait_until(lambda: ready_with_limits(pools, limits, "scaler", 3), "3 limits")
+
+    pools.scale("scaler", 1)
+    after = wait_until(lambda: ready_with_limits(pools, limits, "scaler", 1), "1 limit")
+    (kept,) = after
+    assert kept in before
+    removed = set(before) - {kept}
+    wait_until(
+        lambda: all(limits.get(f"gpu:{pod}") is None for pod in removed),
+        "the removed pods' limits to go",
+    )
+    assert limits.get(f"gpu:{kept}") is not None
+
+    pools.scale("scaler", 4)
+    grown = wait_until(lambda: ready_with_limits(pools, limits, "scaler", 4), "4 limits")
+    assert kept in grown
+    assert len(pools.get("scaler")["status"]["workers"]) == 4
+
+
+def test_deleting_the_pool_removes_deployment_pods_and_limits(
+    operator: OperatorProcess,
+    pools: Pools,
+    limits: PrefectLimits,
+    node_group: str,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    pools.create(
+        "doomed", pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 2)
+    )
+    pods = wait_until(lambda: ready_with_limits(pools, limits, "doomed", 2), "2 limits")
+
+    pools.delete("doomed")
+    wait_until(lambda: not pools.exists("doomed"), "the pool to go (finalizer released)")
+    wait_until(lambda: all(limits.get(f"gpu:{p}") is None for p in pods), "its limits to go")
+    wait_until(lambda: not pools.pods("doomed"), "its pods to go")
+
+    def deployment_gone() -> bool:
+        try:
+            pools.apps.read_namespaced_deployment("doomed", pools.namespace)
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_until(deployment_gone, "its Deployment to go")
+
+
+def test_orphans_removed_after_operator_downtime_hand_made_limits_untouched(
+    operator: OperatorProcess,
+    pools: Pools,
+    limits: PrefectLimits,
+    node_group: str,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    pools.create(
+        "resilient", pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 2)
+    )
+    old = wait_until(lambda: ready_with_limits(pools, limits, "resilient", 2), "2 limits")
+    hand_made = [unique("gpu:hand-made"), f"gpu:resilient-{uuid.uuid4().hex[:4]}-manual"]
+    for name in hand_made:
+        limits.create(name, 3)
+
+    operator.stop()
+    for pod in old:
+        pools.core.delete_namespaced_pod(pod, pools.namespace, grace_period_seconds=0)
+    wait_until(lambda: not set(old) & set(pools.running_pods("resilient")), "old pods to go")
+    assert all(limits.get(f"gpu:{pod}") is not None for pod in old), "nobody cleaned up yet"
+
+    operator.start()
+    new = wait_until(
+        lambda: (
+            (found := ready_with_limits(pools, limits, "resilient", 2))
+            and not set(found) & set(old)
+            and found
+        ),
+        "limits for the replacement pods",
+    )
+    wait_until(lambda: all(limits.get(f"gpu:{p}") is None for p in old), "orphans removed")
+    for name in hand_made:
+        assert (limits.get(name) or {}).get("limit") == 3, f"{name} was touched"
+    assert len(new) == 2
+
+
+def test_prefect_outage_is_a_condition_and_the_pool_recovers(
+    dev_cluster: DevCluster,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    tmp_path: Path,
+) -> None:
+    server = LocalPrefectServer(home=tmp_path / "prefect", port=free_port()).start()
+    operator = OperatorProcess(dev_cluster, namespace, tmp_path / "operator.log").start()
+    try:
+        outage_limits = PrefectLimits(server.api_url)
+        pools.create(
+            "weathered", pool_spec(server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
+        )
+        wait_until(lambda: ready_with_limits(pools, outage_limits, "weathered", 1), "Ready")
+
+        server.stop()
+        degraded = wait_until(
+            lambda: (c := pools.condition("weathered", "Degraded")) and c["status"] == "True" and c,
+            "Degraded condition",
+            timeout=90,
+        )
+        assert degraded["reason"] == "PrefectUnreachable"
+        assert pools.get("weathered")["status"]["phase"] == "Degraded"
+        ready = pools.condition("weathered", "Ready")
+        assert ready is not None
+        assert ready["status"] == "False"
+        warnings = [e for e in pools.events("weathered") if e.type == "Warning"]
+        assert any(e.reason == "PrefectUnreachable" for e in warnings)
+
+        pools.scale("weathered", 2)  # a change while Prefect is down
+        settle(60)  # about a minute of outage
+        operator.assert_alive()
+
+        server.start()
+        wait_until(
+            lambda: ready_with_limits(pools, outage_limits, "weathered", 2),
+            "recovery with both limits",
+            timeout=120,
+        )
+        degraded_after = pools.condition("weathered", "Degraded")
+        assert degraded_after is not None
+        assert degraded_after["status"] == "False"
+        operator.assert_alive()
+    finally:
+        operator.stop()
+        print(f"--- operator log ---\n{operator.log_tail(60)}")
+        server.stop()
+
+
+INVALID_SPECS: list[tuple[str, dict[str, Any], str]] = [
+    ("both gpu modes", {"gpu": {"perWorker": 1, "wholeNode": True}}, "spec.gpu.perWorker"),
+    ("no gpu mode", {"gpu": {}}, "spec.gpu.perWorker"),
+    ("negative replicas", {"replicas": -1}, "spec.replicas"),
+    ("bad api url", {"prefect": {"apiUrl": "ftp://prefect"}}, "spec.prefect.apiUrl"),
+    ("bad prefix", {"gpu": {"perWorker": 1, "limitPrefix": "GPU"}}, "spec.gpu.limitPrefix"),
+    ("bad resource", {"gpu": {"perWorker": 1, "resourceName": "gpu"}}, "spec.gpu.resourceName"),
+    ("bad pool name", {"workPool": {"name": "a/b"}}, "spec.workPool.name"),
+    ("zero slots", {"gpu": {"perWorker": 1, "slotsPerGpu": 0}}, "spec.gpu.slotsPerGpu"),
+    ("no image", {"worker": {}}, "spec.worker.image"),
+    (
+        "worker id override",
+        {"worker": {"image": "i", "podTemplate": {"env": [{"name": "WORKER_ID", "value": "x"}]}}},
+        "spec.worker.podTemplate.env[0]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [(o, f) for _, o, f in INVALID_SPECS],
+    ids=[i for i, _, _ in INVALID_SPECS],
+)
+def test_invalid_pools_are_rejected_naming_the_field(
+    dev_cluster: DevCluster, namespace: str, node_group: str, overrides: dict[str, Any], field: str
+) -> None:
+    spec = {
+        "workPool": {"name": "p"},
+        "prefect": {"apiUrl": "http://prefect/api"},
+        "gpu": {"perWorker": 1},
+        "worker": {"image": "i"},
+        **overrides,
+    }
+    with pytest.raises(client.ApiException) as info:
+        Pools(dev_cluster, namespace).create("invalid", spec)
+    assert info.value.status == 422
+    assert field in info.value.body, info.value.body
