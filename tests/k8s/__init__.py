@@ -1,0 +1,1 @@
+"""Tests against the dev control plane (hack/dev-cluster); all marked ``cluster``."""

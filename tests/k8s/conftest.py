@@ -1,0 +1,83 @@
+"""Fixtures for tests against the dev control plane (``hack/dev-cluster``).
+
+``dev_cluster`` (session) makes sure the cluster is up -- reusing a running one
+-- and hands out a :class:`~.cluster.DevCluster`: kubeconfig path, a ``kubectl``
+helper, Kubernetes API clients (admin or a bearer token) and helpers to add and
+remove fake nodes. It tears the cluster down at the end of the session only
+when it started it (``PGW_DEV_CLUSTER_KEEP=1`` keeps it even then). Every test
+in this folder is marked ``cluster``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .cluster import BUILD_TOOLS, DEV_CLUSTER, DevCluster, run, wait_for
+
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/k8s with ``cluster``."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.cluster)
+
+
+def _cluster_running() -> bool:
+    return run([DEV_CLUSTER, "status"], timeout=60).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def dev_cluster() -> Iterator[DevCluster]:
+    """The dev control plane; started (and later stopped) here only if it was not running."""
+    started_here = not _cluster_running()
+    up = run([DEV_CLUSTER, "up"], timeout=3600)  # a cold tool build takes ~10 minutes
+    if up.returncode != 0:
+        pytest.fail(f"hack/dev-cluster up failed ({up.returncode}):\n{up.stderr}{up.stdout}")
+    kubeconfig = Path(up.stdout.strip().splitlines()[-1])
+    tools = run([BUILD_TOOLS, "kubernetes"])
+    if tools.returncode != 0:
+        pytest.fail(f"hack/build-tools failed:\n{tools.stderr}")
+    kubectl_path = Path(tools.stdout.strip().splitlines()[-1]) / "kubectl"
+
+    cluster = DevCluster(kubeconfig, kubectl_path, started_here)
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    try:
+        yield cluster
+    finally:
+        if previous is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = previous
+        if started_here and not os.environ.get("PGW_DEV_CLUSTER_KEEP"):
+            down = run([DEV_CLUSTER, "down"], timeout=120)
+            if down.returncode != 0:
+                pytest.fail(f"hack/dev-cluster down failed:\n{down.stderr}")
+        elif cluster.added_nodes:
+            cluster.remove_test_nodes()  # the shared cluster stays: leave it as found
+
+
+@pytest.fixture
+def namespace(dev_cluster: DevCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted afterwards (without waiting)."""
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{base}-{uuid.uuid4().hex[:6]}"
+    dev_cluster.kubectl("create", "namespace", name)
+    # Pods need the namespace's ServiceAccount `default` (ServiceAccount admission).
+    wait_for(
+        lambda: (
+            dev_cluster.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0
+        ),
+        timeout=30,
+        what=f"ServiceAccount default in {name}",
+    )
+    yield name
+    dev_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
