@@ -4,8 +4,9 @@
 -- and hands out a :class:`~.cluster.DevCluster`: kubeconfig path, a ``kubectl``
 helper, Kubernetes API clients (admin or a bearer token) and helpers to add and
 remove fake nodes. It tears the cluster down at the end of the session only
-when it started it (``PGW_DEV_CLUSTER_KEEP=1`` keeps it even then). Every test
-in this folder is marked ``cluster``.
+when it started it and no other test run (``up --holder``) still uses it;
+``PGW_DEV_CLUSTER_KEEP=1`` keeps it running. Every test in this folder is
+marked ``cluster``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _cluster_running() -> bool:
 def dev_cluster() -> Iterator[DevCluster]:
     """The dev control plane; started (and later stopped) here only if it was not running."""
     started_here = not _cluster_running()
-    up = run([DEV_CLUSTER, "up"], timeout=3600)  # a cold tool build takes ~10 minutes
+    holder = str(os.getpid())  # registered, so another run's `down` leaves the cluster up
+    up = run([DEV_CLUSTER, "up", "--holder", holder], timeout=3600)  # cold tool build: ~10 min
     if up.returncode != 0:
         pytest.fail(f"hack/dev-cluster up failed ({up.returncode}):\n{up.stderr}{up.stdout}")
     kubeconfig = Path(up.stdout.strip().splitlines()[-1])
@@ -58,11 +60,14 @@ def dev_cluster() -> Iterator[DevCluster]:
         else:
             os.environ["KUBECONFIG"] = previous
         if started_here and not os.environ.get("PGW_DEV_CLUSTER_KEEP"):
-            down = run([DEV_CLUSTER, "down"], timeout=120)
+            # Stops it unless another test run still holds it.
+            down = run([DEV_CLUSTER, "down", "--holder", holder], timeout=120)
             if down.returncode != 0:
                 pytest.fail(f"hack/dev-cluster down failed:\n{down.stderr}")
-        elif cluster.added_nodes:
-            cluster.remove_test_nodes()  # the shared cluster stays: leave it as found
+        else:
+            if cluster.added_nodes:
+                cluster.remove_test_nodes()  # the cluster stays: leave it as found
+            run([DEV_CLUSTER, "release", holder], timeout=60)
 
 
 @pytest.fixture
