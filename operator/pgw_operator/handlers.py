@@ -15,6 +15,7 @@ from typing import Any
 
 import kopf
 import kubernetes
+import urllib3
 
 from pgw_operator import kube, metrics
 from pgw_operator.errors import ReconcileError
@@ -159,23 +160,37 @@ async def pool_reconciler(
                 if failures:
                     emit("Normal", "Recovered", "reconcile succeeded again")
                 failures, delay = 0, RESYNC_S
-            except ReconcileError as exc:
+            except Exception as exc:  # the loop must outlive any one failure
+                error = as_reconcile_error(exc)
                 failures += 1
                 delay = backoff_delay(failures)
-                metrics.RECONCILE_ERRORS.labels(*key, exc.reason).inc()
-                logger.warning("reconcile failed (%s), retry in %.0fs: %s", exc.reason, delay, exc)
-                emit("Warning", exc.reason, str(exc)[:1000])
-                await _report(pool, state, exc, logger)
+                metrics.RECONCILE_ERRORS.labels(*key, error.reason).inc()
+                logger.warning(
+                    "reconcile failed (%s), retry in %.0fs: %s", error.reason, delay, error,
+                    exc_info=not isinstance(exc, ReconcileError),
+                )  # fmt: skip
+                emit("Warning", error.reason, str(error)[:1000])
+                await _report(pool, state, error, logger)
             await _wait(event, stopped, delay)
     finally:
         _wakeups.pop(key, None)
 
 
+def as_reconcile_error(exc: Exception) -> ReconcileError:
+    if isinstance(exc, ReconcileError):
+        return exc
+    if isinstance(exc, kubernetes.client.ApiException):
+        return ReconcileError("KubernetesApiError", f"{exc.status} {exc.reason}: {exc.body}")
+    if isinstance(exc, urllib3.exceptions.HTTPError):
+        return ReconcileError("KubernetesApiUnreachable", str(exc))
+    return ReconcileError("InternalError", f"{type(exc).__name__}: {exc}")
+
+
 async def _report(pool: PoolRef, state: PoolState, error: ReconcileError, log: Logger) -> None:
     try:
         await report_failure(pool, state, error)
-    except kubernetes.client.ApiException as exc:  # the pool may be gone already
-        log.info("could not write failure status: %s", exc.reason)
+    except Exception as exc:  # the pool or the API server may be gone; the log has it
+        log.info("could not write failure status: %s", exc)
 
 
 async def _wait(event: asyncio.Event, stopped: kopf.DaemonStopped, delay_s: float) -> None:
