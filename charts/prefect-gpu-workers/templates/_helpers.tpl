@@ -1,0 +1,113 @@
+{{/* Chart name, truncated to a label value. */}}
+{{- define "pgw.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name of the release's objects. */}}
+{{- define "pgw.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of cluster-scoped objects: unique per release namespace and name. */}}
+{{- define "pgw.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "pgw.fullname" .) }}
+{{- end }}
+
+{{- define "pgw.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of the operator pod; never change on upgrade. */}}
+{{- define "pgw.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pgw.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Standard labels of every object the chart renders (add app.kubernetes.io/component). */}}
+{{- define "pgw.labels" -}}
+helm.sh/chart: {{ include "pgw.chart" . }}
+{{ include "pgw.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: prefect-gpu-workers
+{{- end }}
+
+{{- define "pgw.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pgw.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create=false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "pgw.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Secret names the operator may read (JSON list, deduplicated, never empty strings). */}}
+{{- define "pgw.secretNames" -}}
+{{- $names := list }}
+{{- with .Values.prefect.apiKeySecret.name }}{{ $names = append $names . }}{{ end }}
+{{- range .Values.prefect.extraSecretNames }}{{ $names = append $names . }}{{ end }}
+{{- $names | uniq | toJson }}
+{{- end }}
+
+{{/*
+What the operator does inside a served namespace (ClusterRole when it serves
+all namespaces, one Role per watched namespace otherwise). Verbs are the ones
+its code and kopf use: kopf lists/watches and merge/JSON-patches the pools
+(finalizer, annotations), the operator patches their status, server-side
+applies (create + patch) the worker Deployments, watches their pods and posts
+core v1 Events. No delete anywhere: owner references let the garbage collector
+remove Deployments and pods.
+*/}}
+{{- define "pgw.operatorRules" -}}
+- apiGroups: [gpuworkers.dev]
+  resources: [gpuworkerpools]
+  verbs: [get, list, watch, patch]
+- apiGroups: [gpuworkers.dev]
+  resources: [gpuworkerpools/status]
+  verbs: [get, patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- $secrets := include "pgw.secretNames" . | fromJsonArray }}
+{{- if $secrets }}
+- apiGroups: [""]
+  resources: [secrets]
+  resourceNames: {{ toJson $secrets }}
+  verbs: [get]
+{{- end }}
+{{- end }}
+
+{{/* Fail early on combinations the schema cannot express. */}}
+{{- define "pgw.validate" -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled=true needs metrics.enabled=true (the ServiceMonitor scrapes the metrics Service)" }}
+{{- end }}
+{{- if .Values.samplePool.enabled }}
+{{- $ns := default .Release.Namespace .Values.samplePool.namespace }}
+{{- if and .Values.watchNamespaces (not (has $ns .Values.watchNamespaces)) }}
+{{- fail (printf "samplePool.namespace %q is not in watchNamespaces %v: the operator would never serve the sample pool" $ns .Values.watchNamespaces) }}
+{{- end }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,42 @@
+# syntax=docker/dockerfile:1
+# The operator image: python -m pgw_operator (kopf), the project installed with
+# its `operator` extra from uv.lock. No torch, no uv, no compiler in the result.
+#
+#   docker build -f docker/operator.Dockerfile -t REGISTRY/prefect-gpu-workers-operator:0.1.0 .
+#
+# Build context: the repository root; docker/operator.Dockerfile.dockerignore
+# lets only the project sources and the lock file in.
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim AS build
+# uv at the version hack/setup pins, from PyPI like there.
+ARG UV_VERSION=0.13.9
+RUN pip install --no-cache-dir "uv==${UV_VERSION}"
+ENV UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_NO_CACHE=1
+WORKDIR /src
+# Dependencies first (cached until uv.lock changes), then the project itself.
+COPY pyproject.toml uv.lock ./
+RUN uv sync --frozen --no-default-groups --extra operator --no-install-project
+COPY README.md ./
+COPY src ./src
+COPY operator ./operator
+COPY flows ./flows
+RUN uv sync --frozen --no-default-groups --extra operator --no-editable
+
+FROM python:${PYTHON_VERSION}-slim
+# Non-root, numeric uid (runAsNonRoot can verify it); the chart runs it as 1000.
+RUN groupadd --gid 1000 operator \
+ && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin operator
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 1000:1000
+# kopf's liveness endpoint (/healthz) and, with --metrics, Prometheus metrics.
+EXPOSE 8080 9090
+ENTRYPOINT ["python", "-m", "pgw_operator"]
+CMD ["--liveness", "http://0.0.0.0:8080/healthz"]
