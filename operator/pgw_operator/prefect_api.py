@@ -9,12 +9,26 @@ instead of crashing.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
 
 import httpx
 
 from pgw_operator.errors import PrefectError
 from pgw_operator.plan import PrefectLimit
+
+T = TypeVar("T")
+
+
+async def gather_bounded(calls: Iterable[Awaitable[T]], parallel: int = 8) -> list[T]:
+    """Await ``calls`` concurrently, at most ``parallel`` at a time, results in order."""
+    gate = asyncio.Semaphore(parallel)
+
+    async def one(call: Awaitable[T]) -> T:
+        async with gate:
+            return await call
+
+    return list(await asyncio.gather(*(one(c) for c in calls)))
 
 
 class PrefectApi:
@@ -71,14 +85,8 @@ class PrefectApi:
             active_slots=int(body["active_slots"]),
         )
 
-    async def read_limits(self, names: set[str], parallel: int = 8) -> dict[str, PrefectLimit]:
-        gate = asyncio.Semaphore(parallel)
-
-        async def one(name: str) -> PrefectLimit | None:
-            async with gate:
-                return await self.read_limit(name)
-
-        found = await asyncio.gather(*(one(n) for n in sorted(names)))
+    async def read_limits(self, names: set[str]) -> dict[str, PrefectLimit]:
+        found = await gather_bounded(self.read_limit(n) for n in sorted(names))
         return {limit.name: limit for limit in found if limit is not None}
 
     async def create_limit(self, name: str, size: int) -> None:

@@ -29,7 +29,7 @@ from pgw_operator.plan import (
     plan_limits,
     settle,
 )
-from pgw_operator.prefect_api import PrefectApi
+from pgw_operator.prefect_api import PrefectApi, gather_bounded
 from pgw_operator.spec import PoolSpec
 
 EventFn = Callable[[str, str, str], None]  # (type, reason, message)
@@ -41,6 +41,7 @@ class PoolState:
 
     ledger: Ledger
     ensured_work_pool: tuple[str, str] | None = None  # (api_url, work pool) already ensured
+    written_status: dict[str, Any] | None = None  # skip patches that would change nothing
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,12 @@ async def prefect_api_for(namespace: str, spec: PoolSpec) -> PrefectApi:
     return PrefectApi(spec.api_url, key)
 
 
-async def _write_status(pool: PoolRef, status: dict[str, Any]) -> None:
+async def _write_status(pool: PoolRef, state: PoolState, status: dict[str, Any]) -> None:
+    """Patch status unless this pass would write exactly what the last one did."""
+    if status == state.written_status:
+        return
     await asyncio.to_thread(kube.patch_pool_status, pool.namespace, pool.name, status)
+    state.written_status = status
 
 
 async def _act(api: PrefectApi, action: LimitAction) -> None:
@@ -88,6 +93,21 @@ async def _act(api: PrefectApi, action: LimitAction) -> None:
         await api.recreate_limit(action.name, action.size)
     else:
         await api.delete_limit(action.name)
+
+
+async def _act_all(
+    api: PrefectApi, actions: list[LimitAction]
+) -> list[tuple[LimitAction, PrefectError | None]]:
+    """Carry out independent limit actions, a few at a time; each reports its own error."""
+
+    async def one(action: LimitAction) -> tuple[LimitAction, PrefectError | None]:
+        try:
+            await _act(api, action)
+        except PrefectError as exc:
+            return action, exc
+        return action, None
+
+    return await gather_bounded(one(a) for a in actions)
 
 
 def status_body(
@@ -142,18 +162,13 @@ async def reconcile_pool(
             pending = PoolHealth(
                 spec.replicas, len(live_pods), 0, len(plan.actions), tuple(plan.problems)
             )
-            await _write_status(pool, status_body(pool, spec, plan.ledger, pending))
+            await _write_status(pool, state, status_body(pool, spec, plan.ledger, pending))
             state.ledger = plan.ledger
 
-        done: list[LimitAction] = []
-        failure: PrefectError | None = None
-        for action in plan.actions:
-            try:
-                await _act(api, action)
-            except PrefectError as exc:
-                failure = exc
-                break
-            done.append(action)
+        outcomes = await _act_all(api, plan.actions)
+        done = [action for action, error in outcomes if error is None]
+        failure = next((error for _, error in outcomes if error is not None), None)
+        for action in done:
             log.info("limit %s %s size=%s (%s)", action.kind, action.name, action.size, action.why)
             emit("Normal", f"Limit{action.kind.capitalize()}d",
                  f"{action.name}: {action.kind} size={action.size} ({action.why})")  # fmt: skip
@@ -176,7 +191,7 @@ async def reconcile_pool(
         error_reason=failure.reason if failure else None,
         error_message=str(failure) if failure else "",
     )
-    await _write_status(pool, status_body(pool, spec, state.ledger, health))
+    await _write_status(pool, state, status_body(pool, spec, state.ledger, health))
     record_metrics(pool, spec, state.ledger, health, done)
     if failure is not None:
         raise failure
@@ -208,4 +223,4 @@ async def report_failure(pool: PoolRef, state: PoolState, error: ReconcileError)
         error_reason=error.reason,
         error_message=str(error),
     )
-    await _write_status(pool, status_body(pool, spec, state.ledger, health))
+    await _write_status(pool, state, status_body(pool, spec, state.ledger, health))
