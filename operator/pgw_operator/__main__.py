@@ -7,7 +7,6 @@ standalone, without peering objects.
 from __future__ import annotations
 
 import argparse
-import logging
 
 import kopf
 
@@ -31,15 +30,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--metrics", default="",
         help="serve Prometheus metrics on HOST:PORT (e.g. 0.0.0.0:9090); off when empty",
     )  # fmt: skip
+    parser.add_argument(
+        "--log-format", choices=("json", "full", "plain"), default="full",
+        help="json: one object per line with the pool's namespace/name (for log pipelines)",
+    )  # fmt: skip
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s [%(funcName)s] %(message)s",
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat[args.log_format.upper()],
+        log_refkey="object",
     )
     if args.metrics:
         metrics.serve(args.metrics)
