@@ -48,10 +48,10 @@ class PodClock(threading.Thread):
         self.core, self.namespace, self.pool = core, namespace, pool
         self.bound: dict[str, float] = {}
         self.gone: dict[str, float] = {}
-        self._watch = watch.Watch()
+        self._watch = watch.Watch()  # type: ignore[no-untyped-call]
 
     def run(self) -> None:
-        stream = self._watch.stream(
+        stream = self._watch.stream(  # type: ignore[no-untyped-call]
             self.core.list_namespaced_pod,
             self.namespace,
             label_selector=f"gpuworkers.dev/pool={self.pool}",
@@ -68,7 +68,7 @@ class PodClock(threading.Thread):
             pass  # the watch was stopped under the stream
 
     def stop(self) -> None:
-        self._watch.stop()
+        self._watch.stop()  # type: ignore[no-untyped-call]
 
 
 class LimitClock(threading.Thread):

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from kubernetes import client
@@ -88,16 +88,16 @@ class Pools:
     def create(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "GpuWorkerPool",
                 "metadata": {"name": name}, "spec": spec}  # fmt: skip
-        created: dict[str, Any] = self.custom.create_namespaced_custom_object(
+        created = self.custom.create_namespaced_custom_object(
             GROUP, VERSION, self.namespace, PLURAL, body
         )
-        return created
+        return cast(dict[str, Any], created)
 
     def get(self, name: str) -> dict[str, Any]:
-        pool: dict[str, Any] = self.custom.get_namespaced_custom_object(
+        pool = self.custom.get_namespaced_custom_object(
             GROUP, VERSION, self.namespace, PLURAL, name
         )
-        return pool
+        return cast(dict[str, Any], pool)
 
     def exists(self, name: str) -> bool:
         try:
@@ -124,11 +124,15 @@ class Pools:
 
     def running_pods(self, pool: str) -> dict[str, str]:
         """Pod name -> node, for pods bound and Running (not being deleted)."""
-        return {
-            p.metadata.name: p.spec.node_name
-            for p in self.pods(pool)
-            if p.status.phase == "Running" and p.metadata.deletion_timestamp is None
-        }
+        running: dict[str, str] = {}
+        for pod in self.pods(pool):
+            meta, spec, status = pod.metadata, pod.spec, pod.status
+            assert meta is not None
+            assert spec is not None
+            assert status is not None
+            if status.phase == "Running" and meta.deletion_timestamp is None:
+                running[str(meta.name)] = str(spec.node_name)
+        return running
 
     def condition(self, name: str, kind: str) -> dict[str, Any] | None:
         conditions = (self.get(name).get("status") or {}).get("conditions") or []
