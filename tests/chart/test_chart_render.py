@@ -378,10 +378,12 @@ def test_watch_namespaces_render_one_role_per_namespace(helm: Helm, tmp_path: Pa
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
         ]
-    # Only the node and CRD reads stay cluster-wide.
+    # Only node, CRD and namespace reads stay cluster-wide.
     cluster_roles = by_kind(manifests, "ClusterRole")
     assert [r["metadata"]["name"] for r in cluster_roles] == [f"{NAMESPACE}-{FULLNAME}-read"]
-    assert grants(rules_of(cluster_roles[0])) == CLUSTER_READ_GRANTS
+    # kopf lists and watches namespaces when given --namespace (see rbac.yaml).
+    namespaces = {("", "namespaces", "list", ()), ("", "namespaces", "watch", ())}
+    assert grants(rules_of(cluster_roles[0])) == CLUSTER_READ_GRANTS | namespaces
 
 
 def test_metrics_service_and_service_monitor_render_only_when_enabled(

@@ -1,0 +1,663 @@
+"""The chart on a real control plane (hack/dev-cluster): dry runs, install, RBAC, uninstall.
+
+The operator pod the chart creates runs on a kwok node, so it never really
+runs. The operator runs here instead, as a subprocess, authenticated as the
+chart's ServiceAccount (a token from ``kubectl create token``), so every API
+call it makes is judged by the chart's RBAC. Pods of worker pools run on kwok
+nodes too: what is checked is the worker Deployment and the per-pod limits in
+a real Prefect server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from k8s.cluster import DevCluster, wait_for
+
+from prefect_gpu_workers.server import LocalPrefectServer, free_port
+
+from .conftest import CHART, Helm, by_kind, parse_manifests
+from .test_chart_render import VALUE_SETS
+
+pytestmark = pytest.mark.cluster
+
+HERE = Path(__file__).resolve().parent
+SERVICEMONITOR_STUB = HERE / "servicemonitor-crd-stub.yaml"
+GROUP = "gpuworkers.dev"
+CRD_NAME = f"gpuworkerpools.{GROUP}"
+POOL_LABEL = "gpuworkers.dev/pool"
+API_KEY_SECRET = "prefect-api-key"
+OTHER_SECRET = "unrelated-secret"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def create_namespace(cluster: DevCluster, name: str) -> None:
+    cluster.kubectl("create", "namespace", name)
+    wait_for(
+        lambda: cluster.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0,
+        timeout=30,
+        what=f"ServiceAccount default in {name}",
+    )
+
+
+def delete_namespaces(cluster: DevCluster, *names: str) -> None:
+    for name in names:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+
+
+def get_json(cluster: DevCluster, *args: str) -> dict[str, Any] | None:
+    """``kubectl get ... -o json``; None when it does not exist."""
+    proc = cluster.kubectl("get", *args, "-o", "json", "--ignore-not-found", check=False)
+    assert proc.returncode == 0, proc.stderr
+    if not proc.stdout.strip():
+        return None
+    found: dict[str, Any] = json.loads(proc.stdout)
+    return found
+
+
+def list_items(cluster: DevCluster, *args: str) -> list[dict[str, Any]]:
+    """Items of ``kubectl get KINDS ... -o json`` (a list, possibly empty)."""
+    items: list[dict[str, Any]] = cluster.kubectl_json("get", *args)["items"]
+    return items
+
+
+# --- dry runs -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def servicemonitor_crd(dev_cluster: DevCluster) -> Iterator[None]:
+    """The ServiceMonitor CRD (a typed subset, see the stub), unless it is there already."""
+    existing = get_json(dev_cluster, "crd", "servicemonitors.monitoring.coreos.com")
+    if existing is None:
+        dev_cluster.kubectl("apply", "--server-side", "-f", str(SERVICEMONITOR_STUB))
+        dev_cluster.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/servicemonitors.monitoring.coreos.com",
+        )
+    yield
+    if existing is None:
+        dev_cluster.kubectl("delete", "-f", str(SERVICEMONITOR_STUB), "--ignore-not-found")
+
+
+@pytest.mark.usefixtures("servicemonitor_crd")
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_chart_passes_server_side_dry_run(
+    dev_cluster: DevCluster, helm: Helm, tmp_path: Path, name: str
+) -> None:
+    """What helm renders (CRDs included) is accepted by the API server as is."""
+    release_ns = unique("pgw-dry")
+    values = json.loads(json.dumps(VALUE_SETS[name]))
+    # Roles land in the watched namespaces: those must exist, and be this test's.
+    watched = [unique(ns) for ns in values.get("watchNamespaces", [])]
+    if watched:
+        values["watchNamespaces"] = watched
+    for ns in (release_ns, *watched):
+        create_namespace(dev_cluster, ns)
+    try:
+        rendered = helm.render(
+            values, release="dry", namespace=release_ns, include_crds=True, tmp_dir=tmp_path
+        )
+        manifests = parse_manifests(rendered)
+        proc = dev_cluster.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "--field-manager=pgw-chart-test",
+            "-f",
+            "-",
+            input=rendered,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        applied = [line for line in proc.stdout.splitlines() if "(server dry run)" in line]
+        assert len(applied) == len(manifests), proc.stdout
+        for kind in ("CustomResourceDefinition", "Deployment", "ServiceAccount"):
+            assert by_kind(manifests, kind)
+        if name == "sample-pool":
+            assert any(line.startswith("gpuworkerpool.gpuworkers.dev/") for line in applied)
+        if name == "metrics-servicemonitor":
+            assert any(line.startswith("servicemonitor.monitoring.coreos.com/") for line in applied)
+    finally:
+        delete_namespaces(dev_cluster, release_ns, *watched)
+
+
+def test_api_server_rejects_a_sample_pool_the_crd_forbids(
+    dev_cluster: DevCluster, helm: Helm, tmp_path: Path
+) -> None:
+    """The dry runs are real validation: the CRD's CEL rule turns down a bad pool."""
+    ns = unique("pgw-dry")
+    create_namespace(dev_cluster, ns)
+    try:
+        values = json.loads(json.dumps(VALUE_SETS["sample-pool"]))
+        # Passes the chart's schema (perWorker given), then also ask for the whole node.
+        rendered = helm.render(values, release="dry", namespace=ns, tmp_dir=tmp_path)
+        pool = next(m for m in parse_manifests(rendered) if m["kind"] == "GpuWorkerPool")
+        pool["spec"]["gpu"]["wholeNode"] = True
+        proc = dev_cluster.kubectl(
+            "apply", "--dry-run=server", "-f", "-", input=json.dumps(pool), check=False
+        )
+        assert proc.returncode != 0
+        assert "set exactly one of spec.gpu.perWorker" in proc.stderr
+    finally:
+        delete_namespaces(dev_cluster, ns)
+
+
+# --- one release, watching one namespace --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    namespace: str
+    pools_namespace: str
+
+    @property
+    def fullname(self) -> str:
+        return f"{self.name}-prefect-gpu-workers"
+
+    @property
+    def service_account(self) -> str:
+        return self.fullname
+
+    @property
+    def user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+
+def uninstall_leftovers(cluster: DevCluster, release: Release) -> None:
+    """Pools still there after a failed test: let them go without an operator."""
+    for pool in list_items(cluster, "gwp", "-n", release.pools_namespace):
+        cluster.kubectl(
+            "-n",
+            release.pools_namespace,
+            "patch",
+            "gwp",
+            pool["metadata"]["name"],
+            "--type=merge",
+            "-p",
+            '{"metadata":{"finalizers":null}}',
+            check=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def release(dev_cluster: DevCluster, cluster_helm: Helm) -> Iterator[Release]:
+    """``helm install`` watching one namespace, with the API key Secret scoped in."""
+    rel = Release(unique("pgw"), unique("pgw-chart"), unique("pgw-pools"))
+    create_namespace(dev_cluster, rel.namespace)
+    create_namespace(dev_cluster, rel.pools_namespace)
+    for secret in (API_KEY_SECRET, OTHER_SECRET):
+        dev_cluster.kubectl(
+            "-n",
+            rel.pools_namespace,
+            "create",
+            "secret",
+            "generic",
+            secret,
+            "--from-literal=api-key=not-checked-by-a-local-prefect",
+        )
+    try:
+        cluster_helm(
+            "install",
+            rel.name,
+            str(CHART),
+            "--namespace",
+            rel.namespace,
+            "--set",
+            f"watchNamespaces={{{rel.pools_namespace}}}",
+            "--set",
+            f"prefect.apiKeySecret.name={API_KEY_SECRET}",
+            "--wait",
+            "--timeout=120s",
+        )
+        yield rel
+    finally:
+        uninstall_leftovers(dev_cluster, rel)
+        cluster_helm(
+            "uninstall", rel.name, "--namespace", rel.namespace, "--ignore-not-found", check=False
+        )
+        delete_namespaces(dev_cluster, rel.namespace, rel.pools_namespace)
+
+
+def test_helm_install_creates_the_operator_and_its_rbac(
+    dev_cluster: DevCluster, cluster_helm: Helm, release: Release
+) -> None:
+    status = json.loads(
+        cluster_helm("status", release.name, "-n", release.namespace, "-o", "json").stdout
+    )
+    assert status["info"]["status"] == "deployed"
+    notes = cluster_helm("get", "notes", release.name, "-n", release.namespace).stdout
+    assert f"rollout status deployment/{release.fullname}" in notes
+    assert f"the namespaces {release.pools_namespace}" in notes
+    assert "kubectl delete gwp --all -A" in notes
+
+    deployment = get_json(dev_cluster, "deployment", release.fullname, "-n", release.namespace)
+    assert deployment is not None
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["status"].get("readyReplicas") == 1  # kwok plays the kubelet
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--namespace={release.pools_namespace}" in args
+    assert get_json(dev_cluster, "sa", release.service_account, "-n", release.namespace)
+    for kind in ("role", "rolebinding"):
+        assert get_json(dev_cluster, kind, release.fullname, "-n", release.pools_namespace)
+    cluster_name = f"{release.namespace}-{release.fullname}"
+    assert get_json(dev_cluster, "clusterrole", f"{cluster_name}-read")
+    assert get_json(dev_cluster, "clusterrolebinding", f"{cluster_name}-read")
+    # Watching one namespace: no cluster-wide grants beyond node and CRD reads.
+    assert get_json(dev_cluster, "clusterrole", cluster_name) is None
+    crd = get_json(dev_cluster, "crd", CRD_NAME)
+    assert crd is not None
+    established = [c for c in crd["status"]["conditions"] if c["type"] == "Established"]
+    assert established[0]["status"] == "True"
+
+
+def can_i(cluster: DevCluster, user: str, verb: str, what: str, namespace: str | None) -> bool:
+    ns = ["-n", namespace] if namespace else []
+    proc = cluster.kubectl("auth", "can-i", verb, what, f"--as={user}", *ns, check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode == 0
+
+
+def test_service_account_may_do_what_the_operator_does_and_nothing_more(
+    dev_cluster: DevCluster, release: Release
+) -> None:
+    pools, own = release.pools_namespace, release.namespace
+    allowed = [
+        ("get", f"secrets/{API_KEY_SECRET}", pools),
+        ("list", "gpuworkerpools.gpuworkers.dev", pools),
+        ("watch", "gpuworkerpools.gpuworkers.dev", pools),
+        ("patch", "gpuworkerpools.gpuworkers.dev", pools),
+        ("patch", "gpuworkerpools.gpuworkers.dev/status", pools),
+        ("create", "deployments.apps", pools),
+        ("patch", "deployments.apps", pools),
+        ("watch", "pods", pools),
+        ("create", "events", pools),
+        ("list", "nodes", None),
+        ("watch", "customresourcedefinitions.apiextensions.k8s.io", None),
+        ("watch", "namespaces", None),
+    ]
+    denied = [
+        ("get", f"secrets/{OTHER_SECRET}", pools),  # only the Secret it is given
+        ("list", "secrets", pools),
+        ("get", f"secrets/{API_KEY_SECRET}", own),  # only in watched namespaces
+        ("delete", "pods", pools),
+        ("create", "pods", pools),
+        ("delete", "deployments.apps", pools),
+        ("update", "deployments.apps", pools),
+        ("delete", "gpuworkerpools.gpuworkers.dev", pools),
+        ("create", "gpuworkerpools.gpuworkers.dev", pools),
+        ("get", "configmaps", pools),
+        ("create", "configmaps", pools),
+        ("create", "statefulsets.apps", pools),
+        ("list", "statefulsets.apps", pools),
+        ("create", "jobs.batch", pools),
+        ("list", "gpuworkerpools.gpuworkers.dev", own),  # not a watched namespace
+        ("list", "pods", own),
+        ("list", "gpuworkerpools.gpuworkers.dev", "default"),
+        ("patch", "nodes", None),
+        ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
+        ("create", "rolebindings.rbac.authorization.k8s.io", pools),
+        ("impersonate", "serviceaccounts", pools),
+    ]
+    wrong = [
+        (verb, what, ns, expected)
+        for expected, checks in ((True, allowed), (False, denied))
+        for verb, what, ns in checks
+        if can_i(dev_cluster, release.user, verb, what, ns) != expected
+    ]
+    assert not wrong, f"kubectl auth can-i disagrees (verb, resource, namespace, expected): {wrong}"
+
+
+# --- the operator as the chart's ServiceAccount ------------------------------------------
+
+
+def service_account_kubeconfig(cluster: DevCluster, release: Release, path: Path) -> Path:
+    """Server and CA of the admin kubeconfig, the user a fresh ServiceAccount token."""
+    token = cluster.kubectl(
+        "create", "token", release.service_account, "-n", release.namespace, "--duration=1h"
+    ).stdout.strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    server = admin["clusters"][0]["cluster"]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "dev",
+                "cluster": {
+                    "server": server["server"],
+                    "certificate-authority-data": server["certificate-authority-data"],
+                },
+            }
+        ],
+        "users": [{"name": release.service_account, "user": {"token": token}}],
+        "contexts": [
+            {
+                "name": "sa",
+                "context": {
+                    "cluster": "dev",
+                    "user": release.service_account,
+                    "namespace": release.namespace,
+                },
+            }
+        ],
+        "current-context": "sa",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+@dataclass
+class LocalOperator:
+    """``python -m pgw_operator`` as in the chart's Deployment, but on this machine."""
+
+    kubeconfig: Path
+    namespace: str
+    log_path: Path
+    health_port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pgw_operator",
+                    "--namespace",
+                    self.namespace,
+                    "--liveness",
+                    f"http://127.0.0.1:{self.health_port}/healthz",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(45)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def prefect_limit(api_url: str, name: str) -> dict[str, Any] | None:
+    response = httpx.get(f"{api_url}/v2/concurrency_limits/{name}", timeout=10)
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def prefect_limit_names(api_url: str, prefix: str) -> set[str]:
+    response = httpx.post(
+        f"{api_url}/v2/concurrency_limits/filter", json={"limit": 200}, timeout=10
+    )
+    response.raise_for_status()
+    return {item["name"] for item in response.json() if item["name"].startswith(prefix)}
+
+
+def running_pods(cluster: DevCluster, namespace: str, pool: str) -> set[str]:
+    return {
+        p["metadata"]["name"]
+        for p in list_items(cluster, "pods", "-n", namespace, "-l", f"{POOL_LABEL}={pool}")
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    }
+
+
+def pool_manifest(name: str, api_url: str, replicas: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "gpuworkers.dev/v1alpha1",
+        "kind": "GpuWorkerPool",
+        "metadata": {
+            "name": name,
+            # As Argo CD marks what it manages: the children must not copy these.
+            "labels": {"app.kubernetes.io/instance": "argocd-app"},
+            "annotations": {
+                "argocd.argoproj.io/tracking-id": f"argocd-app:{GROUP}/GpuWorkerPool:ns/{name}"
+            },
+        },
+        "spec": {
+            "replicas": replicas,
+            "workPool": {"name": f"chart-test-{name}"},
+            "prefect": {
+                "apiUrl": api_url,
+                "apiKeySecretRef": {"name": API_KEY_SECRET, "key": "api-key"},
+            },
+            "gpu": {"perWorker": 1},
+            "worker": {
+                "image": "example.invalid/prefect-gpu-workers-worker:0.1.0",
+                "limitWaitTimeoutSeconds": 60,
+                "drainGracePeriodSeconds": 0,
+            },
+        },
+    }
+
+
+def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool(
+    dev_cluster: DevCluster,
+    release: Release,
+    prefect_server: LocalPrefectServer,
+    tmp_path: Path,
+) -> None:
+    ns, pool, api = release.pools_namespace, unique("pool"), prefect_server.api_url
+    operator = LocalOperator(
+        service_account_kubeconfig(dev_cluster, release, tmp_path / "sa.kubeconfig"),
+        ns,
+        tmp_path / "operator.log",
+        free_port(),
+    )
+
+    def wait(probe: Callable[[], Any], what: str, timeout: float = 120) -> Any:
+        def checked() -> Any:
+            assert operator.alive(), f"operator exited:\n{operator.log()[-4000:]}"
+            return probe()
+
+        try:
+            return wait_for(checked, timeout=timeout, interval=0.5, what=what)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; operator log tail:\n{operator.log()[-4000:]}") from exc
+
+    def limits_of(pods: set[str]) -> bool:
+        return all((lim := prefect_limit(api, f"gpu:{p}")) and lim["limit"] == 1 for p in pods)
+
+    def workers(count: int) -> set[str]:
+        """Wait for ``count`` running pods with their limits; return the pod names."""
+
+        def exactly() -> set[str] | None:
+            pods = running_pods(dev_cluster, ns, pool)
+            return pods if len(pods) == count else None
+
+        pods: set[str] = wait(exactly, f"{count} running worker pods")
+        wait(lambda: limits_of(pods), f"limits gpu:<pod> for {sorted(pods)}")
+        return pods
+
+    operator.start()
+    try:
+        wait(lambda: healthz_ok(operator.health_port), "the liveness endpoint the chart probes")
+
+        dev_cluster.apply(pool_manifest(pool, api, replicas=2), namespace=ns)
+        deployment = wait(
+            lambda: get_json(dev_cluster, "deployment", pool, "-n", ns), "the worker Deployment"
+        )
+        owner = deployment["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["controller"]) == ("GpuWorkerPool", pool, True)
+        for meta in (deployment["metadata"], deployment["spec"]["template"]["metadata"]):
+            assert meta["labels"]["app.kubernetes.io/instance"] == f"gpuworkerpool-{pool}"
+            assert not [k for k in meta.get("annotations") or {} if k.startswith("argocd.")]
+        first = workers(2)
+
+        def ready() -> bool:
+            body = get_json(dev_cluster, "gwp", pool, "-n", ns) or {}
+            status, generation = body.get("status") or {}, body["metadata"]["generation"]
+            conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+            return status.get("observedGeneration") == generation and conditions == {
+                "Ready": "True",
+                "Reconciling": "False",
+                "Degraded": "False",
+            }
+
+        wait(ready, "pool Ready for its current generation")
+
+        dev_cluster.kubectl("scale", f"gwp/{pool}", "--replicas=3", "-n", ns)
+        wait(
+            lambda: (
+                (get_json(dev_cluster, "deployment", pool, "-n", ns) or {})["spec"]["replicas"] == 3
+            ),
+            "Deployment scaled to 3",
+        )
+        scaled = workers(3)
+        assert first < scaled
+        wait(ready, "pool Ready at 3 replicas")
+
+        dev_cluster.kubectl("scale", f"gwp/{pool}", "--replicas=1", "-n", ns)
+        remaining = workers(1)
+        gone = scaled - remaining
+        wait(
+            lambda: not any(prefect_limit(api, f"gpu:{p}") for p in gone),
+            f"limits of removed pods {sorted(gone)} deleted",
+        )
+        wait(ready, "pool Ready at 1 replica")
+
+        events = list_items(
+            dev_cluster, "events", "-n", ns, "--field-selector", f"involvedObject.name={pool}"
+        )
+        reasons = {e["reason"] for e in events}
+        assert {"LimitCreated", "LimitDeleted"} <= reasons, reasons
+
+        dev_cluster.kubectl("delete", "gwp", pool, "-n", ns, "--timeout=120s")
+        wait(
+            lambda: get_json(dev_cluster, "deployment", pool, "-n", ns) is None,
+            "the worker Deployment garbage-collected",
+        )
+        wait(lambda: not prefect_limit_names(api, f"gpu:{pool}-"), "every limit of the pool gone")
+    finally:
+        operator.stop()
+
+    # Every API call the operator and kopf made was allowed.
+    markers = ("403", "Forbidden", "forbidden", "Not enough permissions")
+    denied = [line for line in operator.log().splitlines() if any(m in line for m in markers)]
+    assert not denied, "\n".join(denied)
+
+
+def healthz_ok(port: int) -> bool:
+    """kopf's liveness endpoint, the one the chart's probes use, answers 200."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_helm_uninstall_leaves_nothing_behind_but_the_crd(
+    dev_cluster: DevCluster, cluster_helm: Helm, release: Release
+) -> None:
+    """Pools deleted first (as the README says), then ``helm uninstall``."""
+    assert list_items(dev_cluster, "gwp", "-n", release.pools_namespace) == []
+    cluster_helm("uninstall", release.name, "-n", release.namespace, "--wait", "--timeout=120s")
+
+    selector = f"app.kubernetes.io/instance={release.name}"
+    for ns in (release.namespace, release.pools_namespace):
+        left = list_items(dev_cluster, "all,sa,role,rolebinding", "-n", ns, "-l", selector)
+        assert [(i["kind"], i["metadata"]["name"]) for i in left] == [], f"left in {ns}"
+        # Nothing the operator created either (worker Deployments, their pods).
+        operator_made = list_items(
+            dev_cluster,
+            "deployments,replicasets,pods",
+            "-n",
+            ns,
+            "-l",
+            "app.kubernetes.io/managed-by=prefect-gpu-workers-operator",
+        )
+        assert operator_made == []
+    assert list_items(dev_cluster, "clusterrole,clusterrolebinding", "-l", selector) == []
+    assert get_json(dev_cluster, "crd", CRD_NAME) is not None, "helm never deletes CRDs"
+    listed = cluster_helm("list", "-n", release.namespace, "-q").stdout.split()
+    assert release.name not in listed
+
+
+def test_default_install_grants_cluster_wide_what_it_grants_per_namespace_otherwise(
+    dev_cluster: DevCluster, cluster_helm: Helm
+) -> None:
+    """Without watchNamespaces: ClusterRole + ClusterRoleBinding, Secrets still by name."""
+    name, ns, elsewhere = unique("pgw"), unique("pgw-chart"), unique("pgw-pools")
+    create_namespace(dev_cluster, ns)
+    create_namespace(dev_cluster, elsewhere)
+    user = f"system:serviceaccount:{ns}:{name}-prefect-gpu-workers"
+    try:
+        cluster_helm("install", name, str(CHART), "--namespace", ns,
+                     "--set", f"prefect.apiKeySecret.name={API_KEY_SECRET}")  # fmt: skip
+        allowed = [
+            ("list", "gpuworkerpools.gpuworkers.dev", None),  # all namespaces at once
+            ("watch", "pods", None),
+            ("watch", "deployments.apps", None),
+            ("patch", "gpuworkerpools.gpuworkers.dev/status", elsewhere),
+            ("create", "deployments.apps", elsewhere),
+            ("create", "events", elsewhere),
+            ("get", f"secrets/{API_KEY_SECRET}", elsewhere),
+            ("list", "nodes", None),
+        ]
+        denied = [
+            ("get", f"secrets/{OTHER_SECRET}", elsewhere),
+            ("list", "secrets", None),
+            ("list", "namespaces", None),  # kopf does not list them when cluster-wide
+            ("delete", "pods", elsewhere),
+            ("delete", "deployments.apps", elsewhere),
+            ("get", "configmaps", elsewhere),
+            ("create", "statefulsets.apps", elsewhere),
+        ]
+        wrong = [
+            (verb, what, where, expected)
+            for expected, checks in ((True, allowed), (False, denied))
+            for verb, what, where in checks
+            if can_i_anywhere(dev_cluster, user, verb, what, where) != expected
+        ]
+        assert not wrong, f"(verb, resource, namespace or all, expected): {wrong}"
+    finally:
+        cluster_helm("uninstall", name, "--namespace", ns, "--wait", "--ignore-not-found")
+        delete_namespaces(dev_cluster, ns, elsewhere)
+    selector = f"app.kubernetes.io/instance={name}"
+    assert list_items(dev_cluster, "clusterrole,clusterrolebinding", "-l", selector) == []
+
+
+def can_i_anywhere(
+    cluster: DevCluster, user: str, verb: str, what: str, namespace: str | None
+) -> bool:
+    """can-i in one namespace, or across all namespaces (None)."""
+    where = ["-n", namespace] if namespace else ["--all-namespaces"]
+    proc = cluster.kubectl("auth", "can-i", verb, what, f"--as={user}", *where, check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode == 0
