@@ -1,0 +1,170 @@
+"""The seed pipeline: download -> inference (GPU, per-worker limit) -> save.
+
+Only the inference task holds a slot of ``{resource}:{WORKER_ID}``; download
+and save are I/O and run free, so they overlap across all flow runs a worker
+has in flight while the GPU stays within its limit.
+
+Stage durations are minimums: a stage does its work, then sleeps out the rest
+of its duration. With ``simulate`` the work is skipped (no torch import), so a
+benchmark measures coordination, not this machine's CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from prefect_gpu_workers.limits import DEFAULT_RESOURCE, WORKER_ID_ENV, gpu_slot
+from prefect_gpu_workers.records import StageRecord, append_record, record_dir_from
+
+FLOW_NAME = "gpu-pipeline"
+
+
+class InjectedGpuFailure(RuntimeError):
+    """Raised inside the GPU step on request, to show that a failing step frees its slot."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    items: list[int]
+    # Empty when simulating: nothing downstream looks at pixels then.
+    images: list[list[float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Inference:
+    labels: list[int]
+    device: str
+    limit: str
+    gpu_start: float
+    gpu_end: float
+
+
+def _worker_id() -> str:
+    # Records only; the GPU step itself insists on a valid WORKER_ID (limits.py).
+    return os.environ.get(WORKER_ID_ENV, "")
+
+
+def _sleep_until(deadline: float) -> None:
+    remaining = deadline - time.time()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+# NO_CACHE: two runs with the same parameters must both do the GPU work; a
+# cache hit would skip the slot and hide what the limit does.
+@task(cache_policy=NO_CACHE)
+def download(
+    run_id: str, items: int, seconds: float, simulate: bool, record_dir: str | None
+) -> Batch:
+    """Fetch the inputs (synthetic images here: the machine has no data source)."""
+    start = time.time()
+    ids = list(range(items))
+    images: list[list[float]] = []
+    if not simulate:
+        from pgw_flows.model import synthetic_image
+
+        images = [synthetic_image(i) for i in ids]
+    _sleep_until(start + seconds)
+    _record(record_dir, StageRecord(run_id, _worker_id(), "download", start, start, time.time()))
+    return Batch(ids, images)
+
+
+@task(cache_policy=NO_CACHE)
+def inference(
+    run_id: str,
+    batch: Batch,
+    occupy: int,
+    resource: str,
+    seconds: float,
+    simulate: bool,
+    record_dir: str | None,
+    fail: bool = False,
+) -> Inference:
+    """The GPU step: everything that touches the GPU happens inside the slot."""
+    requested = time.time()
+    with gpu_slot(occupy, resource=resource) as limit:
+        start = time.time()
+        try:
+            if fail:
+                raise InjectedGpuFailure(f"injected failure while holding {limit}")
+            if simulate:
+                labels, device = [i % 10 for i in batch.items], "simulated"
+            else:
+                from pgw_flows.model import classify
+
+                predictions = classify(batch.images)
+                labels, device = predictions.labels, predictions.device
+            _sleep_until(start + seconds)
+        finally:
+            # Recorded inside the slot, also when the step fails or is cancelled,
+            # so the interval never claims more than the slot covered.
+            end = time.time()
+            _record(
+                record_dir,
+                StageRecord(
+                    run_id, _worker_id(), "gpu", requested, start, end, occupy, limit, None
+                ),
+            )
+    return Inference(labels, device, limit, start, end)
+
+
+@task(cache_policy=NO_CACHE)
+def save(run_id: str, result: Inference, seconds: float, record_dir: str | None) -> None:
+    """Write the predictions next to the records (if recording), else only log them."""
+    start = time.time()
+    directory = record_dir_from(record_dir)
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"run_id": run_id, "labels": result.labels, "device": result.device}
+        (directory / f"{run_id}.result.json").write_text(json.dumps(payload), encoding="utf-8")
+    _sleep_until(start + seconds)
+    _record(record_dir, StageRecord(run_id, _worker_id(), "save", start, start, time.time()))
+
+
+def _record(record_dir: str | None, record: StageRecord) -> None:
+    directory = record_dir_from(record_dir)
+    if directory is not None:
+        append_record(directory, record)
+
+
+@flow(name=FLOW_NAME)
+def gpu_pipeline(
+    items: int = 4,
+    occupy: int = 1,
+    resource: str = DEFAULT_RESOURCE,
+    download_s: float = 0.0,
+    gpu_s: float = 0.0,
+    save_s: float = 0.0,
+    simulate: bool = False,
+    record_dir: str | None = None,
+    fail_in_gpu_step: bool = False,
+) -> dict[str, Any]:
+    """Download ``items`` inputs, classify them holding ``occupy`` GPU slots, save.
+
+    ``record_dir`` (or ``PGW_RECORD_DIR``) receives one JSON line per stage;
+    ``fail_in_gpu_step`` raises inside the slot (fault injection for tests).
+    """
+    run_id = str(flow_run.id or uuid.uuid4())
+    batch = download(run_id, items, download_s, simulate, record_dir)
+    result = inference(
+        run_id, batch, occupy, resource, gpu_s, simulate, record_dir, fail_in_gpu_step
+    )
+    save(run_id, result, save_s, record_dir)
+    return {
+        "run_id": run_id,
+        "worker_id": _worker_id(),
+        "limit": result.limit,
+        "device": result.device,
+        "labels": result.labels,
+        "gpu_start": result.gpu_start,
+        "gpu_end": result.gpu_end,
+    }

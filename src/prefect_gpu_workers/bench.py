@@ -1,0 +1,224 @@
+"""``prefect-gpu-workers bench``: task-level vs flow-level GPU limiting on the same workers.
+
+Both phases run the same deployment on the same worker ids with the same
+per-worker limits; the GPU step holds its GCL slot in both, so the code path
+is identical. What differs is how many flow runs a worker may run at once:
+
+- task-level (this project's pattern): ``--limit`` large enough to keep the
+  slots busy, and the GCL alone keeps the GPU within its slots;
+- flow-level: ``--limit`` equal to the worker's slots, the usual way to
+  protect a GPU without a GCL. The GCL never has to block then; it only costs
+  the same acquire/release as in the other phase.
+
+Stage work is simulated (each stage sleeps its duration, GPU = a third of a
+run), so the numbers measure Prefect's coordination, not this machine's CPU.
+Prefect runs with its default server and worker settings unless told
+otherwise (``--poll-seconds``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import prefect
+from rich.console import Console
+
+from prefect_gpu_workers.demo import make_workdir
+from prefect_gpu_workers.gpu import detect_gpus
+from prefect_gpu_workers.limits import DEFAULT_RESOURCE
+from prefect_gpu_workers.local import (
+    DEFAULT_POOL,
+    WORKER_QUERY_SECONDS_ENV,
+    BatchResult,
+    LocalSession,
+    PipelineParams,
+    WorkerPlan,
+    active_slots,
+    flow_runs_to_fill,
+    plan_capacity,
+    plan_workers,
+    prepare_pool,
+    run_batch,
+    worker_ids,
+)
+from prefect_gpu_workers.report import PhaseMetrics, speedup
+from prefect_gpu_workers.views import ProgressView, bench_table
+
+BENCH_DEPLOYMENT = "gpu-pipeline-bench"
+SIMULATION_NOTE = (
+    "stage work is simulated: each stage sleeps its duration (GPU = a third of a run); "
+    "the figures measure Prefect coordination, not model speed"
+)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    workers: int = 2
+    runs: int | None = None  # per phase; None: enough to reach a steady state
+    gpu_seconds: float = 3.0
+    gpus: int | None = None
+    slots_per_gpu: int | None = None
+    pool: str = f"{DEFAULT_POOL}-bench"
+    resource: str = DEFAULT_RESOURCE
+    worker_query_seconds: float | None = None
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    timeout_s: float = 1800.0
+
+
+def default_runs(total_slots: int) -> int:
+    """Runs per phase: four per slot keeps each slot handing over a few times."""
+    return 4 * total_slots
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    options: BenchOptions
+    pipeline: PipelineParams
+    runs_per_phase: int
+    task_level_flow_run_limit: int
+    flow_level_flow_run_limit: int
+    task_level: PhaseMetrics
+    flow_level: PhaseMetrics
+    slots_held_after: dict[str, int]
+
+    @property
+    def ratio(self) -> float | None:
+        return speedup(self.task_level, self.flow_level)
+
+    def as_json(self) -> dict[str, Any]:
+        """One object; the headline keys describe the task-level (GCL) phase."""
+        task = self.task_level
+        return {
+            "simulated": True,
+            "note": SIMULATION_NOTE,
+            "task_level_runs_per_s": task.runs_per_s,
+            "flow_level_runs_per_s": self.flow_level.runs_per_s,
+            "ratio": self.ratio,
+            "slot_utilization": task.slot_utilization,
+            "handoff_gap_p50_s": task.gcl_handoff_gap_p50_s,
+            "handoff_gap_p95_s": task.gcl_handoff_gap_p95_s,
+            "max_gpu_overlap_per_worker": task.max_gpu_overlap_per_worker,
+            "limit_per_worker": task.limit_per_worker,
+            "settings": {
+                "workers": self.options.workers,
+                "runs_per_phase": self.runs_per_phase,
+                "download_s": self.pipeline.download_s,
+                "gpu_s": self.pipeline.gpu_s,
+                "save_s": self.pipeline.save_s,
+                "task_level_flow_runs_per_worker": self.task_level_flow_run_limit,
+                "flow_level_flow_runs_per_worker": self.flow_level_flow_run_limit,
+                "worker_query_seconds": self.options.worker_query_seconds,
+                "prefect_version": prefect.__version__,
+                "cpu_count": os.cpu_count(),
+            },
+            "task_level": asdict(task),
+            "flow_level": asdict(self.flow_level),
+            "slots_held_after": self.slots_held_after,
+        }
+
+
+def _phase(
+    session: LocalSession,
+    console: Console,
+    label: str,
+    plans: tuple[WorkerPlan, ...],
+    options: BenchOptions,
+    deployment_id: Any,
+    params: PipelineParams,
+    runs: int,
+    workdir: Path,
+) -> BatchResult:
+    worker_env = (
+        {WORKER_QUERY_SECONDS_ENV: str(options.worker_query_seconds)}
+        if options.worker_query_seconds
+        else {}
+    )
+    console.print(
+        f"[bold]{label}[/bold]: {len(plans)} worker(s), {plans[0].flow_run_limit} flow run(s) "
+        f"at once each, {plans[0].slots} GPU slot(s) each, {runs} runs"
+    )
+    session.start_workers(plans, options.pool, worker_env)
+    try:
+        session.wait_for_workers(options.pool)
+        with ProgressView(console, label, plans) as progress:
+            return run_batch(
+                session,
+                deployment_id,
+                plans,
+                params,
+                runs,
+                workdir / "records" / label,
+                progress,
+                options.timeout_s,
+            )
+    finally:
+        session.stop_workers()
+
+
+def run_bench(options: BenchOptions, console: Console) -> BenchResult:
+    """Run both phases; progress goes to ``console``."""
+    capacity_plan = plan_capacity(detect_gpus(), options.gpus, options.slots_per_gpu)
+    for message in capacity_plan.messages:
+        console.print(f"GPU: {message}")
+    console.print(SIMULATION_NOTE)
+    slots = capacity_plan.capacity.slots
+    g = options.gpu_seconds
+    params = PipelineParams(items=1, download_s=g, gpu_s=g, save_s=g, simulate=True)
+    ids = worker_ids(options.workers)
+    task_limit = flow_runs_to_fill(slots, g, g, g)
+    task_plans = plan_workers(ids, slots, task_limit, options.resource)
+    flow_plans = tuple(replace(plan, flow_run_limit=slots) for plan in task_plans)
+    runs = options.runs or default_runs(slots * options.workers)
+    workdir, made_workdir = make_workdir(options.workdir, "pgw-bench-")
+    console.print(f"work directory (logs, records): {workdir}")
+    external = os.environ.get("PREFECT_API_URL") or None
+    with LocalSession(workdir, api_url=external) as session:
+        console.print(f"Prefect API: {session.api_url}")
+        deployment_id = prepare_pool(session, options.pool, task_plans, BENCH_DEPLOYMENT)
+        task_level = _phase(
+            session,
+            console,
+            "task-level",
+            task_plans,
+            options,
+            deployment_id,
+            params,
+            runs,
+            workdir,
+        )
+        flow_level = _phase(
+            session,
+            console,
+            "flow-level",
+            flow_plans,
+            options,
+            deployment_id,
+            params,
+            runs,
+            workdir,
+        )
+        with session.client() as client:
+            held = active_slots(client, [plan.limit_name for plan in task_plans])
+    result = BenchResult(
+        options=options,
+        pipeline=params,
+        runs_per_phase=runs,
+        task_level_flow_run_limit=task_limit,
+        flow_level_flow_run_limit=slots,
+        task_level=task_level.metrics,
+        flow_level=flow_level.metrics,
+        slots_held_after=held,
+    )
+    if made_workdir and not options.keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def render(result: BenchResult, console: Console) -> None:
+    console.print(bench_table(result.task_level, result.flow_level, result.ratio))
+    console.print(SIMULATION_NOTE)

@@ -1,0 +1,189 @@
+"""``prefect-gpu-workers``: the local demo and the task-level vs flow-level bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+
+from prefect_gpu_workers.limits import DEFAULT_RESOURCE
+from prefect_gpu_workers.local import DEFAULT_POOL, PipelineParams
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, pool: str) -> None:
+    parser.add_argument("--workers", type=_positive_int, default=2, help="local workers (2)")
+    parser.add_argument(
+        "--gpus",
+        type=_positive_int,
+        help="GPUs per worker; default: detected, or 1 when none is found (said aloud)",
+    )
+    parser.add_argument(
+        "--slots-per-gpu", type=_positive_int, help="GPU steps one GPU takes at once (2)"
+    )
+    parser.add_argument("--pool", default=pool, help=f"process work pool ({pool})")
+    parser.add_argument(
+        "--resource", default=DEFAULT_RESOURCE, help="limit name prefix: <resource>:<worker>"
+    )
+    parser.add_argument(
+        "--poll-seconds",
+        type=_non_negative_float,
+        help="worker poll interval (PREFECT_WORKER_QUERY_SECONDS); default: Prefect's, 10",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, help="logs, records and the database (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--keep-workdir", action="store_true", help="keep the temp work dir after success"
+    )
+    parser.add_argument(
+        "--timeout", type=_positive_int, default=1800, help="give up after this many seconds"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefect-gpu-workers",
+        description="Per-worker GPU concurrency limits for Prefect process workers.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the pipeline on local workers and report GPU overlap per worker",
+        description="Start a Prefect server (unless PREFECT_API_URL is set), a process pool, "
+        "one GPU limit and one worker per local worker; run the pipeline; report.",
+    )
+    _add_common(demo, DEFAULT_POOL)
+    demo.add_argument("--runs", type=_positive_int, default=12, help="flow runs to submit (12)")
+    demo.add_argument("--items", type=_positive_int, default=4, help="images per run (4)")
+    demo.add_argument("--occupy", type=_positive_int, default=1, help="slots per GPU step (1)")
+    demo.add_argument("--download-seconds", type=_non_negative_float, default=2.0)
+    demo.add_argument("--gpu-seconds", type=_non_negative_float, default=3.0)
+    demo.add_argument("--save-seconds", type=_non_negative_float, default=2.0)
+    demo.add_argument(
+        "--simulate", action="store_true", help="sleep instead of running the model (no torch)"
+    )
+    demo.add_argument(
+        "--flow-runs-per-worker",
+        type=_positive_int,
+        help="worker --limit; default: enough runs to keep the GPU slots busy",
+    )
+
+    bench = commands.add_parser(
+        "bench",
+        help="compare task-level (GCL) with flow-level (--limit) GPU limiting",
+        description="Run the pipeline twice on the same local workers: GPU step limited by "
+        "the per-worker GCL with many flow runs per worker, then flow runs limited to the "
+        "GPU slots. Stage work is simulated; the GPU stage is a third of a run.",
+    )
+    _add_common(bench, f"{DEFAULT_POOL}-bench")
+    bench.add_argument(
+        "--gpu-seconds",
+        type=_non_negative_float,
+        default=3.0,
+        help="GPU step length; download and save take as long (3; try 32 for long steps)",
+    )
+    bench.add_argument("--runs", type=_positive_int, help="runs per phase (4 per GPU slot)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM takes the same path as Ctrl-C, so every started process is stopped.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # With --json, stdout carries only the JSON object; progress goes to stderr.
+    console = Console(stderr=bool(getattr(args, "json", False)))
+    try:
+        code = _run(args, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; every process started here has been stopped[/yellow]")
+        code = 130
+    sys.exit(code)
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "demo":
+        from prefect_gpu_workers.demo import DemoOptions, run_demo
+
+        pipeline = PipelineParams(
+            items=args.items,
+            occupy=args.occupy,
+            resource=args.resource,
+            download_s=args.download_seconds,
+            gpu_s=args.gpu_seconds,
+            save_s=args.save_seconds,
+            simulate=args.simulate,
+        )
+        options = DemoOptions(
+            workers=args.workers,
+            runs=args.runs,
+            gpus=args.gpus,
+            slots_per_gpu=args.slots_per_gpu,
+            flow_runs_per_worker=args.flow_runs_per_worker,
+            pool=args.pool,
+            resource=args.resource,
+            pipeline=pipeline,
+            worker_query_seconds=args.poll_seconds,
+            workdir=args.workdir,
+            keep_workdir=args.keep_workdir,
+            timeout_s=args.timeout,
+        )
+        return run_demo(options, console)
+
+    from prefect_gpu_workers.bench import BenchOptions, render, run_bench
+
+    bench_options = BenchOptions(
+        workers=args.workers,
+        runs=args.runs,
+        gpu_seconds=args.gpu_seconds,
+        gpus=args.gpus,
+        slots_per_gpu=args.slots_per_gpu,
+        pool=args.pool,
+        resource=args.resource,
+        worker_query_seconds=args.poll_seconds,
+        workdir=args.workdir,
+        keep_workdir=args.keep_workdir,
+        timeout_s=args.timeout,
+    )
+    result = run_bench(bench_options, console)
+    if args.json:
+        print(json.dumps(result.as_json(), sort_keys=True))
+    else:
+        render(result, console)
+    ok = (
+        result.task_level.runs_failed == 0
+        and result.flow_level.runs_failed == 0
+        and result.task_level.within_limits
+        and result.flow_level.within_limits
+        and not any(result.slots_held_after.values())
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    main()

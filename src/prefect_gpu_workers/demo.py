@@ -1,0 +1,132 @@
+"""``prefect-gpu-workers demo``: the pattern end to end on this machine.
+
+Server (unless ``PREFECT_API_URL`` is set) -> process pool -> one limit
+``gpu:<worker>`` per local worker -> N workers -> deployment -> M runs ->
+report. Everything it started is stopped when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from prefect_gpu_workers.gpu import detect_gpus
+from prefect_gpu_workers.limits import DEFAULT_RESOURCE
+from prefect_gpu_workers.local import (
+    DEFAULT_POOL,
+    WORKER_QUERY_SECONDS_ENV,
+    LocalSession,
+    PipelineParams,
+    flow_runs_to_fill,
+    plan_capacity,
+    plan_workers,
+    prepare_pool,
+    run_batch,
+    worker_ids,
+)
+from prefect_gpu_workers.views import ProgressView, metrics_table, plan_table, worker_table
+
+DEMO_DEPLOYMENT = "gpu-pipeline-demo"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    workers: int = 2
+    runs: int = 12
+    gpus: int | None = None
+    slots_per_gpu: int | None = None
+    flow_runs_per_worker: int | None = None
+    pool: str = DEFAULT_POOL
+    resource: str = DEFAULT_RESOURCE
+    pipeline: PipelineParams = field(default_factory=PipelineParams)
+    worker_query_seconds: float | None = None
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    timeout_s: float = 900.0
+
+
+def make_workdir(requested: Path | None, prefix: str) -> tuple[Path, bool]:
+    """The directory for logs, records and the SQLite database; ``True`` if we made it."""
+    if requested is not None:
+        requested.mkdir(parents=True, exist_ok=True)
+        return requested, False
+    return Path(tempfile.mkdtemp(prefix=prefix)), True
+
+
+def run_demo(options: DemoOptions, console: Console) -> int:
+    """Run the demo; returns the exit code (0: every run finished within its limit)."""
+    capacity_plan = plan_capacity(detect_gpus(), options.gpus, options.slots_per_gpu)
+    for message in capacity_plan.messages:
+        console.print(f"[bold]GPU:[/bold] {message}")
+    slots = capacity_plan.capacity.slots
+    p = options.pipeline
+    flow_run_limit = options.flow_runs_per_worker or flow_runs_to_fill(
+        slots, p.download_s, p.gpu_s, p.save_s
+    )
+    plans = plan_workers(worker_ids(options.workers), slots, flow_run_limit, options.resource)
+    workdir, made_workdir = make_workdir(options.workdir, "pgw-demo-")
+    console.print(f"work directory (logs, records): {workdir}")
+    worker_env = (
+        {WORKER_QUERY_SECONDS_ENV: str(options.worker_query_seconds)}
+        if options.worker_query_seconds
+        else {}
+    )
+    external = os.environ.get("PREFECT_API_URL") or None
+    console.print(
+        f"using the Prefect API at {external}"
+        if external
+        else "starting a Prefect server (SQLite) for this demo ..."
+    )
+    ok = False
+    with LocalSession(workdir, api_url=external) as session:
+        console.print(f"Prefect API: {session.api_url}")
+        deployment_id = prepare_pool(session, options.pool, plans, DEMO_DEPLOYMENT)
+        console.print(plan_table(plans, options.pool))
+        console.print(
+            f"GPU step: {'simulated' if p.simulate else 'tiny CNN (torch)'}, occupy={p.occupy}; "
+            f"stages at least {p.download_s:g}s download, {p.gpu_s:g}s GPU, {p.save_s:g}s save"
+        )
+        session.start_workers(plans, options.pool, worker_env)
+        session.wait_for_workers(options.pool)
+        console.print(f"{len(plans)} worker(s) online; submitting {options.runs} flow run(s)")
+        with ProgressView(console, "demo", plans) as progress:
+            result = run_batch(
+                session,
+                deployment_id,
+                plans,
+                p,
+                options.runs,
+                workdir / "records",
+                progress,
+                options.timeout_s,
+            )
+        metrics = result.metrics
+        console.print(metrics_table("Demo report", metrics))
+        console.print(worker_table(metrics))
+        for message in result.failure_messages():
+            console.print(f"[red]failed run[/red] {message}")
+        leaked = {name: held for name, held in result.slots_held_after.items() if held}
+        if leaked:
+            console.print(f"[red]slots still held after all runs ended: {leaked}[/red]")
+        ok = (
+            metrics.runs_failed == 0
+            and metrics.runs_finished == options.runs
+            and metrics.within_limits
+            and not leaked
+        )
+    remaining = session.remaining_pids()
+    if remaining:
+        console.print(f"[red]processes still running after shutdown: {remaining}[/red]")
+        ok = False
+    else:
+        console.print("all processes started by the demo have stopped")
+    if ok and made_workdir and not options.keep_workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+    elif not ok:
+        console.print(f"logs kept in {workdir / 'logs'}")
+    return 0 if ok else 1

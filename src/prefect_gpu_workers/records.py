@@ -1,0 +1,96 @@
+"""What each pipeline stage leaves behind: one JSON line per stage execution.
+
+The flows write these records, the tests, the demo and the bench read them.
+Timestamps are wall-clock (``time.time()``) because the writers are separate
+processes; on one machine they share the clock, which is all the overlap
+checks need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+# A flow parameter wins over this; either may be unset (then nothing is recorded).
+RECORD_DIR_ENV = "PGW_RECORD_DIR"
+
+Stage = Literal["download", "gpu", "save"]
+STAGES: tuple[Stage, ...] = ("download", "gpu", "save")
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One execution of one stage of one flow run.
+
+    ``requested`` is when the stage asked to begin; for the GPU stage that is
+    before the slot was acquired, so ``start - requested`` is the wait for a
+    slot. ``start``/``end`` bracket the stage's work (for the GPU stage: while
+    the slot is held).
+    """
+
+    run_id: str
+    worker_id: str
+    stage: Stage
+    requested: float
+    start: float
+    end: float
+    occupy: int = 0
+    limit: str | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}")
+        if not self.requested <= self.start <= self.end:
+            raise ValueError(
+                f"stage times out of order: requested {self.requested}, "
+                f"start {self.start}, end {self.end}"
+            )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageRecord:
+        return cls(
+            run_id=str(data["run_id"]),
+            worker_id=str(data["worker_id"]),
+            stage=data["stage"],
+            requested=float(data["requested"]),
+            start=float(data["start"]),
+            end=float(data["end"]),
+            occupy=int(data.get("occupy", 0)),
+            limit=data.get("limit"),
+            device=data.get("device"),
+        )
+
+
+def record_dir_from(parameter: str | None) -> Path | None:
+    """The directory to record into: the parameter, else ``PGW_RECORD_DIR``, else none."""
+    value = parameter or os.environ.get(RECORD_DIR_ENV)
+    return Path(value) if value else None
+
+
+def append_record(directory: Path, record: StageRecord) -> None:
+    """Append ``record`` to ``<directory>/<run_id>.jsonl``.
+
+    One file per flow run: only that run's process writes it, so concurrent
+    runs never interleave partial lines.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(asdict(record), sort_keys=True) + "\n"
+    with (directory / f"{record.run_id}.jsonl").open("a", encoding="utf-8") as out:
+        out.write(line)
+
+
+def read_records(directory: Path) -> list[StageRecord]:
+    """Every record under ``directory``, ordered by start time."""
+    return sorted(_iter_records(directory.glob("*.jsonl")), key=lambda r: (r.start, r.end))
+
+
+def _iter_records(paths: Iterable[Path]) -> Iterator[StageRecord]:
+    for path in sorted(paths):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                yield StageRecord.from_json(json.loads(line))

@@ -1,0 +1,254 @@
+"""Pure measurements over recorded stage intervals (see :mod:`records`).
+
+Nothing here talks to Prefect or reads files: the demo, the bench and the
+tests feed these functions the records and the limits and get numbers back.
+
+Definitions (all per worker, because each worker has its own limit):
+
+- overlap: the largest total ``occupy`` of GPU steps whose ``[start, end)``
+  intervals cover one instant;
+- slot utilisation: slot-seconds held / (limit x window), the window running
+  from the worker's first GPU acquire to its last one, i.e. while that worker
+  still had a GPU step to start; the drain after the last acquire is left out;
+- GCL handoff gap: from a slot's release to the acquire of a GPU step that was
+  already waiting for a slot at that moment (asked before the release). This
+  is the time a free slot sits idle while a waiter sleeps on Retry-After;
+- backlog handoff gap: from a slot's release to the worker's next acquire by
+  any GPU step, counted while the pool still had runs whose GPU step had not
+  started. Under flow-level limiting nobody waits on the GCL, and this gap is
+  the worker's poll, the flow-run start and the download of the next run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from prefect_gpu_workers.records import Stage, StageRecord
+
+
+def peak_overlap(intervals: Iterable[tuple[float, float, int]]) -> int:
+    """The largest total weight of ``(start, end, weight)`` intervals covering one instant.
+
+    Intervals are half-open: one that ends exactly when another starts does not
+    overlap it (a slot handed over at one instant is not held twice).
+    """
+    events: list[tuple[float, int]] = []
+    for start, end, weight in intervals:
+        if end > start:
+            events.append((start, weight))
+            events.append((end, -weight))
+    # At equal times the negative (release) sorts first.
+    events.sort()
+    peak = current = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def by_worker(records: Iterable[StageRecord], stage: Stage) -> dict[str, list[StageRecord]]:
+    grouped: dict[str, list[StageRecord]] = defaultdict(list)
+    for record in records:
+        if record.stage == stage:
+            grouped[record.worker_id].append(record)
+    return dict(grouped)
+
+
+def gpu_overlap_per_worker(records: Iterable[StageRecord]) -> dict[str, int]:
+    """Peak slots held at once by GPU steps, per worker (weighted by ``occupy``)."""
+    return {
+        worker: peak_overlap((r.start, r.end, r.occupy) for r in steps)
+        for worker, steps in by_worker(records, "gpu").items()
+    }
+
+
+def stage_overlap_per_worker(
+    records: Iterable[StageRecord], stages: Sequence[Stage]
+) -> dict[str, int]:
+    """Peak number of steps of ``stages`` running at once, per worker (unweighted)."""
+    grouped: dict[str, list[StageRecord]] = defaultdict(list)
+    for record in records:
+        if record.stage in stages:
+            grouped[record.worker_id].append(record)
+    return {
+        worker: peak_overlap((r.start, r.end, 1) for r in steps)
+        for worker, steps in grouped.items()
+    }
+
+
+@dataclass(frozen=True)
+class Utilization:
+    held_slot_s: float
+    capacity_slot_s: float
+
+    @property
+    def fraction(self) -> float | None:
+        return self.held_slot_s / self.capacity_slot_s if self.capacity_slot_s > 0 else None
+
+
+def slot_utilization(steps: Sequence[StageRecord], limit: int) -> Utilization:
+    """Held slot-seconds over ``limit`` x [first acquire, last acquire], for one worker."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    if not steps:
+        return Utilization(0.0, 0.0)
+    window_start = min(s.start for s in steps)
+    window_end = max(s.start for s in steps)
+    held = sum(
+        max(0.0, min(s.end, window_end) - max(s.start, window_start)) * s.occupy for s in steps
+    )
+    return Utilization(held, limit * (window_end - window_start))
+
+
+def overall_utilization(records: Iterable[StageRecord], limits: Mapping[str, int]) -> float | None:
+    """Slot utilisation over all workers, each weighted by its window and limit."""
+    parts = [
+        slot_utilization(steps, limits[worker])
+        for worker, steps in by_worker(records, "gpu").items()
+        if worker in limits
+    ]
+    held = sum(p.held_slot_s for p in parts)
+    capacity = sum(p.capacity_slot_s for p in parts)
+    return held / capacity if capacity > 0 else None
+
+
+def _slot_units(steps: Sequence[StageRecord]) -> tuple[list[float], list[tuple[float, float]]]:
+    """Releases and (requested, acquired) pairs, one per slot (``occupy`` counts each slot)."""
+    releases = sorted(s.end for s in steps for _ in range(s.occupy))
+    acquires = sorted((s.requested, s.start) for s in steps for _ in range(s.occupy))
+    return releases, acquires
+
+
+def gcl_handoff_gaps(records: Iterable[StageRecord]) -> list[float]:
+    """Release -> acquire by a GPU step that was already waiting at the release, in seconds.
+
+    Each release is matched, in time order, to the earliest later acquire among
+    steps that asked before the release; each acquire is matched at most once.
+    """
+    gaps: list[float] = []
+    for steps in by_worker(records, "gpu").values():
+        releases, acquires = _slot_units(steps)
+        taken = [False] * len(acquires)
+        for release in releases:
+            best: int | None = None
+            for index, (requested, acquired) in enumerate(acquires):
+                if taken[index] or requested > release or acquired < release:
+                    continue
+                if best is None or acquired < acquires[best][1]:
+                    best = index
+            if best is not None:
+                taken[best] = True
+                gaps.append(acquires[best][1] - release)
+    return sorted(gaps)
+
+
+def backlog_handoff_gaps(records: Iterable[StageRecord]) -> list[float]:
+    """Release -> the worker's next acquire, for releases while some GPU step was still to start.
+
+    "Still to start" is pool-wide: before the last GPU acquire of all the
+    records, a submitted run was waiting for a worker, for its process, or for
+    a slot.
+    """
+    gpu = [r for r in records if r.stage == "gpu"]
+    if not gpu:
+        return []
+    backlog_until = max(r.start for r in gpu)
+    gaps: list[float] = []
+    for steps in by_worker(gpu, "gpu").values():
+        releases, acquires = _slot_units(steps)
+        starts = sorted(a for _, a in acquires)
+        next_index = 0
+        for release in releases:
+            if release >= backlog_until:
+                break
+            while next_index < len(starts) and starts[next_index] < release:
+                next_index += 1
+            if next_index == len(starts):
+                break
+            gaps.append(starts[next_index] - release)
+            next_index += 1
+    return sorted(gaps)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100) with linear interpolation; ``None`` for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile must be within 0..100, got {q}")
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class PhaseMetrics:
+    """What one batch of runs achieved; times in seconds."""
+
+    runs_submitted: int
+    runs_finished: int
+    runs_failed: int
+    makespan_s: float
+    runs_per_s: float
+    slot_utilization: float | None
+    gcl_handoff_gap_p50_s: float | None
+    gcl_handoff_gap_p95_s: float | None
+    backlog_handoff_gap_p50_s: float | None
+    backlog_handoff_gap_p95_s: float | None
+    gpu_wait_p50_s: float | None
+    gpu_steps: int
+    max_gpu_overlap_per_worker: dict[str, int] = field(default_factory=dict)
+    max_other_overlap_per_worker: dict[str, int] = field(default_factory=dict)
+    limit_per_worker: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def within_limits(self) -> bool:
+        return all(
+            peak <= self.limit_per_worker.get(worker, 0)
+            for worker, peak in self.max_gpu_overlap_per_worker.items()
+        )
+
+
+def summarize(
+    records: Sequence[StageRecord],
+    limits: Mapping[str, int],
+    *,
+    submitted: int,
+    finished: int,
+    failed: int,
+    submitted_at: float,
+    ended_at: float,
+) -> PhaseMetrics:
+    """Metrics of one batch: ``finished`` runs between ``submitted_at`` and ``ended_at``."""
+    makespan = max(0.0, ended_at - submitted_at)
+    gcl_gaps = gcl_handoff_gaps(records)
+    backlog_gaps = backlog_handoff_gaps(records)
+    waits = [r.start - r.requested for r in records if r.stage == "gpu"]
+    return PhaseMetrics(
+        runs_submitted=submitted,
+        runs_finished=finished,
+        runs_failed=failed,
+        makespan_s=makespan,
+        runs_per_s=finished / makespan if makespan > 0 else 0.0,
+        slot_utilization=overall_utilization(records, limits),
+        gcl_handoff_gap_p50_s=percentile(gcl_gaps, 50),
+        gcl_handoff_gap_p95_s=percentile(gcl_gaps, 95),
+        backlog_handoff_gap_p50_s=percentile(backlog_gaps, 50),
+        backlog_handoff_gap_p95_s=percentile(backlog_gaps, 95),
+        gpu_wait_p50_s=percentile(waits, 50),
+        gpu_steps=len(waits),
+        max_gpu_overlap_per_worker=gpu_overlap_per_worker(records),
+        max_other_overlap_per_worker=stage_overlap_per_worker(records, ("download", "save")),
+        limit_per_worker=dict(limits),
+    )
+
+
+def speedup(task_level: PhaseMetrics, flow_level: PhaseMetrics) -> float | None:
+    """Task-level throughput over flow-level throughput."""
+    if flow_level.runs_per_s <= 0:
+        return None
+    return task_level.runs_per_s / flow_level.runs_per_s

@@ -1,0 +1,190 @@
+"""What local mode shows a person: live progress and the report tables (rich)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+
+from prefect.client.schemas.objects import FlowRun
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from prefect_gpu_workers.local import BatchCounts, WorkerPlan, count_runs
+from prefect_gpu_workers.report import PhaseMetrics
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _counts_text(counts: BatchCounts) -> str:
+    return (
+        f"{counts.completed}/{counts.total} done, {counts.running} running, "
+        f"{counts.waiting} waiting, {counts.failed} failed"
+    )
+
+
+def _slots_text(slots: Mapping[str, int], plans: Sequence[WorkerPlan]) -> str:
+    return "  ".join(f"{p.limit_name} {slots.get(p.limit_name, 0)}/{p.slots}" for p in plans)
+
+
+class ProgressView:
+    """Live line of run counts and GPU slots in use; plain lines when not on a terminal."""
+
+    def __init__(
+        self,
+        console: Console,
+        label: str,
+        plans: Sequence[WorkerPlan],
+        plain_every_s: float = 10.0,
+    ) -> None:
+        self.console = console
+        self.label = label
+        self.plans = plans
+        self.plain_every_s = plain_every_s
+        self._live: Live | None = None
+        self._last_plain = 0.0
+        self._last_text = ""
+
+    def __enter__(self) -> ProgressView:
+        if self.console.is_terminal:
+            self._live = Live(console=self.console, refresh_per_second=4, transient=False)
+            self._live.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._live is not None:
+            self._live.__exit__(exc_type, exc, tb)
+        elif self._last_text:
+            self.console.print(self._last_text, soft_wrap=True, markup=False, highlight=False)
+
+    def __call__(self, runs: list[FlowRun], slots: dict[str, int], elapsed: float) -> None:
+        counts = count_runs(runs)
+        text = (
+            f"{self.label} {elapsed:4.0f}s:  {_counts_text(counts)}  "
+            f"GPU slots in use: {_slots_text(slots, self.plans)}"
+        )
+        self._last_text = text
+        if self._live is not None:
+            self._live.update(Text(text))
+            return
+        now = time.monotonic()
+        if now - self._last_plain >= self.plain_every_s:
+            self._last_plain = now
+            self.console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def plan_table(plans: Sequence[WorkerPlan], pool: str) -> Table:
+    table = Table(title=f"Local workers in pool {pool!r}")
+    table.add_column("worker (WORKER_ID)")
+    table.add_column("GPU limit")
+    table.add_column("slots", justify="right")
+    table.add_column("flow runs at once (--limit)", justify="right")
+    for plan in plans:
+        table.add_row(plan.worker_id, plan.limit_name, str(plan.slots), str(plan.flow_run_limit))
+    return table
+
+
+def metrics_table(title: str, metrics: PhaseMetrics) -> Table:
+    table = Table(title=title, show_header=True)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("runs finished / failed", f"{metrics.runs_finished} / {metrics.runs_failed}")
+    table.add_row("time to finish (submit -> last run end)", _seconds(metrics.makespan_s))
+    table.add_row("throughput", f"{metrics.runs_per_s:.3f} runs/s")
+    table.add_row("GPU steps recorded", str(metrics.gpu_steps))
+    table.add_row("GPU-slot utilisation", _percent(metrics.slot_utilization))
+    table.add_row(
+        "slot handoff gap to a waiting step p50 / p95",
+        f"{_seconds(metrics.gcl_handoff_gap_p50_s)} / {_seconds(metrics.gcl_handoff_gap_p95_s)}",
+    )
+    table.add_row("wait for a GPU slot p50", _seconds(metrics.gpu_wait_p50_s))
+    return table
+
+
+def worker_table(metrics: PhaseMetrics) -> Table:
+    table = Table(title="Per worker")
+    table.add_column("worker")
+    table.add_column("peak GPU steps at once", justify="right")
+    table.add_column("limit", justify="right")
+    table.add_column("peak download/save at once", justify="right")
+    table.add_column("within limit")
+    for worker, limit in sorted(metrics.limit_per_worker.items()):
+        peak = metrics.max_gpu_overlap_per_worker.get(worker, 0)
+        table.add_row(
+            worker,
+            str(peak),
+            str(limit),
+            str(metrics.max_other_overlap_per_worker.get(worker, 0)),
+            "yes" if peak <= limit else "[red]NO[/red]",
+        )
+    return table
+
+
+def bench_table(task_level: PhaseMetrics, flow_level: PhaseMetrics, ratio: float | None) -> Table:
+    table = Table(title="Task-level vs flow-level GPU limiting (stage work simulated)")
+    table.add_column("measure")
+    table.add_column("task-level (GCL on GPU step)", justify="right")
+    table.add_column("flow-level (--limit = slots)", justify="right")
+    rows: list[tuple[str, str, str]] = [
+        (
+            "runs finished / failed",
+            f"{task_level.runs_finished} / {task_level.runs_failed}",
+            f"{flow_level.runs_finished} / {flow_level.runs_failed}",
+        ),
+        ("time to finish", _seconds(task_level.makespan_s), _seconds(flow_level.makespan_s)),
+        (
+            "throughput (runs/s)",
+            f"{task_level.runs_per_s:.3f}",
+            f"{flow_level.runs_per_s:.3f}",
+        ),
+        (
+            "GPU-slot utilisation",
+            _percent(task_level.slot_utilization),
+            _percent(flow_level.slot_utilization),
+        ),
+        (
+            "handoff gap to a waiting GPU step p50 / p95",
+            f"{_seconds(task_level.gcl_handoff_gap_p50_s)} / "
+            f"{_seconds(task_level.gcl_handoff_gap_p95_s)}",
+            f"{_seconds(flow_level.gcl_handoff_gap_p50_s)} / "
+            f"{_seconds(flow_level.gcl_handoff_gap_p95_s)}",
+        ),
+        (
+            "release -> next GPU step on the worker p50 / p95",
+            f"{_seconds(task_level.backlog_handoff_gap_p50_s)} / "
+            f"{_seconds(task_level.backlog_handoff_gap_p95_s)}",
+            f"{_seconds(flow_level.backlog_handoff_gap_p50_s)} / "
+            f"{_seconds(flow_level.backlog_handoff_gap_p95_s)}",
+        ),
+        (
+            "peak GPU steps at once per worker",
+            _peaks(task_level),
+            _peaks(flow_level),
+        ),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    table.caption = "throughput ratio task-level / flow-level: " + (
+        "-" if ratio is None else f"{ratio:.2f}x"
+    )
+    return table
+
+
+def _peaks(metrics: PhaseMetrics) -> str:
+    return ", ".join(
+        f"{worker} {metrics.max_gpu_overlap_per_worker.get(worker, 0)}/{limit}"
+        for worker, limit in sorted(metrics.limit_per_worker.items())
+    )

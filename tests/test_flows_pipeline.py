@@ -1,0 +1,79 @@
+"""The pipeline flow in this process (against the real test server) and its tiny model."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+from pgw_flows.deploy import ENTRYPOINT, deployment_ref
+from pgw_flows.model import IMAGE_SHAPE, classify, synthetic_image
+from pgw_flows.pipeline import gpu_pipeline
+from prefect_gpu_workers.limits import GpuLimitUnavailable
+from prefect_gpu_workers.records import read_records
+
+
+def test_synthetic_images_are_deterministic_and_in_range() -> None:
+    first = synthetic_image(3)
+    assert first == synthetic_image(3)
+    assert first != synthetic_image(4)
+    assert len(first) == IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * IMAGE_SHAPE[2]
+    assert all(0.0 <= value < 1.0 for value in first)
+
+
+def test_tiny_model_classifies_deterministically() -> None:
+    images = [synthetic_image(i) for i in range(5)]
+    predictions = classify(images)
+    assert len(predictions.labels) == 5
+    assert all(0 <= label < 10 for label in predictions.labels)
+    assert predictions.device in ("cpu", "cuda", "cuda:0")
+    assert classify(images).labels == predictions.labels
+    assert classify([]).labels == []
+
+
+def test_entrypoint_names_the_flow_function() -> None:
+    module, _, name = ENTRYPOINT.rpartition(".")
+    assert module == gpu_pipeline.fn.__module__
+    assert name == gpu_pipeline.fn.__name__
+    assert deployment_ref() == "gpu-pipeline/gpu-pipeline"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_pipeline_runs_the_model_inside_the_slot_and_records_each_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = f"w-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=f"gpu:{worker}", limit=1)
+        )
+    monkeypatch.setenv("WORKER_ID", worker)
+
+    result = gpu_pipeline(items=3, gpu_s=0.2, record_dir=str(tmp_path))
+
+    assert result["limit"] == f"gpu:{worker}"
+    assert result["worker_id"] == worker
+    assert len(result["labels"]) == 3
+    assert result["labels"] == classify([synthetic_image(i) for i in range(3)]).labels
+    records = read_records(tmp_path)
+    assert [r.stage for r in records] == ["download", "gpu", "save"]
+    (gpu,) = [r for r in records if r.stage == "gpu"]
+    assert (gpu.worker_id, gpu.limit, gpu.occupy) == (worker, f"gpu:{worker}", 1)
+    assert gpu.end - gpu.start >= 0.2
+    saved = json.loads((tmp_path / f"{result['run_id']}.result.json").read_text())
+    assert saved["labels"] == result["labels"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_pipeline_without_a_limit_stops_before_the_gpu_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = f"w-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("WORKER_ID", worker)
+    with pytest.raises(GpuLimitUnavailable, match=f"gpu:{worker}' does not exist"):
+        gpu_pipeline(items=1, simulate=True, record_dir=str(tmp_path))
+    assert [r.stage for r in read_records(tmp_path)] == ["download"]
