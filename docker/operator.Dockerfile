@@ -32,9 +32,11 @@ FROM python:${PYTHON_VERSION}-slim
 RUN groupadd --gid 1000 operator \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin operator
 COPY --from=build /opt/venv /opt/venv
+# The root filesystem is read-only in the chart; /tmp is an emptyDir there.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    PREFECT_HOME=/tmp/prefect
 USER 1000:1000
 # kopf's liveness endpoint (/healthz) and, with --metrics, Prometheus metrics.
 EXPOSE 8080 9090

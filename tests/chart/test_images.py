@@ -266,6 +266,13 @@ def test_operator_image_matches_the_chart(helm: Helm, tmp_path: Path) -> None:
     uid = values["podSecurityContext"]["runAsUser"]
     assert values_of(instructions, "USER") == [f"{uid}:{uid}"]
     assert any(f"useradd --uid {uid}" in run for run in values_of(instructions, "RUN"))
+    # Same environment in the image and in the chart's pod (read-only root, /tmp writable).
+    chart_env = {e["name"]: e["value"] for e in container["env"]}
+    image_env = env_of(instructions)
+    for key in ("PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PREFECT_HOME"):
+        assert chart_env[key] == image_env[key], key
+    assert image_env["PREFECT_HOME"].startswith("/tmp/")
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
     default_cmd = exec_form(instructions, "CMD")
     assert default_cmd == ["--liveness", f"http://0.0.0.0:{values['healthPort']}/healthz"]
 
