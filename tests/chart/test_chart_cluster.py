@@ -423,14 +423,6 @@ def prefect_limit(api_url: str, name: str) -> dict[str, Any] | None:
     return body
 
 
-def prefect_limit_names(api_url: str, prefix: str) -> set[str]:
-    response = httpx.post(
-        f"{api_url}/v2/concurrency_limits/filter", json={"limit": 200}, timeout=10
-    )
-    response.raise_for_status()
-    return {item["name"] for item in response.json() if item["name"].startswith(prefix)}
-
-
 def running_pods(cluster: DevCluster, namespace: str, pool: str) -> set[str]:
     return {
         p["metadata"]["name"]
@@ -564,7 +556,11 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
             lambda: get_json(dev_cluster, "deployment", pool, "-n", ns) is None,
             "the worker Deployment garbage-collected",
         )
-        wait(lambda: not prefect_limit_names(api, f"gpu:{pool}-"), "every limit of the pool gone")
+        seen = first | scaled | remaining
+        wait(
+            lambda: not any(prefect_limit(api, f"gpu:{p}") for p in seen),
+            f"every limit of the pool gone: {sorted(seen)}",
+        )
     finally:
         operator.stop()
 
