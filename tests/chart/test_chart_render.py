@@ -14,6 +14,8 @@ import pytest
 import yaml
 from k8s.cluster import REPO_ROOT
 
+from pgw_operator.__main__ import parse_args
+
 from .conftest import CHART, Helm, Manifest, by_kind, one, parse_manifests
 
 RELEASE, NAMESPACE = "pgw", "pgw-system"
@@ -63,6 +65,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         ],
         "podAnnotations": {"example.com/team": "ml-platform"},
         "verbose": True,
+        "logFormat": "json",
         "image": {"repository": "registry.example.com/pgw/operator", "tag": "0.1.0-rc1"},
     },
 }
@@ -175,6 +178,7 @@ def test_helm_lint_strict_is_clean(helm: Helm, tmp_path: Path, name: str) -> Non
         ({"prefect": {"apiUrl": "prefect-server:4200/api"}}, "at '/prefect/apiUrl'"),
         ({"prefect": {"apiKeySecret": {"name": "Prefect Key"}}}, "at '/prefect/apiKeySecret/name'"),
         ({"metrics": {"port": 70000}}, "at '/metrics/port'"),
+        ({"logFormat": "yaml"}, "at '/logFormat'"),
         (
             {"metrics": {"serviceMonitor": {"interval": "half a minute"}}},
             "at '/metrics/serviceMonitor/interval'",
@@ -288,7 +292,7 @@ def test_operator_deployment_is_one_recreated_hardened_replica(helm: Helm, tmp_p
     assert container["image"] == "ghcr.io/prefect-gpu-workers/operator:0.1.0"
     assert container["command"] == ["python", "-m", "pgw_operator"]
     # No --namespace: all namespaces; no --metrics: nothing else listens.
-    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz"]
+    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--log-format=full"]
     assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -361,6 +365,7 @@ def test_watch_namespaces_render_one_role_per_namespace(helm: Helm, tmp_path: Pa
         "--liveness=http://0.0.0.0:8080/healthz",
         "--namespace=team-a",
         "--namespace=team-b",
+        "--log-format=full",
     ]
     roles = by_kind(manifests, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
@@ -461,11 +466,28 @@ def test_custom_security_context_and_resources_merge_with_the_hardened_defaults(
         "limits": {"cpu": 1, "memory": "1Gi"},
     }
     assert container["image"] == "registry.example.com/pgw/operator:0.1.0-rc1"
-    assert container["args"][-1] == "--verbose"
+    assert container["args"][-2:] == ["--log-format=json", "--verbose"]
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["tolerations"][0]["key"] == "dedicated"
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"example.com/team": "ml-platform"}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_operator_accepts_the_arguments_the_chart_passes(
+    helm: Helm, tmp_path: Path, name: str
+) -> None:
+    """The chart's args parse with the operator's own argument parser, to the same meaning."""
+    values = VALUE_SETS[name]
+    container = operator_container(render(helm, tmp_path, values))
+    assert container["command"][1:3] == ["-m", "pgw_operator"]
+    args = parse_args(container["args"])
+    assert args.namespace == values.get("watchNamespaces", [])
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    metrics = values.get("metrics", {})
+    assert args.metrics == (f"0.0.0.0:{metrics['port']}" if metrics.get("enabled") else "")
+    assert args.log_format == values.get("logFormat", "full")
+    assert args.verbose is values.get("verbose", False)
 
 
 def test_image_digest_wins_over_tag(helm: Helm, tmp_path: Path) -> None:
