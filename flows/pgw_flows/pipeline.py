@@ -22,7 +22,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from prefect_gpu_workers.limits import DEFAULT_RESOURCE, WORKER_ID_ENV, gpu_slot
+from prefect_gpu_workers.limits import WORKER_ID_ENV, gpu_slot, resource_from_env
 from prefect_gpu_workers.records import StageRecord, append_record, record_dir_from
 
 FLOW_NAME = "gpu-pipeline"
@@ -140,7 +140,7 @@ def _record(record_dir: str | None, record: StageRecord) -> None:
 def gpu_pipeline(
     items: int = 4,
     occupy: int = 1,
-    resource: str = DEFAULT_RESOURCE,
+    resource: str | None = None,
     download_s: float = 0.0,
     gpu_s: float = 0.0,
     save_s: float = 0.0,
@@ -150,13 +150,21 @@ def gpu_pipeline(
 ) -> dict[str, Any]:
     """Download ``items`` inputs, classify them holding ``occupy`` GPU slots, save.
 
-    ``record_dir`` (or ``PGW_RECORD_DIR``) receives one JSON line per stage;
+    ``resource`` is the limit prefix (default: ``PGW_LIMIT_PREFIX``, else
+    ``gpu``); ``record_dir`` (or ``PGW_RECORD_DIR``) receives one JSON line per stage;
     ``fail_in_gpu_step`` raises inside the slot (fault injection for tests).
     """
     run_id = str(flow_run.id or uuid.uuid4())
     batch = download(run_id, items, download_s, simulate, record_dir)
     result = inference(
-        run_id, batch, occupy, resource, gpu_s, simulate, record_dir, fail_in_gpu_step
+        run_id,
+        batch,
+        occupy,
+        resource or resource_from_env(),
+        gpu_s,
+        simulate,
+        record_dir,
+        fail_in_gpu_step,
     )
     save(run_id, result, save_s, record_dir)
     return {

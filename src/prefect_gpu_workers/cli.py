@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,14 +13,26 @@ from types import FrameType
 
 from rich.console import Console
 
-from prefect_gpu_workers.limits import DEFAULT_RESOURCE
-from prefect_gpu_workers.local import DEFAULT_POOL, PipelineParams
+from prefect_gpu_workers.limits import (
+    DEFAULT_RESOURCE,
+    LIMIT_PREFIX_ENV,
+    validate_resource,
+    validate_worker_id,
+)
+from prefect_gpu_workers.local import DEFAULT_POOL, DEFAULT_WORKER_PREFIX, PipelineParams
 
 
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
 
@@ -30,8 +43,25 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _add_common(parser: argparse.ArgumentParser, pool: str) -> None:
-    parser.add_argument("--workers", type=_positive_int, default=2, help="local workers (2)")
+def _worker_prefix(text: str) -> str:
+    try:
+        validate_worker_id(f"{text}-1")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _resource(text: str) -> str:
+    try:
+        return validate_resource(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> None:
+    parser.add_argument(
+        "--workers", type=_positive_int, default=workers, help=f"local workers ({workers})"
+    )
     parser.add_argument(
         "--gpus",
         type=_positive_int,
@@ -42,7 +72,16 @@ def _add_common(parser: argparse.ArgumentParser, pool: str) -> None:
     )
     parser.add_argument("--pool", default=pool, help=f"process work pool ({pool})")
     parser.add_argument(
-        "--resource", default=DEFAULT_RESOURCE, help="limit name prefix: <resource>:<worker>"
+        "--worker-prefix",
+        type=_worker_prefix,
+        default=DEFAULT_WORKER_PREFIX,
+        help=f"worker ids are <prefix>-1 .. <prefix>-N ({DEFAULT_WORKER_PREFIX})",
+    )
+    parser.add_argument(
+        "--resource",
+        type=_resource,
+        default=DEFAULT_RESOURCE,
+        help="limit name prefix: <resource>:<worker>",
     )
     parser.add_argument(
         "--poll-seconds",
@@ -73,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start a Prefect server (unless PREFECT_API_URL is set), a process pool, "
         "one GPU limit and one worker per local worker; run the pipeline; report.",
     )
-    _add_common(demo, DEFAULT_POOL)
+    _add_common(demo, DEFAULT_POOL, workers=2)
     demo.add_argument("--runs", type=_positive_int, default=12, help="flow runs to submit (12)")
     demo.add_argument("--items", type=_positive_int, default=4, help="images per run (4)")
     demo.add_argument("--occupy", type=_positive_int, default=1, help="slots per GPU step (1)")
@@ -96,15 +135,39 @@ def build_parser() -> argparse.ArgumentParser:
         "the per-worker GCL with many flow runs per worker, then flow runs limited to the "
         "GPU slots. Stage work is simulated; the GPU stage is a third of a run.",
     )
-    _add_common(bench, f"{DEFAULT_POOL}-bench")
+    # One worker by default: on 2 cores more slots would measure flow-run start-up CPU.
+    _add_common(bench, f"{DEFAULT_POOL}-bench", workers=1)
     bench.add_argument(
         "--gpu-seconds",
-        type=_non_negative_float,
-        default=3.0,
-        help="GPU step length; download and save take as long (3; try 32 for long steps)",
+        type=_positive_float,
+        default=4.0,
+        help="GPU step length; download and save take as long (4; try 32 for long steps)",
     )
-    bench.add_argument("--runs", type=_positive_int, help="runs per phase (4 per GPU slot)")
+    bench.add_argument("--runs", type=_positive_int, help="runs per phase (5 per GPU slot)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    worker = commands.add_parser(
+        "worker",
+        help="wait for this worker's GPU limit, then become `prefect worker start`",
+        description="The worker pods' entrypoint (the operator starts it; WORKER_ID must be set). "
+        "Waits until <resource>:<WORKER_ID> exists and is active, then execs the Prefect "
+        "process worker named WORKER_ID.",
+    )
+    worker.add_argument("--pool", required=True, help="process work pool")
+    worker.add_argument("--limit", type=_positive_int, required=True, help="flow runs at once")
+    worker.add_argument(
+        "--resource",
+        type=_resource,
+        default=os.environ.get(LIMIT_PREFIX_ENV) or DEFAULT_RESOURCE,
+        help=f"limit name prefix (${LIMIT_PREFIX_ENV}, else {DEFAULT_RESOURCE})",
+    )
+    worker.add_argument(
+        "--wait-timeout",
+        type=_non_negative_float,
+        default=300.0,
+        help="seconds to wait for the limit before failing (300)",
+    )
+    worker.add_argument("--with-healthcheck", action="store_true", help="serve /health")
     return parser
 
 
@@ -115,7 +178,9 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    if args.command != "worker":
+        # The worker execs Prefect, which handles SIGTERM itself.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     # With --json, stdout carries only the JSON object; progress goes to stderr.
     console = Console(stderr=bool(getattr(args, "json", False)))
     try:
@@ -127,13 +192,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "worker":
+        from prefect_gpu_workers.worker import run_worker
+
+        # Replaces this process with the Prefect worker; returns only on failure.
+        run_worker(args.pool, args.limit, args.resource, args.wait_timeout, args.with_healthcheck)
+        return 1
     if args.command == "demo":
         from prefect_gpu_workers.demo import DemoOptions, run_demo
 
         pipeline = PipelineParams(
             items=args.items,
             occupy=args.occupy,
-            resource=args.resource,
             download_s=args.download_seconds,
             gpu_s=args.gpu_seconds,
             save_s=args.save_seconds,
@@ -141,6 +211,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         )
         options = DemoOptions(
             workers=args.workers,
+            worker_prefix=args.worker_prefix,
             runs=args.runs,
             gpus=args.gpus,
             slots_per_gpu=args.slots_per_gpu,
@@ -159,6 +230,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
     bench_options = BenchOptions(
         workers=args.workers,
+        worker_prefix=args.worker_prefix,
         runs=args.runs,
         gpu_seconds=args.gpu_seconds,
         gpus=args.gpus,

@@ -19,6 +19,7 @@ from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.limits import DEFAULT_RESOURCE
 from prefect_gpu_workers.local import (
     DEFAULT_POOL,
+    DEFAULT_WORKER_PREFIX,
     WORKER_QUERY_SECONDS_ENV,
     LocalSession,
     PipelineParams,
@@ -37,6 +38,7 @@ DEMO_DEPLOYMENT = "gpu-pipeline-demo"
 @dataclass(frozen=True)
 class DemoOptions:
     workers: int = 2
+    worker_prefix: str = DEFAULT_WORKER_PREFIX
     runs: int = 12
     gpus: int | None = None
     slots_per_gpu: int | None = None
@@ -68,7 +70,9 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     flow_run_limit = options.flow_runs_per_worker or flow_runs_to_fill(
         slots, p.download_s, p.gpu_s, p.save_s
     )
-    plans = plan_workers(worker_ids(options.workers), slots, flow_run_limit, options.resource)
+    plans = plan_workers(
+        worker_ids(options.workers, options.worker_prefix), slots, flow_run_limit, options.resource
+    )
     workdir, made_workdir = make_workdir(options.workdir, "pgw-demo-")
     console.print(f"work directory (logs, records): {workdir}")
     worker_env = (

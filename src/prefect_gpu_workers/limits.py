@@ -28,6 +28,9 @@ from prefect.exceptions import ObjectNotFound
 
 WORKER_ID_ENV = "WORKER_ID"
 DEFAULT_RESOURCE = "gpu"
+# The limit name prefix a worker was set up with (the operator sets it on worker
+# pods, local mode on local workers); flows that are not told a prefix use it.
+LIMIT_PREFIX_ENV = "PGW_LIMIT_PREFIX"
 
 # Pod names are RFC 1123 DNS subdomains; local worker ids follow the same rule
 # so that one name works in both worlds.
@@ -71,6 +74,12 @@ def validate_resource(resource: str) -> str:
             f"(lowercase letters, digits and '-', at most {_MAX_RESOURCE} characters)"
         )
     return resource
+
+
+def resource_from_env(env: Mapping[str, str] | None = None) -> str:
+    """The limit prefix from ``PGW_LIMIT_PREFIX``, else ``gpu``; an invalid one raises."""
+    source = os.environ if env is None else env
+    return validate_resource(source.get(LIMIT_PREFIX_ENV) or DEFAULT_RESOURCE)
 
 
 def worker_id_from_env(env: Mapping[str, str] | None = None) -> str:

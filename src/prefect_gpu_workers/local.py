@@ -45,6 +45,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_gpu_workers.gpu import Capacity, GpuInventory, resolve_capacity
 from prefect_gpu_workers.limits import (
     DEFAULT_RESOURCE,
+    LIMIT_PREFIX_ENV,
     WORKER_ID_ENV,
     limit_name,
     validate_worker_id,
@@ -70,9 +71,13 @@ WORKER_QUERY_SECONDS_ENV = "PREFECT_WORKER_QUERY_SECONDS"
 @dataclass(frozen=True)
 class WorkerPlan:
     worker_id: str
-    limit_name: str
+    resource: str
     slots: int
     flow_run_limit: int
+
+    @property
+    def limit_name(self) -> str:
+        return limit_name(self.worker_id, self.resource)
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ def plan_workers(
 ) -> tuple[WorkerPlan, ...]:
     if flow_run_limit < 1:
         raise ValueError(f"flow-run limit must be at least 1, got {flow_run_limit}")
-    return tuple(WorkerPlan(wid, limit_name(wid, resource), slots, flow_run_limit) for wid in ids)
+    return tuple(WorkerPlan(wid, resource, slots, flow_run_limit) for wid in ids)
 
 
 @dataclass(frozen=True)
@@ -144,23 +149,26 @@ class PipelineParams:
 
     items: int = 4
     occupy: int = 1
-    resource: str = DEFAULT_RESOURCE
+    # None: the flow takes the prefix from its worker's PGW_LIMIT_PREFIX.
+    resource: str | None = None
     download_s: float = 2.0
     gpu_s: float = 3.0
     save_s: float = 2.0
     simulate: bool = False
 
     def as_parameters(self, record_dir: Path) -> dict[str, Any]:
-        return {
+        parameters: dict[str, Any] = {
             "items": self.items,
             "occupy": self.occupy,
-            "resource": self.resource,
             "download_s": self.download_s,
             "gpu_s": self.gpu_s,
             "save_s": self.save_s,
             "simulate": self.simulate,
             "record_dir": str(record_dir),
         }
+        if self.resource is not None:
+            parameters["resource"] = self.resource
+        return parameters
 
 
 @dataclass(frozen=True)
@@ -439,7 +447,12 @@ class LocalSession:
         for plan in plans:
             if plan.worker_id in self.workers:
                 raise RuntimeError(f"worker {plan.worker_id} is already running")
-            env = {**self.client_env(), **(extra_env or {}), WORKER_ID_ENV: plan.worker_id}
+            env = {
+                **self.client_env(),
+                **(extra_env or {}),
+                WORKER_ID_ENV: plan.worker_id,
+                LIMIT_PREFIX_ENV: plan.resource,
+            }
             self.workers[plan.worker_id] = start_logged(
                 f"worker {plan.worker_id}",
                 worker_command(plan, pool),

@@ -1,0 +1,123 @@
+"""``prefect-gpu-workers demo`` as a person runs it: a subprocess, real server, real workers.
+
+After each run, no process it started may be left: the checks scan /proc for
+processes whose environment points at the demo's own server or names its
+workers (flow-run processes live in sessions of their own, so a process-group
+check alone would miss them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from prefect_gpu_workers.gpu import detect_gpus
+from prefect_gpu_workers.server import LocalPrefectServer
+
+CLI = [sys.executable, "-m", "prefect_gpu_workers.cli"]
+# Short stages and a 2 s worker poll keep these tests to seconds of waiting.
+QUICK = [
+    "--simulate", "--download-seconds", "1", "--gpu-seconds", "1", "--save-seconds", "1",
+    "--poll-seconds", "2",
+]  # fmt: skip
+
+
+def pids_with_env(entry: str) -> list[int]:
+    """Live processes (other than this one) whose environment has ``entry`` (``NAME=value``)."""
+    needle = entry.encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until_gone(entry: str, timeout_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := pids_with_env(entry)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_demo_runs_reports_and_leaves_nothing_running(
+    prefect_server: LocalPrefectServer, tmp_path: Path
+) -> None:
+    prefix = f"d{uuid.uuid4().hex[:6]}"
+    result = subprocess.run(
+        [*CLI, "demo", "--workers", "2", "--runs", "6", "--worker-prefix", prefix,
+         "--pool", f"demo-{prefix}", "--workdir", str(tmp_path), *QUICK],
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"using the Prefect API at {prefect_server.api_url}" in output
+    if detect_gpus().count == 0:
+        assert "no NVIDIA GPU found" in output
+        assert "1 GPU x 2 slot(s)" in output
+    assert "Demo report" in output
+    assert "6 / 0" in output  # runs finished / failed
+    for worker in (f"{prefix}-1", f"{prefix}-2"):
+        assert f"gpu:{worker}" in output
+    assert "all processes started by the demo have stopped" in output
+    assert pids_with_env(f"WORKER_ID={prefix}-1") == []
+    assert pids_with_env(f"WORKER_ID={prefix}-2") == []
+    # Every stage of every run left its record in the work dir.
+    assert len(list((tmp_path / "records").glob("*.jsonl"))) == 6
+
+
+def test_ctrl_c_stops_server_workers_and_flow_runs(tmp_path: Path) -> None:
+    """A fresh machine (no PREFECT_API_URL): own server; Ctrl-C while GPU steps hold slots."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    prefix = f"c{uuid.uuid4().hex[:6]}"
+    demo = subprocess.Popen(
+        [*CLI, "demo", "--workers", "1", "--runs", "3", "--worker-prefix", prefix,
+         "--workdir", str(tmp_path), "--simulate", "--gpu-seconds", "120", "--poll-seconds", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    server_home = f"PREFECT_HOME={tmp_path / 'prefect'}"
+    records = tmp_path / "records"
+    try:
+        deadline = time.monotonic() + 240
+        # The GPU step records itself only when it ends; the download record says
+        # a flow-run process is up, and with 120 s GPU steps it is then holding a slot
+        # or about to.
+        while not (records.is_dir() and any(records.glob("*.jsonl"))):
+            assert demo.poll() is None, demo.stdout.read() if demo.stdout else ""
+            assert time.monotonic() < deadline, "no flow run started"
+            time.sleep(0.5)
+        assert pids_with_env(f"WORKER_ID={prefix}-1"), "no worker or flow run process seen"
+        assert pids_with_env(server_home), "the demo's own server is not running"
+        demo.send_signal(signal.SIGINT)
+        output, _ = demo.communicate(timeout=90)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 130, output
+    assert "interrupted" in output
+    assert wait_until_gone(f"WORKER_ID={prefix}-1") == [], "worker or flow run left running"
+    assert wait_until_gone(server_home) == [], "the demo's server was left running"
+
+
+def test_bad_options_fail_before_starting_anything() -> None:
+    result = subprocess.run(
+        [*CLI, "demo", "--worker-prefix", "Not_Valid"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "not a DNS subdomain" in result.stderr
