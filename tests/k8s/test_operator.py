@@ -7,6 +7,12 @@ themselves to one kind of node, so expected limit sizes are exact.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +20,12 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from prefect.client.orchestration import get_client
 
+from pgw_flows.deploy import deploy_pipeline
+from prefect_gpu_workers.local import read_runs, submit_runs
+from prefect_gpu_workers.records import read_records
+from prefect_gpu_workers.report import gpu_overlap_per_worker
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
 from .cluster import DevCluster
@@ -355,3 +366,111 @@ def test_invalid_pools_are_rejected_naming_the_field(
         Pools(dev_cluster, namespace).create("invalid", spec)
     assert info.value.status == 422
     assert field in str(info.value.body), info.value.body
+
+
+# End to end: real Prefect workers named after their pods -------------------------
+
+
+def kubelet_env(pools: Pools, pod: client.V1Pod, volumes: dict[str, Path]) -> dict[str, str]:
+    """The worker container's environment as the kubelet would resolve it.
+
+    Downward-API fields and Secret references are resolved from the API server;
+    volume mount paths map to local directories (``volumes``).
+    """
+    raw = pools.core.api_client.sanitize_for_serialization(pod)
+    (container,) = [c for c in raw["spec"]["containers"] if c["name"] == "worker"]
+    fields = {"metadata.name": raw["metadata"]["name"],
+              "metadata.namespace": raw["metadata"]["namespace"],
+              "spec.nodeName": raw["spec"].get("nodeName", "")}  # fmt: skip
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        source = item.get("valueFrom")
+        if source is None:
+            value = item.get("value", "")
+        elif "fieldRef" in source:
+            value = fields[source["fieldRef"]["fieldPath"]]
+        else:
+            ref = source["secretKeyRef"]
+            secret = pools.core.read_namespaced_secret(ref["name"], pools.namespace)
+            value = base64.b64decode((secret.data or {})[ref["key"]]).decode()
+        for mount in container.get("volumeMounts", []):
+            if value == mount["mountPath"]:
+                value = str(volumes[mount["name"]])
+        env[item["name"]] = value
+    return env
+
+
+def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
+    operator: OperatorProcess,
+    pools: Pools,
+    limits: PrefectLimits,
+    node_group: str,
+    prefect_server: LocalPrefectServer,
+    tmp_path: Path,
+) -> None:
+    work_pool = unique("e2e-pool")
+    spec = pool_spec(
+        prefect_server.api_url, node_group, "gpu8", {"perWorker": 1, "slotsPerGpu": 2}, 2
+    )
+    spec["workPool"] = {"name": work_pool, "flowRunsPerWorker": 6}
+    # A Prefect setting passed like any user env: workers poll every second.
+    spec["worker"]["podTemplate"]["env"] = [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}]
+    pools.create("e2e", spec)
+    pods = wait_until(lambda: ready_with_limits(pools, limits, "e2e", 2), "2 workers with limits")
+    assert {limit["limit"] for limit in pods.values()} == {2}
+
+    # Start each Running pod's container as a local process, as a kubelet would.
+    workers: list[subprocess.Popen[bytes]] = []
+    bin_dir = Path(sys.executable).parent
+    try:
+        for name in pods:
+            pod = pools.core.read_namespaced_pod(name, pools.namespace)
+            volumes = {"prefect-home": tmp_path / name / "home", "tmp": tmp_path / name / "tmp"}
+            for path in volumes.values():
+                path.mkdir(parents=True)
+            env = kubelet_env(pools, pod, volumes)
+            # Each pod has its own network namespace; one host has one: remap the port.
+            env["PREFECT_WORKER_WEBSERVER_PORT"] = str(free_port())
+            env |= {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(volumes["tmp"]),
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+            container = pod.spec.containers[0] if pod.spec else None
+            assert container is not None
+            command = [*(container.command or []), *(container.args or [])]
+            assert command[:2] == ["prefect-gpu-workers", "worker"]
+            log = (tmp_path / f"{name}.log").open("wb")
+            workers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True))  # fmt: skip
+
+        records = tmp_path / "records"
+        params = {"items": 2, "simulate": True, "download_s": 1.0, "gpu_s": 3.0, "save_s": 0.5,
+                  "record_dir": str(records)}  # fmt: skip
+        deployment_id = deploy_pipeline(work_pool, name=unique("e2e"), parameters=params)
+        with get_client(sync_client=True) as prefect:
+            run_ids = submit_runs(prefect, deployment_id, 10, params)
+            runs = wait_until(
+                lambda: (
+                    (found := read_runs(prefect, run_ids))
+                    and all(r.state is not None and r.state.is_final() for r in found)
+                    and found
+                ),
+                "10 flow runs to finish",
+                timeout=300,
+                interval=2,
+            )
+        assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 10
+    finally:
+        for proc in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in workers:
+            proc.wait(30)
+        for name in pods:
+            print(f"--- worker {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
+
+    gpu_steps = [r for r in read_records(records) if r.stage == "gpu"]
+    assert len(gpu_steps) == 10
+    assert {r.worker_id for r in gpu_steps} <= set(pods)
+    assert all(r.limit == f"gpu:{r.worker_id}" for r in gpu_steps)
+    overlap = gpu_overlap_per_worker(gpu_steps)
+    assert max(overlap.values()) == 2, overlap  # the limit is reached ...
+    assert all(peak <= 2 for peak in overlap.values()), overlap  # ... and never exceeded
