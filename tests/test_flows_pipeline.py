@@ -13,7 +13,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from pgw_flows.deploy import ENTRYPOINT, deployment_ref
 from pgw_flows.model import IMAGE_SHAPE, classify, synthetic_image
 from pgw_flows.pipeline import gpu_pipeline
-from prefect_gpu_workers.limits import GpuLimitUnavailable
+from prefect_gpu_workers.limits import GpuLimitUnavailable, resource_from_env
 from prefect_gpu_workers.records import read_records
 
 
@@ -77,3 +77,21 @@ def test_pipeline_without_a_limit_stops_before_the_gpu_step(
     with pytest.raises(GpuLimitUnavailable, match=f"gpu:{worker}' does not exist"):
         gpu_pipeline(items=1, simulate=True, record_dir=str(tmp_path))
     assert [r.stage for r in read_records(tmp_path)] == ["download"]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_pipeline_takes_the_limit_prefix_from_its_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = f"w-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=f"licence:{worker}", limit=1)
+        )
+    monkeypatch.setenv("WORKER_ID", worker)
+    monkeypatch.setenv("PGW_LIMIT_PREFIX", "licence")
+    result = gpu_pipeline(items=1, simulate=True, record_dir=str(tmp_path))
+    assert result["limit"] == f"licence:{worker}"
+    monkeypatch.setenv("PGW_LIMIT_PREFIX", "Not/Valid")
+    with pytest.raises(ValueError, match="resource prefix"):
+        resource_from_env()

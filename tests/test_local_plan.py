@@ -16,6 +16,7 @@ from prefect_gpu_workers.limits import WorkerIdentityError
 from prefect_gpu_workers.local import (
     SESSION_MARKER_ENV,
     count_runs,
+    flow_runs_per_worker,
     flow_runs_to_fill,
     marked_pids,
     plan_capacity,
@@ -123,3 +124,15 @@ def test_marked_processes_are_found_and_stopped_even_in_their_own_session() -> N
     finally:
         parent.kill()
         parent.wait(5)
+
+
+@pytest.mark.parametrize(
+    ("runs", "workers", "expected"),
+    [
+        (12, 2, 6),  # the batch's share, below the 8 that would fill 2 slots
+        (40, 2, 8),  # enough to fill the slots, no more
+        (2, 2, 2),  # never below the slots
+    ],
+)
+def test_flow_runs_per_worker_spreads_a_batch(runs: int, workers: int, expected: int) -> None:
+    assert flow_runs_per_worker(2, runs, workers, 3.0, 3.0, 3.0) == expected

@@ -99,6 +99,18 @@ def test_gcl_handoff_gap_counts_only_steps_already_waiting() -> None:
     assert gcl_handoff_gaps(records) == pytest.approx([0.25, 0.5])
 
 
+def test_gcl_handoff_gap_ends_when_any_step_takes_the_slot() -> None:
+    records = [
+        gpu("a", 0.0, 0.0, 10.0),
+        # waiting since 5 (sleeping on Retry-After) while the slot changes hands twice
+        gpu("a", 5.0, 15.0, 20.0),
+        # asked at 10.5 and got the slot freed at 10 at once
+        gpu("a", 10.5, 10.5, 14.5),
+    ]
+    # The slot was idle 10 -> 10.5 and 14.5 -> 15; not 10 -> 15.
+    assert gcl_handoff_gaps(records) == pytest.approx([0.5, 0.5])
+
+
 def test_gcl_handoff_gap_matches_each_acquire_once_and_counts_occupy() -> None:
     records = [
         gpu("a", 0, 0, 2),

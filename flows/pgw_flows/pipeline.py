@@ -93,6 +93,7 @@ def inference(
     requested = time.time()
     with gpu_slot(occupy, resource=resource) as limit:
         start = time.time()
+        device: str | None = None
         try:
             if fail:
                 raise InjectedGpuFailure(f"injected failure while holding {limit}")
@@ -111,10 +112,10 @@ def inference(
             _record(
                 record_dir,
                 StageRecord(
-                    run_id, _worker_id(), "gpu", requested, start, end, occupy, limit, None
+                    run_id, _worker_id(), "gpu", requested, start, end, occupy, limit, device
                 ),
             )
-    return Inference(labels, device, limit, start, end)
+    return Inference(labels, device or "unknown", limit, start, end)
 
 
 @task(cache_policy=NO_CACHE)

@@ -16,6 +16,7 @@ from rich.console import Console
 from prefect_gpu_workers.limits import (
     DEFAULT_RESOURCE,
     LIMIT_PREFIX_ENV,
+    WorkerIdentityError,
     validate_resource,
     validate_worker_id,
 )
@@ -81,7 +82,7 @@ def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> Non
         "--resource",
         type=_resource,
         default=DEFAULT_RESOURCE,
-        help="limit name prefix: <resource>:<worker>",
+        help=f"limit name prefix: <resource>:<worker> ({DEFAULT_RESOURCE})",
     )
     parser.add_argument(
         "--poll-seconds",
@@ -116,16 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs", type=_positive_int, default=12, help="flow runs to submit (12)")
     demo.add_argument("--items", type=_positive_int, default=4, help="images per run (4)")
     demo.add_argument("--occupy", type=_positive_int, default=1, help="slots per GPU step (1)")
-    demo.add_argument("--download-seconds", type=_non_negative_float, default=2.0)
-    demo.add_argument("--gpu-seconds", type=_non_negative_float, default=3.0)
-    demo.add_argument("--save-seconds", type=_non_negative_float, default=2.0)
+    # Minimums: a stage does its work, then sleeps out the rest.
+    demo.add_argument(
+        "--download-seconds", type=_non_negative_float, default=2.0, help="download stage (2)"
+    )
+    demo.add_argument(
+        "--gpu-seconds", type=_non_negative_float, default=3.0, help="GPU stage, in the slot (3)"
+    )
+    demo.add_argument(
+        "--save-seconds", type=_non_negative_float, default=2.0, help="save stage (2)"
+    )
     demo.add_argument(
         "--simulate", action="store_true", help="sleep instead of running the model (no torch)"
     )
     demo.add_argument(
         "--flow-runs-per-worker",
         type=_positive_int,
-        help="worker --limit; default: enough runs to keep the GPU slots busy",
+        help="worker --limit; default: enough to keep its GPU slots busy, at most its share "
+        "of the runs",
     )
 
     bench = commands.add_parser(
@@ -195,8 +204,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "worker":
         from prefect_gpu_workers.worker import run_worker
 
-        # Replaces this process with the Prefect worker; returns only on failure.
-        run_worker(args.pool, args.limit, args.resource, args.wait_timeout, args.with_healthcheck)
+        try:
+            # Replaces this process with the Prefect worker when the limit is ready.
+            run_worker(
+                args.pool, args.limit, args.resource, args.wait_timeout, args.with_healthcheck
+            )
+        except (TimeoutError, WorkerIdentityError) as exc:
+            print(f"prefect-gpu-workers worker: {exc}", file=sys.stderr)
         return 1
     if args.command == "demo":
         from prefect_gpu_workers.demo import DemoOptions, run_demo

@@ -23,7 +23,7 @@ from prefect_gpu_workers.local import (
     WORKER_QUERY_SECONDS_ENV,
     LocalSession,
     PipelineParams,
-    flow_runs_to_fill,
+    flow_runs_per_worker,
     plan_capacity,
     plan_workers,
     prepare_pool,
@@ -67,8 +67,8 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         console.print(f"[bold]GPU:[/bold] {message}")
     slots = capacity_plan.capacity.slots
     p = options.pipeline
-    flow_run_limit = options.flow_runs_per_worker or flow_runs_to_fill(
-        slots, p.download_s, p.gpu_s, p.save_s
+    flow_run_limit = options.flow_runs_per_worker or flow_runs_per_worker(
+        slots, options.runs, options.workers, p.download_s, p.gpu_s, p.save_s
     )
     plans = plan_workers(
         worker_ids(options.workers, options.worker_prefix), slots, flow_run_limit, options.resource
@@ -112,6 +112,9 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         metrics = result.metrics
         console.print(metrics_table("Demo report", metrics))
         console.print(worker_table(metrics))
+        devices = sorted({r.device for r in result.records if r.stage == "gpu" and r.device})
+        if devices:
+            console.print(f"GPU steps ran on: {', '.join(devices)}")
         for message in result.failure_messages():
             console.print(f"[red]failed run[/red] {message}")
         leaked = {name: held for name, held in result.slots_held_after.items() if held}

@@ -132,6 +132,17 @@ def flow_runs_to_fill(slots: int, download_s: float, gpu_s: float, save_s: float
     return slots * math.ceil(run_s / gpu_s) + slots
 
 
+def flow_runs_per_worker(
+    slots: int, runs: int, workers: int, download_s: float, gpu_s: float, save_s: float
+) -> int:
+    """A worker's ``--limit`` for a batch of ``runs``: enough to fill its slots, no more
+    than its share of the batch (so that the first worker to poll does not take
+    every run), and never fewer than its slots."""
+    fill = flow_runs_to_fill(slots, download_s, gpu_s, save_s)
+    share = math.ceil(runs / workers)
+    return max(slots, min(fill, share))
+
+
 def plan_workers(
     ids: Sequence[str],
     slots: int,

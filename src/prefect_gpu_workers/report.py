@@ -10,9 +10,10 @@ Definitions (all per worker, because each worker has its own limit):
 - slot utilisation: slot-seconds held / (limit x window), the window running
   from the worker's first GPU acquire to its last one, i.e. while that worker
   still had a GPU step to start; the drain after the last acquire is left out;
-- GCL handoff gap: from a slot's release to the acquire of a GPU step that was
-  already waiting for a slot at that moment (asked before the release). This
-  is the time a free slot sits idle while a waiter sleeps on Retry-After;
+- GCL handoff gap: from a slot's release to the next acquire on that worker,
+  for releases at which a GPU step was already waiting for a slot (had asked,
+  had not got one). This is the time a free slot sits idle while a waiter
+  sleeps on Prefect's Retry-After;
 - backlog handoff gap: from a slot's release to the worker's next acquire by
   any GPU step, counted while the pool still had runs whose GPU step had not
   started. Under flow-level limiting nobody waits on the GCL, and this gap is
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prefect_gpu_workers.records import Stage, StageRecord
@@ -115,38 +116,52 @@ def overall_utilization(records: Iterable[StageRecord], limits: Mapping[str, int
     return held / capacity if capacity > 0 else None
 
 
-def _slot_units(steps: Sequence[StageRecord]) -> tuple[list[float], list[tuple[float, float]]]:
-    """Releases and (requested, acquired) pairs, one per slot (``occupy`` counts each slot)."""
+def _slot_units(steps: Sequence[StageRecord]) -> tuple[list[float], list[float]]:
+    """Releases and acquires, one per slot (an ``occupy=N`` step counts N times)."""
     releases = sorted(s.end for s in steps for _ in range(s.occupy))
-    acquires = sorted((s.requested, s.start) for s in steps for _ in range(s.occupy))
+    acquires = sorted(s.start for s in steps for _ in range(s.occupy))
     return releases, acquires
 
 
-def gcl_handoff_gaps(records: Iterable[StageRecord]) -> list[float]:
-    """Release -> acquire by a GPU step that was already waiting at the release, in seconds.
+def _release_gaps(steps: Sequence[StageRecord], counts: Callable[[float], bool]) -> list[float]:
+    """Release -> the next acquire on the same worker, for releases where ``counts(release)``.
 
-    Each release is matched, in time order, to the earliest later acquire among
-    steps that asked before the release; each acquire is matched at most once.
+    Releases and acquires are paired in time order, each acquire once: the
+    acquire that follows a release is the one that took that slot again.
+    """
+    releases, acquires = _slot_units(steps)
+    gaps: list[float] = []
+    next_index = 0
+    for release in releases:
+        while next_index < len(acquires) and acquires[next_index] < release:
+            next_index += 1
+        if next_index == len(acquires):
+            break
+        if counts(release):
+            gaps.append(acquires[next_index] - release)
+        next_index += 1
+    return gaps
+
+
+def gcl_handoff_gaps(records: Iterable[StageRecord]) -> list[float]:
+    """Release -> next acquire, for releases while a GPU step was waiting for a slot.
+
+    "Waiting" means it had asked (``requested``) and not yet got a slot
+    (``start``) at the moment of the release: the gap is the time a free slot
+    sat idle while a waiter slept on Prefect's Retry-After.
     """
     gaps: list[float] = []
     for steps in by_worker(records, "gpu").values():
-        releases, acquires = _slot_units(steps)
-        taken = [False] * len(acquires)
-        for release in releases:
-            best: int | None = None
-            for index, (requested, acquired) in enumerate(acquires):
-                if taken[index] or requested > release or acquired < release:
-                    continue
-                if best is None or acquired < acquires[best][1]:
-                    best = index
-            if best is not None:
-                taken[best] = True
-                gaps.append(acquires[best][1] - release)
+
+        def someone_waiting(release: float, steps: Sequence[StageRecord] = steps) -> bool:
+            return any(s.requested <= release < s.start for s in steps)
+
+        gaps.extend(_release_gaps(steps, someone_waiting))
     return sorted(gaps)
 
 
 def backlog_handoff_gaps(records: Iterable[StageRecord]) -> list[float]:
-    """Release -> the worker's next acquire, for releases while some GPU step was still to start.
+    """Release -> next acquire, for releases while some GPU step of the pool was still to start.
 
     "Still to start" is pool-wide: before the last GPU acquire of all the
     records, a submitted run was waiting for a worker, for its process, or for
@@ -158,18 +173,7 @@ def backlog_handoff_gaps(records: Iterable[StageRecord]) -> list[float]:
     backlog_until = max(r.start for r in gpu)
     gaps: list[float] = []
     for steps in by_worker(gpu, "gpu").values():
-        releases, acquires = _slot_units(steps)
-        starts = sorted(a for _, a in acquires)
-        next_index = 0
-        for release in releases:
-            if release >= backlog_until:
-                break
-            while next_index < len(starts) and starts[next_index] < release:
-                next_index += 1
-            if next_index == len(starts):
-                break
-            gaps.append(starts[next_index] - release)
-            next_index += 1
+        gaps.extend(_release_gaps(steps, lambda release: release < backlog_until))
     return sorted(gaps)
 
 

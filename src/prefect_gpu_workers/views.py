@@ -52,6 +52,7 @@ class ProgressView:
         self._live: Live | None = None
         self._last_plain = 0.0
         self._last_text = ""
+        self._last_printed = ""
 
     def __enter__(self) -> ProgressView:
         if self.console.is_terminal:
@@ -67,7 +68,8 @@ class ProgressView:
     ) -> None:
         if self._live is not None:
             self._live.__exit__(exc_type, exc, tb)
-        elif self._last_text:
+        elif self._last_text and self._last_text != self._last_printed:
+            # Plain mode prints every few seconds; make sure the final state shows.
             self.console.print(self._last_text, soft_wrap=True, markup=False, highlight=False)
 
     def __call__(self, runs: list[FlowRun], slots: dict[str, int], elapsed: float) -> None:
@@ -83,6 +85,7 @@ class ProgressView:
         now = time.monotonic()
         if now - self._last_plain >= self.plain_every_s:
             self._last_plain = now
+            self._last_printed = text
             self.console.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
@@ -107,7 +110,7 @@ def metrics_table(title: str, metrics: PhaseMetrics) -> Table:
     table.add_row("GPU steps recorded", str(metrics.gpu_steps))
     table.add_row("GPU-slot utilisation", _percent(metrics.slot_utilization))
     table.add_row(
-        "slot handoff gap to a waiting step p50 / p95",
+        "slot idle after a release while a step waited, p50 / p95",
         f"{_seconds(metrics.gcl_handoff_gap_p50_s)} / {_seconds(metrics.gcl_handoff_gap_p95_s)}",
     )
     table.add_row("wait for a GPU slot p50", _seconds(metrics.gpu_wait_p50_s))
@@ -156,14 +159,14 @@ def bench_table(task_level: PhaseMetrics, flow_level: PhaseMetrics, ratio: float
             _percent(flow_level.slot_utilization),
         ),
         (
-            "handoff gap to a waiting GPU step p50 / p95",
+            "slot idle after a release while a step waited, p50 / p95",
             f"{_seconds(task_level.gcl_handoff_gap_p50_s)} / "
             f"{_seconds(task_level.gcl_handoff_gap_p95_s)}",
             f"{_seconds(flow_level.gcl_handoff_gap_p50_s)} / "
             f"{_seconds(flow_level.gcl_handoff_gap_p95_s)}",
         ),
         (
-            "release -> next GPU step on the worker p50 / p95",
+            "release -> next GPU step while runs were queued, p50 / p95",
             f"{_seconds(task_level.backlog_handoff_gap_p50_s)} / "
             f"{_seconds(task_level.backlog_handoff_gap_p95_s)}",
             f"{_seconds(flow_level.backlog_handoff_gap_p50_s)} / "
