@@ -11,11 +11,6 @@ a real Prefect server.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +20,7 @@ import httpx
 import pytest
 import yaml
 from k8s.cluster import DevCluster, wait_for
+from k8s.operator_harness import OperatorProcess, unique
 
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
@@ -40,10 +36,6 @@ CRD_NAME = f"gpuworkerpools.{GROUP}"
 POOL_LABEL = "gpuworkers.dev/pool"
 API_KEY_SECRET = "prefect-api-key"
 OTHER_SECRET = "unrelated-secret"
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
 def create_namespace(cluster: DevCluster, name: str) -> None:
@@ -366,54 +358,6 @@ def service_account_kubeconfig(cluster: DevCluster, release: Release, path: Path
     return path
 
 
-@dataclass
-class LocalOperator:
-    """``python -m pgw_operator`` as in the chart's Deployment, but on this machine."""
-
-    kubeconfig: Path
-    namespace: str
-    log_path: Path
-    health_port: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
-        env["KUBECONFIG"] = str(self.kubeconfig)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "pgw_operator",
-                    "--namespace",
-                    self.namespace,
-                    "--liveness",
-                    f"http://127.0.0.1:{self.health_port}/healthz",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(45)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-
 def prefect_limit(api_url: str, name: str) -> dict[str, Any] | None:
     response = httpx.get(f"{api_url}/v2/concurrency_limits/{name}", timeout=10)
     if response.status_code == 404:
@@ -467,11 +411,12 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
     tmp_path: Path,
 ) -> None:
     ns, pool, api = release.pools_namespace, unique("pool"), prefect_server.api_url
-    operator = LocalOperator(
+    health_port = free_port()
+    operator = OperatorProcess(
         service_account_kubeconfig(dev_cluster, release, tmp_path / "sa.kubeconfig"),
         ns,
         tmp_path / "operator.log",
-        free_port(),
+        liveness=f"http://127.0.0.1:{health_port}/healthz",
     )
 
     def wait(probe: Callable[[], Any], what: str, timeout: float = 120) -> Any:
@@ -500,7 +445,7 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
 
     operator.start()
     try:
-        wait(lambda: healthz_ok(operator.health_port), "the liveness endpoint the chart probes")
+        wait(lambda: healthz_ok(health_port), "the liveness endpoint the chart probes")
 
         dev_cluster.apply(pool_manifest(pool, api, replicas=2), namespace=ns)
         deployment = wait(

@@ -117,7 +117,7 @@ def measure(cluster: DevCluster, pods: int, workdir: Path) -> dict[str, Any]:
         cluster.add_node(name, gpus=64, labels={"pgw-bench": group},
                          resources={"pods": "200"})  # fmt: skip
     server = LocalPrefectServer(home=workdir / "prefect").start()
-    operator = OperatorProcess(cluster, namespace, workdir / "operator.log").start()
+    operator = OperatorProcess(cluster.kubeconfig, namespace, workdir / "operator.log").start()
     pools = Pools(cluster, namespace)
     pod_clock = PodClock(pools.core, namespace, "bench")
     limit_clock = LimitClock(server.api_url, "gpu:")

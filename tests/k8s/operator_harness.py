@@ -7,18 +7,18 @@ exactly as in its container, so tests can stop and restart it.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
 from kubernetes import client
+
+from prefect_gpu_workers.server import stop_process_group
 
 from .cluster import REPO_ROOT, DevCluster, wait_for
 
@@ -36,42 +36,46 @@ def install_crd(cluster: DevCluster) -> None:
 
 @dataclass
 class OperatorProcess:
-    """``python -m pgw_operator`` watching one namespace, logging to a file."""
+    """``python -m pgw_operator`` watching one namespace, logging to a file.
 
-    cluster: DevCluster
+    ``kubeconfig`` decides who it is: the admin, or (chart tests) the chart's
+    ServiceAccount through a token kubeconfig.
+    """
+
+    kubeconfig: Path
     namespace: str
     log_path: Path
-    extra_env: Mapping[str, str] = field(default_factory=dict)
+    liveness: str = ""  # e.g. http://127.0.0.1:PORT/healthz; off when empty
     _proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
-        env = {**self.cluster.env(), **self.extra_env}
-        log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pgw_operator", "--namespace", self.namespace, "--liveness", ""],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        log.close()
+        # In-cluster settings would win over KUBECONFIG; this is not a pod.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        command = [sys.executable, "-m", "pgw_operator", "--namespace", self.namespace,
+                   "--liveness", self.liveness]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         return self
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        if proc is not None:
+            stop_process_group(proc, grace_s=45)
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     def assert_alive(self) -> None:
-        assert self._proc is not None, "operator not started"
-        assert self._proc.poll() is None, f"operator exited; log tail:\n{self.log_tail()}"
+        assert self.alive(), f"operator exited; log tail:\n{self.log_tail()}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_tail(self, lines: int = 60) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.log().splitlines()[-lines:])
 
 
 class Pools:

@@ -82,7 +82,7 @@ def node_group(dev_cluster: DevCluster) -> Iterator[str]:
 def operator(
     dev_cluster: DevCluster, namespace: str, node_group: str, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(dev_cluster, namespace, tmp_path / "operator.log").start()
+    proc = OperatorProcess(dev_cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
     yield proc
     proc.stop()
     print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
@@ -287,7 +287,7 @@ def test_prefect_outage_is_a_condition_and_the_pool_recovers(
     tmp_path: Path,
 ) -> None:
     server = LocalPrefectServer(home=tmp_path / "prefect", port=free_port()).start()
-    operator = OperatorProcess(dev_cluster, namespace, tmp_path / "operator.log").start()
+    operator = OperatorProcess(dev_cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
     try:
         outage_limits = PrefectLimits(server.api_url)
         pools.create(
