@@ -113,7 +113,9 @@ def _stages(records: Sequence[StageRecord], run_id: str) -> list[str]:
 
 
 def test_gpu_steps_stay_within_each_workers_limit_while_io_overlaps(workers: Workers) -> None:
-    ids, record_dir = workers.submit("two", 12, download_s=3.0, gpu_s=2.0, save_s=3.0)
+    # Long I/O stages so downloads and saves overlap even when flow-run start-up
+    # is spread out by a busy CPU; 12 x 3 s of GPU work keeps the slots contended.
+    ids, record_dir = workers.submit("two", 12, download_s=5.0, gpu_s=3.0, save_s=5.0)
     runs = workers.wait("two", ids)
 
     assert [_state(r) for r in runs] == ["COMPLETED"] * 12

@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # Shape of one synthetic image: channels, height, width.
 IMAGE_SHAPE = (3, 16, 16)
@@ -36,15 +37,22 @@ def synthetic_image(item: int) -> list[float]:
     return pixels
 
 
-def classify(images: Sequence[Sequence[float]]) -> Predictions:
-    """Run the tiny CNN on ``images`` on CUDA when available, else on the CPU."""
+def _torch() -> Any:
     with warnings.catch_warnings():
         # torch warns once when numpy is absent; the model never touches numpy.
         warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
         import torch
-        from torch import nn
+    return torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def build_model() -> Any:
+    """The tiny CNN on the CPU, same weights every time.
+
+    Building it needs no GPU: callers do this before taking a GPU slot, so the
+    slot covers only the work that uses the device.
+    """
+    torch = _torch()
+    nn = torch.nn
     torch.manual_seed(_SEED)
     model = nn.Sequential(
         nn.Conv2d(IMAGE_SHAPE[0], 8, kernel_size=3, padding=1),
@@ -54,12 +62,24 @@ def classify(images: Sequence[Sequence[float]]) -> Predictions:
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(16, CLASSES),
-    ).to(device)
+    )
     model.eval()
+    return model
+
+
+def classify(images: Sequence[Sequence[float]], model: Any = None) -> Predictions:
+    """Run the model on ``images``, on CUDA when available, else on the CPU.
+
+    Everything that touches the device (CUDA context, weights, batch) happens
+    here, inside the caller's GPU slot.
+    """
+    torch = _torch()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    on_device = (model if model is not None else build_model()).to(device)
     if not images:
         return Predictions(labels=[], device=str(device))
     batch = torch.tensor(list(images), dtype=torch.float32, device=device)
     batch = batch.reshape(len(images), *IMAGE_SHAPE)
     with torch.inference_mode():
-        labels = model(batch).argmax(dim=1).tolist()
+        labels = on_device(batch).argmax(dim=1).tolist()
     return Predictions(labels=[int(label) for label in labels], device=str(device))

@@ -90,6 +90,12 @@ def inference(
     fail: bool = False,
 ) -> Inference:
     """The GPU step: everything that touches the GPU happens inside the slot."""
+    model = None
+    if not simulate:
+        from pgw_flows.model import build_model, classify
+
+        # CPU-side preparation (torch import, weights) before taking the slot.
+        model = build_model()
     requested = time.time()
     with gpu_slot(occupy, resource=resource) as limit:
         start = time.time()
@@ -100,9 +106,7 @@ def inference(
             if simulate:
                 labels, device = [i % 10 for i in batch.items], "simulated"
             else:
-                from pgw_flows.model import classify
-
-                predictions = classify(batch.images)
+                predictions = classify(batch.images, model)
                 labels, device = predictions.labels, predictions.device
             _sleep_until(start + seconds)
         finally:

@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,7 +53,7 @@ from prefect_gpu_workers.limits import (
 )
 from prefect_gpu_workers.records import StageRecord, read_records
 from prefect_gpu_workers.report import PhaseMetrics, summarize
-from prefect_gpu_workers.server import LocalPrefectServer, quiet_prefect_env, stop_process_group
+from prefect_gpu_workers.server import LocalPrefectServer, stop_process_group
 
 # Set on every process local mode starts; flow-run processes inherit it.
 SESSION_MARKER_ENV = "PGW_LOCAL_SESSION"
@@ -401,10 +402,6 @@ class LocalSession:
     workers: dict[str, StartedProcess] = field(default_factory=dict)
     _settings: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
-    @property
-    def owns_server(self) -> bool:
-        return self.server is not None
-
     def __enter__(self) -> LocalSession:
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
@@ -437,10 +434,10 @@ class LocalSession:
         """Environment for a process that must use this session's server."""
         env = {**os.environ, SESSION_MARKER_ENV: self.marker}
         if self.server is not None:
+            # Our own server: its home, no telemetry, no logs shipped to the API.
             env.update(self.server.env())
-        else:
-            env.update({k: v for k, v in quiet_prefect_env(Path()).items() if k != "PREFECT_HOME"})
-        if self.api_url:
+        elif self.api_url:
+            # Someone else's server: keep the caller's Prefect settings.
             env["PREFECT_API_URL"] = self.api_url
         return env
 
@@ -555,8 +552,7 @@ class LocalSession:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
+    # signal.signal works in the main thread only.
     return threading.current_thread() is threading.main_thread()
 
 
