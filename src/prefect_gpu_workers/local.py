@@ -527,13 +527,18 @@ class LocalSession:
         on_progress: ProgressCallback | None = None,
         timeout_s: float = 900.0,
         poll_s: float = 1.0,
+        since: float | None = None,
     ) -> list[FlowRun]:
-        """Poll until every run is final; raises ``TimeoutError`` after ``timeout_s``."""
-        started = time.monotonic()
+        """Poll until every run is final; raises ``TimeoutError`` after ``timeout_s``.
+
+        ``since`` (a ``time.time()``) is where the progress clock starts, e.g.
+        before the runs were submitted; submitting many runs takes seconds.
+        """
+        started = time.time() if since is None else since
         with self.client() as client:
             while True:
                 runs = read_runs(client, ids)
-                elapsed = time.monotonic() - started
+                elapsed = time.time() - started
                 if on_progress is not None:
                     on_progress(runs, active_slots(client, limit_names), elapsed)
                 if len(runs) == len(ids) and count_runs(runs).done:
@@ -592,7 +597,7 @@ def run_batch(
     with session.client() as client:
         submitted_at = time.time()
         ids = submit_runs(client, deployment_id, runs, params.as_parameters(record_dir))
-    final = session.wait_for_runs(ids, limit_names, on_progress, timeout_s)
+    final = session.wait_for_runs(ids, limit_names, on_progress, timeout_s, since=submitted_at)
     counts = count_runs(final)
     records = read_records(record_dir)
     metrics = summarize(
