@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 from k8s.cluster import DevCluster, wait_for
-from k8s.operator_harness import OperatorProcess, unique
+from k8s.operator_harness import OperatorProcess, PrefectLimits, unique
 
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
@@ -358,15 +358,6 @@ def service_account_kubeconfig(cluster: DevCluster, release: Release, path: Path
     return path
 
 
-def prefect_limit(api_url: str, name: str) -> dict[str, Any] | None:
-    response = httpx.get(f"{api_url}/v2/concurrency_limits/{name}", timeout=10)
-    if response.status_code == 404:
-        return None
-    response.raise_for_status()
-    body: dict[str, Any] = response.json()
-    return body
-
-
 def running_pods(cluster: DevCluster, namespace: str, pool: str) -> set[str]:
     return {
         p["metadata"]["name"]
@@ -430,7 +421,7 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
             raise AssertionError(f"{exc}; operator log tail:\n{operator.log()[-4000:]}") from exc
 
     def limits_of(pods: set[str]) -> bool:
-        return all((lim := prefect_limit(api, f"gpu:{p}")) and lim["limit"] == 1 for p in pods)
+        return all((lim := PrefectLimits(api).get(f"gpu:{p}")) and lim["limit"] == 1 for p in pods)
 
     def workers(count: int) -> set[str]:
         """Wait for ``count`` running pods with their limits; return the pod names."""
@@ -485,7 +476,7 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
         remaining = workers(1)
         gone = scaled - remaining
         wait(
-            lambda: not any(prefect_limit(api, f"gpu:{p}") for p in gone),
+            lambda: not any(PrefectLimits(api).get(f"gpu:{p}") for p in gone),
             f"limits of removed pods {sorted(gone)} deleted",
         )
         wait(ready, "pool Ready at 1 replica")
@@ -503,7 +494,7 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
         )
         seen = first | scaled | remaining
         wait(
-            lambda: not any(prefect_limit(api, f"gpu:{p}") for p in seen),
+            lambda: not any(PrefectLimits(api).get(f"gpu:{p}") for p in seen),
             f"every limit of the pool gone: {sorted(seen)}",
         )
     finally:

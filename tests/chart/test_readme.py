@@ -15,9 +15,9 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 from k8s.cluster import REPO_ROOT, DevCluster
+from k8s.operator_harness import PrefectLimits
 
 from prefect_gpu_workers.server import LocalPrefectServer
 
@@ -35,12 +35,6 @@ def walkthrough() -> str:
     match = re.compile(r"```bash\n(.*?)\n```", re.S).search(text, start)
     assert match, "no bash block after the walkthrough marker"
     return match.group(1)
-
-
-def limit_exists(api_url: str, name: str) -> bool:
-    response = httpx.get(f"{api_url}/v2/concurrency_limits/{name}", timeout=10)
-    assert response.status_code in (200, 404), response.text
-    return response.status_code == 200
 
 
 def test_readme_dev_cluster_walkthrough_runs_as_written(
@@ -110,4 +104,4 @@ def test_readme_dev_cluster_walkthrough_runs_as_written(
     # deleted every limit with the pool.
     assert "Forbidden" not in log
     assert "Not enough permissions" not in log
-    assert not [name for name in limits if limit_exists(prefect_server.api_url, name)]
+    assert not [name for name in limits if PrefectLimits(prefect_server.api_url).get(name)]
