@@ -138,6 +138,19 @@ def ready_with_limits(
     return {pod: limit for pod, limit in found.items() if limit is not None}
 
 
+def start_pool(
+    pools: Pools, limits: PrefectLimits, name: str, spec: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Create a pool and wait until it is Ready with one limit per replica: pod -> limit."""
+    pools.create(name, spec)
+    replicas = spec["replicas"]
+    found: dict[str, dict[str, Any]] = wait_until(
+        lambda: ready_with_limits(pools, limits, name, replicas),
+        f"pool {name} Ready with {replicas} limits",
+    )
+    return found
+
+
 def test_limits_are_sized_from_the_gpus_each_pod_has(
     operator: OperatorProcess,
     pools: Pools,
@@ -194,10 +207,8 @@ def test_scale_down_removes_exactly_the_removed_pods_limits(
     node_group: str,
     prefect_server: LocalPrefectServer,
 ) -> None:
-    pools.create(
-        "scaler", pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 3)
-    )
-    before = wait_until(lambda: ready_with_limits(pools, limits, "scaler", 3), "3 limits")
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 3)
+    before = start_pool(pools, limits, "scaler", spec)
 
     pools.scale("scaler", 1)
     after = wait_until(lambda: ready_with_limits(pools, limits, "scaler", 1), "1 limit")
@@ -223,10 +234,8 @@ def test_deleting_the_pool_removes_deployment_pods_and_limits(
     node_group: str,
     prefect_server: LocalPrefectServer,
 ) -> None:
-    pools.create(
-        "doomed", pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 2)
-    )
-    pods = wait_until(lambda: ready_with_limits(pools, limits, "doomed", 2), "2 limits")
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 2)
+    pods = start_pool(pools, limits, "doomed", spec)
 
     pools.delete("doomed")
     wait_until(lambda: not pools.exists("doomed"), "the pool to go (finalizer released)")
@@ -250,10 +259,8 @@ def test_orphans_removed_after_operator_downtime_hand_made_limits_untouched(
     node_group: str,
     prefect_server: LocalPrefectServer,
 ) -> None:
-    pools.create(
-        "resilient", pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 2)
-    )
-    old = wait_until(lambda: ready_with_limits(pools, limits, "resilient", 2), "2 limits")
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 2)
+    old = start_pool(pools, limits, "resilient", spec)
     hand_made = [unique("gpu:hand-made"), f"gpu:resilient-{uuid.uuid4().hex[:4]}-manual"]
     for name in hand_made:
         limits.create(name, 3)
@@ -290,10 +297,8 @@ def test_prefect_outage_is_a_condition_and_the_pool_recovers(
     operator = OperatorProcess(dev_cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
     try:
         outage_limits = PrefectLimits(server.api_url)
-        pools.create(
-            "weathered", pool_spec(server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
-        )
-        wait_until(lambda: ready_with_limits(pools, outage_limits, "weathered", 1), "Ready")
+        spec = pool_spec(server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
+        start_pool(pools, outage_limits, "weathered", spec)
 
         server.stop()
         degraded = wait_until(
@@ -415,8 +420,7 @@ def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
     spec["workPool"] = {"name": work_pool, "flowRunsPerWorker": 6}
     # A Prefect setting passed like any user env: workers poll every second.
     spec["worker"]["podTemplate"]["env"] = [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}]
-    pools.create("e2e", spec)
-    pods = wait_until(lambda: ready_with_limits(pools, limits, "e2e", 2), "2 workers with limits")
+    pods = start_pool(pools, limits, "e2e", spec)
     assert {limit["limit"] for limit in pods.values()} == {2}
 
     # Start each Running pod's container as a local process, as a kubelet would.
