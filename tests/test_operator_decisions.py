@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from pgw_operator.plan import (
     LedgerEntry,
     LimitAction,
     PrefectLimit,
+    deletion_costs,
     ledger_from_status,
     ledger_to_status,
     plan_limits,
@@ -199,6 +201,33 @@ def test_prefix_change_moves_every_limit() -> None:
         ("create", "infer:a"),
         ("delete", "gpu:a"),
     ]
+
+
+def test_scale_down_prefers_idle_workers() -> None:
+    ledger = {
+        "gpu:busy": replace(entry("busy", size=2), active_slots=2),
+        "gpu:idle": entry("idle", size=2),
+        "gpu:set": replace(entry("set", size=2), active_slots=1),
+        "gpu:new": entry("new", state="Creating"),
+        "gpu:leaving": replace(entry("leaving"), active_slots=1),
+    }
+    pods = {
+        "busy": pod("busy"),
+        "idle": pod("idle"),
+        "set": pod("set", deletion_cost=1),
+        "new": pod("new"),
+        "leaving": pod("leaving", terminating=True),
+    }
+    # Cost = slots held: the ReplicaSet deletes the idle worker first. Only
+    # changes are returned; pods without a Ready limit or on their way out are left.
+    assert deletion_costs(ledger, pods) == {"busy": 2, "idle": 0}
+
+
+def test_pod_facts_read_the_deletion_cost() -> None:
+    meta = {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "3"}}
+    facts = PodFacts.from_pod("p", {"nodeName": "n"}, {"phase": "Running"}, meta)
+    assert facts.deletion_cost == 3
+    assert PodFacts.from_pod("p", {}, {}, {}).deletion_cost is None
 
 
 def test_ledger_round_trips_through_status() -> None:

@@ -12,6 +12,8 @@ from typing import Any
 
 from pgw_operator.spec import WORKER_CONTAINER
 
+# Lower cost, deleted first when a ReplicaSet scales down.
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 # GPU feature discovery labels (NVIDIA GFD).
 REPLICAS_LABEL = "nvidia.com/gpu.replicas"
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
@@ -27,6 +29,13 @@ def parse_quantity(value: Any) -> int:
     return int(text)
 
 
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class PodFacts:
     name: str
@@ -37,6 +46,7 @@ class PodFacts:
     restarts: int
     # The worker container's resource limits, e.g. {"nvidia.com/gpu": "2"}.
     limits: Mapping[str, str] = field(default_factory=dict)
+    deletion_cost: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -63,6 +73,9 @@ class PodFacts:
             ready=ready,
             restarts=int(worker_status.get("restartCount") or 0),
             limits={k: str(v) for k, v in limits.items()},
+            deletion_cost=_int_or_none(
+                (meta.get("annotations") or {}).get(DELETION_COST_ANNOTATION)
+            ),
         )
 
 

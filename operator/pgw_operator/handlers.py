@@ -22,6 +22,7 @@ from pgw_operator.errors import ReconcileError
 from pgw_operator.facts import NodeFacts, PodFacts
 from pgw_operator.plan import ledger_from_status
 from pgw_operator.reconcile import (
+    Logger,
     PoolRef,
     PoolState,
     prefect_api_for,
@@ -33,8 +34,8 @@ from pgw_operator.spec import GROUP, PLURAL, POOL_LABEL, VERSION, PoolSpec
 RESYNC_S = 30.0  # periodic pass: garbage collection, drift, active-slot counts
 MAX_BACKOFF_S = 60.0
 
-PoolKey = tuple[str, str]
-Logger = logging.Logger | logging.LoggerAdapter[Any]  # (namespace, pool name)
+PoolKey = tuple[str, str]  # (namespace, pool name)
+
 _wakeups: dict[PoolKey, asyncio.Event] = {}
 _locks: dict[PoolKey, asyncio.Lock] = {}
 

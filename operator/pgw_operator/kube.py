@@ -46,3 +46,9 @@ def read_secret_value(namespace: str, name: str, key: str) -> str:
     if data is None:
         raise KeyError(f"secret {namespace}/{name} has no key {key!r}")
     return base64.b64decode(data).decode()
+
+
+def annotate_pod(namespace: str, name: str, annotations: dict[str, str]) -> None:
+    kubernetes.client.CoreV1Api().patch_namespaced_pod(
+        name, namespace, {"metadata": {"annotations": annotations}}
+    )

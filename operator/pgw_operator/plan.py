@@ -198,3 +198,20 @@ def settle(plan: LimitPlan, done: list[LimitAction]) -> Ledger:
             slots = 0 if action.kind in ("create", "recreate") else entry.active_slots
             ledger[action.name] = replace(entry, state="Ready", active_slots=slots)
     return ledger
+
+
+def deletion_costs(ledger: Ledger, pods: Mapping[str, PodFacts]) -> dict[str, int]:
+    """Pod deletion costs to set so that a scale-down removes idle workers first.
+
+    The cost of a worker is the number of GPU slots it held at this pass: the
+    ReplicaSet deletes the lowest cost first, so busy GPUs are the last to go.
+    Only pods whose annotation differs are returned.
+    """
+    costs: dict[str, int] = {}
+    for entry in ledger.values():
+        pod = pods.get(entry.pod)
+        if entry.state != "Ready" or pod is None or pod.terminating or pod.finished:
+            continue
+        if pod.deletion_cost != entry.active_slots:
+            costs[pod.name] = entry.active_slots
+    return costs

@@ -20,10 +20,11 @@ from pgw_operator import kube, metrics
 from pgw_operator.conditions import PoolHealth, merge_conditions, pool_conditions
 from pgw_operator.desired import desired_deployment, selector_string
 from pgw_operator.errors import PrefectError, ReconcileError
-from pgw_operator.facts import NodeFacts, PodFacts
+from pgw_operator.facts import DELETION_COST_ANNOTATION, NodeFacts, PodFacts
 from pgw_operator.plan import (
     Ledger,
     LimitAction,
+    deletion_costs,
     desired_limit_names,
     ledger_to_status,
     plan_limits,
@@ -33,6 +34,7 @@ from pgw_operator.prefect_api import PrefectApi, gather_bounded
 from pgw_operator.spec import PoolSpec
 
 EventFn = Callable[[str, str, str], None]  # (type, reason, message)
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 @dataclass
@@ -95,6 +97,22 @@ async def _act(api: PrefectApi, action: LimitAction) -> None:
         await api.delete_limit(action.name)
 
 
+async def _set_deletion_costs(
+    pool: PoolRef, ledger: Ledger, pods: Mapping[str, PodFacts], log: Logger
+) -> None:
+    """Steer scale-down toward idle workers; a failure here only costs that steering."""
+
+    async def one(pod: str, cost: int) -> None:
+        annotations = {DELETION_COST_ANNOTATION: str(cost)}
+        try:
+            await asyncio.to_thread(kube.annotate_pod, pool.namespace, pod, annotations)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:  # a pod that just went needs no cost
+                log.warning("could not set deletion cost of pod %s: %s", pod, exc.reason)
+
+    await gather_bounded(one(pod, cost) for pod, cost in deletion_costs(ledger, pods).items())
+
+
 async def _act_all(
     api: PrefectApi, actions: list[LimitAction]
 ) -> list[tuple[LimitAction, PrefectError | None]]:
@@ -133,7 +151,7 @@ async def reconcile_pool(
     pods: Mapping[str, PodFacts],
     nodes: Mapping[str, NodeFacts],
     emit: EventFn,
-    log: logging.Logger | logging.LoggerAdapter[Any],
+    log: Logger,
 ) -> ReconcileResult:
     """One pass. Raises ReconcileError when it cannot finish (status then says why)."""
     spec = PoolSpec.from_dict(dict(pool.spec))
@@ -192,6 +210,7 @@ async def reconcile_pool(
         error_message=str(failure) if failure else "",
     )
     await _write_status(pool, state, status_body(pool, spec, state.ledger, health))
+    await _set_deletion_costs(pool, state.ledger, pods, log)
     record_metrics(pool, spec, state.ledger, health, done)
     if failure is not None:
         raise failure

@@ -281,6 +281,7 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("create", "deployments.apps", pools),
         ("patch", "deployments.apps", pools),
         ("watch", "pods", pools),
+        ("patch", "pods", pools),  # the pod-deletion-cost annotation
         ("create", "events", pools),
         ("list", "nodes", None),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io", None),

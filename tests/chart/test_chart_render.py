@@ -99,7 +99,7 @@ NAMESPACED_GRANTS = {
     *(("gpuworkers.dev", "gpuworkerpools", v, ()) for v in ("get", "list", "watch", "patch")),
     *(("gpuworkers.dev", "gpuworkerpools/status", v, ()) for v in ("get", "patch")),
     *(("apps", "deployments", v, ()) for v in ("get", "list", "watch", "create", "patch")),
-    *(("", "pods", v, ()) for v in ("get", "list", "watch")),
+    *(("", "pods", v, ()) for v in ("get", "list", "watch", "patch")),
     ("", "events", "create", ()),
 }
 CLUSTER_READ_GRANTS = {

@@ -209,6 +209,15 @@ def test_scale_down_removes_exactly_the_removed_pods_limits(
 ) -> None:
     spec = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 3)
     before = start_pool(pools, limits, "scaler", spec)
+    # Idle workers carry deletion cost 0 (slots held), so a scale-down takes idle ones first.
+    wait_until(
+        lambda: all(
+            (p.metadata.annotations or {}).get("controller.kubernetes.io/pod-deletion-cost") == "0"
+            for p in pools.pods("scaler")
+            if p.metadata is not None
+        ),
+        "deletion costs on the workers",
+    )
 
     pools.scale("scaler", 1)
     after = wait_until(lambda: ready_with_limits(pools, limits, "scaler", 1), "1 limit")

@@ -86,7 +86,8 @@ remove Deployments and pods.
   verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  # patch: the pod-deletion-cost annotation that makes scale-down pick idle workers
+  verbs: [get, list, watch, patch]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
