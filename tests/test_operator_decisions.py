@@ -208,6 +208,7 @@ def test_scale_down_prefers_idle_workers() -> None:
         "gpu:busy": replace(entry("busy", size=2), active_slots=2),
         "gpu:idle": entry("idle", size=2),
         "gpu:set": replace(entry("set", size=2), active_slots=1),
+        "gpu:freed": entry("freed", size=2),
         "gpu:new": entry("new", state="Creating"),
         "gpu:leaving": replace(entry("leaving"), active_slots=1),
     }
@@ -215,12 +216,14 @@ def test_scale_down_prefers_idle_workers() -> None:
         "busy": pod("busy"),
         "idle": pod("idle"),
         "set": pod("set", deletion_cost=1),
+        "freed": pod("freed", deletion_cost=2),
         "new": pod("new"),
         "leaving": pod("leaving", terminating=True),
     }
-    # Cost = slots held: the ReplicaSet deletes the idle worker first. Only
-    # changes are returned; pods without a Ready limit or on their way out are left.
-    assert deletion_costs(ledger, pods) == {"busy": 2, "idle": 0}
+    # Cost = slots held: the ReplicaSet deletes idle workers first. Only changes
+    # are returned (no annotation is cost 0); pods without a Ready limit or on
+    # their way out are left alone.
+    assert deletion_costs(ledger, pods) == {"busy": 2, "freed": 0}
 
 
 def test_pod_facts_read_the_deletion_cost() -> None:

@@ -212,6 +212,7 @@ def deletion_costs(ledger: Ledger, pods: Mapping[str, PodFacts]) -> dict[str, in
         pod = pods.get(entry.pod)
         if entry.state != "Ready" or pod is None or pod.terminating or pod.finished:
             continue
-        if pod.deletion_cost != entry.active_slots:
+        # No annotation means cost 0: idle workers need no patch (and no API call).
+        if (pod.deletion_cost or 0) != entry.active_slots:
             costs[pod.name] = entry.active_slots
     return costs

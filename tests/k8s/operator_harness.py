@@ -117,6 +117,18 @@ class Pools:
             GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"replicas": replicas}}
         )
 
+    def touch(self, name: str) -> None:
+        """Change an annotation of the pool: an event for the operator, no spec change."""
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name,
+            {"metadata": {"annotations": {"pgw-test/touched": str(time.time())}}},
+        )  # fmt: skip
+
+    def deletion_cost(self, pod: str) -> str | None:
+        meta = self.core.read_namespaced_pod(pod, self.namespace).metadata
+        annotations = (meta.annotations if meta else None) or {}
+        return annotations.get("controller.kubernetes.io/pod-deletion-cost")
+
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)
 
@@ -167,6 +179,15 @@ class PrefectLimits:
         response = httpx.post(
             f"{self.api_url}/v2/concurrency_limits/",
             json={"name": name, "limit": limit},
+            timeout=10,
+        )
+        response.raise_for_status()
+
+    def hold_slot(self, name: str, lease_s: int = 300) -> None:
+        """Take one slot of ``name``, as a GPU step does (released when the lease expires)."""
+        response = httpx.post(
+            f"{self.api_url}/v2/concurrency_limits/increment-with-lease",
+            json={"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": lease_s},
             timeout=10,
         )
         response.raise_for_status()

@@ -209,20 +209,19 @@ def test_scale_down_removes_exactly_the_removed_pods_limits(
 ) -> None:
     spec = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 3)
     before = start_pool(pools, limits, "scaler", spec)
-    # Idle workers carry deletion cost 0 (slots held), so a scale-down takes idle ones first.
+    # A worker in the middle of a GPU step: it holds a slot of its limit.
+    busy = sorted(before)[0]
+    limits.hold_slot(f"gpu:{busy}")
+    pools.touch("scaler")  # any change wakes the operator; the 30 s resync would too
     wait_until(
-        lambda: all(
-            (p.metadata.annotations or {}).get("controller.kubernetes.io/pod-deletion-cost") == "0"
-            for p in pools.pods("scaler")
-            if p.metadata is not None
-        ),
-        "deletion costs on the workers",
+        lambda: pools.deletion_cost(busy) == "1",
+        "the busy worker's deletion cost",
     )
 
     pools.scale("scaler", 1)
     after = wait_until(lambda: ready_with_limits(pools, limits, "scaler", 1), "1 limit")
     (kept,) = after
-    assert kept in before
+    assert kept == busy, "scale-down removed the worker that held a GPU slot"
     removed = set(before) - {kept}
     wait_until(
         lambda: all(limits.get(f"gpu:{pod}") is None for pod in removed),
