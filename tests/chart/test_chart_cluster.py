@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 from k8s.cluster import DevCluster, wait_for
-from k8s.operator_harness import OperatorProcess, PrefectLimits, unique
+from k8s.operator_harness import OperatorProcess, PrefectLimits, install_crd, unique
 
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
@@ -88,7 +88,15 @@ def servicemonitor_crd(dev_cluster: DevCluster) -> Iterator[None]:
         dev_cluster.kubectl("delete", "-f", str(SERVICEMONITOR_STUB), "--ignore-not-found")
 
 
-@pytest.mark.usefixtures("servicemonitor_crd")
+@pytest.fixture(scope="module")
+def gpuworkerpool_crd(dev_cluster: DevCluster) -> None:
+    """The CRD, installed for real: a server dry run of a pool needs its kind to exist
+    (the CRD in the same dry-run apply is not created). On a fresh cluster these
+    tests run before anything else has installed it."""
+    install_crd(dev_cluster)
+
+
+@pytest.mark.usefixtures("servicemonitor_crd", "gpuworkerpool_crd")
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_rendered_chart_passes_server_side_dry_run(
     dev_cluster: DevCluster, helm: Helm, tmp_path: Path, name: str
@@ -131,6 +139,7 @@ def test_rendered_chart_passes_server_side_dry_run(
         delete_namespaces(dev_cluster, release_ns, *watched)
 
 
+@pytest.mark.usefixtures("gpuworkerpool_crd")
 def test_api_server_rejects_a_sample_pool_the_crd_forbids(
     dev_cluster: DevCluster, helm: Helm, tmp_path: Path
 ) -> None:

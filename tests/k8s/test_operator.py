@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kubernetes import client
 from prefect.client.orchestration import get_client
@@ -430,6 +431,10 @@ def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
     spec["worker"]["podTemplate"]["env"] = [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}]
     pods = start_pool(pools, limits, "e2e", spec)
     assert {limit["limit"] for limit in pods.values()} == {2}
+    # The operator created the work pool (no worker has run yet).
+    work_pool_body = httpx.get(f"{prefect_server.api_url}/work_pools/{work_pool}", timeout=10)
+    assert work_pool_body.status_code == 200
+    assert work_pool_body.json()["type"] == "process"
 
     # Start each Running pod's container as a local process, as a kubelet would.
     workers: list[subprocess.Popen[bytes]] = []
