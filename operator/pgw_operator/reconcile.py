@@ -56,13 +56,6 @@ class PoolRef:
     status: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
-class ReconcileResult:
-    ledger: Ledger
-    health: PoolHealth
-    actions: tuple[LimitAction, ...]
-
-
 async def prefect_api_for(namespace: str, spec: PoolSpec) -> PrefectApi:
     """A client for the pool's Prefect API, with the key read from its Secret."""
     if spec.api_key is None:
@@ -152,7 +145,7 @@ async def reconcile_pool(
     nodes: Mapping[str, NodeFacts],
     emit: EventFn,
     log: Logger,
-) -> ReconcileResult:
+) -> None:
     """One pass. Raises ReconcileError when it cannot finish (status then says why)."""
     spec = PoolSpec.from_dict(dict(pool.spec))
     try:
@@ -214,7 +207,6 @@ async def reconcile_pool(
     record_metrics(pool, spec, state.ledger, health, done)
     if failure is not None:
         raise failure
-    return ReconcileResult(state.ledger, health, tuple(done))
 
 
 def record_metrics(
