@@ -13,7 +13,8 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from pgw_flows.deploy import ENTRYPOINT, deployment_ref
 from pgw_flows.model import IMAGE_SHAPE, classify, synthetic_image
 from pgw_flows.pipeline import gpu_pipeline
-from prefect_gpu_workers.limits import GpuLimitUnavailable, resource_from_env
+from prefect_gpu_workers.limits import GpuLimitUnavailable
+from prefect_gpu_workers.naming import limit_prefix_from_env
 from prefect_gpu_workers.records import read_records
 
 
@@ -93,5 +94,5 @@ def test_pipeline_takes_the_limit_prefix_from_its_worker(
     result = gpu_pipeline(items=1, simulate=True, record_dir=str(tmp_path))
     assert result["limit"] == f"licence:{worker}"
     monkeypatch.setenv("PGW_LIMIT_PREFIX", "Not/Valid")
-    with pytest.raises(ValueError, match="resource prefix"):
-        resource_from_env()
+    with pytest.raises(ValueError, match="limit prefix"):
+        limit_prefix_from_env()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from prefect_gpu_workers.gpu import GpuDevice, GpuInventory, resolve_capacity
-from prefect_gpu_workers.limits import (
-    GpuSlotRequest,
+from prefect_gpu_workers.limits import GpuSlotRequest
+from prefect_gpu_workers.naming import (
     WorkerIdentityError,
     limit_name,
     parse_limit_name,
@@ -29,18 +29,18 @@ def test_invalid_worker_id_is_rejected(bad: str) -> None:
         worker_id_from_env({"WORKER_ID": bad})
 
 
-def test_limit_name_follows_resource_colon_worker() -> None:
+def test_limit_name_follows_prefix_colon_worker() -> None:
     assert limit_name("pool-abc-123") == "gpu:pool-abc-123"
-    assert limit_name("w1", resource="license") == "license:w1"
+    assert limit_name("w1", limit_prefix="license") == "license:w1"
     assert parse_limit_name("gpu:pool-abc-123") == ("gpu", "pool-abc-123")
     assert parse_limit_name("no-colon") is None
     assert parse_limit_name("gpu:Bad") is None
 
 
 @pytest.mark.parametrize("bad", ["GPU", "g/pu", "a:b", ""])
-def test_invalid_resource_prefix_is_rejected(bad: str) -> None:
-    with pytest.raises(ValueError, match="resource prefix"):
-        limit_name("w1", resource=bad)
+def test_invalid_limit_prefix_is_rejected(bad: str) -> None:
+    with pytest.raises(ValueError, match="limit prefix"):
+        limit_name("w1", limit_prefix=bad)
 
 
 def test_occupy_must_be_positive() -> None:

@@ -12,7 +12,6 @@ import pytest
 from prefect.client.schemas.objects import FlowRun, State, StateType
 
 from prefect_gpu_workers.gpu import GpuDevice, GpuInventory
-from prefect_gpu_workers.limits import WorkerIdentityError
 from prefect_gpu_workers.local import (
     SESSION_MARKER_ENV,
     count_runs,
@@ -24,6 +23,7 @@ from prefect_gpu_workers.local import (
     stop_marked,
     worker_ids,
 )
+from prefect_gpu_workers.naming import WorkerIdentityError
 
 NO_DRIVER = GpuInventory(unavailable_reason="NVML could not start: Driver Not Loaded")
 TWO_GPUS = GpuInventory(devices=(GpuDevice(0, "L4", 23034), GpuDevice(1, "L4", 23034)))
@@ -60,7 +60,7 @@ def test_worker_ids_are_valid_and_distinct() -> None:
 
 
 def test_plans_name_one_limit_per_worker() -> None:
-    plans = plan_workers(["local-1", "local-2"], slots=2, flow_run_limit=7, resource="gpu")
+    plans = plan_workers(["local-1", "local-2"], slots=2, flow_run_limit=7, limit_prefix="gpu")
     assert [p.limit_name for p in plans] == ["gpu:local-1", "gpu:local-2"]
     assert {(p.slots, p.flow_run_limit) for p in plans} == {(2, 7)}
     with pytest.raises(ValueError, match="flow-run limit"):

@@ -1,6 +1,6 @@
 """The seed pipeline: download -> inference (GPU, per-worker limit) -> save.
 
-Only the inference task holds a slot of ``{resource}:{WORKER_ID}``; download
+Only the inference task holds a slot of ``{limit_prefix}:{WORKER_ID}``; download
 and save are I/O and run free, so they overlap across all flow runs a worker
 has in flight while the GPU stays within its limit.
 
@@ -22,7 +22,8 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from prefect_gpu_workers.limits import WORKER_ID_ENV, gpu_slot, resource_from_env
+from prefect_gpu_workers.limits import gpu_slot
+from prefect_gpu_workers.naming import WORKER_ID_ENV, limit_prefix_from_env
 from prefect_gpu_workers.records import StageRecord, append_record, record_dir_from
 
 FLOW_NAME = "gpu-pipeline"
@@ -83,7 +84,7 @@ def inference(
     run_id: str,
     batch: Batch,
     occupy: int,
-    resource: str,
+    limit_prefix: str,
     seconds: float,
     simulate: bool,
     record_dir: str | None,
@@ -97,7 +98,7 @@ def inference(
         # CPU-side preparation (torch import, weights) before taking the slot.
         model = build_model()
     requested = time.time()
-    with gpu_slot(occupy, resource=resource) as limit:
+    with gpu_slot(occupy, limit_prefix=limit_prefix) as limit:
         start = time.time()
         device: str | None = None
         try:
@@ -145,7 +146,7 @@ def _record(record_dir: str | None, record: StageRecord) -> None:
 def gpu_pipeline(
     items: int = 4,
     occupy: int = 1,
-    resource: str | None = None,
+    limit_prefix: str | None = None,
     download_s: float = 0.0,
     gpu_s: float = 0.0,
     save_s: float = 0.0,
@@ -155,7 +156,7 @@ def gpu_pipeline(
 ) -> dict[str, Any]:
     """Download ``items`` inputs, classify them holding ``occupy`` GPU slots, save.
 
-    ``resource`` is the limit prefix (default: ``PGW_LIMIT_PREFIX``, else
+    ``limit_prefix`` is the limit prefix (default: ``PGW_LIMIT_PREFIX``, else
     ``gpu``); ``record_dir`` (or ``PGW_RECORD_DIR``) receives one JSON line per stage;
     ``fail_in_gpu_step`` raises inside the slot (fault injection for tests).
     """
@@ -165,7 +166,7 @@ def gpu_pipeline(
         run_id,
         batch,
         occupy,
-        resource or resource_from_env(),
+        limit_prefix or limit_prefix_from_env(),
         gpu_s,
         simulate,
         record_dir,

@@ -77,7 +77,7 @@ def worker_command(spec: PoolSpec) -> list[str]:
         "prefect-gpu-workers", "worker",
         "--pool", spec.work_pool,
         "--limit", str(spec.flow_runs_per_worker),
-        "--resource", spec.limit_prefix,
+        "--limit-prefix", spec.limit_prefix,
         "--wait-timeout", str(spec.limit_wait_timeout_s),
         "--with-healthcheck",
     ]  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pgw_operator.facts import NodeFacts, PodFacts
 from pgw_operator.sizing import LimitSize, SizingProblem, size_limit
 from pgw_operator.spec import PoolSpec
-from prefect_gpu_workers.limits import limit_name
+from prefect_gpu_workers.naming import limit_name
 
 EntryState = Literal["Creating", "Ready", "Deleting"]
 

@@ -36,7 +36,6 @@ from rich.console import Console
 
 from prefect_gpu_workers.demo import make_workdir
 from prefect_gpu_workers.gpu import detect_gpus
-from prefect_gpu_workers.limits import DEFAULT_RESOURCE
 from prefect_gpu_workers.local import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
@@ -53,6 +52,7 @@ from prefect_gpu_workers.local import (
     run_batch,
     worker_ids,
 )
+from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.report import PhaseMetrics, speedup
 from prefect_gpu_workers.views import ProgressView, bench_table
 
@@ -72,7 +72,7 @@ class BenchOptions:
     gpus: int | None = None
     slots_per_gpu: int | None = None
     pool: str = f"{DEFAULT_POOL}-bench"
-    resource: str = DEFAULT_RESOURCE
+    limit_prefix: str = DEFAULT_LIMIT_PREFIX
     worker_query_seconds: float | None = None
     workdir: Path | None = None
     keep_workdir: bool = False
@@ -214,7 +214,7 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     params = PipelineParams(items=1, download_s=g, gpu_s=g, save_s=g, simulate=True)
     ids = worker_ids(options.workers, options.worker_prefix)
     task_limit = flow_runs_to_fill(slots, g, g, g)
-    task_plans = plan_workers(ids, slots, task_limit, options.resource)
+    task_plans = plan_workers(ids, slots, task_limit, options.limit_prefix)
     flow_plans = tuple(replace(plan, flow_run_limit=slots) for plan in task_plans)
     runs = options.runs or default_runs(slots * options.workers)
     workdir, made_workdir = make_workdir(options.workdir, "pgw-bench-")

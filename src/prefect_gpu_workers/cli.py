@@ -13,14 +13,14 @@ from types import FrameType
 
 from rich.console import Console
 
-from prefect_gpu_workers.limits import (
-    DEFAULT_RESOURCE,
+from prefect_gpu_workers.local import DEFAULT_POOL, DEFAULT_WORKER_PREFIX, PipelineParams
+from prefect_gpu_workers.naming import (
+    DEFAULT_LIMIT_PREFIX,
     LIMIT_PREFIX_ENV,
     WorkerIdentityError,
-    validate_resource,
+    validate_limit_prefix,
     validate_worker_id,
 )
-from prefect_gpu_workers.local import DEFAULT_POOL, DEFAULT_WORKER_PREFIX, PipelineParams
 
 
 def _positive_int(text: str) -> int:
@@ -52,9 +52,9 @@ def _worker_prefix(text: str) -> str:
     return text
 
 
-def _resource(text: str) -> str:
+def _limit_prefix(text: str) -> str:
     try:
-        return validate_resource(text)
+        return validate_limit_prefix(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -79,10 +79,10 @@ def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> Non
         help=f"worker ids are <prefix>-1 .. <prefix>-N ({DEFAULT_WORKER_PREFIX})",
     )
     parser.add_argument(
-        "--resource",
-        type=_resource,
-        default=DEFAULT_RESOURCE,
-        help=f"limit name prefix: <resource>:<worker> ({DEFAULT_RESOURCE})",
+        "--limit-prefix",
+        type=_limit_prefix,
+        default=DEFAULT_LIMIT_PREFIX,
+        help=f"limit name prefix: <limit prefix>:<worker> ({DEFAULT_LIMIT_PREFIX})",
     )
     parser.add_argument(
         "--poll-seconds",
@@ -159,16 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         help="wait for this worker's GPU limit, then become `prefect worker start`",
         description="The worker pods' entrypoint (the operator starts it; WORKER_ID must be set). "
-        "Waits until <resource>:<WORKER_ID> exists and is active, then execs the Prefect "
+        "Waits until <limit prefix>:<WORKER_ID> exists and is active, then execs the Prefect "
         "process worker named WORKER_ID.",
     )
     worker.add_argument("--pool", required=True, help="process work pool")
     worker.add_argument("--limit", type=_positive_int, required=True, help="flow runs at once")
     worker.add_argument(
-        "--resource",
-        type=_resource,
-        default=os.environ.get(LIMIT_PREFIX_ENV) or DEFAULT_RESOURCE,
-        help=f"limit name prefix (${LIMIT_PREFIX_ENV}, else {DEFAULT_RESOURCE})",
+        "--limit-prefix",
+        type=_limit_prefix,
+        default=os.environ.get(LIMIT_PREFIX_ENV) or DEFAULT_LIMIT_PREFIX,
+        help=f"limit name prefix (${LIMIT_PREFIX_ENV}, else {DEFAULT_LIMIT_PREFIX})",
     )
     worker.add_argument(
         "--wait-timeout",
@@ -207,7 +207,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         try:
             # Replaces this process with the Prefect worker when the limit is ready.
             run_worker(
-                args.pool, args.limit, args.resource, args.wait_timeout, args.with_healthcheck
+                args.pool, args.limit, args.limit_prefix, args.wait_timeout, args.with_healthcheck
             )
         except (TimeoutError, WorkerIdentityError) as exc:
             print(f"prefect-gpu-workers worker: {exc}", file=sys.stderr)
@@ -231,7 +231,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             slots_per_gpu=args.slots_per_gpu,
             flow_runs_per_worker=args.flow_runs_per_worker,
             pool=args.pool,
-            resource=args.resource,
+            limit_prefix=args.limit_prefix,
             pipeline=pipeline,
             worker_query_seconds=args.poll_seconds,
             workdir=args.workdir,
@@ -250,7 +250,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         gpus=args.gpus,
         slots_per_gpu=args.slots_per_gpu,
         pool=args.pool,
-        resource=args.resource,
+        limit_prefix=args.limit_prefix,
         worker_query_seconds=args.poll_seconds,
         workdir=args.workdir,
         keep_workdir=args.keep_workdir,

@@ -16,7 +16,6 @@ from pathlib import Path
 from rich.console import Console
 
 from prefect_gpu_workers.gpu import detect_gpus
-from prefect_gpu_workers.limits import DEFAULT_RESOURCE
 from prefect_gpu_workers.local import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
@@ -30,6 +29,7 @@ from prefect_gpu_workers.local import (
     run_batch,
     worker_ids,
 )
+from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.views import ProgressView, metrics_table, plan_table, worker_table
 
 DEMO_DEPLOYMENT = "gpu-pipeline-demo"
@@ -44,7 +44,7 @@ class DemoOptions:
     slots_per_gpu: int | None = None
     flow_runs_per_worker: int | None = None
     pool: str = DEFAULT_POOL
-    resource: str = DEFAULT_RESOURCE
+    limit_prefix: str = DEFAULT_LIMIT_PREFIX
     pipeline: PipelineParams = field(default_factory=PipelineParams)
     worker_query_seconds: float | None = None
     workdir: Path | None = None
@@ -71,7 +71,10 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         slots, options.runs, options.workers, p.download_s, p.gpu_s, p.save_s
     )
     plans = plan_workers(
-        worker_ids(options.workers, options.worker_prefix), slots, flow_run_limit, options.resource
+        worker_ids(options.workers, options.worker_prefix),
+        slots,
+        flow_run_limit,
+        options.limit_prefix,
     )
     workdir, made_workdir = make_workdir(options.workdir, "pgw-demo-")
     console.print(f"work directory (logs, records): {workdir}")

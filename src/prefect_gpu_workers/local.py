@@ -44,8 +44,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_gpu_workers.gpu import Capacity, GpuInventory, resolve_capacity
-from prefect_gpu_workers.limits import (
-    DEFAULT_RESOURCE,
+from prefect_gpu_workers.naming import (
+    DEFAULT_LIMIT_PREFIX,
     LIMIT_PREFIX_ENV,
     WORKER_ID_ENV,
     limit_name,
@@ -72,13 +72,13 @@ WORKER_QUERY_SECONDS_ENV = "PREFECT_WORKER_QUERY_SECONDS"
 @dataclass(frozen=True)
 class WorkerPlan:
     worker_id: str
-    resource: str
+    limit_prefix: str
     slots: int
     flow_run_limit: int
 
     @property
     def limit_name(self) -> str:
-        return limit_name(self.worker_id, self.resource)
+        return limit_name(self.worker_id, self.limit_prefix)
 
 
 @dataclass(frozen=True)
@@ -148,11 +148,11 @@ def plan_workers(
     ids: Sequence[str],
     slots: int,
     flow_run_limit: int,
-    resource: str = DEFAULT_RESOURCE,
+    limit_prefix: str = DEFAULT_LIMIT_PREFIX,
 ) -> tuple[WorkerPlan, ...]:
     if flow_run_limit < 1:
         raise ValueError(f"flow-run limit must be at least 1, got {flow_run_limit}")
-    return tuple(WorkerPlan(wid, resource, slots, flow_run_limit) for wid in ids)
+    return tuple(WorkerPlan(wid, limit_prefix, slots, flow_run_limit) for wid in ids)
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class PipelineParams:
     items: int = 4
     occupy: int = 1
     # None: the flow takes the prefix from its worker's PGW_LIMIT_PREFIX.
-    resource: str | None = None
+    limit_prefix: str | None = None
     download_s: float = 2.0
     gpu_s: float = 3.0
     save_s: float = 2.0
@@ -178,8 +178,8 @@ class PipelineParams:
             "simulate": self.simulate,
             "record_dir": str(record_dir),
         }
-        if self.resource is not None:
-            parameters["resource"] = self.resource
+        if self.limit_prefix is not None:
+            parameters["limit_prefix"] = self.limit_prefix
         return parameters
 
 
@@ -459,7 +459,7 @@ class LocalSession:
                 **self.client_env(),
                 **(extra_env or {}),
                 WORKER_ID_ENV: plan.worker_id,
-                LIMIT_PREFIX_ENV: plan.resource,
+                LIMIT_PREFIX_ENV: plan.limit_prefix,
             }
             self.workers[plan.worker_id] = start_logged(
                 f"worker {plan.worker_id}",

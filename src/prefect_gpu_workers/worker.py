@@ -2,7 +2,7 @@
 
 A worker that polled for flow runs before its limit existed would run GPU steps
 that fail closed (or, with a plain ``concurrency()``, run unlimited). So the
-container waits for ``{resource}:{WORKER_ID}`` to exist and be active, with a
+container waits for ``{limit_prefix}:{WORKER_ID}`` to exist and be active, with a
 timeout that fails visibly (non-zero exit, the reason on stderr), and only then
 execs ``prefect worker start`` named after the worker.
 """
@@ -18,8 +18,8 @@ from prefect_gpu_workers.limits import (
     GpuLimitUnavailable,
     GpuSlotRequest,
     read_limit,
-    worker_id_from_env,
 )
+from prefect_gpu_workers.naming import worker_id_from_env
 
 
 def wait_for_limit(
@@ -64,13 +64,13 @@ def worker_command(
 def run_worker(
     pool: str,
     flow_run_limit: int,
-    resource: str,
+    limit_prefix: str,
     wait_timeout_s: float,
     with_healthcheck: bool = False,
 ) -> None:
     """Wait for the limit, then replace this process with the Prefect worker."""
     worker_id = worker_id_from_env()
-    request = GpuSlotRequest.for_worker(1, resource, worker_id)
+    request = GpuSlotRequest.for_worker(1, limit_prefix, worker_id)
     wait_for_limit(request, wait_timeout_s)
     command = worker_command(pool, worker_id, flow_run_limit, with_healthcheck)
     os.execvp(command[0], command)
