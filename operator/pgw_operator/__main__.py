@@ -14,6 +14,15 @@ from pgw_operator import (
     handlers,  # noqa: F401  (registers the handlers)
     metrics,
 )
+from pgw_operator.api_url import AllowedApiUrls, ApiUrlRejected
+
+
+def _allowed_api_url(entry: str) -> str:
+    try:
+        AllowedApiUrls.parse([entry])
+    except ApiUrlRejected as exc:
+        raise argparse.ArgumentTypeError(f"{entry!r}: {exc.rule}") from exc
+    return entry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--log-format", choices=("json", "full", "plain"), default="full",
         help="json: one object per line with the pool's namespace/name (for log pipelines)",
     )  # fmt: skip
+    parser.add_argument(
+        "--allowed-api-url", action="append", default=[], type=_allowed_api_url, metavar="URL",
+        help="the only Prefect API URLs pools may name (repeatable): a URL prefix compared by "
+        "scheme, host, port and whole path segments, e.g. http://prefect.prefect.svc:4200/api; "
+        "a pool under none gets no request at all. Default: every http(s) URL (no tenant boundary)",
+    )  # fmt: skip
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -52,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo(allowed_api_urls=AllowedApiUrls.parse(args.allowed_api_url)),
     )
 
 

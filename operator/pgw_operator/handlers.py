@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
-import kubernetes
-import urllib3
 
 from pgw_operator import kube, metrics
+from pgw_operator.api_url import AllowedApiUrls
 from pgw_operator.errors import ReconcileError
 from pgw_operator.facts import NodeFacts, PodFacts
 from pgw_operator.plan import ledger_from_status
@@ -25,28 +24,25 @@ from pgw_operator.reconcile import (
     Logger,
     PoolRef,
     PoolState,
+    checked_api_url,
     prefect_api_for,
     reconcile_pool,
     report_failure,
 )
+from pgw_operator.registry import PoolKey, PoolRegistry
 from pgw_operator.spec import GROUP, PLURAL, POOL_LABEL, VERSION, PoolSpec
 
 RESYNC_S = 30.0  # periodic pass: garbage collection, drift, active-slot counts
 MAX_BACKOFF_S = 60.0
 
-PoolKey = tuple[str, str]  # (namespace, pool name)
-
-_wakeups: dict[PoolKey, asyncio.Event] = {}
-_locks: dict[PoolKey, asyncio.Lock] = {}
+# Wake-ups and locks of the pools this process serves.
+POOLS = PoolRegistry()
 
 
-def _lock(key: PoolKey) -> asyncio.Lock:
-    return _locks.setdefault(key, asyncio.Lock())
-
-
-def wake(namespace: str | None, pool: str | None) -> None:
-    if namespace and pool and (event := _wakeups.get((namespace, pool))):
-        event.set()
+def allowed_api_urls(memo: kopf.Memo) -> AllowedApiUrls:
+    """The operator's allowlist, passed by ``__main__`` in kopf's memo; none allows all."""
+    allowed = memo.get("allowed_api_urls")
+    return allowed if isinstance(allowed, AllowedApiUrls) else AllowedApiUrls()
 
 
 def backoff_delay(failures: int) -> float:
@@ -91,17 +87,17 @@ def nodes_by_name(
 
 @kopf.on.event("pods", labels={POOL_LABEL: kopf.PRESENT})
 def pod_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    wake(namespace, labels.get(POOL_LABEL))
+    POOLS.wake(namespace, labels.get(POOL_LABEL))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={POOL_LABEL: kopf.PRESENT})
 def deployment_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    wake(namespace, labels.get(POOL_LABEL))
+    POOLS.wake(namespace, labels.get(POOL_LABEL))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def pool_changed(namespace: str | None, name: str, **_: Any) -> None:
-    wake(namespace, name)
+    POOLS.wake(namespace, name)
 
 
 def _pool_ref(body: kopf.Body) -> PoolRef:
@@ -128,6 +124,7 @@ async def pool_reconciler(
     stopped: kopf.DaemonStopped,
     body: kopf.Body,
     logger: Logger,
+    memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
     """The one reconcile loop of a pool: on every wake-up, and every RESYNC_S."""
@@ -135,21 +132,22 @@ async def pool_reconciler(
     pod_index: kopf.Index[PoolKey, PodFacts] = kwargs["pods_by_pool"]
     node_index: kopf.Index[str, NodeFacts] = kwargs["nodes_by_name"]
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
-    event = _wakeups.setdefault(key, asyncio.Event())
+    event = POOLS.wakeup(key)
+    allowed = allowed_api_urls(memo)
     state = PoolState(ledger=ledger_from_status(body.status))
     failures = 0
 
     def emit(kind: str, reason: str, message: str) -> None:
         kopf.event(body, type=kind, reason=reason, message=message)
 
-    try:
-        while not stopped:
-            event.clear()
-            if body.metadata.get("deletionTimestamp"):
-                return  # pool_deleted cleans up under the same lock
-            pool = _pool_ref(body)
-            try:
-                async with _lock(key):
+    while not stopped:
+        event.clear()
+        if body.metadata.get("deletionTimestamp"):
+            return  # pool_deleted cleans up under the same lock, then forgets the pool
+        pool = _pool_ref(body)
+        try:
+            async with POOLS.lock(key):
+                with metrics.RECONCILE_SECONDS.labels(*key).time():
                     await reconcile_pool(
                         pool,
                         state,
@@ -157,38 +155,35 @@ async def pool_reconciler(
                         _nodes(node_index),
                         emit,
                         logger,
+                        allowed,
                     )
-                if failures:
-                    emit("Normal", "Recovered", "reconcile succeeded again")
-                failures, delay = 0, RESYNC_S
-            except Exception as exc:  # the loop must outlive any one failure
-                error = as_reconcile_error(exc)
-                failures += 1
-                delay = backoff_delay(failures)
-                metrics.RECONCILE_ERRORS.labels(*key, error.reason).inc()
-                logger.warning(
-                    "reconcile failed (%s), retry in %.0fs: %s", error.reason, delay, error,
-                    exc_info=not isinstance(exc, ReconcileError),
-                    extra={"reason": error.reason},  # a field of its own in --log-format json
-                )  # fmt: skip
-                emit("Warning", error.reason, str(error)[:1000])
-                await _report(pool, state, error, logger)
-            await _wait(event, stopped, delay)
-    finally:
-        _wakeups.pop(key, None)
+            if failures:
+                emit("Normal", "Recovered", "reconcile succeeded again")
+            failures, delay = 0, RESYNC_S
+        except Exception as exc:  # the loop must outlive any one failure
+            error = as_reconcile_error(exc)
+            failures += 1
+            delay = backoff_delay(failures)
+            metrics.RECONCILE_ERRORS.labels(*key, error.reason).inc()
+            logger.warning(
+                "reconcile failed (%s), retry in %.0fs: %s", error.reason, delay, error,
+                exc_info=not isinstance(exc, ReconcileError),
+                extra={"reason": error.reason},  # a field of its own in --log-format json
+            )  # fmt: skip
+            emit("Warning", error.reason, str(error)[:1000])
+            await _report(pool, state, error, logger)
+        await _wait(event, stopped, delay)
 
 
 def as_reconcile_error(exc: Exception) -> ReconcileError:
+    """Any failure of a pass as a ReconcileError with a reason, for status and events."""
     if isinstance(exc, ReconcileError):
         return exc
-    if isinstance(exc, kubernetes.client.ApiException):
-        # A denied call has its own reason, so RBAC gaps are visible in
-        # conditions, events, logs and pgw_reconcile_errors_total alike.
-        reason = "KubernetesForbidden" if exc.status == 403 else "KubernetesApiError"
-        return ReconcileError(reason, f"{exc.status} {exc.reason}: {exc.body}")
-    if isinstance(exc, urllib3.exceptions.HTTPError):
-        return ReconcileError("KubernetesApiUnreachable", str(exc))
-    return ReconcileError("InternalError", f"{type(exc).__name__}: {exc}")
+    mapped = kube.as_kubernetes_error(exc, "Kubernetes API")  # e.g. raised inside kopf
+    if mapped is not None:
+        return mapped
+    # The type only: an unexpected exception's text may quote anything; the log has it.
+    return ReconcileError("InternalError", f"{type(exc).__name__}; see the operator log")
 
 
 async def _report(pool: PoolRef, state: PoolState, error: ReconcileError, log: Logger) -> None:
@@ -209,27 +204,52 @@ async def _wait(event: asyncio.Event, stopped: kopf.DaemonStopped, delay_s: floa
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def pool_deleted(body: kopf.Body, logger: Logger, **_: Any) -> None:
+async def pool_deleted(body: kopf.Body, logger: Logger, memo: kopf.Memo, **_: Any) -> None:
     """Delete every limit in the pool's ledger before the pool goes (finalizer).
 
     Retried with backoff while Prefect is unreachable; removing the finalizer
     by hand lets the pool go and leaves its limits behind.
     """
+    await delete_pool(body, logger, allowed_api_urls(memo))
+
+
+async def delete_pool(body: kopf.Body, logger: Logger, allowed: AllowedApiUrls) -> None:
+    """What ``pool_deleted`` does: delete the ledger's limits, then forget the pool.
+
+    Raises:
+        kopf.TemporaryError: Prefect could not delete a limit; kopf retries.
+    """
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
     spec = PoolSpec.from_dict(dict(body.spec))
-    async with _lock(key):
+    async with POOLS.lock(key):
         ledger = ledger_from_status(body.status)
-        if not ledger:
-            return
-        try:
-            api = await prefect_api_for(key[0], spec)
-            try:
-                for name in sorted(ledger):
-                    await api.delete_limit(name)
-                    logger.info("deleted limit %s with its pool", name)
-            finally:
-                await api.aclose()
-        except ReconcileError as exc:
-            raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=30) from exc
-    _locks.pop(key, None)
+        if ledger:
+            await _delete_limits(key, spec, sorted(ledger), allowed, logger)
+    POOLS.forget(key)
     metrics.forget_pool(*key)
+
+
+async def _delete_limits(
+    key: PoolKey, spec: PoolSpec, names: list[str], allowed: AllowedApiUrls, logger: Logger
+) -> None:
+    try:
+        checked_api_url(spec, allowed)
+    except ReconcileError as exc:
+        # No request to a refused URL, not even to clean up: the pool goes and
+        # its limits stay (the operator cannot have created them there unless
+        # the allowlist changed since).
+        logger.warning(
+            "%s: %s; limits left in Prefect: %s", exc.reason, exc, ", ".join(names),
+            extra={"reason": exc.reason},
+        )  # fmt: skip
+        return
+    try:
+        api = await prefect_api_for(key[0], spec, allowed)
+        try:
+            for name in names:
+                await api.delete_limit(name)
+                logger.info("deleted limit %s with its pool", name)
+        finally:
+            await api.aclose()
+    except ReconcileError as exc:
+        raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=30) from exc

@@ -1,16 +1,70 @@
 """Thin adapter to the Kubernetes API for what kopf does not do itself.
 
-Blocking client calls; the reconciler runs them in a thread.
+Blocking client calls; the reconciler runs them in a thread. Every failure
+leaves this module as a :class:`KubernetesError` (see :func:`as_kubernetes_error`),
+so no other module needs the kubernetes client's exception types.
 """
 
 from __future__ import annotations
 
 import base64
-from typing import Any
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
 
+from pgw_operator.errors import KubernetesError
 from pgw_operator.spec import FIELD_MANAGER, GROUP, PLURAL, VERSION
+
+T = TypeVar("T")
+
+
+def _api_message(body: Any) -> str:
+    """The API server's own message from a Status body (not the whole JSON)."""
+    try:
+        message = json.loads(body).get("message")
+    except (TypeError, ValueError, AttributeError):
+        return ""
+    return str(message) if message else ""
+
+
+def as_kubernetes_error(
+    exc: Exception, what: str, rejected: str = "KubernetesApiError"
+) -> KubernetesError | None:
+    """The operator's error for a failed Kubernetes call, or None if ``exc`` is not one.
+
+    Args:
+        exc: what the kubernetes client raised.
+        what: the call, for the message (e.g. "apply Deployment ns/pool").
+        rejected: reason for a 4xx other than 403 (e.g. ``DeploymentRejected``).
+    """
+    if isinstance(exc, kubernetes.client.ApiException):
+        status = int(exc.status or 0)
+        # A denied call has its own reason, so RBAC gaps are visible in
+        # conditions, events, logs and pgw_reconcile_errors_total alike.
+        if status == 403:
+            reason = "KubernetesForbidden"
+        elif 400 <= status < 500 and status != 429:
+            reason = rejected
+        else:
+            reason = "KubernetesApiError"
+        detail = _api_message(exc.body)
+        message = f"{what}: HTTP {status} {exc.reason}" + (f": {detail}" if detail else "")
+        return KubernetesError(reason, message, status)
+    if isinstance(exc, urllib3.exceptions.HTTPError):
+        return KubernetesError("KubernetesApiUnreachable", f"{what}: {exc}")
+    return None
+
+
+def _call(what: str, call: Callable[[], T], rejected: str = "KubernetesApiError") -> T:
+    try:
+        return call()
+    except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
+        error = as_kubernetes_error(exc, what, rejected)
+        assert error is not None
+        raise error from exc
 
 
 def load_config() -> None:
@@ -22,33 +76,53 @@ def load_config() -> None:
 
 
 def apply_deployment(manifest: dict[str, Any]) -> None:
-    """Server-side apply: fields this operator owns are corrected, others left alone."""
+    """Server-side apply: fields this operator owns are corrected, others left alone.
+
+    Raises:
+        KubernetesError: ``DeploymentRejected`` when the API server refuses the manifest.
+    """
     meta = manifest["metadata"]
-    kubernetes.client.AppsV1Api().patch_namespaced_deployment(
-        name=meta["name"],
-        namespace=meta["namespace"],
-        body=manifest,
-        field_manager=FIELD_MANAGER,
-        force=True,
-        _content_type="application/apply-patch+yaml",
+    _call(
+        f"worker Deployment {meta['namespace']}/{meta['name']}",
+        lambda: kubernetes.client.AppsV1Api().patch_namespaced_deployment(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            body=manifest,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        ),
+        rejected="DeploymentRejected",
     )
 
 
 def patch_pool_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+    _call(
+        f"status of pool {namespace}/{name}",
+        lambda: kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status}
+        ),
     )
 
 
 def read_secret_value(namespace: str, name: str, key: str) -> str:
-    secret = kubernetes.client.CoreV1Api().read_namespaced_secret(name, namespace)
+    """Raises KubernetesError (reason ``ApiKeySecretUnavailable`` for a missing Secret or key)."""
+    what = f"secret {namespace}/{name}"
+    secret = _call(
+        what,
+        lambda: kubernetes.client.CoreV1Api().read_namespaced_secret(name, namespace),
+        rejected="ApiKeySecretUnavailable",
+    )
     data = (secret.data or {}).get(key)
     if data is None:
-        raise KeyError(f"secret {namespace}/{name} has no key {key!r}")
+        raise KubernetesError("ApiKeySecretUnavailable", f"{what} has no key {key!r}")
     return base64.b64decode(data).decode()
 
 
 def annotate_pod(namespace: str, name: str, annotations: dict[str, str]) -> None:
-    kubernetes.client.CoreV1Api().patch_namespaced_pod(
-        name, namespace, {"metadata": {"annotations": annotations}}
+    _call(
+        f"pod {namespace}/{name}",
+        lambda: kubernetes.client.CoreV1Api().patch_namespaced_pod(
+            name, namespace, {"metadata": {"annotations": annotations}}
+        ),
     )

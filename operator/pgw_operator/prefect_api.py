@@ -2,22 +2,45 @@
 
 Talks HTTP directly (not through Prefect's global client settings) because each
 pool may name its own API URL and key. Every failure becomes a
-:class:`PrefectError` with a condition reason, so the reconciler can report it
-instead of crashing.
+:class:`PrefectError` with a reason from a fixed set (see ``REASONS``) and a
+message made of the method, the operator's own path and the status code:
+response bodies never reach status or Events (the pool's owner reads those and
+picks the URL), only this module's log.
+
+Every request URL is built by :meth:`ApiUrl.request_url` from the pool's
+validated URL and redirects are never followed, so requests, and the API key,
+go to the pool's own URL only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Iterable
 from typing import Any, TypeVar
 
 import httpx
 
+from pgw_operator.api_url import DEFAULT_PORTS, ApiUrl
 from pgw_operator.errors import PrefectError
 from pgw_operator.plan import PrefectLimit
 
 T = TypeVar("T")
+
+# Not kopf's per-object logger: that one posts its records as Events.
+log = logging.getLogger(__name__)
+
+REASONS = frozenset({
+    "PrefectUnreachable",  # transport error, timeout
+    "PrefectUnauthorized",  # 401, 403
+    "PrefectRedirected",  # 3xx: never followed
+    "PrefectServerError",  # 5xx
+    "PrefectRejected",  # another 4xx
+    "PrefectBadResponse",  # 2xx whose body is not what the API returns
+    "WorkPoolRejected",  # creating the work pool failed with a 4xx
+})  # fmt: skip
+LOGGED_BODY_CHARS = 200  # at WARNING; the rest, up to DEBUG_BODY_CHARS, at DEBUG
+DEBUG_BODY_CHARS = 4000
 
 
 async def gather_bounded(calls: Iterable[Awaitable[T]], parallel: int = 8) -> list[T]:
@@ -33,50 +56,85 @@ async def gather_bounded(calls: Iterable[Awaitable[T]], parallel: int = 8) -> li
 
 def _limit_from(body: dict[str, Any]) -> PrefectLimit:
     return PrefectLimit(
-        name=body["name"],
+        name=str(body["name"]),
         limit=int(body["limit"]),
         active=bool(body["active"]),
         active_slots=int(body["active_slots"]),
     )
 
 
+def _error(reason: str, method: str, path: str, status: int, hint: str = "") -> PrefectError:
+    return PrefectError(reason, f"Prefect API {method} {path}: HTTP {status}{hint}")
+
+
 class PrefectApi:
-    def __init__(self, api_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> None:
+    """Prefect REST calls against one pool's validated API URL.
+
+    Args:
+        base: the pool's URL, checked by :meth:`AllowedApiUrls.check`.
+        api_key: sent as a bearer token, to ``base`` only.
+    """
+
+    def __init__(self, base: ApiUrl, api_key: str | None = None, timeout_s: float = 10.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.api_url = api_url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.api_url, headers=headers, timeout=timeout_s)
+        self.base = base
+        # No base_url (whose merging re-reads the path) and no redirects.
+        self._http = httpx.AsyncClient(headers=headers, timeout=timeout_s, follow_redirects=False)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = await self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise PrefectError(
-                "PrefectUnreachable", f"Prefect API {self.api_url} unreachable: {exc!r}"
-            ) from exc
-        if response.status_code in (401, 403):
-            raise PrefectError(
-                "PrefectUnauthorized",
-                f"Prefect API refused {method} {path}: HTTP {response.status_code}; "
-                "check spec.prefect.apiKeySecretRef",
-            )
-        if response.status_code >= 500:
-            raise PrefectError(
-                "PrefectServerError",
-                f"Prefect API {method} {path}: HTTP {response.status_code} {response.text[:200]}",
-            )
-        return response
+    def _url(self, segments: tuple[str, ...]) -> httpx.URL:
+        url = httpx.URL(self.base.request_url(*segments))
+        # Belt and braces: the URL httpx will use names the validated origin.
+        origin = (url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme))
+        if origin != (self.base.scheme, self.base.host, self.base.port):
+            raise PrefectError("ApiUrlInvalid", f"request URL for {self.base} changed origin")
+        return url
 
-    async def _checked(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = await self._request(method, path, **kwargs)
-        if response.status_code >= 400:
+    async def _request(
+        self, method: str, *segments: str, json: Any = None, ok: tuple[int, ...] = ()
+    ) -> httpx.Response:
+        """Send one request; any status but 2xx and ``ok`` raises a PrefectError."""
+        path = "/" + "/".join(segments)  # the operator's own path, for messages
+        try:
+            response = await self._http.request(method, self._url(segments), json=json)
+        except httpx.TransportError as exc:
+            log.warning("Prefect API %s %s%s unreachable: %r", method, self.base, path, exc)
             raise PrefectError(
-                "PrefectRejected",
-                f"Prefect API {method} {path}: HTTP {response.status_code} {response.text[:300]}",
-            )
-        return response
+                "PrefectUnreachable",
+                f"Prefect API {method} {path}: unreachable ({type(exc).__name__})",
+            ) from exc
+        status = response.status_code
+        if 200 <= status < 300 or status in ok:
+            return response
+        self._log_body(method, path, response)
+        if status in (401, 403):
+            raise _error("PrefectUnauthorized", method, path, status,
+                         "; check spec.prefect.apiKeySecretRef")  # fmt: skip
+        if 300 <= status < 400:
+            hint = "; redirects are not followed: set spec.prefect.apiUrl to the final URL"
+            raise _error("PrefectRedirected", method, path, status, hint)
+        if status >= 500:
+            raise _error("PrefectServerError", method, path, status)
+        raise _error("PrefectRejected", method, path, status)
+
+    def _log_body(self, method: str, path: str, response: httpx.Response) -> None:
+        """The answer's body, for the operator's log only (trimmed; long ones at DEBUG)."""
+        body = response.text
+        log.warning(
+            "Prefect API %s %s%s answered HTTP %s: %r%s", method, self.base, path,
+            response.status_code, body[:LOGGED_BODY_CHARS],
+            " (trimmed; full body at debug level)" if len(body) > LOGGED_BODY_CHARS else "",
+        )  # fmt: skip
+        if len(body) > LOGGED_BODY_CHARS:
+            log.debug("Prefect API %s %s%s body: %r", method, self.base, path,
+                      body[:DEBUG_BODY_CHARS])  # fmt: skip
+
+    def _bad_response(self, method: str, path: str, response: httpx.Response) -> PrefectError:
+        self._log_body(method, path, response)
+        return _error("PrefectBadResponse", method, path, response.status_code,
+                      "; the answer is not a Prefect API response")  # fmt: skip
 
     # Global concurrency limits -------------------------------------------------
 
@@ -88,14 +146,20 @@ class PrefectApi:
         """
         found: dict[str, PrefectLimit] = {}
         offset = 0
+        segments = ("v2", "concurrency_limits", "filter")
         while names:
-            response = await self._checked(
-                "POST", "/v2/concurrency_limits/filter", json={"offset": offset, "limit": page}
+            response = await self._request(
+                "POST", *segments, json={"offset": offset, "limit": page}
             )
-            items = response.json()
-            for body in items:
-                if body["name"] in names:
-                    found[body["name"]] = _limit_from(body)
+            try:
+                items = response.json()
+                if not isinstance(items, list):
+                    raise TypeError("not a list")
+                for body in items:
+                    if body["name"] in names:
+                        found[body["name"]] = _limit_from(body)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise self._bad_response("POST", "/" + "/".join(segments), response) from exc
             if len(items) < page:
                 break
             offset += page
@@ -103,26 +167,17 @@ class PrefectApi:
 
     async def create_limit(self, name: str, size: int) -> None:
         body = {"name": name, "limit": size, "active": True}
-        response = await self._request("POST", "/v2/concurrency_limits/", json=body)
+        response = await self._request("POST", "v2", "concurrency_limits", "", json=body, ok=(409,))
         if response.status_code == 409:  # it exists after all (a page shifted): size it
             await self.resize_limit(name, size)
-        elif response.status_code >= 400:
-            raise PrefectError(
-                "PrefectRejected",
-                f"create limit {name}: HTTP {response.status_code} {response.text[:300]}",
-            )
 
     async def resize_limit(self, name: str, size: int) -> None:
-        await self._checked(
-            "PATCH", f"/v2/concurrency_limits/{name}", json={"limit": size, "active": True}
+        await self._request(
+            "PATCH", "v2", "concurrency_limits", name, json={"limit": size, "active": True}
         )
 
     async def delete_limit(self, name: str) -> None:
-        response = await self._request("DELETE", f"/v2/concurrency_limits/{name}")
-        if response.status_code not in (204, 404):
-            raise PrefectError(
-                "PrefectRejected", f"delete limit {name}: HTTP {response.status_code}"
-            )
+        await self._request("DELETE", "v2", "concurrency_limits", name, ok=(404,))
 
     async def recreate_limit(self, name: str, size: int) -> None:
         """Drop every slot held under ``name``: leases of the old limit cannot touch the new one."""
@@ -133,21 +188,15 @@ class PrefectApi:
 
     async def ensure_work_pool(self, name: str, pool_type: str = "process") -> bool:
         """Create the work pool if missing; True when it was created."""
-        response = await self._request("GET", f"/work_pools/{name}")
-        if response.status_code == 200:
-            return False
+        response = await self._request("GET", "work_pools", name, ok=(404,))
         if response.status_code != 404:
-            raise PrefectError(
-                "PrefectRejected", f"read work pool {name}: HTTP {response.status_code}"
-            )
-        created = await self._request(
-            "POST", "/work_pools/", json={"name": name, "type": pool_type}
-        )
-        if created.status_code == 409:  # created concurrently
             return False
-        if created.status_code >= 400:
-            raise PrefectError(
-                "WorkPoolRejected",
-                f"create work pool {name}: HTTP {created.status_code} {created.text[:300]}",
+        try:
+            created = await self._request(
+                "POST", "work_pools", "", json={"name": name, "type": pool_type}, ok=(409,)
             )
-        return True
+        except PrefectError as exc:
+            if exc.reason == "PrefectRejected":
+                raise PrefectError("WorkPoolRejected", str(exc)) from exc
+            raise
+        return created.status_code != 409  # 409: created concurrently

@@ -1,9 +1,10 @@
 """One reconcile pass for one pool: Deployment, work pool, limits, status.
 
-The pure decisions live in desired.py, plan.py and conditions.py; this module
-only gathers their inputs and carries out their outputs, in this order:
-apply the Deployment, ensure the work pool, read the limits, persist the
-ledger (write-ahead), act on Prefect, write status.
+The pure decisions live in api_url.py, desired.py, plan.py and status.py; this
+module only gathers their inputs and carries out their outputs, in this order:
+check the pool's API URL (no request before that), apply the Deployment, ensure
+the work pool, read the limits, persist the ledger (write-ahead), act on
+Prefect, write status.
 """
 
 from __future__ import annotations
@@ -14,24 +15,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import kubernetes
-
 from pgw_operator import kube, metrics
-from pgw_operator.conditions import PoolHealth, merge_conditions, pool_conditions
-from pgw_operator.desired import desired_deployment, selector_string
-from pgw_operator.errors import PrefectError, ReconcileError
+from pgw_operator.api_url import AllowedApiUrls, ApiUrl, ApiUrlRejected
+from pgw_operator.conditions import PoolHealth
+from pgw_operator.desired import desired_deployment
+from pgw_operator.errors import KubernetesError, PrefectError, ReconcileError
 from pgw_operator.facts import DELETION_COST_ANNOTATION, NodeFacts, PodFacts
 from pgw_operator.plan import (
     Ledger,
     LimitAction,
     deletion_costs,
     desired_limit_names,
-    ledger_to_status,
     plan_limits,
     settle,
 )
 from pgw_operator.prefect_api import PrefectApi, gather_bounded
 from pgw_operator.spec import PoolSpec
+from pgw_operator.status import failure_health, observed_health, status_body
 
 EventFn = Callable[[str, str, str], None]  # (type, reason, message)
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -56,19 +56,36 @@ class PoolRef:
     status: Mapping[str, Any]
 
 
-async def prefect_api_for(namespace: str, spec: PoolSpec) -> PrefectApi:
-    """A client for the pool's Prefect API, with the key read from its Secret."""
+def checked_api_url(spec: PoolSpec, allowed: AllowedApiUrls) -> ApiUrl:
+    """The pool's Prefect API URL if the operator may send it requests.
+
+    Raises:
+        ReconcileError: ``ApiUrlInvalid`` or ``ApiUrlNotAllowed``, naming the field and rule.
+    """
+    try:
+        return allowed.check(spec.api_url)
+    except ApiUrlRejected as exc:
+        raise ReconcileError(exc.reason, str(exc)) from exc
+
+
+async def prefect_api_for(namespace: str, spec: PoolSpec, allowed: AllowedApiUrls) -> PrefectApi:
+    """A client for the pool's Prefect API, with the key read from its Secret.
+
+    The URL is checked first: a pool whose URL is refused gets no request, and
+    its key is not even read.
+    """
+    url = checked_api_url(spec, allowed)
     if spec.api_key is None:
-        return PrefectApi(spec.api_url)
+        return PrefectApi(url)
     ref = spec.api_key
     try:
         key = await asyncio.to_thread(kube.read_secret_value, namespace, ref.name, ref.key)
-    except (KeyError, kubernetes.client.ApiException) as exc:
-        raise ReconcileError(
-            "ApiKeySecretUnavailable",
-            f"cannot read spec.prefect.apiKeySecretRef {ref.name}/{ref.key}: {exc}",
-        ) from exc
-    return PrefectApi(spec.api_url, key)
+    except KubernetesError as exc:
+        raise KubernetesError(
+            exc.reason, f"cannot read spec.prefect.apiKeySecretRef {ref.name}/{ref.key}: {exc}",
+            exc.status,
+        ) from exc  # fmt: skip
+    return PrefectApi(url, key)
 
 
 async def _write_status(pool: PoolRef, state: PoolState, status: dict[str, Any]) -> None:
@@ -99,11 +116,11 @@ async def _set_deletion_costs(
         annotations = {DELETION_COST_ANNOTATION: str(cost)}
         try:
             await asyncio.to_thread(kube.annotate_pod, pool.namespace, pod, annotations)
-        except kubernetes.client.ApiException as exc:
+        except KubernetesError as exc:
             if exc.status != 404:  # a pod that just went needs no cost
                 log.warning(
-                    "could not set deletion cost of pod %s: HTTP %s %s", pod, exc.status,
-                    exc.reason, extra={"status": exc.status},
+                    "could not set deletion cost of pod %s (%s): %s", pod, exc.reason, exc,
+                    extra={"status": exc.status},
                 )  # fmt: skip
 
     await gather_bounded(one(pod, cost) for pod, cost in deletion_costs(ledger, pods).items())
@@ -124,21 +141,8 @@ async def _act_all(
     return await gather_bounded(one(a) for a in actions)
 
 
-def status_body(
-    pool: PoolRef, spec: PoolSpec, ledger: Ledger, health: PoolHealth
-) -> dict[str, Any]:
-    conditions, phase = pool_conditions(health)
-    return {
-        "observedGeneration": pool.generation,
-        "phase": phase,
-        "replicas": health.pods,
-        "readyReplicas": health.ready_workers,
-        "selector": selector_string(pool.name),
-        "deployment": pool.name,
-        "gpuSlots": sum(e.size for e in ledger.values() if e.state != "Deleting"),
-        "workers": ledger_to_status(ledger),
-        "conditions": merge_conditions(pool.status.get("conditions"), conditions, pool.generation),
-    }
+def _status(pool: PoolRef, ledger: Ledger, health: PoolHealth) -> dict[str, Any]:
+    return status_body(pool.name, pool.generation, pool.status, ledger, health)
 
 
 async def reconcile_pool(
@@ -148,19 +152,16 @@ async def reconcile_pool(
     nodes: Mapping[str, NodeFacts],
     emit: EventFn,
     log: Logger,
+    allowed: AllowedApiUrls,
 ) -> None:
     """One pass. Raises ReconcileError when it cannot finish (status then says why)."""
     spec = PoolSpec.from_dict(dict(pool.spec))
-    try:
-        await asyncio.to_thread(
-            kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
-        )
-    except kubernetes.client.ApiException as exc:
-        raise ReconcileError(
-            "DeploymentRejected", f"worker Deployment: {exc.status} {exc.reason}: {exc.body}"
-        ) from exc
+    checked_api_url(spec, allowed)  # before anything: a refused URL gets no worker either
+    await asyncio.to_thread(
+        kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
+    )
     live_pods = {name: pod for name, pod in pods.items() if not pod.finished}
-    api = await prefect_api_for(pool.namespace, spec)
+    api = await prefect_api_for(pool.namespace, spec, allowed)
     try:
         if spec.create_work_pool and state.ensured_work_pool != (spec.api_url, spec.work_pool):
             if await api.ensure_work_pool(spec.work_pool):
@@ -176,7 +177,7 @@ async def reconcile_pool(
             pending = PoolHealth(
                 spec.replicas, len(live_pods), 0, len(plan.actions), tuple(plan.problems)
             )
-            await _write_status(pool, state, status_body(pool, spec, plan.ledger, pending))
+            await _write_status(pool, state, _status(pool, plan.ledger, pending))
             state.ledger = plan.ledger
 
         outcomes = await _act_all(api, plan.actions)
@@ -190,22 +191,15 @@ async def reconcile_pool(
     finally:
         await api.aclose()
 
-    ready = sum(
-        1
-        for entry in state.ledger.values()
-        if entry.state == "Ready" and (pod := pods.get(entry.pod)) is not None and pod.ready
-    )
-    pending_count = sum(1 for e in state.ledger.values() if e.state != "Ready")
-    health = PoolHealth(
-        desired_replicas=spec.replicas,
-        pods=len(live_pods),
-        ready_workers=ready,
-        pending_limits=pending_count,
-        problems=tuple(plan.problems),
+    health = observed_health(
+        spec.replicas,
+        state.ledger,
+        pods,
+        tuple(plan.problems),
         error_reason=failure.reason if failure else None,
         error_message=str(failure) if failure else "",
     )
-    await _write_status(pool, state, status_body(pool, spec, state.ledger, health))
+    await _write_status(pool, state, _status(pool, state.ledger, health))
     await _set_deletion_costs(pool, state.ledger, pods, log)
     record_metrics(pool, spec, state.ledger, health, done)
     if failure is not None:
@@ -228,13 +222,5 @@ def record_metrics(
 async def report_failure(pool: PoolRef, state: PoolState, error: ReconcileError) -> None:
     """Status for a pass that failed before it could plan (Prefect unreachable...)."""
     spec = PoolSpec.from_dict(dict(pool.spec))
-    previous = pool.status
-    health = PoolHealth(
-        desired_replicas=spec.replicas,
-        pods=int(previous.get("replicas") or 0),
-        ready_workers=int(previous.get("readyReplicas") or 0),
-        pending_limits=0,
-        error_reason=error.reason,
-        error_message=str(error),
-    )
-    await _write_status(pool, state, status_body(pool, spec, state.ledger, health))
+    health = failure_health(spec.replicas, pool.status, error.reason, str(error))
+    await _write_status(pool, state, _status(pool, state.ledger, health))

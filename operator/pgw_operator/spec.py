@@ -1,13 +1,17 @@
 """Typed view of a GpuWorkerPool spec, and the names the operator gives things.
 
-The API server applies the CRD's defaults and validation; parsing here repeats
-the defaults so that pure functions can be tested with partial specs.
+The API server applies the CRD's defaults and validation; parsing here applies
+the same defaults (``DEFAULTS``, their one source: a test checks the CRD
+against it) so that pure functions can be tested with partial specs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 
 GROUP = "gpuworkers.dev"
 VERSION = "v1alpha1"
@@ -21,53 +25,83 @@ FIELD_MANAGER = "prefect-gpu-workers-operator"
 MANAGED_BY = "prefect-gpu-workers-operator"
 
 
+# Every default of the spec, by its path under `spec`. The CRD's `default:`
+# values must be exactly these (tests/unit/test_operator_spec.py).
+DEFAULTS: dict[str, Any] = {
+    "replicas": 1,
+    "workPool.create": True,
+    "workPool.flowRunsPerWorker": 10,
+    "prefect.apiKeySecretRef.key": "api-key",
+    "gpu.resourceName": "nvidia.com/gpu",
+    "gpu.wholeNode": False,
+    "gpu.slotsPerGpu": 1,
+    "gpu.limitPrefix": DEFAULT_LIMIT_PREFIX,
+    "worker.imagePullPolicy": "IfNotPresent",
+    "worker.limitWaitTimeoutSeconds": 300,
+    "worker.drainGracePeriodSeconds": 60,
+}
+
+
+def spec_value(spec: Mapping[str, Any], path: str) -> Any:
+    """The value at ``path`` (e.g. "gpu.slotsPerGpu") of a raw spec, else its default."""
+    node: Any = spec
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or node.get(part) is None:
+            return DEFAULTS[path]
+        node = node[part]
+    return node
+
+
 @dataclass(frozen=True)
 class SecretRef:
     name: str
-    key: str = "api-key"
+    key: str
 
 
 @dataclass(frozen=True)
 class PoolSpec:
+    """The spec as decisions read it; build it with :meth:`from_dict` (which applies DEFAULTS)."""
+
     work_pool: str
     api_url: str
     image: str
-    replicas: int = 1
-    create_work_pool: bool = True
-    flow_runs_per_worker: int = 10
-    api_key: SecretRef | None = None
-    resource_name: str = "nvidia.com/gpu"
-    gpus_per_worker: int | None = None
-    whole_node: bool = False
-    slots_per_gpu: int = 1
-    limit_prefix: str = "gpu"
-    image_pull_policy: str = "IfNotPresent"
-    limit_wait_timeout_s: int = 300
-    drain_grace_period_s: int = 60
-    pod_template: dict[str, Any] = field(default_factory=dict)
+    replicas: int
+    create_work_pool: bool
+    flow_runs_per_worker: int
+    api_key: SecretRef | None
+    resource_name: str
+    gpus_per_worker: int | None
+    whole_node: bool
+    slots_per_gpu: int
+    limit_prefix: str
+    image_pull_policy: str
+    limit_wait_timeout_s: int
+    drain_grace_period_s: int
+    pod_template: dict[str, Any]
 
     @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> PoolSpec:
-        work_pool = spec["workPool"]
-        prefect = spec["prefect"]
-        gpu = spec.get("gpu") or {}
-        worker = spec["worker"]
-        secret = prefect.get("apiKeySecretRef")
+    def from_dict(cls, spec: Mapping[str, Any]) -> PoolSpec:
+        secret = spec["prefect"].get("apiKeySecretRef")
+        gpus = (spec.get("gpu") or {}).get("perWorker")
         return cls(
-            work_pool=work_pool["name"],
-            api_url=prefect["apiUrl"],
-            image=worker["image"],
-            replicas=int(spec.get("replicas", 1)),
-            create_work_pool=bool(work_pool.get("create", True)),
-            flow_runs_per_worker=int(work_pool.get("flowRunsPerWorker", 10)),
-            api_key=SecretRef(secret["name"], secret.get("key", "api-key")) if secret else None,
-            resource_name=gpu.get("resourceName", "nvidia.com/gpu"),
-            gpus_per_worker=gpu.get("perWorker"),
-            whole_node=bool(gpu.get("wholeNode", False)),
-            slots_per_gpu=int(gpu.get("slotsPerGpu", 1)),
-            limit_prefix=gpu.get("limitPrefix", "gpu"),
-            image_pull_policy=worker.get("imagePullPolicy", "IfNotPresent"),
-            limit_wait_timeout_s=int(worker.get("limitWaitTimeoutSeconds", 300)),
-            drain_grace_period_s=int(worker.get("drainGracePeriodSeconds", 60)),
-            pod_template=dict(worker.get("podTemplate") or {}),
+            work_pool=spec["workPool"]["name"],
+            api_url=spec["prefect"]["apiUrl"],
+            image=spec["worker"]["image"],
+            replicas=int(spec_value(spec, "replicas")),
+            create_work_pool=bool(spec_value(spec, "workPool.create")),
+            flow_runs_per_worker=int(spec_value(spec, "workPool.flowRunsPerWorker")),
+            api_key=(
+                SecretRef(secret["name"], str(spec_value(spec, "prefect.apiKeySecretRef.key")))
+                if secret
+                else None
+            ),
+            resource_name=str(spec_value(spec, "gpu.resourceName")),
+            gpus_per_worker=int(gpus) if gpus is not None else None,
+            whole_node=bool(spec_value(spec, "gpu.wholeNode")),
+            slots_per_gpu=int(spec_value(spec, "gpu.slotsPerGpu")),
+            limit_prefix=str(spec_value(spec, "gpu.limitPrefix")),
+            image_pull_policy=str(spec_value(spec, "worker.imagePullPolicy")),
+            limit_wait_timeout_s=int(spec_value(spec, "worker.limitWaitTimeoutSeconds")),
+            drain_grace_period_s=int(spec_value(spec, "worker.drainGracePeriodSeconds")),
+            pod_template=dict(spec["worker"].get("podTemplate") or {}),
         )

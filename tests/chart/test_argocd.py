@@ -16,8 +16,7 @@ from k8s.cluster import REPO_ROOT
 
 from pgw_operator.conditions import PoolHealth
 from pgw_operator.plan import LedgerEntry
-from pgw_operator.reconcile import PoolRef, status_body
-from pgw_operator.spec import PoolSpec
+from pgw_operator.status import status_body
 
 from .conftest import CHART, Helm
 
@@ -45,12 +44,11 @@ def pool_object(
         "spec": SPEC,
     }
     if health is not None:
-        ref = PoolRef("ml", "pool", "uid-1", observed or generation, SPEC, {})
         ledger = {
             f"gpu:pool-{i}": LedgerEntry(f"gpu:pool-{i}", f"pool-{i}", "gpu-8", 1, "1", 0, "Ready")
             for i in range(health.ready_workers)
         }
-        obj["status"] = status_body(ref, PoolSpec.from_dict(SPEC), ledger, health)
+        obj["status"] = status_body("pool", observed or generation, {}, ledger, health)
     return obj
 
 

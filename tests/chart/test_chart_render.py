@@ -124,10 +124,7 @@ def test_chart_crds_are_byte_identical_to_top_level_crds() -> None:
     assert top, "no CRDs in crds/"
     assert sorted(chart) == sorted(top), "charts/prefect-gpu-workers/crds/ lists other files"
     drifted = [name for name in top if chart[name] != top[name]]
-    assert not drifted, (
-        f"chart CRDs drifted from crds/: {drifted}; "
-        "run: cp crds/*.yaml charts/prefect-gpu-workers/crds/"
-    )
+    assert not drifted, f"chart CRDs drifted from crds/: {drifted}; run: hack/sync-crds"
 
 
 def test_chart_app_version_is_the_project_version() -> None:

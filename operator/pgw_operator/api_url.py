@@ -1,0 +1,178 @@
+"""Which Prefect API URLs a pool may name, and the request URLs built from them: pure.
+
+The operator sends requests, with the pool's API key, from its own network
+position. Whoever may create a GpuWorkerPool picks ``spec.prefect.apiUrl``, so
+before any request the URL is checked twice:
+
+- its form (:func:`parse_api_url`): the CRD's CEL rules, repeated here for pools
+  admitted before those rules existed;
+- the operator's allowlist (:class:`AllowedApiUrls`, ``--allowed-api-url``):
+  the tenant boundary. Entries are URL prefixes compared part by part (scheme,
+  host, port, then the path at a ``/`` boundary), never as strings or regexes:
+  ``http://prefect:4200/api`` allows ``http://prefect:4200/api/x`` but neither
+  ``http://prefect:4200/apix`` nor ``http://prefect:4200.evil.example/api``.
+
+Request URLs are the pool's URL plus the operator's own path, each segment
+percent-encoded (:meth:`ApiUrl.request_url`): nothing in the pool's URL or in a
+name can become a query, a fragment or another host.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+API_URL_FIELD = "spec.prefect.apiUrl"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+# RFC 3986 characters, less the apostrophe (it would need quoting in the CRD's
+# CEL rule; no Prefect URL needs one).
+_URL_CHARACTERS = frozenset(string.ascii_letters + string.digits + "-._~:/?#[]@!$&()*+,;=%")
+_DOT_SEGMENT = re.compile(r"/(\.|%2e){1,2}(/|$)", re.IGNORECASE)
+# Percent-encoded / \ ? # . : a server or proxy that decodes them would read
+# the path differently from the allowlist check.
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c|3f|23|2e)", re.IGNORECASE)
+
+
+class ApiUrlRejected(ValueError):
+    """A pool's API URL that the operator will not send requests to.
+
+    ``reason`` is a condition reason (``ApiUrlInvalid`` or ``ApiUrlNotAllowed``);
+    the message names the field and the rule.
+    """
+
+    def __init__(self, reason: str, rule: str) -> None:
+        self.reason = reason
+        self.rule = rule
+        super().__init__(f"{API_URL_FIELD} {rule}")
+
+
+def _invalid(rule: str) -> ApiUrlRejected:
+    return ApiUrlRejected("ApiUrlInvalid", rule)
+
+
+@dataclass(frozen=True)
+class ApiUrl:
+    """A validated Prefect API URL, split into the parts requests are built from."""
+
+    scheme: str  # http or https
+    netloc: str  # host[:port] as written (no userinfo)
+    host: str  # lowercase, without IPv6 brackets
+    port: int  # explicit, or the scheme's default
+    path: str  # as written (still percent-encoded), no trailing slash
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.netloc}{self.path}"
+
+    def request_url(self, *segments: str) -> str:
+        """The pool's URL followed by the operator's own path segments, each encoded.
+
+        Example:
+            >>> parse_api_url("http://prefect:4200/api").request_url("work_pools", "a?b")
+            'http://prefect:4200/api/work_pools/a%3Fb'
+        """
+        return f"{self}/" + "/".join(quote(segment, safe="") for segment in segments)
+
+
+def parse_api_url(url: str) -> ApiUrl:
+    """Check the form of a Prefect API URL (the CRD's CEL rules) and split it.
+
+    Args:
+        url: ``spec.prefect.apiUrl`` as written.
+
+    Raises:
+        ApiUrlRejected: reason ``ApiUrlInvalid``; the message names the rule.
+
+    Example:
+        >>> parse_api_url("https://Prefect.example:4200/api/").port
+        4200
+    """
+    if any(c.isspace() for c in url):
+        raise _invalid("must not contain whitespace")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in DEFAULT_PORTS:
+        raise _invalid("must start with http:// or https://")
+    authority = rest.split("/", 1)[0]
+    if "@" in authority:
+        raise _invalid("must not contain userinfo (user:password@)")
+    if "?" in url:
+        raise _invalid("must not have a query (?)")
+    if "#" in url:
+        raise _invalid("must not have a fragment (#)")
+    if not set(url) <= _URL_CHARACTERS:
+        raise _invalid(
+            "may hold only URL characters: letters, digits and -._~:/[]@!$&()*+,;=% "
+            "(no backslash, quotes, control or non-ASCII characters)"
+        )
+    if not authority or authority.startswith(":"):
+        raise _invalid("must name a host")
+    if _DOT_SEGMENT.search(url):
+        raise _invalid("must not have . or .. path segments")
+    if _ENCODED_SEPARATOR.search(url):
+        raise _invalid("must not percent-encode / \\ ? # or . (%2F %5C %3F %23 %2E)")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or not parts.hostname:
+        raise _invalid("must name a host and, if any, a port from 1 to 65535")
+    return ApiUrl(
+        scheme=scheme,
+        netloc=parts.netloc,
+        host=parts.hostname.lower(),
+        port=port or DEFAULT_PORTS[scheme],
+        path=parts.path.rstrip("/"),
+    )
+
+
+def _within(path: str, prefix: str) -> bool:
+    return not prefix or path == prefix or path.startswith(prefix + "/")
+
+
+@dataclass(frozen=True)
+class AllowedApiUrls:
+    """The operator's allowlist of Prefect API URLs; empty allows every valid URL.
+
+    Example:
+        >>> allowed = AllowedApiUrls.parse(["http://prefect.prefect.svc:4200/api"])
+        >>> allowed.permits(parse_api_url("http://prefect.prefect.svc:4200/api"))
+        True
+        >>> allowed.permits(parse_api_url("http://prefect.prefect.svc:4200/apix"))
+        False
+    """
+
+    prefixes: tuple[ApiUrl, ...] = ()
+
+    @classmethod
+    def parse(cls, entries: Iterable[str]) -> AllowedApiUrls:
+        """Raises ApiUrlRejected for an entry that is not itself a valid API URL."""
+        return cls(tuple(parse_api_url(entry) for entry in entries))
+
+    def permits(self, url: ApiUrl) -> bool:
+        if not self.prefixes:
+            return True
+        return any(
+            (url.scheme, url.host, url.port) == (p.scheme, p.host, p.port)
+            and _within(url.path, p.path)
+            for p in self.prefixes
+        )
+
+    def check(self, url: str) -> ApiUrl:
+        """The pool's URL, parsed, if the operator may send it requests.
+
+        Raises:
+            ApiUrlRejected: ``ApiUrlInvalid`` for a malformed URL,
+                ``ApiUrlNotAllowed`` for one outside the allowlist.
+        """
+        parsed = parse_api_url(url)
+        if not self.permits(parsed):
+            raise ApiUrlRejected(
+                "ApiUrlNotAllowed",
+                "is not allowed: it is under none of the operator's allowed API URLs "
+                "(--allowed-api-url, chart value prefect.allowedApiUrls)",
+            )
+        return parsed

@@ -1,0 +1,77 @@
+"""A pool's status and health: pure functions of what one pass saw.
+
+``reconcile.py`` gathers the inputs and writes the result; the conditions
+themselves (Ready / Reconciling / Degraded, phase) come from conditions.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pgw_operator.conditions import PoolHealth, merge_conditions, pool_conditions
+from pgw_operator.desired import selector_string
+from pgw_operator.facts import PodFacts
+from pgw_operator.plan import Ledger, ledger_to_status
+
+
+def observed_health(
+    desired_replicas: int,
+    ledger: Ledger,
+    pods: Mapping[str, PodFacts],
+    problems: tuple[str, ...] = (),
+    error_reason: str | None = None,
+    error_message: str = "",
+) -> PoolHealth:
+    """Health after a pass that planned: workers ready with a Ready limit, pending changes."""
+    ready = sum(
+        1
+        for entry in ledger.values()
+        if entry.state == "Ready" and (pod := pods.get(entry.pod)) is not None and pod.ready
+    )
+    return PoolHealth(
+        desired_replicas=desired_replicas,
+        pods=sum(1 for pod in pods.values() if not pod.finished),
+        ready_workers=ready,
+        pending_limits=sum(1 for e in ledger.values() if e.state != "Ready"),
+        problems=problems,
+        error_reason=error_reason,
+        error_message=error_message,
+    )
+
+
+def failure_health(
+    desired_replicas: int, previous: Mapping[str, Any], reason: str, message: str
+) -> PoolHealth:
+    """Health for a pass that failed before it could plan: counts kept from the last status."""
+    return PoolHealth(
+        desired_replicas=desired_replicas,
+        pods=int(previous.get("replicas") or 0),
+        ready_workers=int(previous.get("readyReplicas") or 0),
+        pending_limits=0,
+        error_reason=reason,
+        error_message=message,
+    )
+
+
+def status_body(
+    pool: str,
+    generation: int,
+    previous: Mapping[str, Any],
+    ledger: Ledger,
+    health: PoolHealth,
+    now: str | None = None,
+) -> dict[str, Any]:
+    """The whole ``status`` of a pool (``previous`` keeps conditions' transition times)."""
+    conditions, phase = pool_conditions(health)
+    return {
+        "observedGeneration": generation,
+        "phase": phase,
+        "replicas": health.pods,
+        "readyReplicas": health.ready_workers,
+        "selector": selector_string(pool),
+        "deployment": pool,
+        "gpuSlots": sum(e.size for e in ledger.values() if e.state != "Deleting"),
+        "workers": ledger_to_status(ledger),
+        "conditions": merge_conditions(previous.get("conditions"), conditions, generation, now),
+    }

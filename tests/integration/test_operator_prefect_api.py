@@ -1,0 +1,141 @@
+"""The operator's Prefect adapter against loopback servers and a real Prefect server.
+
+What a remote answers never reaches a status message; redirects are never
+followed; requests (and the API key) go to the pool's own URL only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+import kopf
+import pytest
+from recording_server import RecordingServer
+
+from pgw_operator import handlers
+from pgw_operator.api_url import AllowedApiUrls, parse_api_url
+from pgw_operator.errors import PrefectError
+from pgw_operator.prefect_api import REASONS, PrefectApi
+from prefect_gpu_workers.server import LocalPrefectServer
+
+MARKER = f"INTERNAL-SECRET-{uuid.uuid4().hex}"
+
+
+async def call(api: PrefectApi, what: str) -> PrefectError:
+    """Run one adapter call that must fail; its error."""
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "ensure_work_pool": lambda: api.ensure_work_pool("gpu"),
+        "read_limits": lambda: api.read_limits({"gpu:a"}),
+        "create_limit": lambda: api.create_limit("gpu:a", 1),
+        "resize_limit": lambda: api.resize_limit("gpu:a", 1),
+        "delete_limit": lambda: api.delete_limit("gpu:a"),
+    }
+    try:
+        with pytest.raises(PrefectError) as info:
+            await calls[what]()
+    finally:
+        await api.aclose()
+    return info.value
+
+
+CALLS = ["ensure_work_pool", "read_limits", "create_limit", "resize_limit", "delete_limit"]
+FAILING = [
+    (what, status)
+    for what in CALLS
+    for status in (400, 404, 409, 422, 500, 503)
+    if (what, status) != ("delete_limit", 404)  # already gone: success
+]
+
+
+@pytest.mark.parametrize(("what", "status"), FAILING)
+def test_error_messages_never_carry_the_response_body(
+    status: int, what: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = json.dumps({"detail": MARKER}) + "x" * 500
+    with RecordingServer(status, body).running() as server:
+        api = PrefectApi(parse_api_url(f"{server.url}/internal/admin"))
+        with caplog.at_level(logging.DEBUG, logger="pgw_operator.prefect_api"):
+            error = asyncio.run(call(api, what))
+    assert error.reason in REASONS
+    assert MARKER not in str(error)
+    assert f"HTTP {status}" in str(error)
+    assert str(error).startswith("Prefect API ")
+    # The operator's own path, never the pool's path or the remote's words.
+    assert "/internal/admin" not in str(error)
+    # The body goes to the operator's log only, trimmed.
+    assert MARKER in caplog.text
+    assert "x" * 450 not in "".join(r.getMessage() for r in caplog.records if r.levelno > 10)
+    # Every request went below the pool's path, without a query.
+    assert server.hits
+    assert all(h.target.startswith("/internal/admin/") and "?" not in h.target for h in server.hits)
+
+
+def test_a_2xx_answer_that_is_not_prefects_is_a_bad_response_without_its_body() -> None:
+    body = json.dumps([{"name": "gpu:a", "limit": MARKER, "active": True, "active_slots": 0}])
+    with RecordingServer(200, body).running() as server:
+        error = asyncio.run(call(PrefectApi(parse_api_url(server.url)), "read_limits"))
+    assert error.reason == "PrefectBadResponse"
+    assert MARKER not in str(error)
+
+
+def test_redirects_are_never_followed_and_the_key_goes_nowhere_else() -> None:
+    with RecordingServer(200, "[]").running() as elsewhere:
+        location = {"Location": f"{elsewhere.url}/api/work_pools/gpu"}
+        with RecordingServer(302, "", headers=location).running() as pool_url:
+            api = PrefectApi(parse_api_url(f"{pool_url.url}/api"), api_key="the-key")
+            error = asyncio.run(call(api, "ensure_work_pool"))
+            api = PrefectApi(parse_api_url(f"{pool_url.url}/api"), api_key="the-key")
+            error_limits = asyncio.run(call(api, "read_limits"))
+    assert (error.reason, error_limits.reason) == ("PrefectRedirected", "PrefectRedirected")
+    assert "redirects are not followed" in str(error)
+    assert elsewhere.hits == [], "a redirect was followed"
+    assert {h.headers.get("authorization") for h in pool_url.hits} == {"Bearer the-key"}
+
+
+def test_names_are_path_segments_never_queries(prefect_server: LocalPrefectServer) -> None:
+    async def scenario() -> None:
+        api = PrefectApi(parse_api_url(prefect_server.api_url))
+        try:
+            name = f"pool?x=1#y-{uuid.uuid4().hex[:6]}"
+            assert await api.ensure_work_pool(name) is True
+            assert await api.ensure_work_pool(name) is False  # read back by the same name
+            limit = f"gpu:{uuid.uuid4().hex[:6]}"
+            await api.create_limit(limit, 2)
+            await api.create_limit(limit, 3)  # exists: resized (409 path)
+            found = await api.read_limits({limit})
+            assert found[limit].limit == 3
+            await api.delete_limit(limit)
+            await api.delete_limit(limit)  # already gone: fine
+            assert await api.read_limits({limit}) == {}
+        finally:
+            await api.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_deleting_a_pool_whose_url_is_not_allowed_sends_no_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with RecordingServer(204, "").running() as server:
+        body = kopf.Body(
+            {
+                "metadata": {"namespace": "ns", "name": f"p-{uuid.uuid4().hex[:6]}"},
+                "spec": {
+                    "workPool": {"name": "p"},
+                    "prefect": {"apiUrl": f"{server.url}/api"},
+                    "gpu": {"perWorker": 1},
+                    "worker": {"image": "i"},
+                },
+                "status": {"workers": [{"limitName": "gpu:a", "pod": "a", "state": "Ready"}]},
+            }
+        )
+        allowed = AllowedApiUrls.parse(["http://prefect.prefect.svc:4200/api"])
+        with caplog.at_level(logging.WARNING, logger="test"):
+            asyncio.run(handlers.delete_pool(body, logging.getLogger("test"), allowed))
+    assert server.hits == []
+    assert "ApiUrlNotAllowed" in caplog.text
+    assert "gpu:a" in caplog.text  # the limits left behind are named

@@ -1,0 +1,126 @@
+"""The Prefect API URL rules (the CRD's CEL rules, repeated by the operator) and the allowlist."""
+
+from __future__ import annotations
+
+import pytest
+
+from pgw_operator.api_url import AllowedApiUrls, ApiUrlRejected, parse_api_url
+
+# (url, the rule the message names); the same forms are rejected at admission
+# (tests/k8s/test_operator.py INVALID_SPECS).
+REJECTED = [
+    ("ftp://prefect/api", "must start with http:// or https://"),
+    ("//prefect/api", "must start with http:// or https://"),
+    ("prefect:4200/api", "must start with http:// or https://"),
+    ("http://user:pw@prefect/api", "userinfo"),
+    ("http://prefect@127.0.0.1:8080/api", "userinfo"),
+    ("http://127.0.0.1:8080/internal/admin?x=", "query"),
+    ("http://prefect/api#frag", "fragment"),
+    ("http://prefect/ api", "whitespace"),
+    ("http://prefect/api\n", "whitespace"),
+    ("http://prefect\\@evil/api", "userinfo"),
+    ("http://evil\\prefect/api", "URL characters"),
+    ("http://prefect/api\x00", "URL characters"),
+    ("http://préfect/api", "URL characters"),
+    ("http:///api", "must name a host"),
+    ("http://:4200/api", "must name a host"),
+    ("http://prefect/api/../admin", ". or .. path segments"),
+    ("http://prefect/api/%2e%2e/admin", ". or .. path segments"),
+    ("http://prefect/api%2F..%2Fadmin", "percent-encode"),
+    ("http://prefect/api%3Fx=", "percent-encode"),
+    ("http://prefect:99999/api", "port"),
+    ("http://prefect:0/api", "port"),
+]
+
+ACCEPTED = [
+    "http://prefect-server.prefect.svc.cluster.local:4200/api",
+    "https://api.prefect.cloud/api/accounts/1b2c/workspaces/3d4e",
+    "http://127.0.0.1:4200/api",
+    "http://[::1]:4200/api/",
+    "HTTP://Prefect:4200/api".lower(),
+]
+
+
+@pytest.mark.parametrize(("url", "rule"), REJECTED, ids=[u for u, _ in REJECTED])
+def test_malformed_urls_are_rejected_naming_the_field_and_rule(url: str, rule: str) -> None:
+    with pytest.raises(ApiUrlRejected) as info:
+        parse_api_url(url)
+    assert info.value.reason == "ApiUrlInvalid"
+    assert str(info.value).startswith("spec.prefect.apiUrl ")
+    assert rule in str(info.value)
+
+
+@pytest.mark.parametrize("url", ACCEPTED)
+def test_plain_prefect_urls_are_accepted(url: str) -> None:
+    parsed = parse_api_url(url)
+    assert parsed.scheme in ("http", "https")
+    assert not parsed.path.endswith("/")
+
+
+def test_parts_and_default_ports() -> None:
+    url = parse_api_url("https://Prefect.Example/api/")
+    assert (url.scheme, url.host, url.port, url.path) == ("https", "prefect.example", 443, "/api")
+    assert parse_api_url("http://[::1]:4200/api").host == "::1"
+
+
+def test_request_urls_encode_the_operators_own_segments() -> None:
+    base = parse_api_url("http://prefect:4200/api")
+    # A name can neither start a query or fragment nor climb out of the path.
+    assert (
+        base.request_url("work_pools", "a?x=#y")
+        == "http://prefect:4200/api/work_pools/a%3Fx%3D%23y"
+    )
+    assert base.request_url("v2", "concurrency_limits", "..") == (
+        "http://prefect:4200/api/v2/concurrency_limits/.."
+    )
+    assert base.request_url("v2", "concurrency_limits", "gpu:pod/x") == (
+        "http://prefect:4200/api/v2/concurrency_limits/gpu%3Apod%2Fx"
+    )
+    assert base.request_url("work_pools", "") == "http://prefect:4200/api/work_pools/"
+
+
+ALLOWED = AllowedApiUrls.parse(["http://prefect.prefect.svc:4200/api", "https://api.prefect.cloud"])
+
+
+@pytest.mark.parametrize(
+    ("url", "permitted"),
+    [
+        ("http://prefect.prefect.svc:4200/api", True),
+        ("http://prefect.prefect.svc:4200/api/", True),
+        ("http://PREFECT.prefect.svc:4200/api/sub", True),
+        ("https://api.prefect.cloud/api/accounts/a/workspaces/b", True),
+        ("https://api.prefect.cloud:443/api", True),
+        ("http://prefect.prefect.svc:4200/apix", False),  # not at a segment boundary
+        ("http://prefect.prefect.svc:4200", False),  # above the allowed path
+        ("http://prefect.prefect.svc:4201/api", False),  # another port
+        ("https://prefect.prefect.svc:4200/api", False),  # another scheme
+        ("http://prefect.prefect.svc.evil.example:4200/api", False),  # a string prefix only
+        ("http://api.prefect.cloud/api", False),  # http, not https
+        ("http://127.0.0.1:4200/api", False),
+    ],
+)
+def test_allowlist_compares_scheme_host_port_and_whole_path_segments(
+    url: str, permitted: bool
+) -> None:
+    assert ALLOWED.permits(parse_api_url(url)) is permitted
+
+
+def test_url_outside_the_allowlist_is_refused_naming_field_and_rule() -> None:
+    with pytest.raises(ApiUrlRejected) as info:
+        ALLOWED.check("http://169.254.169.254/latest/meta-data")
+    assert info.value.reason == "ApiUrlNotAllowed"
+    assert "spec.prefect.apiUrl" in str(info.value)
+    assert "--allowed-api-url" in str(info.value)
+
+
+def test_empty_allowlist_allows_every_valid_url_but_no_malformed_one() -> None:
+    everything = AllowedApiUrls()
+    assert everything.check("http://anything.example:1/x").host == "anything.example"
+    with pytest.raises(ApiUrlRejected) as info:
+        everything.check("http://x/?y")
+    assert info.value.reason == "ApiUrlInvalid"
+
+
+def test_allowlist_entries_must_be_valid_urls_themselves() -> None:
+    with pytest.raises(ApiUrlRejected):
+        AllowedApiUrls.parse(["http://prefect/api?x"])

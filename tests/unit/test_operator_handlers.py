@@ -1,0 +1,78 @@
+"""Deleting a pool forgets everything held for it, whatever its ledger held (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import kopf
+from prometheus_client import REGISTRY
+
+from pgw_operator import handlers, metrics
+from pgw_operator.api_url import AllowedApiUrls
+from pgw_operator.registry import PoolRegistry
+
+
+def pool_body(namespace: str, name: str, status: dict[str, object]) -> kopf.Body:
+    return kopf.Body(
+        {
+            "apiVersion": "gpuworkers.dev/v1alpha1",
+            "kind": "GpuWorkerPool",
+            "metadata": {"namespace": namespace, "name": name, "uid": "u"},
+            "spec": {
+                "workPool": {"name": "p"},
+                "prefect": {"apiUrl": "http://127.0.0.1:9/api"},
+                "gpu": {"perWorker": 1},
+                "worker": {"image": "i"},
+            },
+            "status": status,
+        }
+    )
+
+
+def series(namespace: str, pool: str) -> dict[str, float | None]:
+    labels = {"namespace": namespace, "pool": pool}
+    return {
+        "desired": REGISTRY.get_sample_value("pgw_pool_workers_desired", labels),
+        "passes": REGISTRY.get_sample_value("pgw_reconcile_duration_seconds_count", labels),
+        "errors": REGISTRY.get_sample_value(
+            "pgw_reconcile_errors_total", {**labels, "reason": "PrefectUnreachable"}
+        ),
+    }
+
+
+def test_deleting_a_pool_with_an_empty_ledger_forgets_its_lock_wakeup_and_metrics() -> None:
+    namespace, pool = "ns", f"pool-{uuid.uuid4().hex[:6]}"
+    key = (namespace, pool)
+    handlers.POOLS.wakeup(key)
+    handlers.POOLS.lock(key)
+    metrics.WORKERS_DESIRED.labels(*key).set(2)
+    metrics.RECONCILE_SECONDS.labels(*key).observe(0.1)
+    metrics.RECONCILE_ERRORS.labels(*key, "PrefectUnreachable").inc()
+    assert all(value is not None for value in series(*key).values())
+
+    body = pool_body(namespace, pool, {"workers": []})
+    asyncio.run(handlers.delete_pool(body, logging.getLogger("test"), AllowedApiUrls()))
+    assert key not in handlers.POOLS.pools()
+    assert series(*key) == {"desired": None, "passes": None, "errors": None}
+
+
+def test_forget_drops_wakeup_and_lock_together() -> None:
+    registry = PoolRegistry()
+    event = registry.wakeup(("ns", "a"))
+    registry.lock(("ns", "a"))
+    registry.lock(("ns", "b"))
+    registry.wake("ns", "a")
+    registry.wake("ns", "unknown")  # a pool without a daemon: nothing to wake
+    assert event.is_set()
+    registry.forget(("ns", "a"))
+    assert registry.pools() == {("ns", "b")}
+    assert registry.wakeup(("ns", "a")) is not event
+
+
+def test_unexpected_errors_report_their_type_only() -> None:
+    error = handlers.as_reconcile_error(ValueError("invalid literal for int(): 'SECRET'"))
+    assert error.reason == "InternalError"
+    assert "SECRET" not in str(error)
+    assert "ValueError" in str(error)
