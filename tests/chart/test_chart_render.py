@@ -44,6 +44,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "prefect": {
             "apiUrl": "http://prefect-server.prefect.svc.cluster.local:4200/api",
             "apiKeySecret": {"name": "prefect-api-key", "key": "token"},
+            "allowedApiUrls": [
+                "http://prefect-server.prefect.svc.cluster.local:4200/api",
+                "https://api.prefect.cloud/api/accounts/a1/workspaces/w1",
+            ],
         },
         "samplePool": {
             "enabled": True,
@@ -174,6 +178,8 @@ def test_helm_lint_strict_is_clean(helm: Helm, tmp_path: Path, name: str) -> Non
         ({"resources": {"limits": {"memory": "lots"}}}, "at '/resources/limits/memory'"),
         ({"prefect": {"apiUrl": "prefect-server:4200/api"}}, "at '/prefect/apiUrl'"),
         ({"prefect": {"apiKeySecret": {"name": "Prefect Key"}}}, "at '/prefect/apiKeySecret/name'"),
+        ({"prefect": {"allowedApiUrls": ["http://p/api?x="]}}, "at '/prefect/allowedApiUrls/0'"),
+        ({"prefect": {"allowedApiUrls": ["http://u@p/api"]}}, "at '/prefect/allowedApiUrls/0'"),
         ({"metrics": {"port": 70000}}, "at '/metrics/port'"),
         ({"logFormat": "yaml"}, "at '/logFormat'"),
         (
@@ -485,6 +491,7 @@ def test_operator_accepts_the_arguments_the_chart_passes(
     assert args.metrics == (f"0.0.0.0:{metrics['port']}" if metrics.get("enabled") else "")
     assert args.log_format == values.get("logFormat", "full")
     assert args.verbose is values.get("verbose", False)
+    assert args.allowed_api_url == values.get("prefect", {}).get("allowedApiUrls", [])
 
 
 def test_image_digest_wins_over_tag(helm: Helm, tmp_path: Path) -> None:
