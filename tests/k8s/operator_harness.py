@@ -51,6 +51,7 @@ class OperatorProcess:
     # --log-format json: one record per line, which denied_api_calls() reads by field.
     log_format: str = "json"
     metrics_port: int | None = None  # serve /metrics on 127.0.0.1:PORT when set
+    extra_args: tuple[str, ...] = ()  # e.g. ("--allowed-api-url", URL)
     _proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -61,6 +62,7 @@ class OperatorProcess:
                    "--liveness", self.liveness, "--log-format", self.log_format]  # fmt: skip
         if self.metrics_port is not None:
             command += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
+        command += self.extra_args
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

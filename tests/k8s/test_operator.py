@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,12 +17,13 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from kubernetes import client
 from prefect.client.orchestration import get_client
+from recording_server import RecordingServer
 
 from pgw_flows.deploy import deploy_pipeline
 from prefect_gpu_workers.local import read_runs, submit_runs
@@ -343,6 +345,151 @@ def test_prefect_outage_is_a_condition_and_the_pool_recovers(
         server.stop()
 
 
+# Issue 16: what a pool's API URL answers never reaches status or Events, and a URL
+# outside the operator's allowlist is never contacted ---------------------------------
+
+
+def pool_text(pools: Pools, name: str) -> str:
+    """Everything the pool's owner can read about it: the object and its Events."""
+    events = [f"{e.reason}: {e.message}" for e in pools.events(name)]
+    return json.dumps(pools.get(name)) + "\n" + "\n".join(events)
+
+
+def degraded_with(pools: Pools, name: str, reason: str) -> dict[str, Any] | None:
+    condition = pools.condition(name, "Degraded")
+    if condition and condition["status"] == "True" and condition["reason"] == reason:
+        return condition
+    return None
+
+
+def test_prefect_answers_never_reach_status_or_events(
+    operator: OperatorProcess, pools: Pools, node_group: str
+) -> None:
+    marker = f"INTERNAL-SECRET-{uuid.uuid4().hex}"
+    server = RecordingServer(404, json.dumps({"detail": marker}))
+    with server.running():
+        base = f"{server.url}/internal/admin"
+        # Ensuring the work pool (GET, POST /work_pools/) ...
+        pools.create("probe", pool_spec(base, node_group, "gpu8", {"perWorker": 1}, 0))
+        # ... and reading limits for a bound pod (POST /v2/concurrency_limits/filter).
+        limits_spec = pool_spec(base, node_group, "gpu8", {"perWorker": 1}, 1)
+        limits_spec["workPool"]["create"] = False
+        pools.create("probe-limits", limits_spec)
+        for name, reason in (("probe", "WorkPoolRejected"), ("probe-limits", "PrefectRejected")):
+            condition = wait_until(
+                lambda n=name, r=reason: degraded_with(pools, n, r), f"{name} Degraded ({reason})"
+            )
+            assert "HTTP 404" in condition["message"]
+            wait_until(
+                lambda n=name, r=reason: any(e.reason == r for e in pools.events(n)),
+                f"{name}'s {reason} event",
+            )
+        hits = list(server.hits)
+    print("probe requests:", [f"{h.method} {h.target}" for h in hits])
+    print("probe condition:", pools.condition("probe", "Degraded"))
+    for name in ("probe", "probe-limits"):
+        assert marker not in pool_text(pools, name)
+    # The operator's own paths below the pool's path; nothing turned into a query.
+    assert {(h.method, h.target) for h in hits} >= {
+        ("GET", "/internal/admin/work_pools/pool-" + node_group),
+        ("POST", "/internal/admin/work_pools/"),
+        ("POST", "/internal/admin/v2/concurrency_limits/filter"),
+    }
+    assert all(h.target.startswith("/internal/admin/") and "?" not in h.target for h in hits)
+    operator.assert_alive()
+
+
+def test_a_url_outside_the_allowlist_is_never_contacted(
+    dev_cluster: DevCluster,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    limits: PrefectLimits,
+    prefect_server: LocalPrefectServer,
+    tmp_path: Path,
+) -> None:
+    server = RecordingServer(200, "[]")
+    with server.running():
+        # Created, with a ledger entry, before the operator runs: its first pass
+        # and its finalizer both meet the allowlist.
+        outside = pool_spec(f"{server.url}/api", node_group, "gpu8", {"perWorker": 1}, 1)
+        pools.create("outside", outside)
+        pools.custom.patch_namespaced_custom_object_status(
+            "gpuworkers.dev", "v1alpha1", namespace, "gpuworkerpools", "outside",
+            {"status": {"workers": [{"limitName": "gpu:outside-x", "pod": "outside-x",
+                                     "state": "Ready"}]}},
+        )  # fmt: skip
+        allowed = ("--allowed-api-url", prefect_server.api_url)
+        operator = OperatorProcess(
+            dev_cluster.kubeconfig, namespace, tmp_path / "operator.log", extra_args=allowed
+        ).start()
+        try:
+            condition = wait_until(
+                lambda: degraded_with(pools, "outside", "ApiUrlNotAllowed"),
+                "outside Degraded (ApiUrlNotAllowed)",
+            )
+            assert "spec.prefect.apiUrl" in condition["message"]
+            assert "--allowed-api-url" in condition["message"]
+            # A URL under the allowlist works as before.
+            inside = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 1)
+            start_pool(pools, limits, "inside", inside)
+
+            pools.delete("outside")
+            wait_until(lambda: not pools.exists("outside"), "outside to go (finalizer released)")
+            operator.assert_alive()
+        finally:
+            operator.stop()
+            print(f"--- operator log ---\n{operator.log_tail(60)}")
+        assert server.hits == [], f"contacted: {server.hits}"
+    # Refused before anything: not even a worker Deployment was made for it.
+    with pytest.raises(client.ApiException) as info:
+        pools.apps.read_namespaced_deployment("outside", namespace)
+    assert info.value.status == 404
+    assert "gpu:outside-x" in operator.log()  # the limit left behind is named
+
+
+def test_reconcile_passes_are_timed_and_a_deleted_pool_leaves_no_series(
+    dev_cluster: DevCluster,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    prefect_server: LocalPrefectServer,
+    tmp_path: Path,
+) -> None:
+    operator = OperatorProcess(
+        dev_cluster.kubeconfig, namespace, tmp_path / "operator.log", metrics_port=free_port()
+    ).start()
+    labels = f'namespace="{namespace}",pool="idle"'
+    try:
+        # No replicas: its ledger stays empty, the case whose deletion kept its series.
+        pools.create(
+            "idle", pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 0)
+        )
+        wait_until(
+            lambda: (c := pools.condition("idle", "Ready")) and c["status"] == "True",
+            "idle Ready",
+        )
+        samples = wait_until(
+            lambda: (
+                (m := operator.metrics()).get(f"pgw_reconcile_duration_seconds_count{{{labels}}}")
+                and m
+            ),
+            "a timed reconcile pass",
+        )
+        assert samples[f"pgw_pool_workers_desired{{{labels}}}"] == 0
+
+        pools.delete("idle")
+        wait_until(lambda: not pools.exists("idle"), "idle to go")
+        wait_until(
+            lambda: not [k for k in operator.metrics() if labels in k],
+            "every series of the deleted pool to go",
+        )
+        operator.assert_alive()
+    finally:
+        operator.stop()
+        print(f"--- operator log ---\n{operator.log_tail(40)}")
+
+
 INVALID_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("both gpu modes", {"gpu": {"perWorker": 1, "wholeNode": True}}, "spec.gpu.perWorker"),
     ("no gpu mode", {"gpu": {}}, "spec.gpu.perWorker"),
@@ -361,21 +508,103 @@ INVALID_SPECS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "field"),
-    [(o, f) for _, o, f in INVALID_SPECS],
-    ids=[i for i, _, _ in INVALID_SPECS],
-)
-def test_invalid_pools_are_rejected_naming_the_field(
-    dev_cluster: DevCluster, namespace: str, node_group: str, overrides: dict[str, Any], field: str
-) -> None:
-    spec = {
+# Pool API URLs refused at admission, each with the rule its message names (the
+# operator repeats the rules: tests/unit/test_operator_api_url.py).
+REJECTED_API_URLS: list[tuple[str, str, str]] = [
+    ("scheme", "ftp://prefect/api", "must start with http:// or https://"),
+    ("scheme-relative", "//prefect/api", "must start with http:// or https://"),
+    ("userinfo", "http://user:pw@prefect/api", "userinfo"),
+    ("userinfo host", "http://prefect@127.0.0.1:8080/api", "userinfo"),
+    ("query", "http://127.0.0.1:8080/internal/admin?x=", "query"),
+    ("fragment", "http://prefect/api#x", "fragment"),
+    ("whitespace", "http://prefect/ api", "whitespace"),
+    ("newline", "http://prefect/api\n", "whitespace"),
+    ("backslash", "http://evil\\prefect/api", "URL characters"),
+    ("non-ascii", "http://pr\u00e9fect/api", "URL characters"),
+    ("no host", "http:///api", "must name a host"),
+    ("dot segments", "http://prefect/api/../admin", ". or .. path segments"),
+    ("encoded dots", "http://prefect/api/%2e%2e/admin", ". or .. path segments"),
+    ("encoded slash", "http://prefect/api%2F..%2Fadmin", "percent-encode"),
+    ("bad port", "http://prefect:99999/api", "port"),
+]
+INVALID_SPECS += [
+    (f"api url {name}", {"prefect": {"apiUrl": url}}, "spec.prefect.apiUrl")
+    for name, url, _ in REJECTED_API_URLS
+]
+
+
+@pytest.fixture
+def our_crd(dev_cluster: DevCluster) -> None:
+    """This checkout's CRD, applied again: other checkouts share the cluster and theirs."""
+    install_crd(dev_cluster)
+
+
+def minimal_spec(**overrides: Any) -> dict[str, Any]:
+    return {
         "workPool": {"name": "p"},
         "prefect": {"apiUrl": "http://prefect/api"},
         "gpu": {"perWorker": 1},
         "worker": {"image": "i"},
         **overrides,
     }
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [(u, r) for _, u, r in REJECTED_API_URLS],
+    ids=[n for n, _, _ in REJECTED_API_URLS],
+)
+def test_api_urls_are_rejected_at_admission_naming_the_field_and_rule(
+    dev_cluster: DevCluster, namespace: str, our_crd: None, url: str, rule: str
+) -> None:
+    with pytest.raises(client.ApiException) as info:
+        Pools(dev_cluster, namespace).create("invalid", minimal_spec(prefect={"apiUrl": url}))
+    assert info.value.status == 422
+    assert "spec.prefect.apiUrl" in str(info.value.body)
+    assert rule in str(info.value.body), info.value.body
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://prefect-server.prefect.svc.cluster.local:4200/api",
+        "https://api.prefect.cloud/api/accounts/1b2c/workspaces/3d4e",
+        "http://127.0.0.1:4200/api/",
+        "http://[::1]:4200/api",
+    ],
+)
+def test_plain_api_urls_are_admitted(
+    dev_cluster: DevCluster, namespace: str, our_crd: None, url: str
+) -> None:
+    body = {
+        "apiVersion": "gpuworkers.dev/v1alpha1",
+        "kind": "GpuWorkerPool",
+        "metadata": {"name": "valid"},
+        "spec": minimal_spec(prefect={"apiUrl": url}),
+    }
+    created = cast(
+        dict[str, Any],
+        Pools(dev_cluster, namespace).custom.create_namespaced_custom_object(
+            "gpuworkers.dev", "v1alpha1", namespace, "gpuworkerpools", body, dry_run="All"
+        ),
+    )
+    assert created["spec"]["prefect"]["apiUrl"] == url
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [(o, f) for _, o, f in INVALID_SPECS],
+    ids=[i for i, _, _ in INVALID_SPECS],
+)
+def test_invalid_pools_are_rejected_naming_the_field(
+    dev_cluster: DevCluster,
+    namespace: str,
+    node_group: str,
+    our_crd: None,
+    overrides: dict[str, Any],
+    field: str,
+) -> None:
+    spec = minimal_spec(**overrides)
     with pytest.raises(client.ApiException) as info:
         Pools(dev_cluster, namespace).create("invalid", spec)
     assert info.value.status == 422
