@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import httpx
 import pytest
+import yaml
 from kubernetes import client
 from prefect.client.orchestration import get_client
 from recording_server import RecordingServer
@@ -33,6 +34,7 @@ from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
 from .cluster import DevCluster
 from .operator_harness import (
+    CRD,
     OperatorProcess,
     Pools,
     PrefectLimits,
@@ -533,10 +535,35 @@ INVALID_SPECS += [
 ]
 
 
-@pytest.fixture
-def our_crd(dev_cluster: DevCluster) -> None:
-    """This checkout's CRD, applied again: other checkouts share the cluster and theirs."""
-    install_crd(dev_cluster)
+@pytest.fixture(scope="module")
+def isolated_group(dev_cluster: DevCluster) -> Iterator[str]:
+    """This checkout's CRD served under an API group of its own, for admission tests.
+
+    The cluster is shared: other checkouts apply their own version of the
+    gpuworkers.dev CRD at any time, so rules are tested on a private copy.
+    """
+    group = f"t{uuid.uuid4().hex[:8]}.gpuworkers.dev"
+    crd = yaml.safe_load(CRD.read_text())
+    crd["metadata"]["name"] = f"gpuworkerpools.{group}"
+    crd["spec"]["group"] = group
+    dev_cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(crd))
+    dev_cluster.kubectl(
+        "wait", "--for=condition=Established", f"crd/gpuworkerpools.{group}", "--timeout=60s"
+    )
+    yield group
+    dev_cluster.kubectl("delete", "crd", f"gpuworkerpools.{group}", "--wait=false")
+
+
+def admit(
+    dev_cluster: DevCluster, namespace: str, group: str, spec: dict[str, Any], name: str = "p"
+) -> dict[str, Any]:
+    """Create a pool of the isolated group without storing it (dry run); the API's answer."""
+    body = {"apiVersion": f"{group}/v1alpha1", "kind": "GpuWorkerPool",
+            "metadata": {"name": name}, "spec": spec}  # fmt: skip
+    created = client.CustomObjectsApi(dev_cluster.api_client()).create_namespaced_custom_object(
+        group, "v1alpha1", namespace, "gpuworkerpools", body, dry_run="All"
+    )
+    return cast(dict[str, Any], created)
 
 
 def minimal_spec(**overrides: Any) -> dict[str, Any]:
@@ -555,10 +582,10 @@ def minimal_spec(**overrides: Any) -> dict[str, Any]:
     ids=[n for n, _, _ in REJECTED_API_URLS],
 )
 def test_api_urls_are_rejected_at_admission_naming_the_field_and_rule(
-    dev_cluster: DevCluster, namespace: str, our_crd: None, url: str, rule: str
+    dev_cluster: DevCluster, namespace: str, isolated_group: str, url: str, rule: str
 ) -> None:
     with pytest.raises(client.ApiException) as info:
-        Pools(dev_cluster, namespace).create("invalid", minimal_spec(prefect={"apiUrl": url}))
+        admit(dev_cluster, namespace, isolated_group, minimal_spec(prefect={"apiUrl": url}))
     assert info.value.status == 422
     assert "spec.prefect.apiUrl" in str(info.value.body)
     assert rule in str(info.value.body), info.value.body
@@ -574,20 +601,10 @@ def test_api_urls_are_rejected_at_admission_naming_the_field_and_rule(
     ],
 )
 def test_plain_api_urls_are_admitted(
-    dev_cluster: DevCluster, namespace: str, our_crd: None, url: str
+    dev_cluster: DevCluster, namespace: str, isolated_group: str, url: str
 ) -> None:
-    body = {
-        "apiVersion": "gpuworkers.dev/v1alpha1",
-        "kind": "GpuWorkerPool",
-        "metadata": {"name": "valid"},
-        "spec": minimal_spec(prefect={"apiUrl": url}),
-    }
-    created = cast(
-        dict[str, Any],
-        Pools(dev_cluster, namespace).custom.create_namespaced_custom_object(
-            "gpuworkers.dev", "v1alpha1", namespace, "gpuworkerpools", body, dry_run="All"
-        ),
-    )
+    spec = minimal_spec(prefect={"apiUrl": url})
+    created = admit(dev_cluster, namespace, isolated_group, spec)
     assert created["spec"]["prefect"]["apiUrl"] == url
 
 
@@ -599,14 +616,12 @@ def test_plain_api_urls_are_admitted(
 def test_invalid_pools_are_rejected_naming_the_field(
     dev_cluster: DevCluster,
     namespace: str,
-    node_group: str,
-    our_crd: None,
+    isolated_group: str,
     overrides: dict[str, Any],
     field: str,
 ) -> None:
-    spec = minimal_spec(**overrides)
     with pytest.raises(client.ApiException) as info:
-        Pools(dev_cluster, namespace).create("invalid", spec)
+        admit(dev_cluster, namespace, isolated_group, minimal_spec(**overrides))
     assert info.value.status == 422
     assert field in str(info.value.body), info.value.body
 
