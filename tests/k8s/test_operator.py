@@ -608,6 +608,18 @@ def test_plain_api_urls_are_admitted(
     assert created["spec"]["prefect"]["apiUrl"] == url
 
 
+@pytest.mark.parametrize("length", [64, 253])
+def test_pool_names_longer_than_a_label_value_are_rejected(
+    dev_cluster: DevCluster, namespace: str, isolated_group: str, length: int
+) -> None:
+    with pytest.raises(client.ApiException) as info:
+        admit(dev_cluster, namespace, isolated_group, minimal_spec(), "p" * length)
+    assert info.value.status == 422
+    assert "metadata.name must be at most 63 characters" in str(info.value.body)
+    # The longest name a label value takes is admitted.
+    assert admit(dev_cluster, namespace, isolated_group, minimal_spec(), "p" * 63)
+
+
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [(o, f) for _, o, f in INVALID_SPECS],
