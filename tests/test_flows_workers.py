@@ -3,7 +3,8 @@
 Three pools, so that each scenario knows which worker runs it:
 - ``two``: two workers, limit 2 each, up to 8 flow runs each;
 - ``one``: one worker, limit 2 (failure, cancellation, occupy=2);
-- ``bare``: one worker whose limit is missing, then inactive.
+- ``bare``: one worker whose limit is deleted once it is online, then made inactive
+  (the entrypoint does not start a worker before its limit exists).
 """
 
 from __future__ import annotations
@@ -88,9 +89,8 @@ def workers(
             pool = f"test-{key}-{suffix}"
             with session.client() as client:
                 ensure_process_pool(client, pool)
-                if key != "bare":  # the bare worker's limit is deliberately missing
-                    for plan in plans:
-                        ensure_gpu_limit(client, plan.limit_name, plan.slots)
+                for plan in plans:
+                    ensure_gpu_limit(client, plan.limit_name, plan.slots)
             deployment_id = deploy_for_local_workers(pool, f"pipeline-{key}-{suffix}")
             pools[key] = Pool(pool, deployment_id, plans)
             session.start_workers(plans, pool, {WORKER_QUERY_SECONDS_ENV: POLL_SECONDS})
@@ -136,6 +136,8 @@ def test_gpu_steps_stay_within_each_workers_limit_while_io_overlaps(workers: Wor
 
 def test_missing_then_inactive_limit_fails_the_run_before_the_gpu_step(workers: Workers) -> None:
     (plan,) = workers.pools["bare"].plans
+    with workers.session.client() as client:
+        client.delete_global_concurrency_limit_by_name(plan.limit_name)
     ids, record_dir = workers.submit("bare", 1)
     (run,) = workers.wait("bare", ids)
     assert _state(run) == "FAILED"

@@ -128,7 +128,7 @@ def test_worker_entrypoint_fails_visibly_when_its_limit_never_appears(
 ) -> None:
     worker = f"w{uuid.uuid4().hex[:6]}"
     result = subprocess.run(
-        [*CLI, "worker", "--pool", "nowhere", "--limit", "2", "--wait-timeout", "1"],
+        [*CLI, "worker", "--pool", "nowhere", "--flow-runs", "2", "--wait-timeout", "1"],
         env={**os.environ, "WORKER_ID": worker, "PGW_LIMIT_PREFIX": "gpu"},
         capture_output=True,
         text=True,
@@ -142,7 +142,7 @@ def test_worker_entrypoint_fails_visibly_when_its_limit_never_appears(
 def test_worker_entrypoint_needs_a_worker_id() -> None:
     env = {k: v for k, v in os.environ.items() if k != "WORKER_ID"}
     result = subprocess.run(
-        [*CLI, "worker", "--pool", "nowhere", "--limit", "2", "--wait-timeout", "1"],
+        [*CLI, "worker", "--pool", "nowhere", "--flow-runs", "2", "--wait-timeout", "1"],
         env=env,
         capture_output=True,
         text=True,

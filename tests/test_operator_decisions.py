@@ -253,7 +253,7 @@ def test_deployment_gives_each_pod_its_name_as_worker_id_and_the_gpu_limit() -> 
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["command"][:2] == ["prefect-gpu-workers", "worker"]
     assert container["command"][container["command"].index("--limit-prefix") + 1] == "infer"
-    assert container["command"][container["command"].index("--limit") + 1] == "8"
+    assert container["command"][container["command"].index("--flow-runs") + 1] == "8"
     assert container["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     labels = deployment["spec"]["template"]["metadata"]["labels"]

@@ -133,13 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--flow-runs-per-worker",
         type=_positive_int,
-        help="worker --limit; default: enough to keep its GPU slots busy, at most its share "
-        "of the runs",
+        help="each worker's --flow-runs; default: enough to keep its GPU slots busy, at most "
+        "its share of the runs",
     )
 
     bench = commands.add_parser(
         "bench",
-        help="compare task-level (GCL) with flow-level (--limit) GPU limiting",
+        help="compare task-level (GCL) with flow-level (--flow-runs) GPU limiting",
         description="Run the pipeline twice on the same local workers: GPU step limited by "
         "the per-worker GCL with many flow runs per worker, then flow runs limited to the "
         "GPU slots. Stage work is simulated; the GPU stage is a third of a run.",
@@ -163,7 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         "process worker named WORKER_ID.",
     )
     worker.add_argument("--pool", required=True, help="process work pool")
-    worker.add_argument("--limit", type=_positive_int, required=True, help="flow runs at once")
+    worker.add_argument(
+        "--flow-runs",
+        type=_positive_int,
+        required=True,
+        help="flow runs this worker takes at once (prefect worker start --limit)",
+    )
     worker.add_argument(
         "--limit-prefix",
         type=_limit_prefix,
@@ -207,7 +212,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         try:
             # Replaces this process with the Prefect worker when the limit is ready.
             run_worker(
-                args.pool, args.limit, args.limit_prefix, args.wait_timeout, args.with_healthcheck
+                args.pool,
+                args.flow_runs,
+                args.limit_prefix,
+                args.wait_timeout,
+                args.with_healthcheck,
             )
         except (TimeoutError, WorkerIdentityError) as exc:
             print(f"prefect-gpu-workers worker: {exc}", file=sys.stderr)

@@ -43,6 +43,8 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from prefect_gpu_workers.commands import module_program
+from prefect_gpu_workers.commands import worker_command as entrypoint_command
 from prefect_gpu_workers.gpu import Capacity, GpuInventory, resolve_capacity
 from prefect_gpu_workers.naming import (
     DEFAULT_LIMIT_PREFIX,
@@ -64,6 +66,10 @@ DEFAULT_WORKER_PREFIX = "local"
 FALLBACK_GPUS = 1
 DEFAULT_SLOTS_PER_GPU = 2
 WORKER_QUERY_SECONDS_ENV = "PREFECT_WORKER_QUERY_SECONDS"
+# Local mode creates each limit before it starts the worker, so the
+# entrypoint's wait ends at its first look; the timeout only bounds a server
+# that stopped answering.
+LIMIT_WAIT_TIMEOUT_S = 60
 
 
 # ---------------------------------------------------------------- decisions
@@ -136,7 +142,7 @@ def flow_runs_to_fill(slots: int, download_s: float, gpu_s: float, save_s: float
 def flow_runs_per_worker(
     slots: int, runs: int, workers: int, download_s: float, gpu_s: float, save_s: float
 ) -> int:
-    """A worker's ``--limit`` for a batch of ``runs``: enough to fill its slots, no more
+    """A worker's ``--flow-runs`` for a batch of ``runs``: enough to fill its slots, no more
     than its share of the batch (so that the first worker to poll does not take
     every run), and never fewer than its slots."""
     fill = flow_runs_to_fill(slots, download_s, gpu_s, save_s)
@@ -298,11 +304,14 @@ def start_logged(
 
 
 def worker_command(plan: WorkerPlan, pool: str) -> list[str]:
-    return [
-        sys.executable, "-m", "prefect", "worker", "start",
-        "--pool", pool, "--type", "process",
-        "--name", plan.worker_id, "--limit", str(plan.flow_run_limit),
-    ]  # fmt: skip
+    """The entrypoint pods run, through this interpreter; ``WORKER_ID`` comes from the env."""
+    return entrypoint_command(
+        pool,
+        flow_runs=plan.flow_run_limit,
+        limit_prefix=plan.limit_prefix,
+        wait_timeout_s=LIMIT_WAIT_TIMEOUT_S,
+        program=module_program(sys.executable),
+    )
 
 
 # ---------------------------------------------------------------- Prefect
