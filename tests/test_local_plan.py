@@ -12,17 +12,15 @@ import pytest
 from prefect.client.schemas.objects import FlowRun, State, StateType
 
 from prefect_gpu_workers.gpu import GpuDevice, GpuInventory
-from prefect_gpu_workers.local import (
-    SESSION_MARKER_ENV,
+from prefect_gpu_workers.local.plan import (
     count_runs,
     flow_runs_per_worker,
     flow_runs_to_fill,
-    marked_pids,
     plan_capacity,
     plan_workers,
-    stop_marked,
     worker_ids,
 )
+from prefect_gpu_workers.local.processes import SESSION_MARKER_ENV, marked_pids, stop_marked
 from prefect_gpu_workers.naming import WorkerIdentityError
 
 NO_DRIVER = GpuInventory(unavailable_reason="NVML could not start: Driver Not Loaded")
@@ -60,11 +58,11 @@ def test_worker_ids_are_valid_and_distinct() -> None:
 
 
 def test_plans_name_one_limit_per_worker() -> None:
-    plans = plan_workers(["local-1", "local-2"], slots=2, flow_run_limit=7, limit_prefix="gpu")
+    plans = plan_workers(["local-1", "local-2"], slots=2, flow_runs=7, limit_prefix="gpu")
     assert [p.limit_name for p in plans] == ["gpu:local-1", "gpu:local-2"]
-    assert {(p.slots, p.flow_run_limit) for p in plans} == {(2, 7)}
-    with pytest.raises(ValueError, match="flow-run limit"):
-        plan_workers(["local-1"], slots=2, flow_run_limit=0)
+    assert {(p.slots, p.flow_runs) for p in plans} == {(2, 7)}
+    with pytest.raises(ValueError, match="flow runs per worker must be at least 1"):
+        plan_workers(["local-1"], slots=2, flow_runs=0)
 
 
 @pytest.mark.parametrize(
