@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
-import uuid
 from uuid import uuid4
 
 import pytest
@@ -20,7 +16,6 @@ from prefect_gpu_workers.local.plan import (
     plan_workers,
     worker_ids,
 )
-from prefect_gpu_workers.local.processes import SESSION_MARKER_ENV, marked_pids, stop_marked
 from prefect_gpu_workers.naming import WorkerIdentityError
 
 NO_DRIVER = GpuInventory(unavailable_reason="NVML could not start: Driver Not Loaded")
@@ -100,28 +95,6 @@ def test_count_runs_groups_states() -> None:
     assert (counts.waiting, counts.running, counts.completed, counts.failed) == (3, 2, 1, 3)
     assert not counts.done
     assert count_runs([_run(StateType.COMPLETED), _run(StateType.FAILED)]).done
-
-
-def test_marked_processes_are_found_and_stopped_even_in_their_own_session() -> None:
-    marker = uuid.uuid4().hex
-    env = {**os.environ, SESSION_MARKER_ENV: marker}
-    # A grandchild in a new session, as a flow-run process would be.
-    parent = subprocess.Popen(
-        ["bash", "-c", "setsid sleep 300 & setsid sleep 300 & wait"],
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while len(marked_pids(marker)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(marked_pids(marker)) == 3
-        stopped = stop_marked(marker, grace_s=5)
-        assert parent.pid in stopped
-        assert marked_pids(marker) == []
-    finally:
-        parent.kill()
-        parent.wait(5)
 
 
 @pytest.mark.parametrize(
