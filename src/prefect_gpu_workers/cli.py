@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the per-worker GCL with many flow runs per worker, then flow runs limited to the "
         "GPU slots. Stage work is simulated; the GPU stage is a third of a run.",
     )
-    # One worker by default: on 2 cores more slots would measure flow-run start-up CPU.
+    # One worker by default: on a small machine more slots would measure
+    # flow-run start-up CPU instead of the slot handoff.
     _add_common(bench, f"{DEFAULT_POOL}-bench", workers=1)
     bench.add_argument(
         "--gpu-seconds",

@@ -15,12 +15,13 @@ run), so the numbers measure Prefect's coordination, not this machine's CPU.
 Prefect runs with its default server and worker settings unless told
 otherwise (``--poll-seconds``).
 
-The defaults (one worker with 2 slots, 4 s GPU steps) keep the GPU the
-bottleneck on a 2-core machine: every flow run is a new Python process that
-costs about 3 CPU-seconds to start, which caps a 2-core box near 0.5 runs/s,
-and the task-level ceiling here is 2 slots / 4 s = 0.5 runs/s. With more
-slots or shorter steps the bench measures the CPU; the output gives both
-ceilings and the load average so that a reader can tell.
+The defaults (one worker with 2 slots, 4 s GPU steps) aim to keep the GPU
+the bottleneck on a small machine: every flow run is a new Python process
+whose start-up costs CPU-seconds, so the CPU caps how many runs per second a
+machine can start (README gives measured figures), and the task-level ceiling
+here is 2 slots / 4 s = 0.5 runs/s. With more slots or shorter steps the bench
+measures the CPU; the output gives both ceilings and the load average so that
+a reader can tell.
 """
 
 from __future__ import annotations

@@ -113,8 +113,8 @@ def local_job_variables() -> dict[str, Any]:
 
     An explicit ``command`` makes the process worker start the engine
     directly. Without it, Prefect 3.9 first starts a workspace-resolving
-    Python process per flow run, which doubles the CPU a run costs (measured
-    here: ~6.4 vs ~2.8 CPU-seconds) and buys nothing for a module entrypoint
+    Python process per flow run: a second interpreter start-up for every run
+    (README has the CPU it costs), which buys nothing for a module entrypoint
     with no pull steps. The interpreter is this one: local workers share it.
     """
     return {"command": shlex.join([sys.executable, "-m", "prefect.engine"])}

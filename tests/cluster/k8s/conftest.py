@@ -31,7 +31,7 @@ def dev_cluster() -> Iterator[DevCluster]:
     """The dev control plane; started (and later stopped) here only if it was not running."""
     started_here = not _cluster_running()
     holder = str(os.getpid())  # registered, so another run's `down` leaves the cluster up
-    up = run([DEV_CLUSTER, "up", "--holder", holder], timeout=3600)  # cold tool build: ~10 min
+    up = run([DEV_CLUSTER, "up", "--holder", holder], timeout=3600)  # cold tool build: minutes
     if up.returncode != 0:
         pytest.fail(f"hack/dev-cluster up failed ({up.returncode}):\n{up.stderr}{up.stdout}")
     kubeconfig = Path(up.stdout.strip().splitlines()[-1])
