@@ -29,6 +29,7 @@ from pgw_operator import desired
 from pgw_operator.spec import PoolSpec
 
 from .conftest import CHART, Helm, one, parse_manifests
+from builders import pool_spec
 
 DOCKER = REPO_ROOT / "docker"
 IMAGES = ("operator", "worker")
@@ -119,14 +120,7 @@ def hack_setup_uv_version() -> str:
 
 
 def sample_spec() -> PoolSpec:
-    return PoolSpec.from_dict(
-        {
-            "workPool": {"name": "gpu"},
-            "prefect": {"apiUrl": "http://prefect:4200/api"},
-            "gpu": {"perWorker": 1},
-            "worker": {"image": "worker:1"},
-        }
-    )
+    return pool_spec()
 
 
 # --- Python, uv, extras -------------------------------------------------------------
