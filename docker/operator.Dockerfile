@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # The operator image: python -m pgw_operator (kopf), the project installed with
-# its `operator` extra from uv.lock. No torch, no uv, no compiler in the result.
+# its `operator` extra from uv.lock, without Prefect: the operator talks to
+# Prefect over HTTP (httpx) and imports only the core's stdlib-only modules.
+# No Prefect, no torch, no uv, no compiler in the result.
 #
 #   docker build -f docker/operator.Dockerfile -t REGISTRY/prefect-gpu-workers-operator:0.1.0 .
 #
@@ -12,20 +14,25 @@ FROM python:${PYTHON_VERSION}-slim AS build
 # uv at the version hack/setup pins, from PyPI like there.
 ARG UV_VERSION=0.13.9
 RUN pip install --no-cache-dir "uv==${UV_VERSION}"
-ENV UV_PROJECT_ENVIRONMENT=/opt/venv \
+ENV VIRTUAL_ENV=/opt/venv \
     UV_PYTHON_DOWNLOADS=never \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_NO_CACHE=1
 WORKDIR /src
 # Dependencies first (cached until uv.lock changes), then the project itself.
+# `--prune prefect` drops Prefect and every package that only Prefect needs
+# from the locked set; the hashes in the export are checked on install and
+# --no-deps keeps pip from resolving anything the lock did not list.
 COPY pyproject.toml uv.lock ./
-RUN uv sync --frozen --no-default-groups --extra operator --no-install-project
+RUN uv export --frozen --no-default-groups --extra operator --no-emit-project --prune prefect --output-file /tmp/requirements.txt \
+ && uv venv /opt/venv \
+ && uv pip install --require-hashes --no-deps -r /tmp/requirements.txt
 COPY README.md ./
 COPY src ./src
 COPY operator ./operator
 COPY flows ./flows
-RUN uv sync --frozen --no-default-groups --extra operator --no-editable
+RUN uv pip install --no-deps .
 
 FROM python:${PYTHON_VERSION}-slim
 # Non-root, numeric uid (runAsNonRoot can verify it); the chart runs it as 1000.

@@ -2,7 +2,7 @@
 # The worker image: Prefect, torch, the flows (pgw_flows) and the
 # `prefect-gpu-workers` entrypoint, installed with the `worker` extra from
 # uv.lock. The operator starts it as
-#   prefect-gpu-workers worker --pool P --limit N --resource PREFIX --wait-timeout S --with-healthcheck
+#   prefect-gpu-workers worker --pool P --flow-runs N --limit-prefix X --wait-timeout S --with-healthcheck
 # (waits for its limit, then execs `prefect worker start`), as uid 1000 with a
 # read-only root filesystem, PREFECT_HOME=/var/run/prefect and /tmp as emptyDirs.
 #

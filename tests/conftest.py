@@ -1,15 +1,34 @@
-"""Shared fixtures: one real Prefect server for the whole session."""
+"""Shared fixtures, and the test tiers by folder.
+
+Tiers: ``tests/unit`` (pure: no server, nothing built), ``tests/integration``
+(a real Prefect server), ``tests/cluster`` (the dev control plane and its
+tools). Every test is marked with its tier, so ``-m unit`` selects like the
+folder does. This file keeps Prefect out of its imports: the unit tier does
+not pay for it unless a test needs it.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from prefect_gpu_workers.server import LocalPrefectServer
+if TYPE_CHECKING:
+    from prefect_gpu_workers.server import LocalPrefectServer
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "cluster")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with the tier its folder names."""
+    for item in items:
+        parts = item.path.relative_to(TESTS).parts if TESTS in item.path.parents else ()
+        if parts and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +38,10 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPr
     Tests point both this process (temporary settings) and any subprocess
     (``prefect_server.env()``) at it.
     """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from prefect_gpu_workers.server import LocalPrefectServer
+
     server = LocalPrefectServer(home=tmp_path_factory.mktemp("prefect-home"))
     with server:
         os.environ.update(server.env())
@@ -28,4 +51,4 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPr
 
 @pytest.fixture
 def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return TESTS.parent

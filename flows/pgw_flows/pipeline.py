@@ -22,11 +22,14 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.limits import gpu_slot
 from prefect_gpu_workers.naming import WORKER_ID_ENV, limit_prefix_from_env
 from prefect_gpu_workers.records import StageRecord, append_record, record_dir_from
 
 FLOW_NAME = "gpu-pipeline"
+# The signature below takes its defaults from here: the parameters are defined once.
+_DEFAULTS = PipelineParams()
 
 
 class InjectedGpuFailure(RuntimeError):
@@ -144,18 +147,20 @@ def _record(record_dir: str | None, record: StageRecord) -> None:
 
 @flow(name=FLOW_NAME)
 def gpu_pipeline(
-    items: int = 4,
-    occupy: int = 1,
-    limit_prefix: str | None = None,
-    download_s: float = 0.0,
-    gpu_s: float = 0.0,
-    save_s: float = 0.0,
-    simulate: bool = False,
-    record_dir: str | None = None,
-    fail_in_gpu_step: bool = False,
+    items: int = _DEFAULTS.items,
+    occupy: int = _DEFAULTS.occupy,
+    limit_prefix: str | None = _DEFAULTS.limit_prefix,
+    download_s: float = _DEFAULTS.download_s,
+    gpu_s: float = _DEFAULTS.gpu_s,
+    save_s: float = _DEFAULTS.save_s,
+    simulate: bool = _DEFAULTS.simulate,
+    record_dir: str | None = _DEFAULTS.record_dir,
+    fail_in_gpu_step: bool = _DEFAULTS.fail_in_gpu_step,
 ) -> dict[str, Any]:
     """Download ``items`` inputs, classify them holding ``occupy`` GPU slots, save.
 
+    The parameters are :class:`pgw_flows.params.PipelineParams`' fields (build
+    a run's parameters with ``PipelineParams(...).as_parameters()``):
     ``limit_prefix`` is the limit prefix (default: ``PGW_LIMIT_PREFIX``, else
     ``gpu``); ``record_dir`` (or ``PGW_RECORD_DIR``) receives one JSON line per stage;
     ``fail_in_gpu_step`` raises inside the slot (fault injection for tests).

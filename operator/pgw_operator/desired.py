@@ -19,6 +19,7 @@ from pgw_operator.spec import (
     WORKER_CONTAINER,
     PoolSpec,
 )
+from prefect_gpu_workers.commands import worker_command as entrypoint_command
 
 # The worker process keeps Prefect's home here; the root filesystem is read-only.
 PREFECT_HOME = "/var/run/prefect"
@@ -73,14 +74,13 @@ def worker_env(spec: PoolSpec) -> list[dict[str, Any]]:
 
 def worker_command(spec: PoolSpec) -> list[str]:
     """Wait for this pod's limit, then exec the Prefect worker named after the pod."""
-    return [
-        "prefect-gpu-workers", "worker",
-        "--pool", spec.work_pool,
-        "--limit", str(spec.flow_runs_per_worker),
-        "--limit-prefix", spec.limit_prefix,
-        "--wait-timeout", str(spec.limit_wait_timeout_s),
-        "--with-healthcheck",
-    ]  # fmt: skip
+    return entrypoint_command(
+        spec.work_pool,
+        flow_runs=spec.flow_runs_per_worker,
+        limit_prefix=spec.limit_prefix,
+        wait_timeout_s=spec.limit_wait_timeout_s,
+        with_healthcheck=True,
+    )
 
 
 def worker_resources(spec: PoolSpec) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""``prefect-gpu-workers``: the local demo and the task-level vs flow-level bench."""
+"""``prefect-gpu-workers``: the worker entrypoint, the local demo and the bench.
+
+The top layer. It imports local mode's pure plan for its defaults and the
+rest of local mode only when a command runs, so that ``--help`` and the
+worker entrypoint do not pay for it.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,13 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
 from rich.console import Console
 
-from prefect_gpu_workers.local import DEFAULT_POOL, DEFAULT_WORKER_PREFIX, PipelineParams
+from prefect_gpu_workers.local.plan import DEFAULT_POOL, DEFAULT_WORKER_PREFIX, DEMO_PIPELINE
 from prefect_gpu_workers.naming import (
     DEFAULT_LIMIT_PREFIX,
     LIMIT_PREFIX_ENV,
@@ -115,17 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(demo, DEFAULT_POOL, workers=2)
     demo.add_argument("--runs", type=_positive_int, default=12, help="flow runs to submit (12)")
-    demo.add_argument("--items", type=_positive_int, default=4, help="images per run (4)")
-    demo.add_argument("--occupy", type=_positive_int, default=1, help="slots per GPU step (1)")
+    d = DEMO_PIPELINE
+    demo.add_argument(
+        "--items", type=_positive_int, default=d.items, help=f"images per run ({d.items})"
+    )
+    demo.add_argument(
+        "--occupy", type=_positive_int, default=d.occupy, help=f"slots per GPU step ({d.occupy})"
+    )
     # Minimums: a stage does its work, then sleeps out the rest.
     demo.add_argument(
-        "--download-seconds", type=_non_negative_float, default=2.0, help="download stage (2)"
+        "--download-seconds",
+        type=_non_negative_float,
+        default=d.download_s,
+        help=f"download stage ({d.download_s:g})",
     )
     demo.add_argument(
-        "--gpu-seconds", type=_non_negative_float, default=3.0, help="GPU stage, in the slot (3)"
+        "--gpu-seconds",
+        type=_non_negative_float,
+        default=d.gpu_s,
+        help=f"GPU stage, in the slot ({d.gpu_s:g})",
     )
     demo.add_argument(
-        "--save-seconds", type=_non_negative_float, default=2.0, help="save stage (2)"
+        "--save-seconds",
+        type=_non_negative_float,
+        default=d.save_s,
+        help=f"save stage ({d.save_s:g})",
     )
     demo.add_argument(
         "--simulate", action="store_true", help="sleep instead of running the model (no torch)"
@@ -133,18 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--flow-runs-per-worker",
         type=_positive_int,
-        help="worker --limit; default: enough to keep its GPU slots busy, at most its share "
-        "of the runs",
+        help="each worker's --flow-runs; default: enough to keep its GPU slots busy, at most "
+        "its share of the runs",
     )
 
     bench = commands.add_parser(
         "bench",
-        help="compare task-level (GCL) with flow-level (--limit) GPU limiting",
+        help="compare task-level (GCL) with flow-level (--flow-runs) GPU limiting",
         description="Run the pipeline twice on the same local workers: GPU step limited by "
         "the per-worker GCL with many flow runs per worker, then flow runs limited to the "
         "GPU slots. Stage work is simulated; the GPU stage is a third of a run.",
     )
-    # One worker by default: on 2 cores more slots would measure flow-run start-up CPU.
+    # One worker by default: on a small machine more slots would measure
+    # flow-run start-up CPU instead of the slot handoff.
     _add_common(bench, f"{DEFAULT_POOL}-bench", workers=1)
     bench.add_argument(
         "--gpu-seconds",
@@ -163,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         "process worker named WORKER_ID.",
     )
     worker.add_argument("--pool", required=True, help="process work pool")
-    worker.add_argument("--limit", type=_positive_int, required=True, help="flow runs at once")
+    worker.add_argument(
+        "--flow-runs",
+        type=_positive_int,
+        required=True,
+        help="flow runs this worker takes at once (prefect worker start --limit)",
+    )
     worker.add_argument(
         "--limit-prefix",
         type=_limit_prefix,
@@ -207,15 +233,20 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         try:
             # Replaces this process with the Prefect worker when the limit is ready.
             run_worker(
-                args.pool, args.limit, args.limit_prefix, args.wait_timeout, args.with_healthcheck
+                args.pool,
+                args.flow_runs,
+                args.limit_prefix,
+                args.wait_timeout,
+                args.with_healthcheck,
             )
         except (TimeoutError, WorkerIdentityError) as exc:
             print(f"prefect-gpu-workers worker: {exc}", file=sys.stderr)
         return 1
     if args.command == "demo":
-        from prefect_gpu_workers.demo import DemoOptions, run_demo
+        from prefect_gpu_workers.local.demo import DemoOptions, run_demo
 
-        pipeline = PipelineParams(
+        pipeline = replace(
+            DEMO_PIPELINE,
             items=args.items,
             occupy=args.occupy,
             download_s=args.download_seconds,
@@ -240,7 +271,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         )
         return run_demo(options, console)
 
-    from prefect_gpu_workers.bench import BenchOptions, render, run_bench
+    from prefect_gpu_workers.local.bench import BenchOptions, render, run_bench
 
     bench_options = BenchOptions(
         workers=args.workers,

@@ -75,7 +75,7 @@ class LocalPrefectServer:
         """Environment a client process needs to use this server."""
         return {**quiet_prefect_env(self.home), "PREFECT_API_URL": self.api_url}
 
-    def start(self, timeout_s: float = 90.0) -> LocalPrefectServer:
+    def start(self, timeout_s: float = 180.0) -> LocalPrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         log_path = self.log_path or self.home / "server.log"
         env = {**os.environ, **quiet_prefect_env(self.home), **self.extra_env}

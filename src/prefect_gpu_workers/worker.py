@@ -4,7 +4,8 @@ A worker that polled for flow runs before its limit existed would run GPU steps
 that fail closed (or, with a plain ``concurrency()``, run unlimited). So the
 container waits for ``{limit_prefix}:{WORKER_ID}`` to exist and be active, with a
 timeout that fails visibly (non-zero exit, the reason on stderr), and only then
-execs ``prefect worker start`` named after the worker.
+execs ``prefect worker start`` named after the worker (the command lines are
+built in :mod:`prefect_gpu_workers.commands`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from prefect_gpu_workers.commands import prefect_worker_command
 from prefect_gpu_workers.limits import (
     GpuLimitUnavailable,
     GpuSlotRequest,
@@ -51,19 +53,9 @@ def wait_for_limit(
         time.sleep(poll_s)
 
 
-def worker_command(
-    pool: str, worker_id: str, flow_run_limit: int, with_healthcheck: bool
-) -> list[str]:
-    command = ["prefect", "worker", "start", "--pool", pool, "--name", worker_id,
-               "--type", "process", "--limit", str(flow_run_limit)]  # fmt: skip
-    if with_healthcheck:
-        command.append("--with-healthcheck")
-    return command
-
-
 def run_worker(
     pool: str,
-    flow_run_limit: int,
+    flow_runs: int,
     limit_prefix: str,
     wait_timeout_s: float,
     with_healthcheck: bool = False,
@@ -72,5 +64,5 @@ def run_worker(
     worker_id = worker_id_from_env()
     request = GpuSlotRequest.for_worker(1, limit_prefix, worker_id)
     wait_for_limit(request, wait_timeout_s)
-    command = worker_command(pool, worker_id, flow_run_limit, with_healthcheck)
-    os.execvp(command[0], command)
+    command = prefect_worker_command(sys.executable, pool, worker_id, flow_runs, with_healthcheck)
+    os.execv(command[0], command)

@@ -1,6 +1,6 @@
 """Benchmark: how fast a pod's limit follows the pod, on the dev control plane.
 
-    hack/dev-cluster up && .venv/bin/python -m tests.k8s.bench_operator_latency [--pods 60]
+    hack/dev-cluster up && .venv/bin/python -m tests.cluster.k8s.bench_operator_latency [--pods 60]
 
 Starts a real Prefect server and the operator (as a subprocess, as in its
 container), scales a GpuWorkerPool from 0 to N on fresh fake nodes, and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from k8s.operator_harness import denied_api_calls, parse_metrics
+from .operator_harness import denied_api_calls, parse_metrics
 
 
 def _record(message: str, **fields: object) -> str:

@@ -1,6 +1,6 @@
 """Fixtures for the chart tests: the pinned helm, rendering helpers, the dev cluster.
 
-``dev_cluster`` is the session fixture of tests/k8s (``hack/dev-cluster``),
+``dev_cluster`` is the session fixture of tests/cluster/k8s (``hack/dev-cluster``),
 re-exported here so the chart's cluster tests share the one control plane.
 """
 

@@ -19,30 +19,20 @@ from pgw_operator.plan import LedgerEntry
 from pgw_operator.status import status_body
 
 from .conftest import CHART, Helm
+from builders import pool_manifest, pool_spec_dict
 
 ARGOCD = REPO_ROOT / "deploy" / "argocd"
 HEALTH_LUA = (ARGOCD / "health-gpuworkerpool.lua").read_text()
 HEALTH_KEY = "resource.customizations.health.gpuworkers.dev_GpuWorkerPool"
 
-SPEC: dict[str, Any] = {
-    "replicas": 2,
-    "workPool": {"name": "gpu"},
-    "prefect": {"apiUrl": "http://prefect:4200/api"},
-    "gpu": {"perWorker": 1},
-    "worker": {"image": "worker:1"},
-}
+SPEC: dict[str, Any] = pool_spec_dict(replicas=2)
 
 
 def pool_object(
     health: PoolHealth | None, *, generation: int = 3, observed: int | None = None
 ) -> dict[str, Any]:
     """A GpuWorkerPool as Argo CD sees it, its status written by the operator's code."""
-    obj: dict[str, Any] = {
-        "apiVersion": "gpuworkers.dev/v1alpha1",
-        "kind": "GpuWorkerPool",
-        "metadata": {"name": "pool", "namespace": "ml", "generation": generation},
-        "spec": SPEC,
-    }
+    obj = pool_manifest("pool", SPEC, namespace="ml", generation=generation)
     if health is not None:
         ledger = {
             f"gpu:pool-{i}": LedgerEntry(f"gpu:pool-{i}", f"pool-{i}", "gpu-8", 1, "1", 0, "Ready")

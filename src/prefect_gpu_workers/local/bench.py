@@ -4,9 +4,9 @@ Both phases run the same deployment on the same worker ids with the same
 per-worker limits; the GPU step holds its GCL slot in both, so the code path
 is identical. What differs is how many flow runs a worker may run at once:
 
-- task-level (this project's pattern): ``--limit`` large enough to keep the
+- task-level (this project's pattern): ``--flow-runs`` large enough to keep the
   slots busy, and the GCL alone keeps the GPU within its slots;
-- flow-level: ``--limit`` equal to the worker's slots, the usual way to
+- flow-level: ``--flow-runs`` equal to the worker's slots, the usual way to
   protect a GPU without a GCL. The GCL never has to block then; it only costs
   the same acquire/release as in the other phase.
 
@@ -15,12 +15,13 @@ run), so the numbers measure Prefect's coordination, not this machine's CPU.
 Prefect runs with its default server and worker settings unless told
 otherwise (``--poll-seconds``).
 
-The defaults (one worker with 2 slots, 4 s GPU steps) keep the GPU the
-bottleneck on a 2-core machine: every flow run is a new Python process that
-costs about 3 CPU-seconds to start, which caps a 2-core box near 0.5 runs/s,
-and the task-level ceiling here is 2 slots / 4 s = 0.5 runs/s. With more
-slots or shorter steps the bench measures the CPU; the output gives both
-ceilings and the load average so that a reader can tell.
+The defaults (one worker with 2 slots, 4 s GPU steps) aim to keep the GPU
+the bottleneck on a small machine: every flow run is a new Python process
+whose start-up costs CPU-seconds, so the CPU caps how many runs per second a
+machine can start (README gives measured figures), and the task-level ceiling
+here is 2 slots / 4 s = 0.5 runs/s. With more slots or shorter steps the bench
+measures the CPU; the output gives both ceilings and the load average so that
+a reader can tell.
 """
 
 from __future__ import annotations
@@ -34,27 +35,25 @@ from typing import Any
 import prefect
 from rich.console import Console
 
-from prefect_gpu_workers.demo import make_workdir
+from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
-from prefect_gpu_workers.local import (
+from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
+from prefect_gpu_workers.local.demo import make_workdir
+from prefect_gpu_workers.local.plan import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
-    WORKER_QUERY_SECONDS_ENV,
-    BatchResult,
-    LocalSession,
-    PipelineParams,
     WorkerPlan,
-    active_slots,
     flow_runs_to_fill,
     plan_capacity,
     plan_workers,
-    prepare_pool,
-    run_batch,
     worker_ids,
 )
+from prefect_gpu_workers.local.prefect_ops import active_slots
+from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
+from prefect_gpu_workers.local.session import LocalSession
+from prefect_gpu_workers.local.views import ProgressView, bench_table
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.report import PhaseMetrics, speedup
-from prefect_gpu_workers.views import ProgressView, bench_table
 
 BENCH_DEPLOYMENT = "gpu-pipeline-bench"
 SIMULATION_NOTE = (
@@ -113,8 +112,8 @@ class BenchResult:
     options: BenchOptions
     pipeline: PipelineParams
     runs_per_phase: int
-    task_level_flow_run_limit: int
-    flow_level_flow_run_limit: int
+    task_level_flow_runs: int
+    flow_level_flow_runs: int
     task_level: PhaseMetrics
     flow_level: PhaseMetrics
     slots_held_after: dict[str, int]
@@ -148,8 +147,8 @@ class BenchResult:
                 "download_s": self.pipeline.download_s,
                 "gpu_s": self.pipeline.gpu_s,
                 "save_s": self.pipeline.save_s,
-                "task_level_flow_runs_per_worker": self.task_level_flow_run_limit,
-                "flow_level_flow_runs_per_worker": self.flow_level_flow_run_limit,
+                "task_level_flow_runs_per_worker": self.task_level_flow_runs,
+                "flow_level_flow_runs_per_worker": self.flow_level_flow_runs,
                 "worker_query_seconds": self.options.worker_query_seconds,
                 "prefect_version": prefect.__version__,
                 "cpu_count": os.cpu_count(),
@@ -182,7 +181,7 @@ def _phase(
         else {}
     )
     console.print(
-        f"[bold]{label}[/bold]: {len(plans)} worker(s), {plans[0].flow_run_limit} flow run(s) "
+        f"[bold]{label}[/bold]: {len(plans)} worker(s), {plans[0].flow_runs} flow run(s) "
         f"at once each, {plans[0].slots} GPU slot(s) each, {runs} runs"
     )
     session.start_workers(plans, options.pool, worker_env)
@@ -213,9 +212,9 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     g = options.gpu_seconds
     params = PipelineParams(items=1, download_s=g, gpu_s=g, save_s=g, simulate=True)
     ids = worker_ids(options.workers, options.worker_prefix)
-    task_limit = flow_runs_to_fill(slots, g, g, g)
-    task_plans = plan_workers(ids, slots, task_limit, options.limit_prefix)
-    flow_plans = tuple(replace(plan, flow_run_limit=slots) for plan in task_plans)
+    task_flow_runs = flow_runs_to_fill(slots, g, g, g)
+    task_plans = plan_workers(ids, slots, task_flow_runs, options.limit_prefix)
+    flow_plans = tuple(replace(plan, flow_runs=slots) for plan in task_plans)
     runs = options.runs or default_runs(slots * options.workers)
     workdir, made_workdir = make_workdir(options.workdir, "pgw-bench-")
     console.print(f"work directory (logs, records): {workdir}")
@@ -239,8 +238,8 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         options=options,
         pipeline=params,
         runs_per_phase=runs,
-        task_level_flow_run_limit=task_limit,
-        flow_level_flow_run_limit=slots,
+        task_level_flow_runs=task_flow_runs,
+        flow_level_flow_runs=slots,
         task_level=task_level.metrics,
         flow_level=flow_level.metrics,
         slots_held_after=held,

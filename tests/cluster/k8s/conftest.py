@@ -5,8 +5,8 @@
 helper, Kubernetes API clients (admin or a bearer token) and helpers to add and
 remove fake nodes. It tears the cluster down at the end of the session only
 when it started it and no other test run (``up --holder``) still uses it;
-``PGW_DEV_CLUSTER_KEEP=1`` keeps it running. Every test in this folder is
-marked ``cluster``.
+``PGW_DEV_CLUSTER_KEEP=1`` keeps it running. Every test under tests/cluster
+is marked ``cluster`` (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -21,15 +21,6 @@ import pytest
 
 from .cluster import BUILD_TOOLS, DEV_CLUSTER, DevCluster, run, wait_for
 
-HERE = Path(__file__).resolve().parent
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test under tests/k8s with ``cluster``."""
-    for item in items:
-        if HERE in item.path.parents:
-            item.add_marker(pytest.mark.cluster)
-
 
 def _cluster_running() -> bool:
     return run([DEV_CLUSTER, "status"], timeout=60).returncode == 0
@@ -40,7 +31,7 @@ def dev_cluster() -> Iterator[DevCluster]:
     """The dev control plane; started (and later stopped) here only if it was not running."""
     started_here = not _cluster_running()
     holder = str(os.getpid())  # registered, so another run's `down` leaves the cluster up
-    up = run([DEV_CLUSTER, "up", "--holder", holder], timeout=3600)  # cold tool build: ~10 min
+    up = run([DEV_CLUSTER, "up", "--holder", holder], timeout=3600)  # cold tool build: minutes
     if up.returncode != 0:
         pytest.fail(f"hack/dev-cluster up failed ({up.returncode}):\n{up.stderr}{up.stdout}")
     kubeconfig = Path(up.stdout.strip().splitlines()[-1])

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from kubernetes import client, config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEV_CLUSTER = REPO_ROOT / "hack" / "dev-cluster"
 BUILD_TOOLS = REPO_ROOT / "hack" / "build-tools"
 

@@ -10,27 +10,27 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
+from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
-from prefect_gpu_workers.local import (
+from prefect_gpu_workers.local.batch import prepare_pool, run_batch
+from prefect_gpu_workers.local.plan import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
-    WORKER_QUERY_SECONDS_ENV,
-    LocalSession,
-    PipelineParams,
+    DEMO_PIPELINE,
     flow_runs_per_worker,
     plan_capacity,
     plan_workers,
-    prepare_pool,
-    run_batch,
     worker_ids,
 )
+from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
+from prefect_gpu_workers.local.session import LocalSession
+from prefect_gpu_workers.local.views import ProgressView, metrics_table, plan_table, worker_table
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
-from prefect_gpu_workers.views import ProgressView, metrics_table, plan_table, worker_table
 
 DEMO_DEPLOYMENT = "gpu-pipeline-demo"
 
@@ -45,7 +45,7 @@ class DemoOptions:
     flow_runs_per_worker: int | None = None
     pool: str = DEFAULT_POOL
     limit_prefix: str = DEFAULT_LIMIT_PREFIX
-    pipeline: PipelineParams = field(default_factory=PipelineParams)
+    pipeline: PipelineParams = DEMO_PIPELINE
     worker_query_seconds: float | None = None
     workdir: Path | None = None
     keep_workdir: bool = False
@@ -67,13 +67,13 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         console.print(f"[bold]GPU:[/bold] {message}")
     slots = capacity_plan.capacity.slots
     p = options.pipeline
-    flow_run_limit = options.flow_runs_per_worker or flow_runs_per_worker(
+    flow_runs = options.flow_runs_per_worker or flow_runs_per_worker(
         slots, options.runs, options.workers, p.download_s, p.gpu_s, p.save_s
     )
     plans = plan_workers(
         worker_ids(options.workers, options.worker_prefix),
         slots,
-        flow_run_limit,
+        flow_runs,
         options.limit_prefix,
     )
     workdir, made_workdir = make_workdir(options.workdir, "pgw-demo-")

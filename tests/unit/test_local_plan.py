@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import time
-import uuid
 from uuid import uuid4
 
 import pytest
 from prefect.client.schemas.objects import FlowRun, State, StateType
 
 from prefect_gpu_workers.gpu import GpuDevice, GpuInventory
-from prefect_gpu_workers.local import (
-    SESSION_MARKER_ENV,
+from prefect_gpu_workers.local.plan import (
     count_runs,
     flow_runs_per_worker,
     flow_runs_to_fill,
-    marked_pids,
     plan_capacity,
     plan_workers,
-    stop_marked,
     worker_ids,
 )
 from prefect_gpu_workers.naming import WorkerIdentityError
@@ -60,11 +53,11 @@ def test_worker_ids_are_valid_and_distinct() -> None:
 
 
 def test_plans_name_one_limit_per_worker() -> None:
-    plans = plan_workers(["local-1", "local-2"], slots=2, flow_run_limit=7, limit_prefix="gpu")
+    plans = plan_workers(["local-1", "local-2"], slots=2, flow_runs=7, limit_prefix="gpu")
     assert [p.limit_name for p in plans] == ["gpu:local-1", "gpu:local-2"]
-    assert {(p.slots, p.flow_run_limit) for p in plans} == {(2, 7)}
-    with pytest.raises(ValueError, match="flow-run limit"):
-        plan_workers(["local-1"], slots=2, flow_run_limit=0)
+    assert {(p.slots, p.flow_runs) for p in plans} == {(2, 7)}
+    with pytest.raises(ValueError, match="flow runs per worker must be at least 1"):
+        plan_workers(["local-1"], slots=2, flow_runs=0)
 
 
 @pytest.mark.parametrize(
@@ -102,28 +95,6 @@ def test_count_runs_groups_states() -> None:
     assert (counts.waiting, counts.running, counts.completed, counts.failed) == (3, 2, 1, 3)
     assert not counts.done
     assert count_runs([_run(StateType.COMPLETED), _run(StateType.FAILED)]).done
-
-
-def test_marked_processes_are_found_and_stopped_even_in_their_own_session() -> None:
-    marker = uuid.uuid4().hex
-    env = {**os.environ, SESSION_MARKER_ENV: marker}
-    # A grandchild in a new session, as a flow-run process would be.
-    parent = subprocess.Popen(
-        ["bash", "-c", "setsid sleep 300 & setsid sleep 300 & wait"],
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while len(marked_pids(marker)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(marked_pids(marker)) == 3
-        stopped = stop_marked(marker, grace_s=5)
-        assert parent.pid in stopped
-        assert marked_pids(marker) == []
-    finally:
-        parent.kill()
-        parent.wait(5)
 
 
 @pytest.mark.parametrize(

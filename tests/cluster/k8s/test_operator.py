@@ -27,7 +27,7 @@ from prefect.client.orchestration import get_client
 from recording_server import RecordingServer
 
 from pgw_flows.deploy import deploy_pipeline
-from prefect_gpu_workers.local import read_runs, submit_runs
+from prefect_gpu_workers.local.prefect_ops import read_runs, submit_runs
 from prefect_gpu_workers.records import read_records
 from prefect_gpu_workers.report import gpu_overlap_per_worker
 from prefect_gpu_workers.server import LocalPrefectServer, free_port

@@ -32,6 +32,7 @@ from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
 from .conftest import CHART, Helm, by_kind, parse_manifests
 from .test_chart_render import VALUE_SETS
+from builders import pool_manifest, pool_spec_dict
 
 pytestmark = pytest.mark.cluster
 
@@ -382,33 +383,26 @@ def running_pods(cluster: DevCluster, namespace: str, pool: str) -> set[str]:
     }
 
 
-def pool_manifest(name: str, api_url: str, replicas: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "gpuworkers.dev/v1alpha1",
-        "kind": "GpuWorkerPool",
-        "metadata": {
-            "name": name,
-            # As Argo CD marks what it manages: the children must not copy these.
-            "labels": {"app.kubernetes.io/instance": "argocd-app"},
-            "annotations": {
-                "argocd.argoproj.io/tracking-id": f"argocd-app:{GROUP}/GpuWorkerPool:ns/{name}"
-            },
+def chart_test_pool(name: str, api_url: str, replicas: int) -> dict[str, Any]:
+    spec = pool_spec_dict(
+        replicas=replicas,
+        workPool={"name": f"chart-test-{name}"},
+        prefect={"apiUrl": api_url, "apiKeySecretRef": {"name": API_KEY_SECRET, "key": "api-key"}},
+        worker={
+            "image": "example.invalid/prefect-gpu-workers-worker:0.1.0",
+            "limitWaitTimeoutSeconds": 60,
+            "drainGracePeriodSeconds": 0,
         },
-        "spec": {
-            "replicas": replicas,
-            "workPool": {"name": f"chart-test-{name}"},
-            "prefect": {
-                "apiUrl": api_url,
-                "apiKeySecretRef": {"name": API_KEY_SECRET, "key": "api-key"},
-            },
-            "gpu": {"perWorker": 1},
-            "worker": {
-                "image": "example.invalid/prefect-gpu-workers-worker:0.1.0",
-                "limitWaitTimeoutSeconds": 60,
-                "drainGracePeriodSeconds": 0,
-            },
+    )
+    return pool_manifest(
+        name,
+        spec,
+        # As Argo CD marks what it manages: the children must not copy these.
+        labels={"app.kubernetes.io/instance": "argocd-app"},
+        annotations={
+            "argocd.argoproj.io/tracking-id": f"argocd-app:{GROUP}/GpuWorkerPool:ns/{name}"
         },
-    }
+    )
 
 
 def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool(
@@ -455,7 +449,7 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
     try:
         wait(lambda: healthz_ok(health_port), "the liveness endpoint the chart probes")
 
-        dev_cluster.apply(pool_manifest(pool, api, replicas=2), namespace=ns)
+        dev_cluster.apply(chart_test_pool(pool, api, replicas=2), namespace=ns)
         deployment = wait(
             lambda: get_json(dev_cluster, "deployment", pool, "-n", ns), "the worker Deployment"
         )

@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from prefect_gpu_workers.local import BatchCounts, WorkerPlan, count_runs
+from prefect_gpu_workers.local.plan import BatchCounts, WorkerPlan, count_runs
 from prefect_gpu_workers.report import PhaseMetrics
 
 
@@ -94,9 +94,9 @@ def plan_table(plans: Sequence[WorkerPlan], pool: str) -> Table:
     table.add_column("worker (WORKER_ID)")
     table.add_column("GPU limit")
     table.add_column("slots", justify="right")
-    table.add_column("flow runs at once (--limit)", justify="right")
+    table.add_column("flow runs at once (--flow-runs)", justify="right")
     for plan in plans:
-        table.add_row(plan.worker_id, plan.limit_name, str(plan.slots), str(plan.flow_run_limit))
+        table.add_row(plan.worker_id, plan.limit_name, str(plan.slots), str(plan.flow_runs))
     return table
 
 
@@ -140,7 +140,7 @@ def bench_table(task_level: PhaseMetrics, flow_level: PhaseMetrics, ratio: float
     table = Table(title="Task-level vs flow-level GPU limiting (stage work simulated)")
     table.add_column("measure")
     table.add_column("task-level (GCL on GPU step)", justify="right")
-    table.add_column("flow-level (--limit = slots)", justify="right")
+    table.add_column("flow-level (--flow-runs = slots)", justify="right")
     rows: list[tuple[str, str, str]] = [
         (
             "runs finished / failed",

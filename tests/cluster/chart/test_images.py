@@ -29,6 +29,7 @@ from pgw_operator import desired
 from pgw_operator.spec import PoolSpec
 
 from .conftest import CHART, Helm, one, parse_manifests
+from builders import pool_spec
 
 DOCKER = REPO_ROOT / "docker"
 IMAGES = ("operator", "worker")
@@ -92,8 +93,24 @@ def env_of(instructions: list[Instruction], stage: int = -1) -> dict[str, str]:
     return env
 
 
+def uv_commands(instructions: list[Instruction]) -> list[list[str]]:
+    """Every ``uv ...`` command of the RUN steps, in order (``&&`` chains split)."""
+    commands = []
+    for run in values_of(instructions, "RUN"):
+        for part in run.split("&&"):
+            argv = shlex.split(part)
+            if argv and argv[0] == "uv":
+                commands.append(argv)
+    return commands
+
+
 def uv_sync_commands(instructions: list[Instruction]) -> list[list[str]]:
-    return [shlex.split(v) for v in values_of(instructions, "RUN") if v.startswith("uv sync")]
+    return [c for c in uv_commands(instructions) if c[1] == "sync"]
+
+
+def option(command: list[str], name: str) -> list[str]:
+    """The values given to ``name`` in ``command`` (``--extra a --extra b`` -> [a, b])."""
+    return [command[i + 1] for i, arg in enumerate(command) if arg == name]
 
 
 def exec_form(instructions: list[Instruction], keyword: str) -> list[str]:
@@ -119,14 +136,7 @@ def hack_setup_uv_version() -> str:
 
 
 def sample_spec() -> PoolSpec:
-    return PoolSpec.from_dict(
-        {
-            "workPool": {"name": "gpu"},
-            "prefect": {"apiUrl": "http://prefect:4200/api"},
-            "gpu": {"perWorker": 1},
-            "worker": {"image": "worker:1"},
-        }
-    )
+    return pool_spec()
 
 
 # --- Python, uv, extras -------------------------------------------------------------
@@ -152,26 +162,45 @@ def test_uv_is_the_version_hack_setup_pins(image: str) -> None:
     assert 'pip install --no-cache-dir "uv==${UV_VERSION}"' in values_of(instructions, "RUN")
 
 
-@pytest.mark.parametrize(("image", "extra"), [("operator", "operator"), ("worker", "worker")])
-def test_image_installs_its_extra_from_the_lock_without_dev_tools(image: str, extra: str) -> None:
-    assert extra in PYPROJECT["project"]["optional-dependencies"]
+def test_worker_image_installs_its_extra_from_the_lock_without_dev_tools() -> None:
+    assert "worker" in PYPROJECT["project"]["optional-dependencies"]
     lock = tomllib.loads((REPO_ROOT / "uv.lock").read_text())
     project = next(p for p in lock["package"] if p["name"] == PYPROJECT["project"]["name"])
-    assert extra in project["metadata"]["provides-extras"]
+    assert "worker" in project["metadata"]["provides-extras"]
 
-    commands = uv_sync_commands(dockerfile(image))
+    commands = uv_sync_commands(dockerfile("worker"))
     assert len(commands) == 2, "one dependency layer, one project layer"
     for command in commands:
         assert "--frozen" in command, "install exactly uv.lock"
         assert "--no-default-groups" in command, "no dev group in images"
         assert "--all-extras" not in command
-        extras = [command[i + 1] for i, arg in enumerate(command) if arg == "--extra"]
-        assert extras == [extra]
+        assert option(command, "--extra") == ["worker"]
     assert "--no-install-project" in commands[0]
     assert "--no-editable" in commands[1], "the project must be copied into the venv"
 
 
-def lock_export(extra: str) -> set[str]:
+def test_operator_image_installs_the_locked_operator_extra_without_prefect() -> None:
+    assert "operator" in PYPROJECT["project"]["optional-dependencies"]
+    commands = uv_commands(dockerfile("operator"))
+    verbs = [c[1:3] if c[1] == "pip" else c[1:2] for c in commands]
+    assert verbs == [["export"], ["venv"], ["pip", "install"], ["pip", "install"]]
+    export, _venv, deps, project = commands
+    # The dependency layer: exactly uv.lock's operator set, Prefect pruned, hashes checked.
+    assert "--frozen" in export, "install exactly uv.lock"
+    assert "--no-default-groups" in export, "no dev group in images"
+    assert "--all-extras" not in export
+    assert option(export, "--extra") == ["operator"]
+    assert option(export, "--prune") == ["prefect"]
+    assert "--no-emit-project" in export
+    assert "--no-hashes" not in export
+    (requirements,) = option(export, "--output-file")
+    assert option(deps, "-r") == [requirements]
+    assert {"--require-hashes", "--no-deps"} <= set(deps)
+    # The project layer: copied into the venv (not editable), nothing resolved.
+    assert project[3:] == ["--no-deps", "."]
+
+
+def lock_export(extra: str, *more: str) -> set[str]:
     """Package names uv.lock installs for the project with ``extra``, no dev group."""
     proc = subprocess.run(
         [
@@ -185,6 +214,7 @@ def lock_export(extra: str) -> set[str]:
             "--no-emit-project",
             "--format",
             "requirements-txt",
+            *more,
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -200,10 +230,12 @@ def lock_export(extra: str) -> set[str]:
     return names
 
 
-def test_lock_keeps_torch_out_of_the_operator_image() -> None:
-    operator = lock_export("operator")
+def test_lock_keeps_prefect_and_torch_out_of_the_operator_image() -> None:
+    operator = lock_export("operator", "--prune", "prefect")
     worker = lock_export("worker")
-    assert {"kopf", "kubernetes", "prefect", "prometheus-client"} <= operator
+    assert {"kopf", "kubernetes", "prometheus-client", "httpx", "urllib3"} <= operator
+    # Pruning drops Prefect's own dependencies too, not just the one package.
+    assert not {"prefect", "fastapi", "sqlalchemy", "uvicorn"} & operator
     assert "torch" not in operator
     assert not {n for n in operator if n.startswith("nvidia-") and n != "nvidia-ml-py"}
     assert {"torch", "prefect"} <= worker
@@ -316,13 +348,27 @@ def test_operator_image_install_steps_produce_a_runnable_operator(tmp_path: Path
     # skip bytecode compilation (speed), and install into the scratch venv.
     for key in ("UV_PYTHON_DOWNLOADS", "UV_LINK_MODE"):
         env[key] = build_env[key]
-    env["UV_PROJECT_ENVIRONMENT"] = str(venv)
-    env["UV_PYTHON"] = str(Path(sys.base_prefix) / "bin" / "python3")
-    for command in uv_sync_commands(instructions):
+    env["VIRTUAL_ENV"] = str(venv)
+    # `uv venv` creates the venv with this interpreter. `uv pip` must not see
+    # UV_PYTHON: there it names the TARGET environment, and the packages would
+    # land in the base interpreter instead of the scratch venv.
+    base_python = str(Path(sys.base_prefix) / "bin" / "python3")
+    commands = uv_commands(instructions)
+    # The image's paths, moved into tmp_path.
+    moved = {build_env["VIRTUAL_ENV"]: str(venv)}
+    for command in commands:
+        moved.update(
+            {path: str(tmp_path / "requirements.txt") for path in option(command, "--output-file")}
+        )
+    for command in commands:
+        argv = [moved.get(arg, arg) for arg in command[1:]]
+        step_env = {**env, "UV_PYTHON": base_python} if argv[0] == "venv" else env
+        if argv[0] == "pip":
+            assert (venv / "bin" / "python").exists(), f"{command} would install outside {venv}"
         proc = subprocess.run(
-            [str(uv_binary()), *command[1:]],
+            [str(uv_binary()), *argv],
             cwd=context,
-            env=env,
+            env=step_env,
             capture_output=True,
             text=True,
             timeout=600,
@@ -342,8 +388,8 @@ def test_operator_image_install_steps_produce_a_runnable_operator(tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     assert "--namespace" in proc.stdout
     assert "--liveness" in proc.stdout
-    probe = "import importlib.util as u; print(u.find_spec('torch') is None)"
+    probe = "import importlib.util as u; print([m for m in ('prefect', 'torch') if u.find_spec(m)])"
     check = subprocess.run(
         [str(python), "-c", probe], capture_output=True, text=True, timeout=60, check=False
     )
-    assert check.stdout.strip() == "True", "torch must not be in the operator image"
+    assert check.stdout.strip() == "[]", "neither Prefect nor torch belongs in the operator image"

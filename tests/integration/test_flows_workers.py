@@ -3,7 +3,8 @@
 Three pools, so that each scenario knows which worker runs it:
 - ``two``: two workers, limit 2 each, up to 8 flow runs each;
 - ``one``: one worker, limit 2 (failure, cancellation, occupy=2);
-- ``bare``: one worker whose limit is missing, then inactive.
+- ``bare``: one worker whose limit is deleted once it is online, then made inactive
+  (the entrypoint does not start a worker before its limit exists).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -21,18 +22,17 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Cancelling
 
-from prefect_gpu_workers.local import (
-    WORKER_QUERY_SECONDS_ENV,
-    LocalSession,
-    PipelineParams,
-    WorkerPlan,
+from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.local.plan import WorkerPlan, plan_workers
+from prefect_gpu_workers.local.prefect_ops import (
     active_slots,
     deploy_for_local_workers,
     ensure_gpu_limit,
     ensure_process_pool,
-    plan_workers,
     submit_runs,
 )
+from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
+from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.records import StageRecord, read_records
 from prefect_gpu_workers.report import gpu_overlap_per_worker, stage_overlap_per_worker
 from prefect_gpu_workers.server import LocalPrefectServer
@@ -40,6 +40,8 @@ from prefect_gpu_workers.server import LocalPrefectServer
 # Workers poll every 2 s instead of 10 s: the tests wait less, nothing else changes.
 POLL_SECONDS = "2"
 RUN_TIMEOUT_S = 240.0
+# Simulated runs with the demo's stage lengths unless a test says otherwise.
+SIMULATED = PipelineParams(simulate=True, download_s=2.0, gpu_s=3.0, save_s=2.0)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Workers:
 
     def submit(self, pool: str, count: int, **parameters: Any) -> tuple[list[UUID], Path]:
         record_dir = self.records_root / uuid.uuid4().hex[:8]
-        params = {**PipelineParams(simulate=True).as_parameters(record_dir), **parameters}
+        params = {**replace(SIMULATED, record_dir=str(record_dir)).as_parameters(), **parameters}
         with self.session.client() as client:
             ids = submit_runs(client, self.pools[pool].deployment_id, count, params)
         return ids, record_dir
@@ -77,9 +79,9 @@ def workers(
 ) -> Iterator[Workers]:
     suffix = uuid.uuid4().hex[:6]
     layout: Mapping[str, tuple[WorkerPlan, ...]] = {
-        "two": plan_workers([f"two-a-{suffix}", f"two-b-{suffix}"], slots=2, flow_run_limit=8),
-        "one": plan_workers([f"one-{suffix}"], slots=2, flow_run_limit=6),
-        "bare": plan_workers([f"bare-{suffix}"], slots=2, flow_run_limit=2),
+        "two": plan_workers([f"two-a-{suffix}", f"two-b-{suffix}"], slots=2, flow_runs=8),
+        "one": plan_workers([f"one-{suffix}"], slots=2, flow_runs=6),
+        "bare": plan_workers([f"bare-{suffix}"], slots=2, flow_runs=2),
     }
     workdir = tmp_path_factory.mktemp("flows-workers")
     with LocalSession(workdir, api_url=prefect_server.api_url) as session:
@@ -88,9 +90,8 @@ def workers(
             pool = f"test-{key}-{suffix}"
             with session.client() as client:
                 ensure_process_pool(client, pool)
-                if key != "bare":  # the bare worker's limit is deliberately missing
-                    for plan in plans:
-                        ensure_gpu_limit(client, plan.limit_name, plan.slots)
+                for plan in plans:
+                    ensure_gpu_limit(client, plan.limit_name, plan.slots)
             deployment_id = deploy_for_local_workers(pool, f"pipeline-{key}-{suffix}")
             pools[key] = Pool(pool, deployment_id, plans)
             session.start_workers(plans, pool, {WORKER_QUERY_SECONDS_ENV: POLL_SECONDS})
@@ -136,6 +137,8 @@ def test_gpu_steps_stay_within_each_workers_limit_while_io_overlaps(workers: Wor
 
 def test_missing_then_inactive_limit_fails_the_run_before_the_gpu_step(workers: Workers) -> None:
     (plan,) = workers.pools["bare"].plans
+    with workers.session.client() as client:
+        client.delete_global_concurrency_limit_by_name(plan.limit_name)
     ids, record_dir = workers.submit("bare", 1)
     (run,) = workers.wait("bare", ids)
     assert _state(run) == "FAILED"
@@ -202,9 +205,9 @@ def test_occupy_two_excludes_every_other_gpu_step_on_the_worker(workers: Workers
             client,
             workers.pools["one"].deployment_id,
             4,
-            PipelineParams(simulate=True, download_s=0.0, gpu_s=5.0, save_s=0.0).as_parameters(
-                record_dir
-            ),
+            replace(
+                SIMULATED, download_s=0.0, gpu_s=5.0, save_s=0.0, record_dir=str(record_dir)
+            ).as_parameters(),
         )
     runs = workers.wait("one", [*big_ids, *small_ids])
     assert [_state(r) for r in runs] == ["COMPLETED"] * len(runs)

@@ -1,0 +1,45 @@
+"""The pipeline's parameters, defined once, with the standard library only.
+
+``gpu_pipeline`` takes its signature's defaults from :class:`PipelineParams`,
+and whoever submits runs (local mode, tests, a user's script) builds them
+here, so that a parameter is named and defaulted in one place. A test checks
+that the flow's signature and these fields agree.
+
+Example:
+    >>> PipelineParams(items=2, simulate=True).as_parameters()["items"]
+    2
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """Parameters of one ``gpu_pipeline`` run.
+
+    Stage durations are minimums: a stage does its work, then sleeps out the
+    rest of its duration.
+    """
+
+    # Inputs per run (synthetic images).
+    items: int = 4
+    # GPU slots the GPU step holds at once.
+    occupy: int = 1
+    # None: the flow takes the prefix from its worker's PGW_LIMIT_PREFIX, else "gpu".
+    limit_prefix: str | None = None
+    download_s: float = 0.0
+    gpu_s: float = 0.0
+    save_s: float = 0.0
+    # Sleep instead of running the model (no torch import).
+    simulate: bool = False
+    # Where each stage appends its record; None: PGW_RECORD_DIR, else nowhere.
+    record_dir: str | None = None
+    # Raise inside the GPU slot (fault injection for tests and drills).
+    fail_in_gpu_step: bool = False
+
+    def as_parameters(self) -> dict[str, Any]:
+        """Flow-run parameters; ``None`` values are left out so the flow's fallbacks apply."""
+        return {name: value for name, value in asdict(self).items() if value is not None}

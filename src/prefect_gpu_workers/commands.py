@@ -1,0 +1,89 @@
+"""The worker's command lines, built in one place, with the standard library only.
+
+A worker runs the entrypoint ``prefect-gpu-workers worker --pool P --flow-runs N
+--limit-prefix X --wait-timeout S``: the operator puts it in every worker pod
+(``desired.worker_command``) and local mode starts its workers with it, through
+this interpreter. The entrypoint waits for its limit and then execs the Prefect
+worker, whose command line is built here too (:func:`prefect_worker_command`).
+
+The operator imports this module, so it must not import Prefect.
+
+Example:
+    >>> command = worker_command("p", flow_runs=10, limit_prefix="gpu", wait_timeout_s=300)
+    >>> " ".join(command)
+    'prefect-gpu-workers worker --pool p --flow-runs 10 --limit-prefix gpu --wait-timeout 300'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# The console script (pyproject's [project.scripts]) that worker images run.
+CONSOLE_SCRIPT = "prefect-gpu-workers"
+WORKER_SUBCOMMAND = "worker"
+
+
+def module_program(python: str) -> list[str]:
+    """The entrypoint through an interpreter (``python -m prefect_gpu_workers``).
+
+    Local mode uses it with ``sys.executable``: its workers then run the
+    project this interpreter has installed, whatever is on ``PATH``.
+    """
+    return [python, "-m", "prefect_gpu_workers"]
+
+
+def worker_command(
+    pool: str,
+    flow_runs: int,
+    limit_prefix: str,
+    wait_timeout_s: float,
+    with_healthcheck: bool = False,
+    program: Sequence[str] = (CONSOLE_SCRIPT,),
+) -> list[str]:
+    """The worker entrypoint's command line.
+
+    Args:
+        pool: the process work pool the worker serves.
+        flow_runs: flow runs the worker takes at once (Prefect's ``--limit``).
+        limit_prefix: the part of the limit name before the colon.
+        wait_timeout_s: how long the entrypoint waits for the limit before failing.
+        with_healthcheck: serve the Prefect worker's ``/health`` (pods' probes).
+        program: how to start the entrypoint: the console script (images) or
+            :func:`module_program` (local mode).
+
+    Raises:
+        ValueError: ``flow_runs`` below 1 or a negative ``wait_timeout_s``.
+    """
+    if flow_runs < 1:
+        raise ValueError(f"flow_runs must be at least 1, got {flow_runs}")
+    if wait_timeout_s < 0:
+        raise ValueError(f"wait_timeout_s must not be negative, got {wait_timeout_s}")
+    command = [
+        *program, WORKER_SUBCOMMAND,
+        "--pool", pool,
+        "--flow-runs", str(flow_runs),
+        "--limit-prefix", limit_prefix,
+        "--wait-timeout", str(wait_timeout_s),
+    ]  # fmt: skip
+    if with_healthcheck:
+        command.append("--with-healthcheck")
+    return command
+
+
+def prefect_worker_command(
+    python: str, pool: str, worker_id: str, flow_runs: int, with_healthcheck: bool = False
+) -> list[str]:
+    """What the entrypoint execs once its limit is ready: the Prefect process worker.
+
+    Started through ``python`` (the entrypoint's own interpreter) rather than a
+    ``prefect`` found on ``PATH``, so the worker runs the Prefect installed
+    beside this package.
+    """
+    command = [
+        python, "-m", "prefect", "worker", "start",
+        "--pool", pool, "--name", worker_id, "--type", "process",
+        "--limit", str(flow_runs),
+    ]  # fmt: skip
+    if with_healthcheck:
+        command.append("--with-healthcheck")
+    return command

@@ -1,0 +1,158 @@
+"""Local mode's decisions, as pure functions: capacity, worker plans, flow runs per worker.
+
+Nothing here starts a process or talks to Prefect, so that the CLI can import
+it for its defaults without importing Prefect.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.gpu import Capacity, GpuInventory, resolve_capacity
+from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, limit_name, validate_worker_id
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
+DEFAULT_POOL = "pgw-local"
+DEFAULT_WORKER_PREFIX = "local"
+# With no GPU found and none stated, local mode still runs: it says so and
+# pretends one GPU shared by two GPU steps, which is enough to show the limit.
+FALLBACK_GPUS = 1
+DEFAULT_SLOTS_PER_GPU = 2
+# The demo's runs: stages long enough that downloads and saves visibly
+# overlap while the GPU steps queue for their slots.
+DEMO_PIPELINE = PipelineParams(download_s=2.0, gpu_s=3.0, save_s=2.0)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One local worker: its id, its limit and how many flow runs it takes at once."""
+
+    worker_id: str
+    limit_prefix: str
+    slots: int
+    flow_runs: int
+
+    @property
+    def limit_name(self) -> str:
+        return limit_name(self.worker_id, self.limit_prefix)
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    capacity: Capacity
+    # What to tell the user about where the slot count came from.
+    messages: tuple[str, ...]
+
+
+def plan_capacity(
+    inventory: GpuInventory,
+    stated_gpus: int | None = None,
+    slots_per_gpu: int | None = None,
+) -> CapacityPlan:
+    """Slots per local worker: stated, else detected, else the no-GPU fallback (said aloud)."""
+    per_gpu = DEFAULT_SLOTS_PER_GPU if slots_per_gpu is None else slots_per_gpu
+    if stated_gpus is None and inventory.count == 0:
+        capacity = resolve_capacity(inventory, stated_gpus=FALLBACK_GPUS, slots_per_gpu=per_gpu)
+        message = (
+            f"{inventory.describe()}. Local mode goes on as if each worker had "
+            f"{FALLBACK_GPUS} GPU x {per_gpu} slot(s) = {capacity.slots} slot(s); the model runs "
+            "on the CPU. Pass --gpus N and --slots-per-gpu M to state the capacity."
+        )
+        return CapacityPlan(capacity, (message,))
+    capacity = resolve_capacity(inventory, stated_gpus=stated_gpus, slots_per_gpu=per_gpu)
+    summary = (
+        f"capacity {capacity.source}: {capacity.gpus} GPU(s) x {capacity.slots_per_gpu} "
+        f"slot(s) = {capacity.slots} slot(s) per worker"
+    )
+    return CapacityPlan(capacity, (summary, *capacity.notes))
+
+
+def worker_ids(count: int, prefix: str = DEFAULT_WORKER_PREFIX) -> list[str]:
+    """``prefix-1`` .. ``prefix-N``, each a valid worker id.
+
+    Raises:
+        ValueError: ``count`` below 1.
+        WorkerIdentityError: ``prefix`` makes an invalid worker id.
+    """
+    if count < 1:
+        raise ValueError(f"need at least one worker, got {count}")
+    return [validate_worker_id(f"{prefix}-{index}") for index in range(1, count + 1)]
+
+
+def flow_runs_to_fill(slots: int, download_s: float, gpu_s: float, save_s: float) -> int:
+    """Flow runs a worker needs in flight so that its GPU slots never wait for work.
+
+    A run spends ``gpu_s`` of ``download_s + gpu_s + save_s`` on the GPU, so
+    each slot needs ``run / gpu`` runs in flight, plus one spare per slot that
+    is already waiting when a slot frees (flow-run start-up takes seconds too).
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be at least 1, got {slots}")
+    if gpu_s <= 0:
+        return 3 * slots
+    run_s = download_s + gpu_s + save_s
+    return slots * math.ceil(run_s / gpu_s) + slots
+
+
+def flow_runs_per_worker(
+    slots: int, runs: int, workers: int, download_s: float, gpu_s: float, save_s: float
+) -> int:
+    """A worker's ``--flow-runs`` for a batch of ``runs``: enough to fill its slots, no more
+    than its share of the batch (so that the first worker to poll does not take
+    every run), and never fewer than its slots."""
+    fill = flow_runs_to_fill(slots, download_s, gpu_s, save_s)
+    share = math.ceil(runs / workers)
+    return max(slots, min(fill, share))
+
+
+def plan_workers(
+    ids: Sequence[str],
+    slots: int,
+    flow_runs: int,
+    limit_prefix: str = DEFAULT_LIMIT_PREFIX,
+) -> tuple[WorkerPlan, ...]:
+    """One plan per worker id, all with the same slots and flow runs.
+
+    Raises:
+        ValueError: ``flow_runs`` below 1.
+    """
+    if flow_runs < 1:
+        raise ValueError(f"flow runs per worker must be at least 1, got {flow_runs}")
+    return tuple(WorkerPlan(wid, limit_prefix, slots, flow_runs) for wid in ids)
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """Flow runs of a batch by outcome."""
+
+    total: int
+    waiting: int  # scheduled or pending: not yet started by a worker
+    running: int
+    completed: int
+    failed: int  # failed, crashed or cancelled
+
+    @property
+    def done(self) -> bool:
+        return self.completed + self.failed == self.total
+
+
+def count_runs(runs: Sequence[FlowRun]) -> BatchCounts:
+    """Group flow runs by outcome (a run with no state yet counts as waiting)."""
+    waiting = running = completed = failed = 0
+    for run in runs:
+        state = run.state
+        if state is None or state.is_scheduled() or state.is_pending():
+            waiting += 1
+        elif state.is_completed():
+            completed += 1
+        elif state.is_final():
+            failed += 1
+        else:
+            running += 1  # running, cancelling, paused
+    return BatchCounts(len(runs), waiting, running, completed, failed)

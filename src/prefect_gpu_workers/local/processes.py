@@ -1,0 +1,125 @@
+"""Local mode's processes: start them logged, and find and stop them by a marker.
+
+Every process local mode starts carries a marker in its environment, inherited
+by the flow-run processes the workers start in sessions of their own, so that
+:meth:`~prefect_gpu_workers.local.session.LocalSession.close` can find and stop
+all of them by pid, on success, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect_gpu_workers.commands import module_program
+from prefect_gpu_workers.commands import worker_command as entrypoint_command
+from prefect_gpu_workers.local.plan import WorkerPlan
+
+# Set on every process local mode starts; flow-run processes inherit it.
+SESSION_MARKER_ENV = "PGW_LOCAL_SESSION"
+WORKER_QUERY_SECONDS_ENV = "PREFECT_WORKER_QUERY_SECONDS"
+# Local mode creates each limit before it starts the worker, so the
+# entrypoint's wait ends at its first look; the timeout only bounds a server
+# that stopped answering.
+LIMIT_WAIT_TIMEOUT_S = 60
+
+
+def marked_pids(marker: str, env_name: str = SESSION_MARKER_ENV) -> list[int]:
+    """Pids of live processes whose environment has ``env_name=marker``.
+
+    Flow-run processes run in sessions of their own, so process groups alone
+    do not reach them; the inherited marker does.
+    """
+    needle = f"{env_name}={marker}".encode()
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _signal_pids(pids: Sequence[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def stop_marked(marker: str, grace_s: float = 10.0) -> list[int]:
+    """SIGTERM every marked process, SIGKILL those alive after ``grace_s``; returns the pids hit.
+
+    SIGTERM first because a flow run that gets it leaves its GPU slot block
+    and releases the slot; SIGKILL would leave the slot held until its lease
+    expires.
+    """
+    pids = marked_pids(marker)
+    if not pids:
+        return []
+    _signal_pids(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and marked_pids(marker):
+        time.sleep(0.2)
+    _signal_pids(marked_pids(marker), signal.SIGKILL)
+    return pids
+
+
+@dataclass
+class StartedProcess:
+    """A process local mode started, with the file its output goes to."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    # The work pool a worker serves; None for other processes.
+    pool: str | None = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def start_logged(
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    log_path: Path,
+    pool: str | None = None,
+) -> StartedProcess:
+    """Start ``argv`` in a new session (so it can be stopped as a group), output to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            list(argv),
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return StartedProcess(name, proc, log_path, pool)
+
+
+def worker_command(plan: WorkerPlan, pool: str) -> list[str]:
+    """The entrypoint pods run, through this interpreter; ``WORKER_ID`` comes from the env."""
+    return entrypoint_command(
+        pool,
+        flow_runs=plan.flow_runs,
+        limit_prefix=plan.limit_prefix,
+        wait_timeout_s=LIMIT_WAIT_TIMEOUT_S,
+        program=module_program(sys.executable),
+    )

@@ -1,0 +1,51 @@
+"""The worker command lines: one builder, and the CLI accepts what it builds."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefect_gpu_workers.cli import build_parser
+from prefect_gpu_workers.commands import (
+    CONSOLE_SCRIPT,
+    module_program,
+    prefect_worker_command,
+    worker_command,
+)
+
+
+def test_pods_and_local_mode_run_the_same_entrypoint_and_the_cli_parses_it() -> None:
+    pod = worker_command("gpu-pool", 10, "infer", 300, with_healthcheck=True)
+    local = worker_command("gpu-pool", 10, "infer", 300, program=module_program("/py"))
+    assert pod[:2] == [CONSOLE_SCRIPT, "worker"]
+    assert local[:4] == ["/py", "-m", "prefect_gpu_workers", "worker"]
+    assert pod[2:-1] == local[4:]
+    args = build_parser().parse_args(pod[1:])
+    assert (args.command, args.pool, args.flow_runs, args.limit_prefix) == (
+        "worker",
+        "gpu-pool",
+        10,
+        "infer",
+    )
+    assert (args.wait_timeout, args.with_healthcheck) == (300.0, True)
+    assert build_parser().parse_args(local[3:]).with_healthcheck is False
+
+
+@pytest.mark.parametrize(
+    ("flow_runs", "wait_timeout_s", "message"),
+    [(0, 1, "flow_runs must be at least 1"), (1, -1, "wait_timeout_s must not be negative")],
+)
+def test_entrypoint_command_rejects_what_the_cli_would(
+    flow_runs: int, wait_timeout_s: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        worker_command("p", flow_runs, "gpu", wait_timeout_s)
+
+
+def test_prefect_worker_is_started_by_the_entrypoints_interpreter() -> None:
+    assert prefect_worker_command("/py", "p", "w-1", 4) == [
+        "/py", "-m", "prefect", "worker", "start", "--pool", "p", "--name", "w-1",
+        "--type", "process", "--limit", "4",
+    ]  # fmt: skip
+    assert prefect_worker_command("/py", "p", "w-1", 4, with_healthcheck=True)[-1] == (
+        "--with-healthcheck"
+    )

@@ -1,0 +1,74 @@
+"""The worker Deployment a pool should have (``pgw_operator.desired``)."""
+
+from __future__ import annotations
+
+from pgw_operator.desired import desired_deployment
+from pgw_operator.spec import POOL_LABEL
+
+from builders import make_spec, pool_spec
+
+
+def test_deployment_gives_each_pod_its_name_as_worker_id_and_the_gpu_limit() -> None:
+    spec = make_spec(perWorker=2, limitPrefix="infer")
+    deployment = desired_deployment("team-a", "ml", "uid-1", spec)
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert deployment["spec"]["replicas"] == 2
+    pod_spec = deployment["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["command"][:2] == ["prefect-gpu-workers", "worker"]
+    assert container["command"][container["command"].index("--limit-prefix") + 1] == "infer"
+    assert container["command"][container["command"].index("--flow-runs") + 1] == "8"
+    assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert labels[POOL_LABEL] == "team-a"
+    assert deployment["spec"]["selector"]["matchLabels"] == {POOL_LABEL: "team-a"}
+
+
+def test_api_key_is_referenced_never_copied() -> None:
+    spec = pool_spec(
+        prefect={"apiUrl": "https://x/api", "apiKeySecretRef": {"name": "prefect-key"}}
+    )
+    env = desired_deployment("p", "ns", "u", spec)["spec"]["template"]["spec"]["containers"][0][
+        "env"
+    ]
+    key = next(e for e in env if e["name"] == "PREFECT_API_KEY")
+    assert key == {
+        "name": "PREFECT_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "prefect-key", "key": "api-key"}},
+    }
+
+
+def test_pod_template_overrides_merge_but_cannot_drop_the_gpu_limit() -> None:
+    spec = pool_spec(
+        worker={
+            "image": "i",
+            "podTemplate": {
+                "nodeSelector": {"pool": "a100"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                "resources": {"limits": {"memory": "8Gi", "nvidia.com/gpu": "4"}},
+                "env": [{"name": "HF_HOME", "value": "/cache"}],
+                "labels": {"team": "vision", POOL_LABEL: "spoofed"},
+            },
+        }
+    )
+    template = desired_deployment("p", "ns", "u", spec)["spec"]["template"]
+    pod_spec = template["spec"]
+    container = pod_spec["containers"][0]
+    assert pod_spec["nodeSelector"] == {"pool": "a100"}
+    assert pod_spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert container["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": "1"}
+    assert {"name": "HF_HOME", "value": "/cache"} in container["env"]
+    assert template["metadata"]["labels"]["team"] == "vision"
+    assert template["metadata"]["labels"][POOL_LABEL] == "p"
+
+
+def test_whole_node_pool_runs_one_worker_per_node() -> None:
+    deployment = desired_deployment("p", "ns", "u", make_spec(wholeNode=True))
+    pod_spec = deployment["spec"]["template"]["spec"]
+    anti = pod_spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
+    assert "nvidia.com/gpu" not in pod_spec["containers"][0]["resources"].get("limits", {})
