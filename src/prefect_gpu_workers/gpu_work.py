@@ -1,0 +1,123 @@
+"""Local mode's side of the real GPU step: calibration, memory shares, what steps used.
+
+The demo calibrates the GPU step once, before it submits any flow run (so
+outside every slot, on an idle GPU), in a Python process of its own: that
+process's CUDA context and memory are gone when it exits, and the demo itself
+never imports torch. The flow runs then get the batch count as a parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from prefect_gpu_workers.records import StageRecord
+from prefect_gpu_workers.report import percentile
+
+# Share of a GPU's memory that the GPU steps sharing it may set aside in all;
+# the rest is for CUDA contexts (about 0.5 GiB per process) and fragmentation.
+MEMORY_HEADROOM = 0.85
+
+
+@dataclass(frozen=True)
+class StepCalibration:
+    """What ``python -m pgw_flows.model calibrate`` measured (see ``pgw_flows.model``)."""
+
+    config: str
+    device: str
+    device_name: str
+    seconds_per_batch: float
+    target_s: float
+    batches: int
+    tflops: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.config} on {self.device_name}: {self.seconds_per_batch * 1000:.1f} ms per "
+            f"batch ({self.tflops:.0f} TFLOP/s), {self.batches} batches = "
+            f"{self.batches * self.seconds_per_batch:.1f} s of work per GPU step on an idle GPU"
+        )
+
+
+def calibrate_gpu_step(
+    gpu_s: float,
+    device: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 300.0,
+) -> StepCalibration:
+    """Measure the GPU step's model in a child process; raises ``RuntimeError`` if it fails.
+
+    ``device`` defaults to CUDA when torch sees one, else the CPU.
+    """
+    command = [sys.executable, "-m", "pgw_flows.model", "calibrate", "--seconds", str(gpu_s)]
+    if device is not None:
+        command += ["--device", device]
+    done = subprocess.run(
+        command,
+        env=dict(env) if env is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-10:])
+        raise RuntimeError(f"calibrating the GPU step failed (exit {done.returncode}):\n{tail}")
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    return StepCalibration(
+        config=str(data["config"]),
+        device=str(data["device"]),
+        device_name=str(data["device_name"]),
+        seconds_per_batch=float(data["seconds_per_batch"]),
+        target_s=float(data["target_s"]),
+        batches=int(data["batches"]),
+        tflops=float(data["tflops"]),
+    )
+
+
+def step_memory_fraction(steps_per_gpu: int, headroom: float = MEMORY_HEADROOM) -> float:
+    """The share of a GPU's memory each step may take when ``steps_per_gpu`` steps share it.
+
+    Local workers all run their steps on the machine's first GPU, so there
+    ``steps_per_gpu`` is every local worker's slots together.
+
+    Example:
+        >>> step_memory_fraction(4)
+        0.2125
+    """
+    if steps_per_gpu < 1:
+        raise ValueError(f"steps per GPU must be at least 1, got {steps_per_gpu}")
+    return headroom / steps_per_gpu
+
+
+def gpu_steps(records: Iterable[StageRecord]) -> list[StageRecord]:
+    return [r for r in records if r.stage == "gpu"]
+
+
+def peak_step_memory_mib(records: Iterable[StageRecord]) -> float | None:
+    """The most GPU memory one step's allocator held (None: no step reported any)."""
+    peaks = [r.peak_memory_mib for r in gpu_steps(records) if r.peak_memory_mib is not None]
+    return max(peaks) if peaks else None
+
+
+def step_errors(records: Iterable[StageRecord]) -> Counter[str]:
+    """GPU steps that failed, by exception type (``"OutOfMemoryError"``, ...)."""
+    return Counter(r.error.split(":", 1)[0] for r in gpu_steps(records) if r.error)
+
+
+@dataclass(frozen=True)
+class StepDurations:
+    """GPU-step seconds (successful steps), to compare with the calibrated work."""
+
+    count: int
+    p50_s: float | None
+    max_s: float | None
+
+
+def step_durations(records: Iterable[StageRecord]) -> StepDurations:
+    seconds = [r.end - r.start for r in gpu_steps(records) if not r.error]
+    return StepDurations(len(seconds), percentile(seconds, 50), max(seconds, default=None))
