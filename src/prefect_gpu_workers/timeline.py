@@ -33,7 +33,7 @@ BAR_KINDS: tuple[BarKind, ...] = ("download", "wait", "gpu", "save")
 BAR_LABELS: dict[BarKind, str] = {
     "download": "download",
     "wait": "waiting for a GPU slot",
-    "gpu": "GPU step (slot held)",
+    "gpu": "GPU step",
     "save": "save",
 }
 COLOURS: dict[BarKind, str] = {
