@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pgw_flows.model import CPU_CONFIG, CPU_WORK_CAP_S
-from prefect_gpu_workers.gpu_work import (
+from prefect_gpu_workers.local.gpu_work import (
     calibrate_gpu_step,
     peak_step_memory_mib,
     step_durations,

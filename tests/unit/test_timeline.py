@@ -11,9 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_gpu_workers.records import StageRecord
-from prefect_gpu_workers.telemetry import GpuSample
-from prefect_gpu_workers.timeline import (
+from prefect_gpu_workers.local.timeline import (
     BAR_LABELS,
     TimelinePhase,
     assign_rows,
@@ -23,6 +21,8 @@ from prefect_gpu_workers.timeline import (
     occupancy_steps,
     write_timeline,
 )
+from prefect_gpu_workers.records import StageRecord
+from prefect_gpu_workers.telemetry import GpuSample
 
 
 def _run(

@@ -8,13 +8,16 @@ never imports torch. The flow runs then get the batch count as a parameter.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from pgw_flows.model import CPU_WORK_CAP_S
 from prefect_gpu_workers.records import StageRecord
 from prefect_gpu_workers.report import percentile
 
@@ -121,3 +124,82 @@ class StepDurations:
 def step_durations(records: Iterable[StageRecord]) -> StepDurations:
     seconds = [r.end - r.start for r in gpu_steps(records) if not r.error]
     return StepDurations(len(seconds), percentile(seconds, 50), max(seconds, default=None))
+
+
+def no_limit_refusal(gpus_detected: int, simulate: bool) -> str | None:
+    """Why ``demo --no-limit`` cannot run here, or None when it can.
+
+    Without a GPU the steps run a small model on the CPU and sleep: running
+    them without the limit shows nothing about GPUs, so the demo refuses.
+    """
+    if gpus_detected == 0:
+        return (
+            "demo --no-limit needs an NVIDIA GPU: it runs the real GPU steps without the "
+            "limit to show what happens to the GPU (out-of-memory failures, slower steps), "
+            "and no GPU was found here"
+        )
+    if simulate:
+        return "demo --no-limit runs the real GPU steps; drop --simulate"
+    return None
+
+
+@dataclass(frozen=True)
+class GpuStepPlan:
+    """The work and memory each GPU step of a demo gets, and how to say it."""
+
+    batches: int | None
+    memory_fraction: float
+    description: str
+
+
+def plan_gpu_step(
+    gpu_s: float,
+    steps_per_gpu: int,
+    calibration: StepCalibration | None,
+    memory_fraction: float | None = None,
+) -> GpuStepPlan:
+    """Batches that make ``gpu_s`` while ``steps_per_gpu`` steps share the GPU, and memory.
+
+    Each step saturates the GPU on its own, so ``steps_per_gpu`` steps at once
+    each take about that many times longer than one alone: the batches are
+    calibrated for ``gpu_s / steps_per_gpu`` on an idle GPU. Without a
+    calibration (no GPU) the flow runs calibrate on the CPU themselves.
+    """
+    if calibration is None:
+        work_s = min(gpu_s, CPU_WORK_CAP_S)
+        return GpuStepPlan(
+            None,
+            0.0,
+            f"no GPU: a small encoder on the CPU, {work_s:g} s of real work per step, "
+            f"then the step sleeps out the rest of its {gpu_s:g} s",
+        )
+    fraction = step_memory_fraction(steps_per_gpu) if memory_fraction is None else memory_fraction
+    alone_s = calibration.batches * calibration.seconds_per_batch
+    return GpuStepPlan(
+        calibration.batches,
+        fraction,
+        f"{calibration.config} on {calibration.device_name}, {calibration.batches} batches "
+        f"({calibration.seconds_per_batch * 1000:.1f} ms each, {calibration.tflops:.0f} "
+        f"TFLOP/s): {alone_s:.1f} s alone, about {alone_s * steps_per_gpu:.1f} s with the "
+        f"{steps_per_gpu} steps the limits allow sharing the GPU; each step sets aside "
+        f"{fraction:.0%} of the GPU's memory",
+    )
+
+
+def check_timeline_paths(paths: Iterable[Path]) -> None:
+    """Fail before anything starts if a timeline cannot be written.
+
+    Raises:
+        ValueError: an extension other than .png / .html.
+        RuntimeError: the plotting library for it is missing (the ``viz`` extra).
+    """
+    for path in paths:
+        suffix = path.suffix.lower()
+        if suffix not in (".png", ".html", ".htm"):
+            raise ValueError(f"timeline file must end in .png or .html, got {path.name!r}")
+        module = "matplotlib" if suffix == ".png" else "plotly"
+        if importlib.util.find_spec(module) is None:
+            raise RuntimeError(
+                f"{path.name} needs {module}: install the viz extra "
+                "(pip install 'prefect-gpu-workers[viz]')"
+            )
