@@ -119,6 +119,7 @@ def inference(
     step's working set. ``unlimited`` takes no slot at all: only for showing
     what the limit prevents (``demo --no-limit``).
     """
+    began = time.time()
     model: Any = None
     device: str | None = None
     if not simulate:
@@ -174,6 +175,7 @@ def inference(
                     peak_memory_mib=peak,
                     batches=work.batches if work is not None else None,
                     error=error,
+                    prepare_s=requested - began,
                 ),
             )
     batches_run = work.batches if work is not None else None

@@ -30,8 +30,9 @@ class StageRecord:
     before the slot was acquired, so ``start - requested`` is the wait for a
     slot. ``start``/``end`` bracket the stage's work (for the GPU stage: while
     the slot is held). GPU steps also record the allocator's peak memory
-    (``peak_memory_mib``, CUDA only), the batches run and, when the step
-    failed, the error; records written before these fields existed read as None.
+    (``peak_memory_mib``, CUDA only), the batches run, the CPU-side preparation
+    before asking for the slot (``prepare_s``) and, when the step failed, the
+    error; records written before these fields existed read them as None.
     """
 
     run_id: str
@@ -46,6 +47,8 @@ class StageRecord:
     peak_memory_mib: float | None = None
     batches: int | None = None
     error: str | None = None
+    # GPU step: seconds of CPU-side preparation (torch import, model) before ``requested``.
+    prepare_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -71,6 +74,7 @@ class StageRecord:
             peak_memory_mib=_optional_float(data.get("peak_memory_mib")),
             batches=_optional_int(data.get("batches")),
             error=data.get("error"),
+            prepare_s=_optional_float(data.get("prepare_s")),
         )
 
 

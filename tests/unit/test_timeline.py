@@ -41,7 +41,7 @@ def _run(
 
 def _phase(label: str = "demo", with_samples: bool = True) -> TimelinePhase:
     records = [
-        *_run("r1", "local-1", 100.0, 0.0, 3.0, peak_memory_mib=1200.0, batches=150),
+        *_run("r1", "local-1", 100.0, 0.0, 3.0, peak_memory_mib=1200.0, batches=150, prepare_s=0.5),
         *_run("r2", "local-1", 100.5, 0.0, 3.0),
         *_run("r3", "local-1", 101.0, 2.5, 3.0),
         *_run("r4", "local-2", 100.2, 0.0, 2.0),
@@ -63,6 +63,7 @@ def _phase(label: str = "demo", with_samples: bool = True) -> TimelinePhase:
 def _expected_bars(phase: TimelinePhase) -> Counter[str]:
     counts: Counter[str] = Counter(r.stage for r in phase.records)
     counts["wait"] = sum(1 for r in phase.records if r.stage == "gpu" and r.start > r.requested)
+    counts["prepare"] = sum(1 for r in phase.records if r.stage == "gpu" and r.prepare_s)
     return counts
 
 

@@ -5,7 +5,8 @@ Each column shows, top to bottom:
 
 - one row per flow-run slot of each worker (runs assigned to rows by interval
   partitioning, so two runs on one row never overlap) with a bar per stage:
-  download, waiting for a GPU slot, GPU step, save; failed steps hatched;
+  download, preparing the GPU step on the CPU, waiting for a GPU slot, GPU
+  step, save; failed steps hatched;
 - GPU slots held per worker over time against its limit (dashed);
 - GPU utilisation and memory per GPU, when telemetry was sampled.
 
@@ -28,16 +29,18 @@ from prefect_gpu_workers.telemetry import GpuSample
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-BarKind = Literal["download", "wait", "gpu", "save"]
-BAR_KINDS: tuple[BarKind, ...] = ("download", "wait", "gpu", "save")
+BarKind = Literal["download", "prepare", "wait", "gpu", "save"]
+BAR_KINDS: tuple[BarKind, ...] = ("download", "prepare", "wait", "gpu", "save")
 BAR_LABELS: dict[BarKind, str] = {
     "download": "download",
+    "prepare": "preparing the GPU step on the CPU (torch, model)",
     "wait": "waiting for a GPU slot",
     "gpu": "GPU step",
     "save": "save",
 }
 COLOURS: dict[BarKind, str] = {
     "download": "#4c72b0",
+    "prepare": "#a6c8e8",
     "wait": "#d0d0d0",
     "gpu": "#dd8452",
     "save": "#55a868",
@@ -139,10 +142,14 @@ def occupancy_steps(records: Sequence[StageRecord], until: float) -> list[tuple[
     return steps
 
 
+def _first_moment(record: StageRecord) -> float:
+    return min(record.requested, record.start) - (record.prepare_s or 0.0)
+
+
 def _origin(phase: TimelinePhase) -> float:
     if phase.started_at is not None:
         return phase.started_at
-    times = [min(r.requested, r.start) for r in phase.records]
+    times = [_first_moment(r) for r in phase.records]
     return min(times) if times else 0.0
 
 
@@ -155,7 +162,7 @@ def layout_phase(phase: TimelinePhase) -> PhaseLayout:
     runs_of_worker: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
     for run_id, stages in by_run.items():
         worker = stages[0].worker_id
-        start = min(min(r.requested, r.start) for r in stages)
+        start = min(_first_moment(r) for r in stages)
         runs_of_worker[worker].append((run_id, start, max(r.end for r in stages)))
     workers = sorted(set(phase.limits) | set(runs_of_worker))
     rows: list[str] = []
@@ -173,6 +180,11 @@ def layout_phase(phase: TimelinePhase) -> PhaseLayout:
     for record in phase.records:
         row = row_of_run[record.run_id]
         failed = record.error is not None
+        if record.stage == "gpu" and record.prepare_s:
+            bars.append(
+                Bar(row, "prepare", record.run_id, record.worker_id,
+                    record.requested - record.prepare_s - origin, record.requested - origin)
+            )  # fmt: skip
         if record.stage == "gpu" and record.start > record.requested:
             bars.append(
                 Bar(row, "wait", record.run_id, record.worker_id,
@@ -277,7 +289,7 @@ def _draw_runs(ax: Any, layout: PhaseLayout, first_column: bool) -> None:
             bar.row,
             bar.end - bar.start,
             left=bar.start,
-            height=0.7 if bar.kind != "wait" else 0.35,
+            height=0.35 if bar.kind in ("wait", "prepare") else 0.7,
             color="white" if failed else COLOURS[bar.kind],
             edgecolor=FAILED_COLOUR if failed else "none",
             hatch="xxx" if failed else None,
@@ -379,7 +391,7 @@ def build_html_figure(layouts: Sequence[PhaseLayout], title: str = "", subtitle:
                     base=[bar.start for bar in bars],
                     x=[bar.end - bar.start for bar in bars],
                     y=[layout.rows[bar.row] for bar in bars],
-                    width=0.7 if kind != "wait" else 0.35,
+                    width=0.35 if kind in ("wait", "prepare") else 0.7,
                     marker={
                         "color": [FAILED_COLOUR if bar.failed else COLOURS[kind] for bar in bars]
                     },
