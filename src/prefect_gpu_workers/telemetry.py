@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -172,6 +172,25 @@ class GpuSampler:
 # ---------------------------------------------------------------- summaries
 
 
+def first_visible_gpu(environ: Mapping[str, str]) -> int | None:
+    """NVML index of the GPU that ``cuda:0`` is, when the environment says; else None.
+
+    NVML numbers GPUs in PCI bus order, CUDA by default fastest first; the two
+    agree on one GPU, or when ``CUDA_DEVICE_ORDER=PCI_BUS_ID``. A UUID in
+    ``CUDA_VISIBLE_DEVICES`` is not resolved here (None: use every GPU).
+
+    Example:
+        >>> first_visible_gpu({"CUDA_VISIBLE_DEVICES": "3,1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+        3
+    """
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    ordered = environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+    if visible is None:
+        return 0 if ordered else None
+    first = visible.split(",")[0].strip()
+    return int(first) if first.isdigit() and ordered else None
+
+
 def held_intervals(records: Iterable[StageRecord]) -> list[tuple[float, float]]:
     """The union of every GPU step's ``[start, end)``: when at least one step held a slot."""
     spans = sorted((r.start, r.end) for r in records if r.stage == "gpu" and r.end > r.start)
@@ -208,12 +227,19 @@ def summarize_samples(
     samples: Sequence[GpuSample],
     held: Sequence[tuple[float, float]] = (),
     window: tuple[float, float] | None = None,
+    gpus: Collection[int] | None = None,
 ) -> TelemetrySummary | None:
     """Means and peaks over ``window`` (default: all samples) and over ``held`` intervals.
 
-    Returns None when no sample falls in the window.
+    ``gpus`` keeps only those NVML indices (default: every GPU), e.g. the one
+    GPU the steps ran on, so that idle GPUs do not dilute the mean. Returns
+    None when no sample is left.
     """
-    chosen = [s for s in samples if window is None or window[0] <= s.time <= window[1]]
+    chosen = [
+        s
+        for s in samples
+        if (window is None or window[0] <= s.time <= window[1]) and (gpus is None or s.gpu in gpus)
+    ]
     if not chosen:
         return None
     during = [s for s in chosen if _inside(s.time, held)]

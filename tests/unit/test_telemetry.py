@@ -11,6 +11,7 @@ from prefect_gpu_workers.telemetry import (
     GpuSample,
     GpuSampler,
     describe_telemetry,
+    first_visible_gpu,
     held_intervals,
     summarize_samples,
 )
@@ -120,3 +121,28 @@ def test_summary_over_the_run_and_while_steps_were_held() -> None:
 def test_summary_of_no_samples_is_none() -> None:
     assert summarize_samples([], held=[(0, 1)]) is None
     assert describe_telemetry(None, None) == "GPU telemetry: no samples"
+
+
+def test_summary_of_the_steps_gpu_leaves_idle_gpus_out() -> None:
+    samples = [GpuSample(1.0, 0, 100.0, 9000.0, 80000.0), GpuSample(1.0, 1, 0.0, 10.0, 80000.0)]
+    every = summarize_samples(samples)
+    only_first = summarize_samples(samples, gpus={0})
+    assert every is not None
+    assert only_first is not None
+    assert (every.gpus, every.mean_utilization_pct) == (2, 50.0)
+    assert (only_first.gpus, only_first.mean_utilization_pct) == (1, 100.0)
+    assert summarize_samples(samples, gpus={7}) is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "index"),
+    [
+        ({}, None),
+        ({"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, 0),
+        ({"CUDA_VISIBLE_DEVICES": "2,0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, 2),
+        ({"CUDA_VISIBLE_DEVICES": "2"}, None),  # CUDA's default order may differ from NVML's
+        ({"CUDA_VISIBLE_DEVICES": "GPU-8a1b", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, None),
+    ],
+)
+def test_first_visible_gpu(environ: dict[str, str], index: int | None) -> None:
+    assert first_visible_gpu(environ) == index

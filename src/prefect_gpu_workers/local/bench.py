@@ -39,7 +39,7 @@ from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
 from prefect_gpu_workers.local.demo import make_workdir
-from prefect_gpu_workers.local.gpu_work import check_timeline_paths
+from prefect_gpu_workers.local.gpu_work import check_timeline_paths, step_gpus
 from prefect_gpu_workers.local.plan import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
@@ -281,7 +281,9 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     timeline_phases = []
     for label, batch in (("task-level", task_level), ("flow-level", flow_level)):
         samples, reason = sampled[label]
-        summary = summarize_samples(samples, held_intervals(batch.records))
+        summary = summarize_samples(
+            samples, held_intervals(batch.records), gpus=step_gpus(os.environ)
+        )
         result.telemetry[label] = summary
         result.telemetry_lines[label] = describe_telemetry(summary, reason)
         timeline_phases.append(

@@ -25,6 +25,7 @@ from prefect_gpu_workers.local.gpu_work import (
     no_limit_refusal,
     peak_step_memory_mib,
     plan_gpu_step,
+    step_gpus,
 )
 from prefect_gpu_workers.local.plan import (
     DEFAULT_POOL,
@@ -176,7 +177,9 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         devices = sorted({r.device for r in result.records if r.stage == "gpu" and r.device})
         if devices:
             console.print(f"GPU steps ran on: {', '.join(devices)}")
-        summary = summarize_samples(samples, held_intervals(result.records))
+        summary = summarize_samples(
+            samples, held_intervals(result.records), gpus=step_gpus(os.environ)
+        )
         telemetry = describe_telemetry(summary, sampler.unavailable_reason)
         console.print(telemetry)
         peak = peak_step_memory_mib(result.records)

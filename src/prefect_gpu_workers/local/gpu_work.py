@@ -20,6 +20,7 @@ from pathlib import Path
 from pgw_flows.model import CPU_WORK_CAP_S
 from prefect_gpu_workers.records import StageRecord
 from prefect_gpu_workers.report import percentile
+from prefect_gpu_workers.telemetry import first_visible_gpu
 
 # Share of a GPU's memory that the GPU steps sharing it may set aside in all;
 # the rest is for CUDA contexts (about 0.5 GiB per process) and fragmentation.
@@ -95,6 +96,12 @@ def step_memory_fraction(steps_per_gpu: int, headroom: float = MEMORY_HEADROOM) 
     if steps_per_gpu < 1:
         raise ValueError(f"steps per GPU must be at least 1, got {steps_per_gpu}")
     return headroom / steps_per_gpu
+
+
+def step_gpus(environ: Mapping[str, str]) -> set[int] | None:
+    """NVML indices of the GPU local GPU steps run on (``cuda:0``); None: not known, all."""
+    index = first_visible_gpu(environ)
+    return None if index is None else {index}
 
 
 def gpu_steps(records: Iterable[StageRecord]) -> list[StageRecord]:
