@@ -143,8 +143,10 @@ def inference(
             if simulate or device is None:
                 labels, device = [i % 10 for i in batch.items], "simulated"
             else:
-                encoder.reset_peak_memory(device)
                 engine = encoder.Engine(model, config, device)
+                # After the weights are on the device: a reset peak starts at
+                # what is allocated now, so the weights still count.
+                encoder.reset_peak_memory(device)
                 if batches is None:
                     batches = _calibrated_batches(engine, seconds)
                 work = engine.run(batches, batch.tokens, memory_fraction)
