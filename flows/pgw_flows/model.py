@@ -320,6 +320,20 @@ class Engine:
     def release(self) -> None:
         self._reserved = None
 
+    def close(self) -> None:
+        """Give the device memory back before the slot is released.
+
+        torch's caching allocator keeps freed blocks for the process, and a
+        flow run's process lives on through its save stage: without this, the
+        memory the step set aside would still be held when the next step gets
+        the slot. The weights go back to the CPU; the CUDA context stays
+        until the process exits.
+        """
+        self.release()
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            self._torch.cuda.empty_cache()
+
     def run(
         self, batches: int, items: Sequence[Sequence[int]] = (), memory_fraction: float = 0.0
     ) -> WorkDone:

@@ -136,6 +136,7 @@ def inference(
     with slot as limit:
         start = time.time()
         work: Any = None
+        engine: Any = None
         error: str | None = None
         try:
             if fail:
@@ -158,10 +159,14 @@ def inference(
             error = f"{type(exc).__name__}: {exc}"[:300]
             raise
         finally:
+            peak = work.peak_memory_mib if work is not None else _peak_memory(device)
+            if engine is not None:
+                # Inside the slot: the next step to get it must find the memory free.
+                with contextlib.suppress(Exception):
+                    engine.close()
             # Recorded inside the slot, also when the step fails or is cancelled,
             # so the interval never claims more than the slot covered.
             end = time.time()
-            peak = work.peak_memory_mib if work is not None else _peak_memory(device)
             _record(
                 record_dir,
                 StageRecord(
