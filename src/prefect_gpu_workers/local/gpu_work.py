@@ -177,8 +177,8 @@ def plan_gpu_step(
         return GpuStepPlan(
             None,
             0.0,
-            f"no GPU: a small encoder on the CPU, {work_s:g} s of real work per step, "
-            f"then the step sleeps out the rest of its {gpu_s:g} s",
+            f"a small encoder on the CPU (no GPU), {work_s:g} s of real work per step, "
+            f"then it sleeps out the rest of its {gpu_s:g} s",
         )
     fraction = step_memory_fraction(steps_per_gpu) if memory_fraction is None else memory_fraction
     alone_s = calibration.batches * calibration.seconds_per_batch
