@@ -17,6 +17,7 @@ are imported only when a picture is drawn.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ BarKind = Literal["download", "prepare", "wait", "gpu", "save"]
 BAR_KINDS: tuple[BarKind, ...] = ("download", "prepare", "wait", "gpu", "save")
 BAR_LABELS: dict[BarKind, str] = {
     "download": "download",
-    "prepare": "preparing the GPU step on the CPU (torch, model)",
+    "prepare": "preparing on the CPU (torch, model)",
     "wait": "waiting for a GPU slot",
     "gpu": "GPU step",
     "save": "save",
@@ -276,7 +277,9 @@ def build_png_figure(layouts: Sequence[PhaseLayout], title: str = "", subtitle: 
     handles.append(
         Patch(facecolor="white", edgecolor=FAILED_COLOUR, hatch="xxx", label="step failed")
     )
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    # One column of panels is narrow: its legend takes two lines.
+    columns = len(handles) if len(layouts) > 1 else math.ceil(len(handles) / 2)
+    fig.legend(handles=handles, loc="outside lower center", ncols=columns, frameon=False)
     if title or subtitle:
         fig.suptitle(f"{title}\n{subtitle}".strip(), fontsize=12)
     return fig
