@@ -20,11 +20,12 @@ from typing import Any
 class PipelineParams:
     """Parameters of one ``gpu_pipeline`` run.
 
-    Stage durations are minimums: a stage does its work, then sleeps out the
-    rest of its duration.
+    Download and save durations are minimums: the stage does its work, then
+    sleeps out the rest. The GPU step on CUDA runs ``gpu_batches`` batches and
+    never sleeps; elsewhere ``gpu_s`` is a minimum too.
     """
 
-    # Inputs per run (synthetic images).
+    # Inputs per run (synthetic token sequences).
     items: int = 4
     # GPU slots the GPU step holds at once.
     occupy: int = 1
@@ -39,6 +40,13 @@ class PipelineParams:
     record_dir: str | None = None
     # Raise inside the GPU slot (fault injection for tests and drills).
     fail_in_gpu_step: bool = False
+    # The GPU step's work in encoder batches; None: calibrated for gpu_s once
+    # per machine (pgw_flows.model). On CUDA the step is timed by this work.
+    gpu_batches: int | None = None
+    # Share of the GPU's memory each step sets aside for its working set (0: none).
+    gpu_memory_fraction: float = 0.0
+    # Run the GPU step without taking a slot: only to show what the limit prevents.
+    unlimited: bool = False
 
     def as_parameters(self) -> dict[str, Any]:
         """Flow-run parameters; ``None`` values are left out so the flow's fallbacks apply."""

@@ -4,17 +4,24 @@ Only the inference task holds a slot of ``{limit_prefix}:{WORKER_ID}``; download
 and save are I/O and run free, so they overlap across all flow runs a worker
 has in flight while the GPU stays within its limit.
 
-Stage durations are minimums: a stage does its work, then sleeps out the rest
-of its duration. With ``simulate`` the work is skipped (no torch import), so a
+Download and save durations are minimums: the stage does its work, then
+sleeps out the rest. The GPU step on CUDA is timed by work done: it runs a
+fixed number of encoder batches (``gpu_batches``, calibrated once so that they
+take about ``gpu_s`` on an idle GPU; see :mod:`pgw_flows.model`) and never
+sleeps, so a step that shares its GPU with too many others takes longer. On the
+CPU it does at most ``model.CPU_WORK_CAP_S`` of real work and sleeps out the
+rest of ``gpu_s``. With ``simulate`` the work is skipped (no torch import), so a
 benchmark measures coordination, not this machine's CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,17 +46,20 @@ class InjectedGpuFailure(RuntimeError):
 @dataclass(frozen=True)
 class Batch:
     items: list[int]
-    # Empty when simulating: nothing downstream looks at pixels then.
-    images: list[list[float]] = field(default_factory=list)
+    # Token ids per item; empty when simulating: nothing downstream looks at them then.
+    tokens: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Inference:
     labels: list[int]
     device: str
-    limit: str
+    # None when the step ran without a limit (``unlimited``).
+    limit: str | None
     gpu_start: float
     gpu_end: float
+    batches: int | None = None
+    peak_memory_mib: float | None = None
 
 
 def _worker_id() -> str:
@@ -69,17 +79,22 @@ def _sleep_until(deadline: float) -> None:
 def download(
     run_id: str, items: int, seconds: float, simulate: bool, record_dir: str | None
 ) -> Batch:
-    """Fetch the inputs (synthetic images here: the machine has no data source)."""
+    """Fetch the inputs (synthetic token ids here: the machine has no data source)."""
     start = time.time()
     ids = list(range(items))
-    images: list[list[float]] = []
+    tokens: list[list[int]] = []
     if not simulate:
-        from pgw_flows.model import synthetic_image
+        from pgw_flows.model import synthetic_tokens
 
-        images = [synthetic_image(i) for i in ids]
+        tokens = [synthetic_tokens(i) for i in ids]
     _sleep_until(start + seconds)
     _record(record_dir, StageRecord(run_id, _worker_id(), "download", start, start, time.time()))
-    return Batch(ids, images)
+    return Batch(ids, tokens)
+
+
+@contextlib.contextmanager
+def _no_slot() -> Iterator[None]:
+    yield None
 
 
 @task(cache_policy=NO_CACHE)
@@ -92,38 +107,106 @@ def inference(
     simulate: bool,
     record_dir: str | None,
     fail: bool = False,
+    batches: int | None = None,
+    memory_fraction: float = 0.0,
+    unlimited: bool = False,
 ) -> Inference:
-    """The GPU step: everything that touches the GPU happens inside the slot."""
-    model = None
+    """The GPU step: everything that touches the GPU happens inside the slot.
+
+    ``batches`` is the work (None: calibrate once per machine, cached in a
+    file; on CUDA that first calibration runs inside the slot because it uses
+    the GPU). ``memory_fraction`` of the device's memory is set aside for the
+    step's working set. ``unlimited`` takes no slot at all: only for showing
+    what the limit prevents (``demo --no-limit``).
+    """
+    began = time.time()
+    model: Any = None
+    device: str | None = None
     if not simulate:
-        from pgw_flows.model import build_model, classify
+        from pgw_flows import model as encoder
 
         # CPU-side preparation (torch import, weights) before taking the slot.
-        model = build_model()
+        device = encoder.default_device()
+        config = encoder.config_for(device)
+        model = encoder.build_model(config)
+        if batches is None and not device.startswith("cuda"):
+            batches = _calibrated_batches(encoder.Engine(model, config, device), seconds)
     requested = time.time()
-    with gpu_slot(occupy, limit_prefix=limit_prefix) as limit:
+    slot = _no_slot() if unlimited else gpu_slot(occupy, limit_prefix=limit_prefix)
+    with slot as limit:
         start = time.time()
-        device: str | None = None
+        work: Any = None
+        engine: Any = None
+        error: str | None = None
         try:
             if fail:
                 raise InjectedGpuFailure(f"injected failure while holding {limit}")
-            if simulate:
+            if simulate or device is None:
                 labels, device = [i % 10 for i in batch.items], "simulated"
             else:
-                predictions = classify(batch.images, model)
-                labels, device = predictions.labels, predictions.device
-            _sleep_until(start + seconds)
+                engine = encoder.Engine(model, config, device)
+                # After the weights are on the device: a reset peak starts at
+                # what is allocated now, so the weights still count.
+                encoder.reset_peak_memory(device)
+                if batches is None:
+                    batches = _calibrated_batches(engine, seconds)
+                work = engine.run(batches, batch.tokens, memory_fraction)
+                labels, device = work.labels, work.device
+            if not device.startswith("cuda"):
+                # Only CUDA work is timed by work done; elsewhere gpu_s is a minimum.
+                _sleep_until(start + seconds)
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            raise
         finally:
+            peak = work.peak_memory_mib if work is not None else _peak_memory(device)
+            if engine is not None:
+                # Inside the slot: the next step to get it must find the memory free.
+                with contextlib.suppress(Exception):
+                    engine.close()
             # Recorded inside the slot, also when the step fails or is cancelled,
             # so the interval never claims more than the slot covered.
             end = time.time()
             _record(
                 record_dir,
                 StageRecord(
-                    run_id, _worker_id(), "gpu", requested, start, end, occupy, limit, device
+                    run_id,
+                    _worker_id(),
+                    "gpu",
+                    requested,
+                    start,
+                    end,
+                    occupy,
+                    limit,
+                    device,
+                    peak_memory_mib=peak,
+                    batches=work.batches if work is not None else None,
+                    error=error,
+                    prepare_s=requested - began,
                 ),
             )
-    return Inference(labels, device or "unknown", limit, start, end)
+    batches_run = work.batches if work is not None else None
+    return Inference(labels, device or "unknown", limit, start, end, batches_run, peak)
+
+
+def _calibrated_batches(engine: Any, gpu_s: float) -> int:
+    from pgw_flows import model as encoder
+
+    target = encoder.work_target_s(gpu_s, engine.device.type)
+    probe = min(1.0, max(0.1, target / 10))
+    seconds = encoder.cached_seconds_per_batch(engine, probe, encoder.cache_dir())
+    return encoder.batches_for(target, seconds)
+
+
+def _peak_memory(device: str | None) -> float | None:
+    if device is None or not device.startswith("cuda"):
+        return None
+    from pgw_flows.model import peak_memory_mib
+
+    # The step failed; its peak is still worth recording, unless CUDA is what broke.
+    with contextlib.suppress(Exception):
+        return peak_memory_mib(device)
+    return None
 
 
 @task(cache_policy=NO_CACHE)
@@ -156,6 +239,9 @@ def gpu_pipeline(
     simulate: bool = _DEFAULTS.simulate,
     record_dir: str | None = _DEFAULTS.record_dir,
     fail_in_gpu_step: bool = _DEFAULTS.fail_in_gpu_step,
+    gpu_batches: int | None = _DEFAULTS.gpu_batches,
+    gpu_memory_fraction: float = _DEFAULTS.gpu_memory_fraction,
+    unlimited: bool = _DEFAULTS.unlimited,
 ) -> dict[str, Any]:
     """Download ``items`` inputs, classify them holding ``occupy`` GPU slots, save.
 
@@ -164,6 +250,10 @@ def gpu_pipeline(
     ``limit_prefix`` is the limit prefix (default: ``PGW_LIMIT_PREFIX``, else
     ``gpu``); ``record_dir`` (or ``PGW_RECORD_DIR``) receives one JSON line per stage;
     ``fail_in_gpu_step`` raises inside the slot (fault injection for tests).
+    ``gpu_batches`` is the GPU step's work in encoder batches (None: calibrated
+    for ``gpu_s`` once per machine); ``gpu_memory_fraction`` of the GPU's memory
+    is set aside by each step (0: only what the model needs); ``unlimited``
+    runs the GPU step without a slot (``demo --no-limit`` only).
     """
     run_id = str(flow_run.id or uuid.uuid4())
     batch = download(run_id, items, download_s, simulate, record_dir)
@@ -176,6 +266,9 @@ def gpu_pipeline(
         simulate,
         record_dir,
         fail_in_gpu_step,
+        gpu_batches,
+        gpu_memory_fraction,
+        unlimited,
     )
     save(run_id, result, save_s, record_dir)
     return {
@@ -186,4 +279,6 @@ def gpu_pipeline(
         "labels": result.labels,
         "gpu_start": result.gpu_start,
         "gpu_end": result.gpu_end,
+        "gpu_batches": result.batches,
+        "peak_memory_mib": result.peak_memory_mib,
     }

@@ -65,6 +65,32 @@ def _limit_prefix(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {value}")
+    return value
+
+
+def _timeline_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in (".png", ".html", ".htm"):
+        raise argparse.ArgumentTypeError(f"must end in .png or .html, got {text!r}")
+    return path
+
+
+def _add_timeline(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--timeline",
+        type=_timeline_path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="write a timeline picture: FILE.png (matplotlib) or FILE.html (plotly, "
+        "self-contained); repeat for both; needs the viz extra",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> None:
     parser.add_argument(
         "--workers", type=_positive_int, default=workers, help=f"local workers ({workers})"
@@ -123,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--runs", type=_positive_int, default=12, help="flow runs to submit (12)")
     d = DEMO_PIPELINE
     demo.add_argument(
-        "--items", type=_positive_int, default=d.items, help=f"images per run ({d.items})"
+        "--items", type=_positive_int, default=d.items, help=f"inputs per run ({d.items})"
     )
     demo.add_argument(
         "--occupy", type=_positive_int, default=d.occupy, help=f"slots per GPU step ({d.occupy})"
@@ -139,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu-seconds",
         type=_non_negative_float,
         default=d.gpu_s,
-        help=f"GPU stage, in the slot ({d.gpu_s:g})",
+        help="GPU stage, in the slot: on a GPU a work target (batches calibrated once so "
+        "that a step takes this long while the steps the limits allow share the GPU), "
+        f"on the CPU a minimum ({d.gpu_s:g})",
     )
     demo.add_argument(
         "--save-seconds",
@@ -150,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--simulate", action="store_true", help="sleep instead of running the model (no torch)"
     )
+    demo.add_argument(
+        "--no-limit",
+        action="store_true",
+        help="GPU machines only: run the same GPU steps without taking a slot and report "
+        "what happens (out-of-memory failures, slower steps)",
+    )
+    demo.add_argument(
+        "--gpu-memory-fraction",
+        type=_fraction,
+        help="share of the GPU's memory each GPU step sets aside (default: 0.85 / the steps "
+        "the limits allow on the GPU; 0: only what the model needs)",
+    )
+    _add_timeline(demo)
     demo.add_argument(
         "--flow-runs-per-worker",
         type=_positive_int,
@@ -175,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--runs", type=_positive_int, help="runs per phase (5 per GPU slot)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _add_timeline(bench)
 
     worker = commands.add_parser(
         "worker",
@@ -268,10 +310,20 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             workdir=args.workdir,
             keep_workdir=args.keep_workdir,
             timeout_s=args.timeout,
+            timelines=tuple(args.timeline),
+            no_limit=args.no_limit,
+            gpu_memory_fraction=args.gpu_memory_fraction,
         )
         return run_demo(options, console)
 
     from prefect_gpu_workers.local.bench import BenchOptions, render, run_bench
+    from prefect_gpu_workers.local.gpu_work import check_timeline_paths
+
+    try:
+        check_timeline_paths(args.timeline)
+    except (ValueError, RuntimeError) as exc:
+        console.print(f"[red]--timeline: {exc}[/red]")
+        return 2
 
     bench_options = BenchOptions(
         workers=args.workers,
@@ -286,6 +338,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         workdir=args.workdir,
         keep_workdir=args.keep_workdir,
         timeout_s=args.timeout,
+        timelines=tuple(args.timeline),
     )
     result = run_bench(bench_options, console)
     if args.json:

@@ -29,7 +29,10 @@ class StageRecord:
     ``requested`` is when the stage asked to begin; for the GPU stage that is
     before the slot was acquired, so ``start - requested`` is the wait for a
     slot. ``start``/``end`` bracket the stage's work (for the GPU stage: while
-    the slot is held).
+    the slot is held). GPU steps also record the allocator's peak memory
+    (``peak_memory_mib``, CUDA only), the batches run, the CPU-side preparation
+    before asking for the slot (``prepare_s``) and, when the step failed, the
+    error; records written before these fields existed read them as None.
     """
 
     run_id: str
@@ -41,6 +44,11 @@ class StageRecord:
     occupy: int = 0
     limit: str | None = None
     device: str | None = None
+    peak_memory_mib: float | None = None
+    batches: int | None = None
+    error: str | None = None
+    # GPU step: seconds of CPU-side preparation (torch import, model) before ``requested``.
+    prepare_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -63,7 +71,19 @@ class StageRecord:
             occupy=int(data.get("occupy", 0)),
             limit=data.get("limit"),
             device=data.get("device"),
+            peak_memory_mib=_optional_float(data.get("peak_memory_mib")),
+            batches=_optional_int(data.get("batches")),
+            error=data.get("error"),
+            prepare_s=_optional_float(data.get("prepare_s")),
         )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def record_dir_from(parameter: str | None) -> Path | None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 from prefect_gpu_workers.server import LocalPrefectServer
 
@@ -22,13 +23,16 @@ REQUIRED_KEYS = {
 }
 
 
-def test_bench_json_is_one_object_with_both_phases(prefect_server: LocalPrefectServer) -> None:
+def test_bench_json_is_one_object_with_both_phases(
+    prefect_server: LocalPrefectServer, tmp_path: Path
+) -> None:
     prefix = f"b{uuid.uuid4().hex[:6]}"
     worker = f"{prefix}-1"
+    picture = tmp_path / "bench.png"
     result = subprocess.run(
         [sys.executable, "-m", "prefect_gpu_workers.cli", "bench", "--json",
          "--workers", "1", "--runs", "4", "--gpu-seconds", "1", "--poll-seconds", "2",
-         "--worker-prefix", prefix, "--pool", f"bench-{prefix}"],
+         "--worker-prefix", prefix, "--pool", f"bench-{prefix}", "--timeline", str(picture)],
         env=os.environ.copy(),
         capture_output=True,
         text=True,
@@ -58,3 +62,6 @@ def test_bench_json_is_one_object_with_both_phases(prefect_server: LocalPrefectS
     assert report["ratio"] == report["task_level_runs_per_s"] / report["flow_level_runs_per_s"]
     assert 0 < report["slot_utilization"] <= 1
     assert report["slots_held_after"] == {f"gpu:{worker}": 0}
+    assert set(report["gpu_telemetry"]) == {"task-level", "flow-level"}
+    assert f"timeline: {picture}" in result.stderr
+    assert picture.read_bytes()[:4] == b"\x89PNG"

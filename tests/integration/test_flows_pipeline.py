@@ -10,7 +10,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-from pgw_flows.model import classify, synthetic_image
+from pgw_flows.model import classify, synthetic_tokens
 from pgw_flows.pipeline import gpu_pipeline
 from prefect_gpu_workers.limits import GpuLimitUnavailable
 from prefect_gpu_workers.naming import limit_prefix_from_env
@@ -33,12 +33,15 @@ def test_pipeline_runs_the_model_inside_the_slot_and_records_each_stage(
     assert result["limit"] == f"gpu:{worker}"
     assert result["worker_id"] == worker
     assert len(result["labels"]) == 3
-    assert result["labels"] == classify([synthetic_image(i) for i in range(3)]).labels
+    assert result["labels"] == classify([synthetic_tokens(i) for i in range(3)]).labels
     records = read_records(tmp_path)
     assert [r.stage for r in records] == ["download", "gpu", "save"]
     (gpu,) = [r for r in records if r.stage == "gpu"]
     assert (gpu.worker_id, gpu.limit, gpu.occupy) == (worker, f"gpu:{worker}", 1)
     assert gpu.end - gpu.start >= 0.2
+    assert gpu.batches is not None
+    assert gpu.batches >= 1
+    assert gpu.error is None
     saved = json.loads((tmp_path / f"{result['run_id']}.result.json").read_text())
     assert saved["labels"] == result["labels"]
 

@@ -56,7 +56,8 @@ def test_demo_runs_reports_and_leaves_nothing_running(
     prefix = f"d{uuid.uuid4().hex[:6]}"
     result = subprocess.run(
         [*CLI, "demo", "--workers", "2", "--runs", "6", "--worker-prefix", prefix,
-         "--pool", f"demo-{prefix}", "--workdir", str(tmp_path), *QUICK],
+         "--pool", f"demo-{prefix}", "--workdir", str(tmp_path), *QUICK,
+         "--timeline", str(tmp_path / "timeline.png"), "--timeline", str(tmp_path / "t.html")],
         env={**os.environ, "COLUMNS": "200"},
         capture_output=True,
         text=True,
@@ -68,6 +69,7 @@ def test_demo_runs_reports_and_leaves_nothing_running(
     if detect_gpus().count == 0:
         assert "no NVIDIA GPU found" in output
         assert "1 GPU x 2 slot(s)" in output
+        assert "no GPU: telemetry off" in output
     assert "Demo report" in output
     assert re.search(r"runs finished / failed\W+6 / 0\b", output), output
     for worker in (f"{prefix}-1", f"{prefix}-2"):
@@ -77,6 +79,11 @@ def test_demo_runs_reports_and_leaves_nothing_running(
     assert pids_with_env(f"WORKER_ID={prefix}-2") == []
     # Every stage of every run left its record in the work dir.
     assert len(list((tmp_path / "records").glob("*.jsonl"))) == 6
+    # The pictures, their paths printed at the end (the unit tests count their bars).
+    assert output.rstrip().endswith(f"timeline: {tmp_path / 't.html'}")
+    assert f"timeline: {tmp_path / 'timeline.png'}" in output
+    assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Plotly.newPlot" in (tmp_path / "t.html").read_text(encoding="utf-8")
 
 
 def test_ctrl_c_stops_server_workers_and_flow_runs(tmp_path: Path) -> None:

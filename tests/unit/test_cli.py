@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
+
+import pytest
+from rich.console import Console
+
+from prefect_gpu_workers.cli import build_parser
 
 CLI = [sys.executable, "-m", "prefect_gpu_workers"]
 
@@ -42,3 +48,52 @@ def test_cli_and_its_worker_parser_import_no_prefect() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_no_limit_is_refused_without_a_gpu() -> None:
+    from prefect_gpu_workers.gpu import detect_gpus
+
+    if detect_gpus().count:
+        pytest.skip("this machine has a GPU: --no-limit would run")
+    result = subprocess.run(
+        [*CLI, "demo", "--no-limit"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "demo --no-limit needs an NVIDIA GPU" in result.stdout
+    assert "Prefect" not in result.stdout  # refused before starting anything
+
+
+def test_no_limit_refusal_does_not_depend_on_this_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect_gpu_workers.gpu import GpuDevice, GpuInventory
+    from prefect_gpu_workers.local import demo
+
+    console = Console(record=True, width=200)
+    monkeypatch.setattr(demo, "detect_gpus", lambda: GpuInventory(unavailable_reason="no driver"))
+    assert demo.run_demo(demo.DemoOptions(no_limit=True), console) == 2
+    assert "needs an NVIDIA GPU" in console.export_text()
+    # With a GPU, --simulate is what it refuses (the real steps are the point).
+    one_gpu = GpuInventory(devices=(GpuDevice(0, "H100", 81559),))
+    monkeypatch.setattr(demo, "detect_gpus", lambda: one_gpu)
+    simulated = replace(demo.DemoOptions().pipeline, simulate=True)
+    options = demo.DemoOptions(no_limit=True, pipeline=simulated)
+    assert demo.run_demo(options, console) == 2
+    assert "drop --simulate" in console.export_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["demo", "--timeline", "t.svg"], "must end in .png or .html"),
+        (["bench", "--timeline", "t.jpg"], "must end in .png or .html"),
+        (["demo", "--gpu-memory-fraction", "1.5"], "below 1"),
+    ],
+)
+def test_timeline_and_memory_options_are_checked(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err

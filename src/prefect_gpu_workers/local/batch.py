@@ -34,6 +34,9 @@ class BatchResult:
     metrics: PhaseMetrics
     # Slots still held once every run is final: anything but 0 is a leak.
     slots_held_after: dict[str, int]
+    # Wall-clock (time.time()) when the runs were submitted and when the last one ended.
+    submitted_at: float = 0.0
+    ended_at: float = 0.0
 
     def failure_messages(self, most: int = 3) -> list[str]:
         """``name: STATE message`` of up to ``most`` runs that did not complete."""
@@ -83,6 +86,7 @@ def run_batch(
     final = session.wait_for_runs(ids, limit_names, on_progress, timeout_s, since=submitted_at)
     counts = count_runs(final)
     records = read_records(record_dir)
+    ended_at = last_end_time(final) or time.time()
     metrics = summarize(
         records,
         {plan.worker_id: plan.slots for plan in plans},
@@ -90,8 +94,8 @@ def run_batch(
         finished=counts.completed,
         failed=counts.failed,
         submitted_at=submitted_at,
-        ended_at=last_end_time(final) or time.time(),
+        ended_at=ended_at,
     )
     with session.client() as client:
         held = active_slots(client, limit_names)
-    return BatchResult(final, records, metrics, held)
+    return BatchResult(final, records, metrics, held, submitted_at, ended_at)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
 from prefect_gpu_workers.local.demo import make_workdir
+from prefect_gpu_workers.local.gpu_work import check_timeline_paths, step_gpus
 from prefect_gpu_workers.local.plan import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
@@ -51,9 +52,18 @@ from prefect_gpu_workers.local.plan import (
 from prefect_gpu_workers.local.prefect_ops import active_slots
 from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
+from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
 from prefect_gpu_workers.local.views import ProgressView, bench_table
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.report import PhaseMetrics, speedup
+from prefect_gpu_workers.telemetry import (
+    GpuSample,
+    GpuSampler,
+    TelemetrySummary,
+    describe_telemetry,
+    held_intervals,
+    summarize_samples,
+)
 
 BENCH_DEPLOYMENT = "gpu-pipeline-bench"
 SIMULATION_NOTE = (
@@ -76,6 +86,8 @@ class BenchOptions:
     workdir: Path | None = None
     keep_workdir: bool = False
     timeout_s: float = 1800.0
+    # Pictures of both phases side by side (.png or .html).
+    timelines: tuple[Path, ...] = ()
 
 
 def default_runs(total_slots: int) -> int:
@@ -122,6 +134,9 @@ class BenchResult:
     # flow-run start-up was waiting for CPU and the figures say less about Prefect.
     load_after_task_level: float | None
     load_after_flow_level: float | None
+    # Per phase: GPU telemetry (None without NVML) and the one-line report.
+    telemetry: dict[str, TelemetrySummary | None] = field(default_factory=dict)
+    telemetry_lines: dict[str, str] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float | None:
@@ -161,6 +176,10 @@ class BenchResult:
             "task_level": asdict(task),
             "flow_level": asdict(self.flow_level),
             "slots_held_after": self.slots_held_after,
+            "gpu_telemetry": {
+                label: asdict(summary) if summary is not None else None
+                for label, summary in self.telemetry.items()
+            },
         }
 
 
@@ -203,7 +222,13 @@ def _phase(
 
 
 def run_bench(options: BenchOptions, console: Console) -> BenchResult:
-    """Run both phases; progress goes to ``console``."""
+    """Run both phases; progress goes to ``console``.
+
+    Raises:
+        ValueError, RuntimeError: a ``timelines`` file that cannot be written
+            (extension, missing plotting library), before anything starts.
+    """
+    check_timeline_paths(options.timelines)
     capacity_plan = plan_capacity(detect_gpus(), options.gpus, options.slots_per_gpu)
     for message in capacity_plan.messages:
         console.print(f"GPU: {message}")
@@ -223,10 +248,15 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         console.print(f"Prefect API: {session.api_url}")
         deployment_id = prepare_pool(session, options.pool, task_plans, BENCH_DEPLOYMENT)
 
+        sampled: dict[str, tuple[list[GpuSample], str | None]] = {}
+
         def phase(label: str, plans: tuple[WorkerPlan, ...]) -> BatchResult:
-            return _phase(
-                session, console, label, plans, options, deployment_id, params, runs, workdir
-            )
+            with GpuSampler() as sampler:
+                batch = _phase(
+                    session, console, label, plans, options, deployment_id, params, runs, workdir
+                )
+            sampled[label] = (sampler.stop(), sampler.unavailable_reason)
+            return batch
 
         task_level = phase("task-level", task_plans)
         load_after_task_level = load_average()
@@ -247,6 +277,34 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         load_after_task_level=load_after_task_level,
         load_after_flow_level=load_after_flow_level,
     )
+    limits = {plan.worker_id: plan.slots for plan in task_plans}
+    timeline_phases = []
+    for label, batch in (("task-level", task_level), ("flow-level", flow_level)):
+        samples, reason = sampled[label]
+        summary = summarize_samples(
+            samples, held_intervals(batch.records), gpus=step_gpus(os.environ)
+        )
+        result.telemetry[label] = summary
+        result.telemetry_lines[label] = describe_telemetry(summary, reason)
+        timeline_phases.append(
+            TimelinePhase(
+                f"{label} (flow runs per worker: "
+                f"{task_flow_runs if label == 'task-level' else slots})",
+                batch.records,
+                limits,
+                samples,
+                batch.submitted_at,
+                batch.ended_at,
+            )
+        )
+    for path in options.timelines:
+        written = write_timeline(
+            path,
+            *timeline_phases,
+            title="prefect-gpu-workers bench: task-level vs flow-level GPU limiting",
+            subtitle="stage work simulated (sleeps); same workers, limits and runs in both",
+        )
+        console.print(f"timeline: {written}")
     if made_workdir and not options.keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return result
@@ -267,4 +325,6 @@ def render(result: BenchResult, console: Console) -> None:
             f"[yellow]load average reached {max(loads):.1f} on {cores} cores: flow runs waited "
             "for CPU to start, so throughput reflects this machine as much as Prefect[/yellow]"
         )
+    for label, line in result.telemetry_lines.items():
+        console.print(f"{label}: {line}")
     console.print(SIMULATION_NOTE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +18,15 @@ from rich.console import Console
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
+from prefect_gpu_workers.local.gpu_work import (
+    GpuStepPlan,
+    calibrate_gpu_step,
+    check_timeline_paths,
+    no_limit_refusal,
+    peak_step_memory_mib,
+    plan_gpu_step,
+    step_gpus,
+)
 from prefect_gpu_workers.local.plan import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
@@ -29,8 +38,21 @@ from prefect_gpu_workers.local.plan import (
 )
 from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
-from prefect_gpu_workers.local.views import ProgressView, metrics_table, plan_table, worker_table
+from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
+from prefect_gpu_workers.local.views import (
+    ProgressView,
+    metrics_table,
+    no_limit_table,
+    plan_table,
+    worker_table,
+)
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
+from prefect_gpu_workers.telemetry import (
+    GpuSampler,
+    describe_telemetry,
+    held_intervals,
+    summarize_samples,
+)
 
 DEMO_DEPLOYMENT = "gpu-pipeline-demo"
 
@@ -50,6 +72,12 @@ class DemoOptions:
     workdir: Path | None = None
     keep_workdir: bool = False
     timeout_s: float = 900.0
+    # Pictures to write at the end (.png or .html).
+    timelines: tuple[Path, ...] = ()
+    # GPU machines only: the same GPU steps without taking a slot.
+    no_limit: bool = False
+    # Share of the GPU's memory each step sets aside; None: 0.85 / steps sharing the GPU.
+    gpu_memory_fraction: float | None = None
 
 
 def make_workdir(requested: Path | None, prefix: str) -> tuple[Path, bool]:
@@ -61,8 +89,23 @@ def make_workdir(requested: Path | None, prefix: str) -> tuple[Path, bool]:
 
 
 def run_demo(options: DemoOptions, console: Console) -> int:
-    """Run the demo; returns the exit code (0: every run finished within its limit)."""
-    capacity_plan = plan_capacity(detect_gpus(), options.gpus, options.slots_per_gpu)
+    """Run the demo; returns the exit code.
+
+    0: every run finished within its limit (with ``no_limit``: the runs ran and
+    every process stopped; failed runs are what it shows); 2: refused.
+    """
+    inventory = detect_gpus()
+    if options.no_limit:
+        refusal = no_limit_refusal(inventory.count, options.pipeline.simulate)
+        if refusal:
+            console.print(f"[red]{refusal}[/red] ({inventory.describe()})")
+            return 2
+    try:
+        check_timeline_paths(options.timelines)
+    except (ValueError, RuntimeError) as exc:
+        console.print(f"[red]--timeline: {exc}[/red]")
+        return 2
+    capacity_plan = plan_capacity(inventory, options.gpus, options.slots_per_gpu)
     for message in capacity_plan.messages:
         console.print(f"[bold]GPU:[/bold] {message}")
     slots = capacity_plan.capacity.slots
@@ -75,6 +118,13 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         slots,
         flow_runs,
         options.limit_prefix,
+    )
+    step_plan = _plan_gpu_step(options, inventory.count, slots, console)
+    p = replace(
+        p,
+        gpu_batches=step_plan.batches,
+        gpu_memory_fraction=step_plan.memory_fraction,
+        unlimited=options.no_limit,
     )
     workdir, made_workdir = make_workdir(options.workdir, "pgw-demo-")
     console.print(f"work directory (logs, records): {workdir}")
@@ -95,13 +145,21 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         deployment_id = prepare_pool(session, options.pool, plans, DEMO_DEPLOYMENT)
         console.print(plan_table(plans, options.pool))
         console.print(
-            f"GPU step: {'simulated' if p.simulate else 'tiny CNN (torch)'}, occupy={p.occupy}; "
-            f"stages at least {p.download_s:g}s download, {p.gpu_s:g}s GPU, {p.save_s:g}s save"
+            f"GPU step: {'simulated' if p.simulate else step_plan.description}; "
+            f"occupy={p.occupy}; download {p.download_s:g}s and save {p.save_s:g}s at least"
         )
+        if options.no_limit:
+            console.print(
+                "[bold yellow]--no-limit: GPU steps take no slot; each worker still runs "
+                f"{flow_runs} flow runs at once[/bold yellow]"
+            )
         session.start_workers(plans, options.pool, worker_env)
         session.wait_for_workers(options.pool)
         console.print(f"{len(plans)} worker(s) online; submitting {options.runs} flow run(s)")
-        with ProgressView(console, "demo", plans) as progress:
+        with (
+            GpuSampler() as sampler,
+            ProgressView(console, "demo", plans) as progress,
+        ):
             result = run_batch(
                 session,
                 deployment_id,
@@ -112,31 +170,72 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 progress,
                 options.timeout_s,
             )
+        samples = sampler.stop()
         metrics = result.metrics
         console.print(metrics_table("Demo report", metrics))
         console.print(worker_table(metrics))
         devices = sorted({r.device for r in result.records if r.stage == "gpu" and r.device})
         if devices:
             console.print(f"GPU steps ran on: {', '.join(devices)}")
+        summary = summarize_samples(
+            samples, held_intervals(result.records), gpus=step_gpus(os.environ)
+        )
+        telemetry = describe_telemetry(summary, sampler.unavailable_reason)
+        console.print(telemetry)
+        peak = peak_step_memory_mib(result.records)
+        if peak is not None:
+            total = f" of {summary.memory_total_mib:.0f} MiB" if summary else ""
+            console.print(f"peak GPU memory one GPU step used (torch): {peak:.0f} MiB{total}")
+        if options.no_limit:
+            console.print(no_limit_table(result.records, metrics, summary, step_plan.batches))
         for message in result.failure_messages():
             console.print(f"[red]failed run[/red] {message}")
         leaked = {name: held for name, held in result.slots_held_after.items() if held}
         if leaked:
             console.print(f"[red]slots still held after all runs ended: {leaked}[/red]")
-        ok = (
-            metrics.runs_failed == 0
-            and metrics.runs_finished == options.runs
-            and metrics.within_limits
-            and not leaked
-        )
+        if options.no_limit:
+            ok = not leaked
+        else:
+            ok = (
+                metrics.runs_failed == 0
+                and metrics.runs_finished == options.runs
+                and metrics.within_limits
+                and not leaked
+            )
     remaining = session.remaining_pids()
     if remaining:
         console.print(f"[red]processes still running after shutdown: {remaining}[/red]")
         ok = False
     else:
         console.print("all processes started by the demo have stopped")
+    for path in options.timelines:
+        title = "prefect-gpu-workers demo" + (" --no-limit" if options.no_limit else "")
+        phase = TimelinePhase(
+            "demo (no limit)" if options.no_limit else "demo",
+            result.records,
+            {plan.worker_id: plan.slots for plan in plans},
+            samples,
+            result.submitted_at,
+            result.ended_at,
+        )
+        written = write_timeline(path, phase, title=title, subtitle=telemetry)
+        console.print(f"timeline: {written}")
     if ok and made_workdir and not options.keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     elif not ok:
         console.print(f"logs kept in {workdir / 'logs'}")
     return 0 if ok else 1
+
+
+def _plan_gpu_step(
+    options: DemoOptions, gpus_detected: int, slots: int, console: Console
+) -> GpuStepPlan:
+    """Calibrate once, before any run and outside every slot, when a GPU is there."""
+    p = options.pipeline
+    # Local workers all run their steps on the first GPU.
+    steps_per_gpu = options.workers * slots
+    if p.simulate or gpus_detected == 0:
+        return plan_gpu_step(p.gpu_s, steps_per_gpu, None)
+    console.print("calibrating the GPU step on the idle GPU (once, in a child process) ...")
+    calibration = calibrate_gpu_step(p.gpu_s / steps_per_gpu)
+    return plan_gpu_step(p.gpu_s, steps_per_gpu, calibration, options.gpu_memory_fraction)

@@ -12,8 +12,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from prefect_gpu_workers.local.gpu_work import step_durations, step_errors
 from prefect_gpu_workers.local.plan import BatchCounts, WorkerPlan, count_runs
+from prefect_gpu_workers.records import StageRecord
 from prefect_gpu_workers.report import PhaseMetrics
+from prefect_gpu_workers.telemetry import TelemetrySummary
 
 
 def _seconds(value: float | None) -> str:
@@ -191,3 +194,39 @@ def _peaks(metrics: PhaseMetrics) -> str:
         f"{worker} {metrics.max_gpu_overlap_per_worker.get(worker, 0)}/{limit}"
         for worker, limit in sorted(metrics.limit_per_worker.items())
     )
+
+
+def no_limit_table(
+    records: Sequence[StageRecord],
+    metrics: PhaseMetrics,
+    telemetry: TelemetrySummary | None,
+    batches: int | None,
+) -> Table:
+    """What the GPU steps did without the limit: overlap, failures, duration, memory."""
+    table = Table(title="Without the limit (demo --no-limit)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row(
+        "peak GPU steps at once per worker / the limit it would have had", _peaks(metrics)
+    )
+    errors = step_errors(records)
+    failed = sum(errors.values())
+    steps = len([r for r in records if r.stage == "gpu"])
+    table.add_row(
+        "GPU steps failed",
+        f"{failed} of {steps}"
+        + (f" ({', '.join(f'{n} {kind}' for kind, n in errors.most_common())})" if errors else ""),
+    )
+    durations = step_durations(records)
+    table.add_row(
+        "GPU step that finished, p50 / max",
+        f"{_seconds(durations.p50_s)} / {_seconds(durations.max_s)}"
+        + (f" for {batches} batches each" if batches else ""),
+    )
+    if telemetry is not None:
+        table.add_row(
+            "GPU memory used, peak (NVML)",
+            f"{telemetry.peak_memory_used_mib:.0f} of {telemetry.memory_total_mib:.0f} MiB "
+            f"({telemetry.peak_memory_used_mib / telemetry.memory_total_mib:.0%})",
+        )
+    return table
