@@ -294,6 +294,9 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("watch", "gpuworkerpools.gpuworkers.dev", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev/status", pools),
+        ("patch", "gpuworkerpools.gpuworkers.dev/scale", pools),  # spec.autoscaling
+        ("create", "poddisruptionbudgets.policy", pools),  # spec.disruption
+        ("patch", "poddisruptionbudgets.policy", pools),
         ("create", "deployments.apps", pools),
         ("patch", "deployments.apps", pools),
         ("watch", "pods", pools),
@@ -320,6 +323,11 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("create", "jobs.batch", pools),
         ("list", "gpuworkerpools.gpuworkers.dev", own),  # not a watched namespace
         ("list", "pods", own),
+        ("update", "gpuworkerpools.gpuworkers.dev/scale", pools),
+        ("delete", "poddisruptionbudgets.policy", pools),
+        ("patch", "poddisruptionbudgets.policy", own),
+        ("list", "poddisruptionbudgets.policy", pools),  # applied, never watched
+        ("create", "pods/eviction", pools),
         ("list", "gpuworkerpools.gpuworkers.dev", "default"),
         ("patch", "nodes", None),
         ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
@@ -573,6 +581,8 @@ def test_default_install_grants_cluster_wide_what_it_grants_per_namespace_otherw
             ("patch", "gpuworkerpools.gpuworkers.dev/status", elsewhere),
             ("create", "deployments.apps", elsewhere),
             ("create", "events", elsewhere),
+            ("patch", "poddisruptionbudgets.policy", elsewhere),
+            ("patch", "gpuworkerpools.gpuworkers.dev/scale", elsewhere),
             ("get", f"secrets/{API_KEY_SECRET}", elsewhere),
             ("list", "nodes", None),
         ]
