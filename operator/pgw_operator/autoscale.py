@@ -32,21 +32,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_SCALE_DOWN_DELAY_S = 300
-DEFAULT_COOLDOWN_S = 15
-DEFAULT_POLL_INTERVAL_S = 10
+from pgw_operator.spec import DEFAULTS
+
+DEFAULT_SCALE_DOWN_DELAY_S: int = DEFAULTS["autoscaling.scaleDownDelaySeconds"]
+DEFAULT_COOLDOWN_S: int = DEFAULTS["autoscaling.cooldownSeconds"]
+DEFAULT_POLL_INTERVAL_S: int = DEFAULTS["autoscaling.pollIntervalSeconds"]
 
 
 @dataclass(frozen=True)
 class AutoscalingSpec:
-    """``spec.autoscaling`` of a pool (defaults repeat the CRD's)."""
+    """``spec.autoscaling`` of a pool (defaults from ``spec.DEFAULTS``, as in the CRD)."""
 
     max_replicas: int
-    min_replicas: int = 0
+    min_replicas: int = DEFAULTS["autoscaling.minReplicas"]
     target_runs_per_worker: int | None = None
     runs_per_gpu_slot: int | None = None
     work_queues: tuple[str, ...] = ()
-    lookahead_s: int = 0
+    lookahead_s: int = DEFAULTS["autoscaling.lookaheadSeconds"]
     poll_interval_s: int = DEFAULT_POLL_INTERVAL_S
     scale_down_delay_s: int = DEFAULT_SCALE_DOWN_DELAY_S
     cooldown_s: int = DEFAULT_COOLDOWN_S
@@ -66,16 +68,20 @@ class AutoscalingSpec:
             value = body.get(key)
             return None if value is None else int(value)
 
+        def defaulted(key: str) -> int:
+            value = body.get(key)
+            return int(DEFAULTS[f"autoscaling.{key}"] if value is None else value)
+
         return cls(
             max_replicas=int(body["maxReplicas"]),
-            min_replicas=int(body.get("minReplicas", 0)),
+            min_replicas=defaulted("minReplicas"),
             target_runs_per_worker=optional("targetRunsPerWorker"),
             runs_per_gpu_slot=optional("runsPerGpuSlot"),
             work_queues=tuple(body.get("workQueues") or ()),
-            lookahead_s=int(body.get("lookaheadSeconds", 0)),
-            poll_interval_s=int(body.get("pollIntervalSeconds", DEFAULT_POLL_INTERVAL_S)),
-            scale_down_delay_s=int(body.get("scaleDownDelaySeconds", DEFAULT_SCALE_DOWN_DELAY_S)),
-            cooldown_s=int(body.get("cooldownSeconds", DEFAULT_COOLDOWN_S)),
+            lookahead_s=defaulted("lookaheadSeconds"),
+            poll_interval_s=defaulted("pollIntervalSeconds"),
+            scale_down_delay_s=defaulted("scaleDownDelaySeconds"),
+            cooldown_s=defaulted("cooldownSeconds"),
             scale_up_step=optional("scaleUpStep"),
             scale_down_step=optional("scaleDownStep"),
         )
@@ -254,6 +260,9 @@ def _choose(i: _Inputs, needs: tuple[tuple[float, int], ...]) -> ScaleDecision:
     def change(desired: int, reason: str, message: str) -> ScaleDecision:
         return ScaleDecision(current, desired, i.needed, i.backlog, reason, message)
 
+    # Messages name no countdown: they become status, which must not change
+    # from one pass to the next while nothing else does.
+    cooling = f"{i.basis()}; a change waits for cooldownSeconds ({spec.cooldown_s}s)"
     if current < spec.min_replicas:
         return change(
             spec.min_replicas, "BelowMinReplicas",
@@ -266,21 +275,13 @@ def _choose(i: _Inputs, needs: tuple[tuple[float, int], ...]) -> ScaleDecision:
         )  # fmt: skip
     if i.needed > current:
         if i.cooling_for > 0:
-            return keep(
-                "CoolingDown",
-                f"{i.basis()}; next change in {i.cooling_for:.0f}s (cooldownSeconds)",
-                i.cooling_for,
-            )
+            return keep("CoolingDown", cooling, i.cooling_for)
         step = spec.scale_up_step or i.needed
         desired = min(i.needed, current + step)
         return change(desired, "ScaledUp", f"{current} -> {desired}: {i.basis()}")
     if i.highest < current:
         if i.cooling_for > 0:
-            return keep(
-                "CoolingDown",
-                f"{i.basis()}; next change in {i.cooling_for:.0f}s (cooldownSeconds)",
-                i.cooling_for,
-            )
+            return keep("CoolingDown", cooling, i.cooling_for)
         step = spec.scale_down_step or current
         desired = max(i.highest, current - step)
         reason = "ScaledToZero" if desired == 0 else "ScaledDown"
@@ -296,7 +297,7 @@ def _choose(i: _Inputs, needs: tuple[tuple[float, int], ...]) -> ScaleDecision:
         return keep(
             "ScaleDownDelayed",
             f"{i.basis()}; keeping {current} until the need stays lower for "
-            f"{spec.scale_down_delay_s}s (scaleDownDelaySeconds), {due_in:.0f}s from now",
+            f"{spec.scale_down_delay_s}s (scaleDownDelaySeconds)",
             due_in,
         )
     if i.wanted > spec.max_replicas:

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pgw_operator.spec import (
+    DEFAULTS,
     GROUP,
     KIND,
     MANAGED_BY,
@@ -295,7 +296,9 @@ def disruption_of(pool_spec: Mapping[str, Any]) -> int | str | None:
     disruption = pool_spec.get("disruption")
     if disruption is None:
         return None
-    value = disruption.get("maxUnavailable", 1)
+    value = disruption.get("maxUnavailable")
+    if value is None:
+        value = DEFAULTS["disruption.maxUnavailable"]
     return value if isinstance(value, str) else int(value)
 
 

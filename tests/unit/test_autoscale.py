@@ -204,3 +204,17 @@ def test_spec_parsing_and_status() -> None:
     assert status["desiredReplicas"] == 1
     assert status["reason"] == "Steady"
     assert status["backlog"] == {"scheduled": 7, "pending": 0, "running": 3}
+
+
+def test_a_waiting_decision_says_the_same_thing_every_pass() -> None:
+    """Its message becomes status: one that changed by itself would rewrite status each pass."""
+    spec = AutoscalingSpec(max_replicas=8, scale_down_delay_s=300, cooldown_s=15)
+    decisions = run_passes(spec, [(0.0, 30), *every(10, 200, 0, start=10)])
+    waiting = {(d.reason, d.message) for t, d in decisions if t > 0}
+    assert len(waiting) == 1
+    ((reason, _),) = waiting
+    assert reason == "ScaleDownDelayed"
+    cooling = run_passes(AutoscalingSpec(max_replicas=8, cooldown_s=60),
+                         [(0.0, 10), (5.0, 30), (9.0, 30)])  # fmt: skip
+    assert cooling[1][1].message == cooling[2][1].message
+    assert cooling[1][1].reason == "CoolingDown"

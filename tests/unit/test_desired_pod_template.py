@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import yaml
 
-from pgw_operator.autoscale import AutoscalingSpec
 from pgw_operator.desired import (
     OPERATOR_ENV,
     desired_deployment,
@@ -248,17 +247,6 @@ def test_the_crd_rejects_each_variable_the_operator_sets() -> None:
     rules = " ".join(r["rule"] for r in template["properties"]["env"]["items"][
         "x-kubernetes-validations"])  # fmt: skip
     assert {name for name in OPERATOR_ENV if f"'{name}'" in rules} == OPERATOR_ENV
-
-
-def test_the_crd_repeats_the_autoscaling_defaults() -> None:
-    crd = yaml.safe_load(CRD.read_text())
-    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    fields = schema["properties"]["spec"]["properties"]["autoscaling"]["properties"]
-    crd_defaults = {k: v["default"] for k, v in fields.items() if "default" in v}
-    parsed = AutoscalingSpec.from_dict({"maxReplicas": 3})
-    assert AutoscalingSpec.from_dict({"maxReplicas": 3, **crd_defaults}) == parsed
-    assert set(crd_defaults) == {"minReplicas", "lookaheadSeconds", "pollIntervalSeconds",
-                                 "scaleDownDelaySeconds", "cooldownSeconds"}  # fmt: skip
 
 
 # PodDisruptionBudget -----------------------------------------------------------
