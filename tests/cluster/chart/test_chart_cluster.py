@@ -500,11 +500,26 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
         )
         wait(ready, "pool Ready at 1 replica")
 
-        events = list_items(
-            dev_cluster, "events", "-n", ns, "--field-selector", f"involvedObject.name={pool}"
+        # Autoscaling sets replicas through /scale; the budget is server-side applied.
+        autoscaled = {"spec": {"autoscaling": {"minReplicas": 2, "maxReplicas": 2,
+                                               "pollIntervalSeconds": 2, "cooldownSeconds": 0},
+                               "disruption": {"maxUnavailable": 1}}}  # fmt: skip
+        dev_cluster.kubectl("patch", "gwp", pool, "-n", ns, "--type=merge",
+                            "-p", json.dumps(autoscaled))  # fmt: skip
+        workers(2)
+        budget = wait(
+            lambda: get_json(dev_cluster, "poddisruptionbudget", pool, "-n", ns), "the budget"
         )
-        reasons = {e["reason"] for e in events}
-        assert {"LimitCreated", "LimitDeleted"} <= reasons, reasons
+        assert budget["spec"]["maxUnavailable"] == 1
+
+        def reasons() -> set[str]:
+            events = list_items(
+                dev_cluster, "events", "-n", ns, "--field-selector", f"involvedObject.name={pool}"
+            )
+            return {e["reason"] for e in events}
+
+        # Events are posted asynchronously.
+        wait(lambda: {"LimitCreated", "LimitDeleted", "BelowMinReplicas"} <= reasons(), "events")
 
         dev_cluster.kubectl("delete", "gwp", pool, "-n", ns, "--timeout=120s")
         wait(
