@@ -1,16 +1,40 @@
-"""The worker Deployment a GpuWorkerPool should have: a pure function of the pool.
+"""The worker Deployment (and PodDisruptionBudget) a GpuWorkerPool should have.
 
-The operator server-side-applies this manifest on every reconcile, so drift in
-any field listed here is corrected and spec changes roll out. Children carry
-only the labels set here: never the pool's own labels, which may include a
-GitOps tool's tracking label (Argo CD would then prune them).
+Pure functions of the pool. The operator server-side-applies these manifests
+on every reconcile, so drift in any field listed here is corrected and spec
+changes roll out. Children carry only the labels set here: never the pool's
+own labels, which may include a GitOps tool's tracking label (Argo CD would
+then prune them).
+
+How ``spec.worker.podTemplate`` merges into the worker pod:
+
+- appended after the operator's own: ``env``, ``volumes``, ``volumeMounts``;
+  the operator's environment variables, volumes (``prefect-home``, ``tmp``) and
+  mount paths (Prefect's home, ``/tmp``) cannot be replaced (the CRD rejects
+  such entries; entries that got past it are dropped here);
+- ``envFrom`` as given: an ``env`` entry wins over ``envFrom`` in Kubernetes,
+  so no ConfigMap or Secret can change ``WORKER_ID`` or any other variable the
+  operator sets;
+- ``securityContext`` (pod) and ``containerSecurityContext`` (worker
+  container) are merged key by key over the restricted defaults; whatever they
+  say, the result keeps ``runAsNonRoot: true``, a non-root user,
+  ``allowPrivilegeEscalation: false``, no privileged mode, every capability
+  dropped and a seccomp profile other than Unconfined. ``readOnlyRootFilesystem``
+  may be turned off;
+- ``topologySpreadConstraints`` without a ``labelSelector`` get the pool's
+  pod selector;
+- ``labels``: the operator's labels win (the CRD rejects overriding them);
+- everything else (``runtimeClassName``, ``nodeSelector``, ``tolerations``...)
+  is copied.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pgw_operator.spec import (
+    DEFAULTS,
     GROUP,
     KIND,
     MANAGED_BY,
@@ -25,6 +49,12 @@ from prefect_gpu_workers.commands import worker_command as entrypoint_command
 PREFECT_HOME = "/var/run/prefect"
 WORKER_HEALTH_PORT = 8080
 WORKER_UID = 1000
+# What the operator owns in the pod: a pod template cannot replace these.
+OPERATOR_ENV = frozenset(
+    {"WORKER_ID", "PGW_LIMIT_PREFIX", "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME",
+     "PREFECT_WORKER_WEBSERVER_PORT"}
+)  # fmt: skip
+OPERATOR_VOLUMES = {"prefect-home": PREFECT_HOME, "tmp": "/tmp"}  # volume -> mount path
 
 
 def pool_labels(pool: str) -> dict[str, str]:
@@ -68,8 +98,88 @@ def worker_env(spec: PoolSpec) -> list[dict[str, Any]]:
     if spec.api_key is not None:
         ref = {"name": spec.api_key.name, "key": spec.api_key.key}
         env.append({"name": "PREFECT_API_KEY", "valueFrom": {"secretKeyRef": ref}})
-    user_env = [e for e in spec.pod_template.get("env") or [] if e.get("name") != "WORKER_ID"]
+    user_env = [e for e in spec.pod_template.get("env") or [] if e.get("name") not in OPERATOR_ENV]
     return env + user_env
+
+
+def _owned_mount_path(path: str) -> bool:
+    """True for a path the operator mounts: Prefect's home (or below it) and /tmp itself."""
+    normal = "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
+    return normal == "/tmp" or any(
+        normal == home or normal.startswith(home + "/") for home in (PREFECT_HOME, "/run/prefect")
+    )
+
+
+def worker_volumes(spec: PoolSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the worker container's mounts: the operator's, then the user's."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "prefect-home", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": name, "mountPath": path} for name, path in OPERATOR_VOLUMES.items()
+    ]
+    template = spec.pod_template
+    volumes += [
+        dict(v) for v in template.get("volumes") or []
+        if v.get("name") not in OPERATOR_VOLUMES and "hostPath" not in v
+    ]  # fmt: skip
+    mounts += [
+        dict(m) for m in template.get("volumeMounts") or []
+        if not _owned_mount_path(str(m.get("mountPath", "")))
+    ]  # fmt: skip
+    return volumes, mounts
+
+
+def pod_security_context(spec: PoolSpec) -> dict[str, Any]:
+    """Restricted pod defaults, with the template's ``securityContext`` merged over them."""
+    merged: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "runAsUser": WORKER_UID,
+        "fsGroup": WORKER_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+        **dict(spec.pod_template.get("securityContext") or {}),
+    }
+    return _restricted(merged)
+
+
+def container_security_context(spec: PoolSpec) -> dict[str, Any]:
+    """Restricted container defaults, ``containerSecurityContext`` merged over them.
+
+    The user is set once, on the pod (a container-level ``runAsUser`` would
+    override a pod template's); only a container-level override sets it here.
+    """
+    user = dict(spec.pod_template.get("containerSecurityContext") or {})
+    drop = sorted({"ALL", *((user.pop("capabilities", None) or {}).get("drop") or [])})
+    merged: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        **user,
+        "capabilities": {"drop": drop},
+    }
+    merged["privileged"] = False
+    merged["allowPrivilegeEscalation"] = False
+    return _restricted(merged)
+
+
+def _restricted(context: dict[str, Any]) -> dict[str, Any]:
+    """Force what restricted Pod Security requires, whatever a template said."""
+    context["runAsNonRoot"] = True
+    if context.get("runAsUser") == 0:
+        context["runAsUser"] = WORKER_UID
+    for profile in ("seccompProfile", "appArmorProfile"):
+        if (context.get(profile) or {}).get("type") == "Unconfined":
+            context[profile] = {"type": "RuntimeDefault"}
+    return context
+
+
+def topology_spread(pool: str, spec: PoolSpec) -> list[dict[str, Any]]:
+    """The template's constraints; one without a labelSelector spreads this pool's pods."""
+    return [
+        {"labelSelector": {"matchLabels": selector(pool)}, **c}
+        for c in spec.pod_template.get("topologySpreadConstraints") or []
+    ]
 
 
 def worker_command(spec: PoolSpec) -> list[str]:
@@ -113,6 +223,7 @@ def _affinity(pool: str, spec: PoolSpec) -> dict[str, Any] | None:
 def desired_deployment(pool: str, namespace: str, uid: str, spec: PoolSpec) -> dict[str, Any]:
     template = spec.pod_template
     labels = pool_labels(pool)
+    volumes, mounts = worker_volumes(spec)
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
         "image": spec.image,
@@ -133,40 +244,27 @@ def desired_deployment(pool: str, namespace: str, uid: str, spec: PoolSpec) -> d
             "periodSeconds": 5,
             "failureThreshold": max(1, (spec.limit_wait_timeout_s + 60) // 5),
         },
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-        "volumeMounts": [
-            {"name": "prefect-home", "mountPath": PREFECT_HOME},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "securityContext": container_security_context(spec),
+        "volumeMounts": mounts,
     }
+    if template.get("envFrom"):
+        container["envFrom"] = [dict(source) for source in template["envFrom"]]
     if spec.whole_node:
         # Whole-node workers see every GPU of the node without requesting them.
         container["env"].append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"})
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "terminationGracePeriodSeconds": spec.drain_grace_period_s,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "fsGroup": WORKER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "volumes": [
-            {"name": "prefect-home", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
+        "securityContext": pod_security_context(spec),
+        "volumes": volumes,
         "automountServiceAccountToken": False,
     }
     for key in ("nodeSelector", "tolerations", "serviceAccountName", "priorityClassName",
-                "imagePullSecrets"):  # fmt: skip
+                "imagePullSecrets", "runtimeClassName"):  # fmt: skip
         if template.get(key):
             pod_spec[key] = template[key]
+    if template.get("topologySpreadConstraints"):
+        pod_spec["topologySpreadConstraints"] = topology_spread(pool, spec)
     affinity = _affinity(pool, spec)
     if affinity:
         pod_spec["affinity"] = affinity
@@ -190,4 +288,63 @@ def desired_deployment(pool: str, namespace: str, uid: str, spec: PoolSpec) -> d
                 "spec": pod_spec,
             },
         },
+    }
+
+
+def disruption_of(pool_spec: Mapping[str, Any]) -> int | str | None:
+    """``spec.disruption.maxUnavailable`` (1 by default), None when ``spec.disruption`` is unset."""
+    disruption = pool_spec.get("disruption")
+    if disruption is None:
+        return None
+    value = disruption.get("maxUnavailable")
+    if value is None:
+        value = DEFAULTS["disruption.maxUnavailable"]
+    return value if isinstance(value, str) else int(value)
+
+
+def desired_pdb(
+    pool: str, namespace: str, uid: str, max_unavailable: int | str | None
+) -> dict[str, Any] | None:
+    """The pool's PodDisruptionBudget, or None when ``spec.disruption`` is not set.
+
+    Voluntary evictions (a node drain, the cluster autoscaler) take at most
+    ``max_unavailable`` workers (a count or a percentage) at a time. A worker
+    that is not Ready is always evictable (``unhealthyPodEvictionPolicy:
+    AlwaysAllow``): a crash-looping pod must never block a drain. Scaling the
+    pool down is not an eviction and is not limited.
+
+    Example:
+        >>> desired_pdb("gpu", "ml", "uid-1", 1)["spec"]["maxUnavailable"]
+        1
+    """
+    if max_unavailable is None:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": pool,
+            "namespace": namespace,
+            "labels": pool_labels(pool),
+            "ownerReferences": [owner_reference(pool, uid)],
+        },
+        "spec": {
+            "maxUnavailable": max_unavailable,
+            "selector": {"matchLabels": selector(pool)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def disabled_pdb_patch() -> dict[str, Any]:
+    """A merge patch that turns a pool's PodDisruptionBudget off once ``spec.disruption`` is unset.
+
+    The operator may create and patch budgets but never delete anything; a
+    budget of 100% allows every eviction, and the object goes with its pool (or
+    by hand). A merge patch, unlike an apply, never creates a budget that is not there.
+    """
+    note = "off: spec.disruption is unset; this budget allows every eviction and may be deleted"
+    return {
+        "metadata": {"annotations": {f"{GROUP}/disruption-budget": note}},
+        "spec": {"maxUnavailable": "100%"},
     }

@@ -159,7 +159,7 @@ async def pool_reconciler(
                     )
             if failures:
                 emit("Normal", "Recovered", "reconcile succeeded again")
-            failures, delay = 0, RESYNC_S
+            failures, delay = 0, min(RESYNC_S, state.next_pass_s or RESYNC_S)
         except Exception as exc:  # the loop must outlive any one failure
             error = as_reconcile_error(exc)
             failures += 1

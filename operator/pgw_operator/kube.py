@@ -126,3 +126,60 @@ def annotate_pod(namespace: str, name: str, annotations: dict[str, str]) -> None
             name, namespace, {"metadata": {"annotations": annotations}}
         ),
     )
+
+
+def scale_pool(namespace: str, name: str, replicas: int) -> None:
+    """Set a pool's replicas through its scale subresource, as an HPA would.
+
+    Raises:
+        KubernetesError: ``ScaleRejected`` when the API server refuses the patch.
+    """
+    _call(
+        f"scale of pool {namespace}/{name}",
+        lambda: kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_scale(
+            GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": replicas}}
+        ),
+        rejected="ScaleRejected",
+    )
+
+
+def apply_pdb(manifest: dict[str, Any]) -> None:
+    """Server-side apply a PodDisruptionBudget.
+
+    Raises:
+        KubernetesError: ``DisruptionBudgetRejected`` when the API server refuses it.
+    """
+    meta = manifest["metadata"]
+    _call(
+        f"PodDisruptionBudget {meta['namespace']}/{meta['name']}",
+        lambda: kubernetes.client.PolicyV1Api().patch_namespaced_pod_disruption_budget(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            body=manifest,
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type="application/apply-patch+yaml",
+        ),
+        rejected="DisruptionBudgetRejected",
+    )
+
+
+def patch_pdb_if_present(namespace: str, name: str, patch: dict[str, Any]) -> bool:
+    """Merge-patch a PodDisruptionBudget; False when there is none (a patch creates nothing).
+
+    Raises:
+        KubernetesError: any failure but 404.
+    """
+    try:
+        _call(
+            f"PodDisruptionBudget {namespace}/{name}",
+            lambda: kubernetes.client.PolicyV1Api().patch_namespaced_pod_disruption_budget(
+                name, namespace, patch, field_manager=FIELD_MANAGER
+            ),
+            rejected="DisruptionBudgetRejected",
+        )
+    except KubernetesError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True

@@ -29,6 +29,13 @@ LIMIT_ACTIONS = Counter(
     "pgw_limit_actions_total", "Limit changes made in Prefect", (*POOL, "action")
 )
 
+BACKLOG_RUNS = Gauge(
+    "pgw_pool_backlog_runs",
+    "Flow runs of the pool's work pool that need a worker, by state "
+    "(scheduled: due now, Late included; pending; running). Sum them to scale with KEDA or an HPA.",
+    (*POOL, "state"),
+)
+
 
 def serve(address: str) -> None:
     """Serve /metrics on ``host:port``."""
@@ -37,7 +44,7 @@ def serve(address: str) -> None:
 
 
 ALL = (SLOTS_TOTAL, SLOTS_IN_USE, WORKERS_READY, WORKERS_DESIRED, RECONCILE_SECONDS,
-       RECONCILE_ERRORS, LIMIT_ACTIONS)  # fmt: skip
+       RECONCILE_ERRORS, LIMIT_ACTIONS, BACKLOG_RUNS)  # fmt: skip
 
 
 def forget_pool(namespace: str, pool: str) -> None:

@@ -1,4 +1,4 @@
-"""Thin async adapter to the Prefect REST API: global concurrency limits and work pools.
+"""Thin async adapter to the Prefect REST API: limits, work pools, a work pool's backlog.
 
 Talks HTTP directly (not through Prefect's global client settings) because each
 pool may name its own API URL and key. Every failure becomes a
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 import httpx
 
 from pgw_operator.api_url import DEFAULT_PORTS, ApiUrl
+from pgw_operator.autoscale import Backlog
 from pgw_operator.errors import PrefectError
 from pgw_operator.plan import PrefectLimit
 
@@ -200,3 +202,46 @@ class PrefectApi:
                 raise PrefectError("WorkPoolRejected", str(exc)) from exc
             raise
         return created.status_code != 409  # 409: created concurrently
+
+    # Backlog -------------------------------------------------------------------
+
+    async def read_backlog(
+        self, work_pool: str, due_before: datetime, work_queues: Sequence[str] = ()
+    ) -> Backlog:
+        """Flow runs of ``work_pool`` that need a worker, counted by state type.
+
+        Three ``POST /flow_runs/count`` calls: SCHEDULED runs due by
+        ``due_before`` (Late and AwaitingRetry are SCHEDULED too; runs scheduled
+        later do not count), PENDING and RUNNING runs. ``work_queues`` limits
+        the count to those queues of the pool (all of them when empty).
+
+        Raises:
+            PrefectError: Prefect is unreachable, refuses the key, or rejects the filter.
+
+        Example:
+            >>> backlog = await api.read_backlog("gpu", datetime.now(UTC))  # doctest: +SKIP
+        """
+        scope: dict[str, Any] = {"work_pools": {"name": {"any_": [work_pool]}}}
+        if work_queues:
+            scope["work_pool_queues"] = {"name": {"any_": list(work_queues)}}
+        due = {"next_scheduled_start_time": {"before_": due_before.isoformat()}}
+        scheduled, pending, running = await asyncio.gather(
+            self._count_runs(scope, "SCHEDULED", due),
+            self._count_runs(scope, "PENDING"),
+            self._count_runs(scope, "RUNNING"),
+        )
+        return Backlog(scheduled=scheduled, pending=pending, running=running)
+
+    async def _count_runs(
+        self, scope: dict[str, Any], state_type: str, extra: dict[str, Any] | None = None
+    ) -> int:
+        flow_runs = {"state": {"type": {"any_": [state_type]}}, **(extra or {})}
+        segments = ("flow_runs", "count")
+        response = await self._request("POST", *segments, json={**scope, "flow_runs": flow_runs})
+        try:
+            count = response.json()
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise TypeError("not an integer")
+        except (ValueError, TypeError) as exc:
+            raise self._bad_response("POST", "/" + "/".join(segments), response) from exc
+        return count

@@ -1,10 +1,11 @@
-"""One reconcile pass for one pool: Deployment, work pool, limits, status.
+"""One reconcile pass for one pool: Deployment, work pool, backlog, limits, status.
 
-The pure decisions live in api_url.py, desired.py, plan.py and status.py; this
-module only gathers their inputs and carries out their outputs, in this order:
-check the pool's API URL (no request before that), apply the Deployment, ensure
-the work pool, read the limits, persist the ledger (write-ahead), act on
-Prefect, write status.
+The pure decisions live in api_url.py, desired.py, autoscale.py, plan.py and
+status.py; this module only gathers their inputs and carries out their
+outputs, in this order: check the pool's API URL (no request before that),
+apply the Deployment and the disruption budget, ensure the work pool, read the
+backlog and autoscale (scaling.py), read the limits, persist the ledger
+(write-ahead), act on Prefect, write status.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgw_operator import kube, metrics
 from pgw_operator.api_url import AllowedApiUrls, ApiUrl, ApiUrlRejected
+from pgw_operator.autoscale import autoscaling_of
 from pgw_operator.conditions import PoolHealth
 from pgw_operator.desired import desired_deployment
 from pgw_operator.errors import KubernetesError, PrefectError, ReconcileError
@@ -30,6 +32,14 @@ from pgw_operator.plan import (
     settle,
 )
 from pgw_operator.prefect_api import PrefectApi, gather_bounded
+from pgw_operator.scaling import (
+    ScalingState,
+    autoscale,
+    autoscaling_status_of,
+    current_backlog,
+    ensure_disruption_budget,
+    record_backlog,
+)
 from pgw_operator.spec import PoolSpec
 from pgw_operator.status import failure_health, observed_health, status_body
 
@@ -44,6 +54,8 @@ class PoolState:
     ledger: Ledger
     ensured_work_pool: tuple[str, str] | None = None  # (api_url, work pool) already ensured
     written_status: dict[str, Any] | None = None  # skip patches that would change nothing
+    scaling: ScalingState = field(default_factory=ScalingState)
+    next_pass_s: float | None = None  # sooner than the resync, for autoscaling
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,9 @@ async def prefect_api_for(namespace: str, spec: PoolSpec, allowed: AllowedApiUrl
 
 async def _write_status(pool: PoolRef, state: PoolState, status: dict[str, Any]) -> None:
     """Patch status unless this pass would write exactly what the last one did."""
+    autoscaling = autoscaling_status_of(state.scaling, autoscaling_of(pool.spec), pool.status)
+    if autoscaling is not None:
+        status = {**status, "autoscaling": autoscaling}
     if status == state.written_status:
         return
     await asyncio.to_thread(kube.patch_pool_status, pool.namespace, pool.name, status)
@@ -160,6 +175,9 @@ async def reconcile_pool(
     await asyncio.to_thread(
         kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
     )
+    await ensure_disruption_budget(
+        pool.namespace, pool.name, pool.uid, pool.generation, pool.spec, state.scaling
+    )
     live_pods = {name: pod for name, pod in pods.items() if not pod.finished}
     api = await prefect_api_for(pool.namespace, spec, allowed)
     try:
@@ -167,6 +185,16 @@ async def reconcile_pool(
             if await api.ensure_work_pool(spec.work_pool):
                 emit("Normal", "WorkPoolCreated", f"created Prefect work pool {spec.work_pool}")
             state.ensured_work_pool = (spec.api_url, spec.work_pool)
+
+        auto = autoscaling_of(pool.spec)
+        backlog = await current_backlog(api, spec, auto, state.scaling, log)
+        if backlog is not None:
+            record_backlog(pool.namespace, pool.name, backlog)
+            if auto is not None:
+                # Sets spec.replicas through /scale; the next pass applies it.
+                await autoscale(pool.namespace, pool.name, spec, auto, backlog, state.scaling,
+                                state.ledger, emit)  # fmt: skip
+        state.next_pass_s = state.scaling.next_pass_s(auto)
 
         # Read exactly the limits that matter: the ledger's and the desired ones.
         names = set(state.ledger) | desired_limit_names(spec, pods)

@@ -39,6 +39,12 @@ DEFAULTS: dict[str, Any] = {
     "worker.imagePullPolicy": "IfNotPresent",
     "worker.limitWaitTimeoutSeconds": 300,
     "worker.drainGracePeriodSeconds": 60,
+    "autoscaling.minReplicas": 0,
+    "autoscaling.lookaheadSeconds": 0,
+    "autoscaling.pollIntervalSeconds": 10,
+    "autoscaling.scaleDownDelaySeconds": 300,
+    "autoscaling.cooldownSeconds": 15,
+    "disruption.maxUnavailable": 1,
 }
 
 

@@ -81,6 +81,10 @@ remove Deployments and pods.
 - apiGroups: [gpuworkers.dev]
   resources: [gpuworkerpools/status]
   verbs: [get, patch]
+- apiGroups: [gpuworkers.dev]
+  resources: [gpuworkerpools/scale]
+  # spec.autoscaling: the operator sets a pool's replicas as HPA would, through /scale
+  verbs: [patch]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
@@ -91,6 +95,11 @@ remove Deployments and pods.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  # spec.disruption: one server-side-applied PDB per pool (never deleted by the
+  # operator: unsetting the field applies an inert budget, maxUnavailable 100%)
+  verbs: [create, patch]
 {{- $secrets := include "pgw.secretNames" . | fromJsonArray }}
 {{- if $secrets }}
 - apiGroups: [""]

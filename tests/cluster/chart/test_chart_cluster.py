@@ -294,6 +294,9 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("watch", "gpuworkerpools.gpuworkers.dev", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev/status", pools),
+        ("patch", "gpuworkerpools.gpuworkers.dev/scale", pools),  # spec.autoscaling
+        ("create", "poddisruptionbudgets.policy", pools),  # spec.disruption
+        ("patch", "poddisruptionbudgets.policy", pools),
         ("create", "deployments.apps", pools),
         ("patch", "deployments.apps", pools),
         ("watch", "pods", pools),
@@ -320,6 +323,11 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("create", "jobs.batch", pools),
         ("list", "gpuworkerpools.gpuworkers.dev", own),  # not a watched namespace
         ("list", "pods", own),
+        ("update", "gpuworkerpools.gpuworkers.dev/scale", pools),
+        ("delete", "poddisruptionbudgets.policy", pools),
+        ("patch", "poddisruptionbudgets.policy", own),
+        ("list", "poddisruptionbudgets.policy", pools),  # applied, never watched
+        ("create", "pods/eviction", pools),
         ("list", "gpuworkerpools.gpuworkers.dev", "default"),
         ("patch", "nodes", None),
         ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
@@ -492,11 +500,26 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
         )
         wait(ready, "pool Ready at 1 replica")
 
-        events = list_items(
-            dev_cluster, "events", "-n", ns, "--field-selector", f"involvedObject.name={pool}"
+        # Autoscaling sets replicas through /scale; the budget is server-side applied.
+        autoscaled = {"spec": {"autoscaling": {"minReplicas": 2, "maxReplicas": 2,
+                                               "pollIntervalSeconds": 2, "cooldownSeconds": 0},
+                               "disruption": {"maxUnavailable": 1}}}  # fmt: skip
+        dev_cluster.kubectl("patch", "gwp", pool, "-n", ns, "--type=merge",
+                            "-p", json.dumps(autoscaled))  # fmt: skip
+        workers(2)
+        budget = wait(
+            lambda: get_json(dev_cluster, "poddisruptionbudget", pool, "-n", ns), "the budget"
         )
-        reasons = {e["reason"] for e in events}
-        assert {"LimitCreated", "LimitDeleted"} <= reasons, reasons
+        assert budget["spec"]["maxUnavailable"] == 1
+
+        def reasons() -> set[str]:
+            events = list_items(
+                dev_cluster, "events", "-n", ns, "--field-selector", f"involvedObject.name={pool}"
+            )
+            return {e["reason"] for e in events}
+
+        # Events are posted asynchronously.
+        wait(lambda: {"LimitCreated", "LimitDeleted", "BelowMinReplicas"} <= reasons(), "events")
 
         dev_cluster.kubectl("delete", "gwp", pool, "-n", ns, "--timeout=120s")
         wait(
@@ -573,6 +596,8 @@ def test_default_install_grants_cluster_wide_what_it_grants_per_namespace_otherw
             ("patch", "gpuworkerpools.gpuworkers.dev/status", elsewhere),
             ("create", "deployments.apps", elsewhere),
             ("create", "events", elsewhere),
+            ("patch", "poddisruptionbudgets.policy", elsewhere),
+            ("patch", "gpuworkerpools.gpuworkers.dev/scale", elsewhere),
             ("get", f"secrets/{API_KEY_SECRET}", elsewhere),
             ("list", "nodes", None),
         ]

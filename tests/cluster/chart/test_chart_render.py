@@ -102,9 +102,11 @@ def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, tuple[str, .
 NAMESPACED_GRANTS = {
     *(("gpuworkers.dev", "gpuworkerpools", v, ()) for v in ("get", "list", "watch", "patch")),
     *(("gpuworkers.dev", "gpuworkerpools/status", v, ()) for v in ("get", "patch")),
+    ("gpuworkers.dev", "gpuworkerpools/scale", "patch", ()),  # spec.autoscaling
     *(("apps", "deployments", v, ()) for v in ("get", "list", "watch", "create", "patch")),
     *(("", "pods", v, ()) for v in ("get", "list", "watch", "patch")),
     ("", "events", "create", ()),
+    *(("policy", "poddisruptionbudgets", v, ()) for v in ("create", "patch")),
 }
 CLUSTER_READ_GRANTS = {
     *(("", "nodes", v, ()) for v in ("get", "list", "watch")),
