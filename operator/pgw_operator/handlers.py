@@ -169,6 +169,7 @@ async def pool_reconciler(
                 logger.warning(
                     "reconcile failed (%s), retry in %.0fs: %s", error.reason, delay, error,
                     exc_info=not isinstance(exc, ReconcileError),
+                    extra={"reason": error.reason},  # a field of its own in --log-format json
                 )  # fmt: skip
                 emit("Warning", error.reason, str(error)[:1000])
                 await _report(pool, state, error, logger)
@@ -181,7 +182,10 @@ def as_reconcile_error(exc: Exception) -> ReconcileError:
     if isinstance(exc, ReconcileError):
         return exc
     if isinstance(exc, kubernetes.client.ApiException):
-        return ReconcileError("KubernetesApiError", f"{exc.status} {exc.reason}: {exc.body}")
+        # A denied call has its own reason, so RBAC gaps are visible in
+        # conditions, events, logs and pgw_reconcile_errors_total alike.
+        reason = "KubernetesForbidden" if exc.status == 403 else "KubernetesApiError"
+        return ReconcileError(reason, f"{exc.status} {exc.reason}: {exc.body}")
     if isinstance(exc, urllib3.exceptions.HTTPError):
         return ReconcileError("KubernetesApiUnreachable", str(exc))
     return ReconcileError("InternalError", f"{type(exc).__name__}: {exc}")

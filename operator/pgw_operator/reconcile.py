@@ -101,7 +101,10 @@ async def _set_deletion_costs(
             await asyncio.to_thread(kube.annotate_pod, pool.namespace, pod, annotations)
         except kubernetes.client.ApiException as exc:
             if exc.status != 404:  # a pod that just went needs no cost
-                log.warning("could not set deletion cost of pod %s: %s", pod, exc.reason)
+                log.warning(
+                    "could not set deletion cost of pod %s: HTTP %s %s", pod, exc.status,
+                    exc.reason, extra={"status": exc.status},
+                )  # fmt: skip
 
     await gather_bounded(one(pod, cost) for pod, cost in deletion_costs(ledger, pods).items())
 

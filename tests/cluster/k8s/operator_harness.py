@@ -6,7 +6,9 @@ exactly as in its container, so tests can stop and restart it.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -46,6 +48,9 @@ class OperatorProcess:
     namespace: str
     log_path: Path
     liveness: str = ""  # e.g. http://127.0.0.1:PORT/healthz; off when empty
+    # --log-format json: one record per line, which denied_api_calls() reads by field.
+    log_format: str = "json"
+    metrics_port: int | None = None  # serve /metrics on 127.0.0.1:PORT when set
     _proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -53,7 +58,9 @@ class OperatorProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         env["KUBECONFIG"] = str(self.kubeconfig)
         command = [sys.executable, "-m", "pgw_operator", "--namespace", self.namespace,
-                   "--liveness", self.liveness]  # fmt: skip
+                   "--liveness", self.liveness, "--log-format", self.log_format]  # fmt: skip
+        if self.metrics_port is not None:
+            command += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -76,6 +83,58 @@ class OperatorProcess:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
+
+    def metrics(self) -> dict[str, float]:
+        """The operator's Prometheus samples, ``name{labels}`` -> value."""
+        assert self.metrics_port is not None, "started without --metrics"
+        response = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
+        response.raise_for_status()
+        return parse_metrics(response.text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> ``{"name{labels}": value}`` (comments skipped)."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+# What the operator and kopf say when the API server refuses a call (HTTP 403):
+# - the operator's own structured fields: `reason` KubernetesForbidden on a failed
+#   pass, `status` 403 on a failed side call (pod deletion cost);
+# - the reason phrase "Forbidden" (kubernetes client's ApiException, kopf's
+#   APIForbiddenError) and kopf's "Not enough permissions to ..." warnings.
+# Matched in a record's message only, and case-sensitively: timestamps, durations
+# and object names (lowercase) can never contain them, unlike a bare "403".
+_DENIAL_PHRASES = re.compile(r"Forbidden|Not enough permissions")
+
+
+def denied_api_calls(log: str) -> list[str]:
+    """Log lines that report a Kubernetes API call refused for lack of permission.
+
+    Reads ``--log-format json`` records by field; a line that is not JSON (a
+    plain-format log, a traceback) is read as its message.
+    """
+    denied: list[str] = []
+    for line in log.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            record = {"message": line}
+        message = str(record.get("message", ""))
+        if (
+            record.get("reason") == "KubernetesForbidden"
+            or record.get("status") == 403
+            or _DENIAL_PHRASES.search(message)
+            or _DENIAL_PHRASES.search(str(record.get("exc_info", "")))
+        ):
+            denied.append(line)
+    return denied
 
 
 class Pools:
