@@ -45,6 +45,9 @@ class PoolSpec:
     limit_wait_timeout_s: int = 300
     drain_grace_period_s: int = 60
     pod_template: dict[str, Any] = field(default_factory=dict)
+    # spec.gpu.memoryPerSlot, a Kubernetes quantity ("20Gi"): slots per GPU
+    # from the node's GPU memory label instead of slots_per_gpu.
+    memory_per_slot: str | None = None
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> PoolSpec:
@@ -70,4 +73,5 @@ class PoolSpec:
             limit_wait_timeout_s=int(worker.get("limitWaitTimeoutSeconds", 300)),
             drain_grace_period_s=int(worker.get("drainGracePeriodSeconds", 60)),
             pod_template=dict(worker.get("podTemplate") or {}),
+            memory_per_slot=(spec.get("gpu") or {}).get("memoryPerSlot"),
         )
