@@ -19,7 +19,7 @@ from prefect.client.schemas.actions import (
 )
 from prefect.client.schemas.objects import Worker, WorkPool
 from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from prefect_gpu_workers.service.plan import WorkerSighting
 
@@ -35,8 +35,11 @@ def ensure_process_pool(client: SyncPrefectClient, pool: str) -> bool:
     try:
         existing = client.read_work_pool(pool)
     except ObjectNotFound:
-        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        return True
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            return True
+        except ObjectAlreadyExists:  # another machine's service created it just now
+            existing = client.read_work_pool(pool)
     if existing.type != "process":
         raise RuntimeError(f"work pool {pool!r} exists with type {existing.type!r}, not 'process'")
     return False

@@ -189,6 +189,10 @@ class StartService:
                 self.say(f"refused: {exc}")
                 self._release_locks()
                 return EXIT_REFUSED
+            except Exception as exc:  # Prefect unreachable, a pool of another type...
+                self.say(f"failed before starting: {type(exc).__name__}: {exc}")
+                self._release_locks()
+                return EXIT_FAILED
             try:
                 return self._serve(plan)
             except Exception as exc:
