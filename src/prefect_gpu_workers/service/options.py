@@ -133,7 +133,11 @@ def run_start(args: argparse.Namespace, console: Console) -> int:
     from prefect_gpu_workers.service.run import EXIT_REFUSED, StartOptions, StartService
 
     def say(line: str) -> None:
-        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {escape(line)}", highlight=False)
+        console.print(
+            f"[dim]{time.strftime('%H:%M:%S')}[/dim] {escape(line)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     missing = _api_url_missing()
     if missing:

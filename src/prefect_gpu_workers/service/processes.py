@@ -5,11 +5,12 @@
   service (``PR_SET_PDEATHSIG``), so a service killed with SIGKILL leaves no
   worker polling for flow runs.
 - Flow-run processes run in sessions of their own and are not the service's
-  children; the worker's marker variable, which they inherit, finds them.
+  children; the worker's marker variables, which they inherit, find them: the
+  worker name and the owner token (pid and start time) of the service.
+  Processes whose owner is dead are a crashed service's leftovers.
 - One lock file per worker name (``flock``, released by the kernel when the
   holder dies, SIGKILL included): two services on one host never run the same
-  worker name, and processes marked with a name whose lock this service holds
-  are leftovers of a dead predecessor, safe to stop.
+  worker name, and say so at once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -29,6 +30,9 @@ from typing import IO
 from prefect_gpu_workers.service.plan import SERVICE_WORKER_ENV
 
 _PR_SET_PDEATHSIG = 1
+# The owner token (see owner_token) of the service that started a worker,
+# inherited by its flow runs like the worker marker.
+OWNER_ENV = "PGW_SERVICE_OWNER"
 STATE_DIR_ENV = "PGW_STATE_DIR"
 
 
@@ -84,20 +88,56 @@ class NameLock:
             handle.close()
 
 
-def marked_pids(worker_name: str) -> list[int]:
-    """Pids of processes (this user's) whose environment has ``PGW_SERVICE_WORKER=<name>``."""
+def owner_token(pid: int | None = None) -> str:
+    """``<pid>:<start time>`` of a process: unlike a pid, never reused for another process."""
+    pid = os.getpid() if pid is None else pid
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # Field 22 (start time); the command name before it may contain spaces.
+    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def owner_alive(token: str) -> bool:
+    """Whether the process that ``token`` names is still running."""
+    pid, _, _start = token.partition(":")
+    try:
+        return pid.isdigit() and owner_token(int(pid)) == token
+    except OSError:
+        return False
+
+
+def _marked(worker_name: str) -> list[tuple[int, str]]:
+    """(pid, owner token) of this user's processes marked with ``worker_name``."""
     needle = f"{SERVICE_WORKER_ENV}={worker_name}".encode()
-    found: list[int] = []
+    owner_prefix = f"{OWNER_ENV}=".encode()
+    found: list[tuple[int, str]] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            environ = (entry / "environ").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:  # gone, or not ours to read
             continue
-        if needle in environ.split(b"\0"):
-            found.append(int(entry.name))
+        if needle in environ:
+            owner = next(
+                (v[len(owner_prefix) :] for v in environ if v.startswith(owner_prefix)), b""
+            )
+            found.append((int(entry.name), owner.decode()))
     return sorted(found)
+
+
+def marked_pids(worker_name: str, owner: str | None = None) -> list[int]:
+    """Pids of processes whose environment has ``PGW_SERVICE_WORKER=<name>``
+    (and, when ``owner`` is given, that service's owner token)."""
+    return [pid for pid, token in _marked(worker_name) if owner is None or token == owner]
+
+
+def orphaned_pids(worker_name: str) -> list[int]:
+    """Marked processes whose service is dead: leftovers of a crash on this host.
+
+    A live service's processes are never orphans, even if another service on
+    this host (a different lock directory, another user) claims the same name.
+    """
+    return [pid for pid, token in _marked(worker_name) if not owner_alive(token)]
 
 
 def _signal(pids: Sequence[int], signum: int) -> None:
@@ -106,20 +146,20 @@ def _signal(pids: Sequence[int], signum: int) -> None:
             os.kill(pid, signum)
 
 
-def stop_marked(worker_name: str, grace_s: float) -> list[int]:
-    """SIGTERM every process marked with ``worker_name``, SIGKILL what outlives ``grace_s``.
+def stop_pids(find: Callable[[], list[int]], grace_s: float) -> list[int]:
+    """SIGTERM what ``find`` returns, SIGKILL what it still returns after ``grace_s``.
 
     SIGTERM first: a flow run that gets it leaves its slot block and releases
     its slot. Returns the pids signalled.
     """
-    pids = marked_pids(worker_name)
+    pids = find()
     if not pids:
         return []
     _signal(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and marked_pids(worker_name):
+    while time.monotonic() < deadline and find():
         time.sleep(0.2)
-    _signal(marked_pids(worker_name), signal.SIGKILL)
+    _signal(find(), signal.SIGKILL)
     return pids
 
 

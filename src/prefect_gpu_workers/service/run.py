@@ -23,6 +23,7 @@ Life of a service (each step said aloud):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -53,11 +54,15 @@ from prefect_gpu_workers.service.plan import (
     watch_seconds,
 )
 from prefect_gpu_workers.service.processes import (
+    OWNER_ENV,
     NameLock,
     NameLocked,
+    marked_pids,
+    orphaned_pids,
+    owner_token,
     start_worker_process,
     state_dir,
-    stop_marked,
+    stop_pids,
 )
 
 # Exit codes: 0 stopped on request; 1 failed (crash loop, Prefect error);
@@ -159,6 +164,7 @@ class StartService:
         self.locks: list[NameLock] = []
         self.created_limits: list[str] = []
         self.running: dict[str, _Running] = {}
+        self.owner = owner_token()
 
     # ------------------------------------------------------------ signals
 
@@ -216,9 +222,8 @@ class StartService:
                 raise Refused(str(exc)) from None
             self.locks.append(lock)
         for name in names:
-            # Holding the lock, any process marked with this name is a dead
-            # service's leftover: its flow runs would still hold the GPU.
-            stopped = stop_marked(name, FLOW_RUN_GRACE_S)
+            # A dead service's flow runs would still hold the GPU.
+            stopped = stop_pids(functools.partial(orphaned_pids, name), FLOW_RUN_GRACE_S)
             if stopped:
                 self.say(f"stopped {len(stopped)} process(es) a stopped service left for {name}: "
                          f"pids {stopped}")  # fmt: skip
@@ -280,7 +285,9 @@ class StartService:
         worker = state.worker
         log = None if self.options.log_dir is None else self.options.log_dir / f"{worker.name}.log"
         state.proc = start_worker_process(
-            worker_argv(worker, self.options.pool), {**self.env, **worker.env()}, log
+            worker_argv(worker, self.options.pool),
+            {**self.env, **worker.env(), OWNER_ENV: self.owner},
+            log,
         )
         state.started_at = time.monotonic()
         state.restart_at = None
@@ -298,7 +305,7 @@ class StartService:
         name, code = state.worker.name, state.proc.returncode
         state.crashes = self.options.restart.crashes_in_a_row(state.crashes, now - state.started_at)
         # Its flow runs may be running on; they and their leases die with it.
-        stop_marked(name, FLOW_RUN_GRACE_S)
+        self._stop_own(name, FLOW_RUN_GRACE_S)
         if self.options.restart.gives_up(state.crashes):
             self.say(f"worker {name} exited with code {code}, {state.crashes} crashes in a row: "
                      "giving up (exit 1)")  # fmt: skip
@@ -357,7 +364,7 @@ class StartService:
         try:
             self._drain()
             for name in self.running:
-                stopped = stop_marked(name, 0 if self.hurry.is_set() else FLOW_RUN_GRACE_S)
+                stopped = self._stop_own(name, 0 if self.hurry.is_set() else FLOW_RUN_GRACE_S)
                 if stopped:
                     self.say(f"stopped {len(stopped)} flow-run process(es) of {name}")
             if self.created_limits:
@@ -373,6 +380,10 @@ class StartService:
                      f"the same worker id takes over {names}")  # fmt: skip
         finally:
             self._release_locks()
+
+    def _stop_own(self, name: str, grace_s: float) -> list[int]:
+        """Stop the processes of worker ``name`` that this service started (flow runs too)."""
+        return stop_pids(lambda: marked_pids(name, self.owner), grace_s)
 
     def _release_locks(self) -> None:
         for lock in self.locks:
