@@ -339,6 +339,16 @@ def test_sigkilled_per_gpu_service_is_taken_over_without_doubled_slots(harness: 
         assert limit.id != old_ids[name]
     assert "2/2 slot(s) held by dead holders" in second.output()
 
+    # A crashed worker is restarted with backoff, its limit recreated first.
+    (crashed,) = marked_pids(names[1])
+    os.kill(crashed, signal.SIGKILL)
+    second.wait_for_output(f"recreated limit gpu:{names[1]} after its worker crashed")
+    second.wait_for_output(f"worker {names[1]} exited with code -9; restarting in 2s")
+    wait_until(
+        lambda: marked_pids(names[1]) not in ([], [crashed]), READY_TIMEOUT_S, "a new worker"
+    )
+    wait_ready(harness.pool, names[1], 2, second)
+
     assert second.stop() == 0, second.output()
     with client() as c:
         assert all(prefect_ops.read_limit(c, f"gpu:{name}") is None for name in names)

@@ -101,11 +101,14 @@ def all_limits(client: SyncPrefectClient) -> list[GlobalConcurrencyLimitResponse
             return limits
 
 
-def recreate_limit(client: SyncPrefectClient, name: str, slots: int) -> str:
+def recreate_limit(
+    client: SyncPrefectClient, name: str, slots: int, after_crash: bool = False
+) -> str:
     """Create the limit fresh, deleting one of that name first; says what it found.
 
-    Only called once the name is known not to be live: any slot the old limit
-    holds belongs to a dead holder. Leases of a deleted limit can never
+    Only called once the name is known not to be live, or its worker crashed
+    and its flow runs were stopped: any slot the old limit holds belongs to a
+    dead holder. Leases of a deleted limit can never
     decrement a new limit of the same name (it has a new id and starts at 0),
     so recreating drops those slots instead of adding the new worker's on top.
     """
@@ -117,9 +120,14 @@ def recreate_limit(client: SyncPrefectClient, name: str, slots: int) -> str:
     )
     if old is None:
         return f"created limit {name} with {slots} slot(s)"
+    held = f"{old.active_slots}/{old.limit} slot(s) held by dead holders"
+    if after_crash:
+        return (
+            f"recreated limit {name} after its worker crashed ({held}): {slots} slot(s), 0 in use"
+        )
     return (
-        f"took over limit {name} left by a stopped service ({old.active_slots}/{old.limit} "
-        f"slot(s) held by dead holders): recreated with {slots} slot(s), 0 in use"
+        f"took over limit {name} left by a stopped service ({held}): "
+        f"recreated with {slots} slot(s), 0 in use"
     )
 
 

@@ -259,6 +259,8 @@ class StartService:
             self.say(f"name free: {verdict.reason}")
 
     def _serve(self, plan: ServicePlan) -> int:
+        if self.stop_requested.is_set():  # stopped while preparing
+            return EXIT_OK
         with self._client() as client:
             for worker in plan.workers:
                 self.created_limits.append(worker.limit_name)
@@ -311,10 +313,17 @@ class StartService:
                      "giving up (exit 1)")  # fmt: skip
             return True
         delay = self.options.restart.delay(state.crashes)
-        with self._client() as client:
-            self.say(
-                prefect_ops.recreate_limit(client, state.worker.limit_name, state.worker.slots)
-            )
+        worker = state.worker
+        try:
+            with self._client() as client:
+                self.say(
+                    prefect_ops.recreate_limit(
+                        client, worker.limit_name, worker.slots, after_crash=True
+                    )
+                )
+        except Exception as exc:  # the restarted entrypoint waits for its limit anyway
+            self.say(f"could not recreate limit {worker.limit_name} ({exc}); "
+                     "the next check puts it back")  # fmt: skip
         self.say(f"worker {name} exited with code {code}; restarting in {delay:.0f}s "
                  f"(crash {state.crashes} in a row)")  # fmt: skip
         state.restart_at = now + delay
