@@ -143,7 +143,8 @@ def harness(
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        # No virtual environment on PATH, as under systemd: the service adds its own.
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
         "PGW_STATE_DIR": str(workdir / "state"),
     }
     env.pop("WORKER_ID", None)

@@ -288,7 +288,7 @@ class StartService:
         log = None if self.options.log_dir is None else self.options.log_dir / f"{worker.name}.log"
         state.proc = start_worker_process(
             worker_argv(worker, self.options.pool),
-            {**self.env, **worker.env(), OWNER_ENV: self.owner},
+            {**self.env, **worker.env(), OWNER_ENV: self.owner, "PATH": self._path()},
             log,
         )
         state.started_at = time.monotonic()
@@ -389,6 +389,13 @@ class StartService:
                      f"the same worker id takes over {names}")  # fmt: skip
         finally:
             self._release_locks()
+
+    def _path(self) -> str:
+        # This interpreter's bin directory first: under systemd PATH is the
+        # system's, and the workers and their flow runs start `prefect` tools.
+        bin_dir = str(Path(sys.executable).parent)
+        rest = [p for p in self.env.get("PATH", os.defpath).split(os.pathsep) if p != bin_dir]
+        return os.pathsep.join([bin_dir, *rest])
 
     def _stop_own(self, name: str, grace_s: float) -> list[int]:
         """Stop the processes of worker ``name`` that this service started (flow runs too)."""
