@@ -39,7 +39,7 @@ STOP_TIMEOUT_S = 120.0
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from prefect_gpu_workers.cli import main; main()", *args]
+    return [sys.executable, "-m", "prefect_gpu_workers", *args]
 
 
 def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:

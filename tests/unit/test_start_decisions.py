@@ -227,3 +227,36 @@ def test_restart_backoff_doubles_to_a_cap_and_gives_up_on_a_crash_loop() -> None
     assert policy.gives_up(policy.crashes_in_a_row(crashes, ran_s=3.0))
     # A worker that ran long enough starts a new count.
     assert policy.crashes_in_a_row(4, ran_s=300.0) == 1
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_start_options_parse_memory_and_exclude_slots_per_gpu(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from prefect_gpu_workers.cli import build_parser
+
+    args = build_parser().parse_args(["start", "--pool", "p", "--memory-per-slot", "20GiB"])
+    assert (args.memory_per_slot, args.slots_per_gpu, args.per_gpu) == (20 * GIB, None, False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(
+            ["start", "--pool", "p", "--memory-per-slot", "20GiB", "--slots-per-gpu", "2"]
+        )
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["start", "--pool", "p", "--memory-per-slot", "lots"])
+    assert "not a memory size: 'lots'" in capsys.readouterr().err
+
+
+def test_worker_runs_the_pods_entrypoint_with_its_flow_runs() -> None:
+    from prefect_gpu_workers.service.run import worker_argv
+
+    (worker,) = plan_service(
+        "box", devices_from(GpuInventory(), 1), SlotsPerGpu(2), flow_runs=5
+    ).workers
+    argv = worker_argv(worker, "pool")
+    assert argv[1:] == [
+        "-m", "prefect_gpu_workers", "worker", "--pool", "pool", "--flow-runs", "5",
+        "--limit-prefix", "gpu", "--wait-timeout", "300.0",
+    ]  # fmt: skip

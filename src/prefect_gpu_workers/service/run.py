@@ -38,6 +38,7 @@ from types import FrameType
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 
+from prefect_gpu_workers.commands import module_program, worker_command
 from prefect_gpu_workers.gpu import GpuInventory, detect_gpus
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, WorkerIdentityError
 from prefect_gpu_workers.service import prefect_ops
@@ -94,13 +95,14 @@ class Refused(RuntimeError):
 
 
 def worker_argv(worker: ServiceWorker, pool: str) -> list[str]:
-    """The worker entrypoint for ``worker``, through this interpreter."""
-    return [
-        sys.executable, "-c", "from prefect_gpu_workers.cli import main; main()",
-        "worker", "--pool", pool, "--limit", str(worker.flow_runs),
-        "--limit-prefix", worker.limit_prefix,
-        "--wait-timeout", str(WORKER_WAIT_FOR_LIMIT_S),
-    ]  # fmt: skip
+    """The worker entrypoint for ``worker``, through this interpreter (as local mode does)."""
+    return worker_command(
+        pool,
+        flow_runs=worker.flow_runs,
+        limit_prefix=worker.limit_prefix,
+        wait_timeout_s=WORKER_WAIT_FOR_LIMIT_S,
+        program=module_program(sys.executable),
+    )
 
 
 def build_plan(
