@@ -32,6 +32,9 @@ from prefect_gpu_workers.service import prefect_ops
 from prefect_gpu_workers.service.processes import marked_pids
 
 HERE = Path(__file__).resolve().parent
+# Each test starts Python services, workers and flow runs: on a loaded shared
+# 2-core machine one test (with the server's start) took over 10 minutes.
+pytestmark = pytest.mark.timeout(1800)
 # Generous: two cores shared by several engineers' test runs.
 READY_TIMEOUT_S = 240.0
 RUN_TIMEOUT_S = 300.0
