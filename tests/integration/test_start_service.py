@@ -331,7 +331,9 @@ def test_sigkilled_per_gpu_service_is_taken_over_without_doubled_slots(harness: 
     second = harness.start(*args, worker_id=worker_id)
     for name in names:
         second.wait_for_output(f"took over limit gpu:{name} left by a stopped service")
-    assert "sent no heartbeat while watched" in second.output()
+    # Whether the dead workers' records were still ONLINE (then watched for a
+    # heartbeat that never came) or already OFFLINE depends on how long the
+    # restart took; both end in the takeover above.
     for name in names:
         wait_ready(harness.pool, name, 2, second)
     with client() as c:
