@@ -198,17 +198,19 @@ def test_no_online_record_means_the_name_is_free_without_watching() -> None:
 
 def test_online_record_whose_heartbeat_advances_is_live() -> None:
     now = datetime.now(UTC)
-    assert watch_seconds([_seen(now)]) == 15.0  # two 5 s intervals and a margin
+    assert watch_seconds([_seen(now)]) == 25.0  # the server's threshold (3 x 5 s) and a margin
     verdict = judge_liveness("w1", [_seen(now)], [_seen(now + timedelta(seconds=5))])
     assert verdict.live
     assert "is live in work pool 'p'" in verdict.reason
 
 
-def test_online_record_without_a_new_heartbeat_was_left_by_a_crash() -> None:
+def test_online_record_without_a_new_heartbeat_is_watched_until_offline() -> None:
     now = datetime.now(UTC)
-    verdict = judge_liveness("w1", [_seen(now)], [_seen(now)])
-    assert not verdict.live
-    assert "sent no heartbeat while watched" in verdict.reason
+    undecided = judge_liveness("w1", [_seen(now)], [_seen(now)])
+    assert undecided.live is None
+    verdict = judge_liveness("w1", [_seen(now)], [_seen(now, online=False)])
+    assert verdict.live is False
+    assert "went OFFLINE without a new heartbeat" in verdict.reason
     with pytest.raises(ValueError, match="watched"):
         judge_liveness("w1", [_seen(now)], None)
 

@@ -12,9 +12,11 @@
 - Liveness: a worker name is *live* when a Prefect worker of that name is
   ONLINE (heartbeat within the server's offline threshold, 3 heartbeat
   intervals) in any work pool AND its heartbeat advances while the service
-  watches it for two heartbeat intervals. ONLINE alone is not enough: a
-  service killed a minute ago leaves a record that stays ONLINE for up to 90 s
-  but will never beat again, and that name must be taken over, not refused.
+  watches it. ONLINE alone is not enough: a service killed a moment ago leaves
+  a record that stays ONLINE for up to 3 intervals (90 s by default) but never
+  beats again; the service watches until the server itself turns it OFFLINE,
+  then takes the name over. A record that neither beats nor turns OFFLINE
+  within the threshold plus a margin is refused (never guess "dead").
 """
 
 from __future__ import annotations
@@ -226,18 +228,19 @@ class WorkerSighting:
 
 
 def watch_seconds(sightings: Sequence[WorkerSighting]) -> float:
-    """How long to watch ONLINE records for a heartbeat: two intervals plus a margin.
+    """The most to watch ONLINE records: the server's offline threshold (three
+    heartbeat intervals) plus a margin; 0 when no record is ONLINE.
 
-    A live worker beats once per interval; two leave room for a busy machine,
-    and stay under the server's offline threshold (three intervals).
+    Within it, a live worker beats again, and a dead one's record turns
+    OFFLINE by the server's own clock. A record that does neither is refused.
     """
     intervals = [s.heartbeat_interval_s or DEFAULT_HEARTBEAT_S for s in sightings if s.online]
-    return 2 * max(intervals, default=0.0) + 5.0 if intervals else 0.0
+    return 3 * max(intervals) + 10.0 if intervals else 0.0
 
 
 @dataclass(frozen=True)
 class Liveness:
-    live: bool
+    live: bool | None  # None: still ONLINE with no new heartbeat, keep watching
     reason: str
 
 
@@ -246,8 +249,13 @@ def judge_liveness(
     before: Sequence[WorkerSighting],
     after: Sequence[WorkerSighting] | None,
 ) -> Liveness:
-    """Is ``name`` used by a live worker? ``before`` is the first read, ``after`` one
-    taken :func:`watch_seconds` later (``None`` when nothing needed watching)."""
+    """Is ``name`` used by a live worker? ``before`` is the first read, ``after``
+    a later one (``None`` when nothing needed watching).
+
+    Live: a record's heartbeat moved. Dead: every record that was ONLINE is now
+    OFFLINE (the server's threshold passed with no heartbeat). Otherwise
+    undecided (``live is None``): read again.
+    """
     online = [s for s in before if s.online]
     if not online:
         where = ", ".join(f"pool {s.pool}" for s in before)
@@ -265,10 +273,13 @@ def judge_liveness(
                 f"worker {name!r} is live in work pool {sighting.pool!r}: its heartbeat moved "
                 f"to {beat.isoformat(timespec='seconds')} while this service watched",
             )
-    pools = ", ".join(s.pool for s in online)
+    watched = {s.pool for s in online}
+    if any(s.online for s in after if s.pool in watched):
+        return Liveness(None, f"{name}: ONLINE, no new heartbeat yet")
+    pools = ", ".join(sorted(watched))
     return Liveness(
         False,
-        f"{name}: the ONLINE record in {pools} sent no heartbeat while watched; "
+        f"{name}: the record in {pools} went OFFLINE without a new heartbeat; "
         "a service that stopped without cleaning up left it (taken over)",
     )
 

@@ -70,6 +70,7 @@ from prefect_gpu_workers.service.processes import (
 # 2 refused (a name in use, bad capacity): restarting will not help.
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
 FLOW_RUN_GRACE_S = 10.0
+WATCH_POLL_S = 2.0
 WORKER_WAIT_FOR_LIMIT_S = 300.0
 
 
@@ -237,28 +238,44 @@ class StartService:
 
     def _refuse_live_names(self, client: SyncPrefectClient, names: set[str]) -> None:
         before = prefect_ops.sightings(client, names)
-        window = watch_seconds(before)
-        after = None
-        if window:
-            online = sorted({f"{s.name} (pool {s.pool})" for s in before if s.online})
-            self.say(f"worker record(s) {', '.join(online)} ONLINE: watching for a heartbeat "
-                     f"for {window:.0f}s to tell a live worker from one a crash left")  # fmt: skip
-            if self.stop_requested.wait(window):
-                raise Refused("stopped while checking the names")
-            after = prefect_ops.sightings(client, names)
+        limit_s = watch_seconds(before)
+        pending = set()
         for name in sorted(names):
-            verdict = judge_liveness(
-                name,
-                [s for s in before if s.name == name],
-                None if after is None else [s for s in after if s.name == name],
-            )
-            if verdict.live:
-                raise Refused(
-                    f"{verdict.reason}. Worker names must be unique: limit "
-                    f"{self.options.limit_prefix}:{name} belongs to that worker. Choose another "
-                    "--worker-id (or WORKER_ID), or stop the other worker first"
+            mine = [s for s in before if s.name == name]
+            if any(s.online for s in mine):
+                pending.add(name)
+            else:
+                self.say(f"name free: {judge_liveness(name, mine, None).reason}")
+        if pending:
+            self.say(f"worker record(s) {', '.join(sorted(pending))} ONLINE: watching for a "
+                     "heartbeat (live: refused) or the server marking them OFFLINE (a crash "
+                     f"left them: taken over), at most {limit_s:.0f}s")  # fmt: skip
+        deadline = time.monotonic() + limit_s
+        while pending:
+            if self.stop_requested.wait(WATCH_POLL_S):
+                raise Refused("stopped while checking the names")
+            after = prefect_ops.sightings(client, pending)
+            for name in sorted(pending):
+                verdict = judge_liveness(
+                    name,
+                    [s for s in before if s.name == name],
+                    [s for s in after if s.name == name],
                 )
-            self.say(f"name free: {verdict.reason}")
+                if verdict.live:
+                    raise Refused(
+                        f"{verdict.reason}. Worker names must be unique: limit "
+                        f"{self.options.limit_prefix}:{name} belongs to that worker. Choose "
+                        "another --worker-id (or WORKER_ID), or stop the other worker first"
+                    )
+                if verdict.live is False:
+                    self.say(f"name free: {verdict.reason}")
+                    pending.discard(name)
+            if pending and time.monotonic() > deadline:
+                raise Refused(
+                    f"worker record(s) {', '.join(sorted(pending))} stayed ONLINE for "
+                    f"{limit_s:.0f}s without a new heartbeat; cannot tell live from dead, "
+                    "so refusing (check the server's clock and the other machines)"
+                )
 
     def _serve(self, plan: ServicePlan) -> int:
         if self.stop_requested.is_set():  # stopped while preparing
