@@ -43,10 +43,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPr
     from prefect_gpu_workers.server import LocalPrefectServer
 
     server = LocalPrefectServer(home=tmp_path_factory.mktemp("prefect-home"))
-    with server:
+    # Generous: on a loaded shared machine a cold server start took over 90 s.
+    server.start(timeout_s=300)
+    try:
         os.environ.update(server.env())
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

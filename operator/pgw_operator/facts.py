@@ -17,6 +17,8 @@ DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 # GPU feature discovery labels (NVIDIA GFD).
 REPLICAS_LABEL = "nvidia.com/gpu.replicas"
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+# Memory of one GPU in MiB; a MIG profile has its own (nvidia.com/mig-1g.10gb.memory).
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 
 
 def parse_quantity(value: Any) -> int:

@@ -84,6 +84,9 @@ class PoolSpec:
     limit_wait_timeout_s: int
     drain_grace_period_s: int
     pod_template: dict[str, Any]
+    # spec.gpu.memoryPerSlot, a Kubernetes quantity ("20Gi"): slots per GPU
+    # from the node's GPU memory label instead of slots_per_gpu.
+    memory_per_slot: str | None
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> PoolSpec:
@@ -110,4 +113,5 @@ class PoolSpec:
             limit_wait_timeout_s=int(spec_value(spec, "worker.limitWaitTimeoutSeconds")),
             drain_grace_period_s=int(spec_value(spec, "worker.drainGracePeriodSeconds")),
             pod_template=dict(spec["worker"].get("podTemplate") or {}),
+            memory_per_slot=(spec.get("gpu") or {}).get("memoryPerSlot"),
         )

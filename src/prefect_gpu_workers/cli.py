@@ -27,6 +27,12 @@ from prefect_gpu_workers.naming import (
     validate_limit_prefix,
     validate_worker_id,
 )
+from prefect_gpu_workers.service.options import (
+    add_start_parser,
+    add_status_parser,
+    run_start,
+    run_status,
+)
 
 
 def _positive_int(text: str) -> int:
@@ -245,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the limit before failing (300)",
     )
     worker.add_argument("--with-healthcheck", action="store_true", help="serve /health")
+    add_start_parser(commands)
+    add_status_parser(commands)
     return parser
 
 
@@ -255,7 +263,7 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.command != "worker":
+    if args.command not in ("worker", "start"):
         # The worker execs Prefect, which handles SIGTERM itself.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     # With --json, stdout carries only the JSON object; progress goes to stderr.
@@ -269,6 +277,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "start":
+        return run_start(args, console)
+    if args.command == "status":
+        return run_status(args, console)
     if args.command == "worker":
         from prefect_gpu_workers.worker import run_worker
 

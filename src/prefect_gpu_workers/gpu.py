@@ -11,10 +11,23 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class MigDevice:
+    """A MIG instance of a GPU: CUDA sees it as a device of its own (by UUID)."""
+
+    index: int  # the instance's index on its GPU
+    uuid: str  # ``MIG-...``, what CUDA_VISIBLE_DEVICES takes
+    memory_mib: int
+
+
+@dataclass(frozen=True)
 class GpuDevice:
     index: int
     name: str
     memory_mib: int
+    # ``GPU-...``; empty when unknown (stated capacity, old drivers).
+    uuid: str = ""
+    # MIG instances when MIG mode is on; each is a device of its own.
+    mig_devices: tuple[MigDevice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,31 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _mig_devices(pynvml: Any, handle: Any) -> tuple[MigDevice, ...]:
+    """The MIG instances of one GPU; none when MIG is off or not supported."""
+    try:
+        current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
+    except pynvml.NVMLError:  # not a MIG-capable GPU
+        return ()
+    if current != pynvml.NVML_DEVICE_MIG_ENABLE:
+        return ()
+    found: list[MigDevice] = []
+    for slot in range(pynvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+        except pynvml.NVMLError:  # an empty slot
+            continue
+        memory = pynvml.nvmlDeviceGetMemoryInfo(mig)
+        found.append(
+            MigDevice(
+                index=len(found),
+                uuid=_text(pynvml.nvmlDeviceGetUUID(mig)),
+                memory_mib=int(memory.total) // (1024 * 1024),
+            )
+        )
+    return tuple(found)
+
+
 def detect_gpus() -> GpuInventory:
     """Ask NVML for the devices this process can see."""
     try:
@@ -59,6 +97,8 @@ def detect_gpus() -> GpuInventory:
                     index=index,
                     name=_text(pynvml.nvmlDeviceGetName(handle)),
                     memory_mib=int(memory.total) // (1024 * 1024),
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                    mig_devices=_mig_devices(pynvml, handle),
                 )
             )
         driver = _text(pynvml.nvmlSystemGetDriverVersion())

@@ -501,6 +501,12 @@ INVALID_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("bad resource", {"gpu": {"perWorker": 1, "resourceName": "gpu"}}, "spec.gpu.resourceName"),
     ("bad pool name", {"workPool": {"name": "a/b"}}, "spec.workPool.name"),
     ("zero slots", {"gpu": {"perWorker": 1, "slotsPerGpu": 0}}, "spec.gpu.slotsPerGpu"),
+    (
+        "memory and slots per gpu",
+        {"gpu": {"perWorker": 1, "memoryPerSlot": "20Gi", "slotsPerGpu": 2}},
+        "spec.gpu.memoryPerSlot",
+    ),
+    ("bad memory", {"gpu": {"perWorker": 1, "memoryPerSlot": "20GiB"}}, "spec.gpu.memoryPerSlot"),
     ("no image", {"worker": {}}, "spec.worker.image"),
     (
         "worker id override",

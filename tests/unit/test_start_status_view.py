@@ -1,0 +1,61 @@
+"""The `status` table and JSON, from a status read (no server needed)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from rich.console import Console
+
+from prefect_gpu_workers.service.plan import WorkerSighting
+from prefect_gpu_workers.service.status import LimitStatus, PoolStatus, render_status, status_json
+
+NOW = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
+
+
+def _status() -> PoolStatus:
+    live = WorkerSighting("gpu-pool", "box-a-gpu0", True, NOW - timedelta(seconds=4), 30.0)
+    gone = WorkerSighting("gpu-pool", "box-b", False, NOW - timedelta(minutes=42), 30.0)
+    stray = WorkerSighting("gpu-pool", "laptop", True, NOW - timedelta(seconds=12), 30.0)
+    return PoolStatus(
+        limits=(
+            LimitStatus("gpu:box-a-gpu0", "gpu", "box-a-gpu0", 4, 4, True, (live,)),
+            LimitStatus("gpu:box-b", "gpu", "box-b", 2, 0, False, (gone,)),
+            LimitStatus("gpu:orphan", "gpu", "orphan", 2, 1, True, ()),
+        ),
+        workers_without_limit=(stray,),
+    )
+
+
+def _text(status: PoolStatus) -> list[str]:
+    console = Console(record=True, width=120)
+    console.print(render_status(status, now=NOW))
+    return console.export_text().splitlines()
+
+
+def test_one_row_per_limit_with_its_worker_and_heartbeat_age() -> None:
+    lines = _text(_status())
+    row = next(line for line in lines if "gpu:box-a-gpu0" in line)
+    for cell in ("4/4", "box-a-gpu0", "gpu-pool", "ONLINE", "4s ago"):
+        assert cell in row
+    inactive = next(line for line in lines if "gpu:box-b" in line)
+    for cell in ("0/2 (inactive)", "OFFLINE", "42m ago"):
+        assert cell in inactive
+    assert "no worker" in next(line for line in lines if "gpu:orphan" in line)
+    stray = next(line for line in lines if "laptop" in line)
+    assert "none" in stray
+    assert "12s ago" in stray
+
+
+def test_json_has_the_same_facts() -> None:
+    data = status_json(_status())
+    first = data["limits"][0]
+    assert (first["name"], first["size"], first["in_use"], first["active"]) == (
+        "gpu:box-a-gpu0",
+        4,
+        4,
+        True,
+    )
+    assert first["workers"][0]["status"] == "ONLINE"
+    assert first["workers"][0]["last_heartbeat"] == (NOW - timedelta(seconds=4)).isoformat()
+    assert data["limits"][2]["workers"] == []
+    assert [w["name"] for w in data["workers_without_limit"]] == ["laptop"]
