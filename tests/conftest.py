@@ -43,7 +43,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPr
     from prefect_gpu_workers.server import LocalPrefectServer
 
     server = LocalPrefectServer(home=tmp_path_factory.mktemp("prefect-home"))
-    with server:
+    # A first start migrates a fresh database: minutes on a loaded 2-core machine.
+    with server.start(timeout_s=300):
         os.environ.update(server.env())
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server

@@ -178,10 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = commands.add_parser(
         "worker",
-        help="wait for this worker's GPU limit, then become `prefect worker start`",
+        help="wait for this worker's GPU limit, then run its slot broker and Prefect worker",
         description="The worker pods' entrypoint (the operator starts it; WORKER_ID must be set). "
-        "Waits until <limit prefix>:<WORKER_ID> exists and is active, then execs the Prefect "
-        "process worker named WORKER_ID.",
+        "Waits until <limit prefix>:<WORKER_ID> exists and is active, then runs, in one "
+        "process, the slot broker that hands this worker's GPU slots to its flow runs "
+        "(Unix socket, PGW_SLOT_BROKER) and the Prefect process worker named WORKER_ID.",
     )
     worker.add_argument("--pool", required=True, help="process work pool")
     worker.add_argument(
@@ -203,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the limit before failing (300)",
     )
     worker.add_argument("--with-healthcheck", action="store_true", help="serve /health")
+    worker.add_argument(
+        "--intake",
+        choices=["gpu-queue", "flow-runs"],
+        default="gpu-queue",
+        help="gpu-queue: a poll takes new flow runs only while the GPU queue is shorter than "
+        "the slots; flow-runs: only the flow-run limit caps intake (gpu-queue)",
+    )
     return parser
 
 
@@ -214,7 +222,7 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command != "worker":
-        # The worker execs Prefect, which handles SIGTERM itself.
+        # The worker sets up Prefect's own worker signal handling.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     # With --json, stdout carries only the JSON object; progress goes to stderr.
     console = Console(stderr=bool(getattr(args, "json", False)))
@@ -231,14 +239,16 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         from prefect_gpu_workers.worker import run_worker
 
         try:
-            # Replaces this process with the Prefect worker when the limit is ready.
+            # Runs the slot broker and the Prefect worker until stopped.
             run_worker(
                 args.pool,
                 args.flow_runs,
                 args.limit_prefix,
                 args.wait_timeout,
                 args.with_healthcheck,
+                args.intake,
             )
+            return 0
         except (TimeoutError, WorkerIdentityError) as exc:
             print(f"prefect-gpu-workers worker: {exc}", file=sys.stderr)
         return 1
