@@ -72,11 +72,25 @@ from prefect_gpu_workers.grants import (
     intake_allowance,
     release_action,
 )
+from prefect_gpu_workers.metrics import Histogram, render
 from prefect_gpu_workers.naming import parse_limit_name
 
 logger = logging.getLogger("prefect_gpu_workers.broker")
 
 SOCKET_NAME = "slots.sock"
+
+
+def transient(exc: BaseException) -> bool:
+    """An error worth another try: no answer, or the server said it could not serve now.
+
+    Prefect answers 503 when its database is busy (SQLite locked) and rolls the
+    transaction back, so the request did nothing and may be sent again.
+    """
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) and (
+        exc.response.status_code >= 500 or exc.response.status_code == 429
+    )
 
 
 class LimitUnusable(Exception):
@@ -206,13 +220,13 @@ class LimitSlots:
 
 @dataclass
 class BrokerStats:
-    """Counters for metrics and benchmarks (monotonic seconds)."""
+    """Counters and histograms since start (seconds), for metrics and benchmarks."""
 
     grants: int = 0
-    wait_seconds: list[float] = field(default_factory=list)
-    handoff_seconds: list[float] = field(default_factory=list)
     reclaimed_on_disconnect: int = 0
     lost_leases_repaired: int = 0
+    wait_seconds: Histogram = field(default_factory=Histogram)
+    handoff_seconds: Histogram = field(default_factory=Histogram)
 
 
 class SlotBroker:
@@ -353,6 +367,33 @@ class SlotBroker:
             for name, slots in self._limits.items()
         }
 
+    def describe(self) -> dict[str, Any]:
+        """The snapshot plus counters since start (what the ``stats`` op answers)."""
+        return {
+            "limits": self.snapshot(),
+            "handoffs": self.stats.handoff_seconds.count,
+            "handoff_seconds_sum": round(self.stats.handoff_seconds.total, 6),
+            "grants": self.stats.grants,
+            "reclaimed_on_disconnect": self.stats.reclaimed_on_disconnect,
+            "lost_leases_repaired": self.stats.lost_leases_repaired,
+        }
+
+    def metrics_text(self) -> str:
+        """Prometheus exposition text (see ``metrics.py``)."""
+        return render(
+            self.snapshot(),
+            {
+                "grants": self.stats.grants,
+                "reclaimed": self.stats.reclaimed_on_disconnect,
+                "lost_leases_repaired": self.stats.lost_leases_repaired,
+            },
+            {
+                "wait_seconds": self.stats.wait_seconds,
+                "handoff_seconds": self.stats.handoff_seconds,
+            },
+            self.worker_id,
+        )
+
     def intake_allowance(self, limit: str, default_capacity: int) -> int:
         """New flow runs to take in one poll (see :func:`grants.intake_allowance`)."""
         slots = self._limits.get(limit)
@@ -370,7 +411,7 @@ class SlotBroker:
         try:
             request = decode(await reader.readline())
             if request.get("op") == "stats":
-                writer.write(encode({"event": "stats", "limits": self.snapshot()}))
+                writer.write(encode({"event": "stats", **self.describe()}))
                 await writer.drain()
                 return
             if request.get("op") != "acquire":
@@ -378,8 +419,14 @@ class SlotBroker:
             await self._hold(ticket, request, reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
-        except (ValueError, LimitUnusable, Unserviceable) as exc:
-            kind = "limit_unusable" if isinstance(exc, LimitUnusable | Unserviceable) else "bad"
+        except Exception as exc:
+            if isinstance(exc, LimitUnusable | Unserviceable):
+                kind = "limit_unusable"
+            elif isinstance(exc, ValueError):
+                kind = "bad_request"
+            else:  # the step falls back to polling Prefect; say why here
+                kind = "broker"
+                logger.exception("slot broker: request failed")
             with contextlib.suppress(ConnectionError):
                 writer.write(encode({"event": "error", "kind": kind, "message": str(exc)}))
                 await writer.drain()
@@ -398,11 +445,21 @@ class SlotBroker:
         async with self._limit_lock:
             slots = self._limits.get(name)
             if slots is None:
-                info = await self.prefect.read_limit(name)
+                info = await self._read_limit_patiently(name)
                 if info is None or not info.active:
                     raise LimitUnusable(f"limit {name!r} is missing or inactive")
                 slots = self._limits[name] = LimitSlots(name, info, GrantQueue(info.limit))
             return slots
+
+    async def _read_limit_patiently(self, name: str, attempts: int = 10) -> LimitInfo | None:
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.prefect.read_limit(name)
+            except Exception as exc:
+                if not transient(exc) or attempt == attempts:
+                    raise
+                await asyncio.sleep(min(0.25 * attempt, 2.0))
+        raise AssertionError("unreachable")
 
     async def _hold(
         self,
@@ -452,6 +509,8 @@ class SlotBroker:
             await writer.drain()
             holder.announced = True
             line = await client_done
+            if not line:  # died or left without a release: reclaim its slots now
+                self.stats.reclaimed_on_disconnect += 1
             await self._finish(holder, slots)
             if line:  # a release asked for (not a dropped connection): confirm it
                 writer.write(encode({"event": "released"}))
@@ -467,7 +526,9 @@ class SlotBroker:
         while True:
             try:
                 outcome = await self.prefect.try_acquire(holder.limit, holder.occupy, holder.holder)
-            except httpx.TransportError:
+            except Exception as exc:
+                if not transient(exc):
+                    raise
                 attempt += 1
                 await asyncio.sleep(min(0.25 * attempt, 2.0))
                 continue
@@ -475,9 +536,9 @@ class SlotBroker:
                 now = self.clock()
                 holder.lease, holder.leased_at, holder.renewed_at = outcome, now, now
                 self.stats.grants += 1
-                self.stats.wait_seconds.append(now - holder.queued_at)
+                self.stats.wait_seconds.observe(now - holder.queued_at)
                 if slots.released_with_waiters_at is not None:
-                    self.stats.handoff_seconds.append(now - slots.released_with_waiters_at)
+                    self.stats.handoff_seconds.observe(now - slots.released_with_waiters_at)
                     slots.released_with_waiters_at = None
                 return
             await asyncio.sleep(outcome)
@@ -506,44 +567,48 @@ class SlotBroker:
         assert lease is not None
         while True:
             now = self.clock()
-            state = await self.prefect.probe(lease.id, now - holder.renewed_at)
-            same_limit = True
-            if state is LeaseState.LOST:
-                info = await self._read_limit_or_none(holder.limit)
-                same_limit = info is not None and info.id == lease.limit_id
-            action = release_action(state, same_limit)
             try:
-                if action is ReleaseAction.RELEASE_LEASE:
-                    await self.prefect.release_lease(lease.id)
-                elif action is ReleaseAction.DECREMENT:
-                    held_s = now - holder.leased_at
-                    await self.prefect.decrement(holder.limit, holder.occupy, held_s)
-                    self.stats.lost_leases_repaired += 1
-                    logger.warning(
-                        "Prefect lost the lease of %d slot(s) of %s (server restart?): "
-                        "decremented by hand",
-                        holder.occupy,
-                        holder.limit,
-                    )
-            except httpx.ConnectError:
-                action = ReleaseAction.RETRY  # never sent: safe to send again
-            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
-                # Sent, answer lost: a second decrement could uncount another
-                # holder, so the broker errs towards a slot counted too long.
-                if action is ReleaseAction.RELEASE_LEASE:
-                    action = ReleaseAction.RETRY  # releasing a lease twice is harmless
+                action = await self._release_once(holder, lease, now)
+            except Exception as exc:
+                if not transient(exc):
+                    logger.exception("giving back %s failed", holder.limit)
+                    action = ReleaseAction.NOTHING
+                # A connection refused or a 5xx: nothing was done, send it again.
+                # A reply lost after sending: only a lease release is safe to repeat;
+                # a second bare decrement could uncount another holder, so the broker
+                # errs towards a slot counted too long.
+                elif isinstance(exc, httpx.ConnectError | httpx.HTTPStatusError):
+                    action = ReleaseAction.RETRY
+                elif holder.lost:
+                    logger.warning("giving back %s: answer lost (%r)", holder.limit, exc)
+                    action = ReleaseAction.NOTHING
                 else:
-                    logger.warning("giving back %s failed: %r", holder.limit, exc)
+                    action = ReleaseAction.RETRY
             if action is not ReleaseAction.RETRY or not retry:
                 holder.lease = None
                 return
             await asyncio.sleep(0.5)
 
-    async def _read_limit_or_none(self, name: str) -> LimitInfo | None:
-        try:
-            return await self.prefect.read_limit(name)
-        except httpx.TransportError:
-            return None
+    async def _release_once(self, holder: Holder, lease: Lease, now: float) -> ReleaseAction:
+        """Probe the lease, then release it or decrement by hand (see release_action)."""
+        state = await self.prefect.probe(lease.id, now - holder.renewed_at)
+        same_limit = True
+        if state is LeaseState.LOST:
+            holder.lost = True
+            info = await self.prefect.read_limit(holder.limit)  # transient errors: retry
+            same_limit = info is not None and info.id == lease.limit_id
+        action = release_action(state, same_limit)
+        if action is ReleaseAction.RELEASE_LEASE:
+            await self.prefect.release_lease(lease.id)
+        elif action is ReleaseAction.DECREMENT:
+            await self.prefect.decrement(holder.limit, holder.occupy, now - holder.leased_at)
+            self.stats.lost_leases_repaired += 1
+            logger.warning(
+                "Prefect lost the lease of %d slot(s) of %s (server restart?): decremented by hand",
+                holder.occupy,
+                holder.limit,
+            )
+        return action
 
     def _dispatch(self, slots: LimitSlots) -> None:
         for ticket in slots.queue.grant():

@@ -211,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="gpu-queue: a poll takes new flow runs only while the GPU queue is shorter than "
         "the slots; flow-runs: only the flow-run limit caps intake (gpu-queue)",
     )
+    worker.add_argument(
+        "--metrics-socket",
+        type=Path,
+        help="serve the slot broker's Prometheus metrics on this Unix socket (none by default; "
+        "never TCP)",
+    )
     return parser
 
 
@@ -247,6 +253,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 args.wait_timeout,
                 args.with_healthcheck,
                 args.intake,
+                args.metrics_socket,
             )
             return 0
         except (TimeoutError, WorkerIdentityError) as exc:

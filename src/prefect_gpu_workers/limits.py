@@ -153,14 +153,16 @@ def _acquire_message(request: GpuSlotRequest) -> bytes:
     )  # fmt: skip
 
 
-def _granted_lease(request: GpuSlotRequest, message: dict[str, Any]) -> UUID:
+def _granted_lease(request: GpuSlotRequest, message: dict[str, Any]) -> UUID | None:
+    """The granted lease; ``None`` when the broker failed (the step polls Prefect)."""
     if message.get("event") == "granted":
         return UUID(str(message["lease_id"]))
     if message.get("event") == "error" and message.get("kind") == "limit_unusable":
         raise GpuLimitUnavailable(
             request.name, str(message.get("message")), "see `prefect gcl inspect`"
         )
-    raise RuntimeError(f"slot broker answered {message!r}")
+    _say_fallback(f"the broker answered {message!r}")
+    return None
 
 
 def _timeout_error(timeout_seconds: float | None) -> AcquireConcurrencySlotTimeoutError:
@@ -221,6 +223,9 @@ def _broker_acquire(request: GpuSlotRequest, timeout_seconds: float | None) -> _
     except BaseException:
         sock.close()
         raise
+    if lease_id is None:
+        sock.close()
+        return None
     sock.settimeout(None)
     return _BrokerGrant(sock, lines, lease_id)
 
@@ -284,7 +289,11 @@ async def _abroker_acquire(
             _say_fallback(f"{path} closed the connection")
             writer.close()
             return None
-        return reader, writer, _granted_lease(request, decode(line))
+        lease_id = _granted_lease(request, decode(line))
+        if lease_id is None:
+            writer.close()
+            return None
+        return reader, writer, lease_id
     except TimeoutError:
         writer.close()
         raise _timeout_error(timeout_seconds) from None

@@ -113,6 +113,7 @@ async def serve_worker(
     with_healthcheck: bool = False,
     intake: IntakeMode = "gpu-queue",
     socket_path: Path | None = None,
+    metrics_socket: Path | None = None,
 ) -> None:
     """Run the slot broker and the Prefect process worker in this event loop until stopped."""
     from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
@@ -123,6 +124,13 @@ async def serve_worker(
     async with SlotBroker(worker_id, socket_path) as broker:
         await broker.watch(request.name)
         os.environ[SLOT_BROKER_ENV] = str(broker.socket_path)
+        print(f"slot broker for {request.name} on {broker.socket_path}", flush=True)
+        metrics_server = None
+        if metrics_socket is not None:
+            from prefect_gpu_workers.metrics import serve_metrics
+
+            metrics_server = await serve_metrics(metrics_socket, broker.metrics_text)
+            print(f"slot broker metrics on {metrics_socket}", flush=True)
         slots = broker.snapshot()[request.name]["capacity"]
         worker = _process_worker_class()(
             name=worker_id,
@@ -137,7 +145,11 @@ async def serve_worker(
         )
         # As `prefect worker start` does: SIGTERM becomes SIGINT, a second one SIGKILL.
         setup_signal_handlers_worker(os.getpid(), "the process worker", print)
-        await worker.start(with_healthcheck=with_healthcheck, printer=print)
+        try:
+            await worker.start(with_healthcheck=with_healthcheck, printer=print)
+        finally:
+            if metrics_server is not None:
+                metrics_server.close()
 
 
 def run_worker(
@@ -147,6 +159,7 @@ def run_worker(
     wait_timeout_s: float,
     with_healthcheck: bool = False,
     intake: IntakeMode = "gpu-queue",
+    metrics_socket: Path | None = None,
 ) -> None:
     """Wait for the limit, then serve the broker and the Prefect worker until stopped.
 
