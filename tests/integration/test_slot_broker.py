@@ -6,14 +6,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 import pytest
-from prefect.concurrency.sync import concurrency
-
-from integration.broker_harness import (
+from broker_harness import (
     BrokerThread,
     HolderProcess,
     active_slots,
@@ -23,6 +21,8 @@ from integration.broker_harness import (
     unique_worker,
     wait_until,
 )
+from prefect.concurrency.sync import concurrency
+
 from prefect_gpu_workers import limits
 from prefect_gpu_workers.limits import gpu_slot
 from prefect_gpu_workers.naming import SLOT_BROKER_ENV
@@ -71,6 +71,15 @@ class Steps:
 
 def _queued(broker: BrokerThread, name: str, count: int) -> bool:
     return broker.waiters(name) == count
+
+
+@pytest.fixture
+def holders() -> Iterator[list[HolderProcess]]:
+    """Holder processes a test starts; every one is gone after the test."""
+    started: list[HolderProcess] = []
+    yield started
+    for holder in started:
+        holder.stop()
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from broker_harness import active_slots, unique_worker, wait_until
 from prefect.client.orchestration import get_client
 
-from integration.broker_harness import active_slots, unique_worker, wait_until
+from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.grants import decode, encode
-from prefect_gpu_workers.local import (
-    PipelineParams,
+from prefect_gpu_workers.local.prefect_ops import (
     deploy_for_local_workers,
     ensure_gpu_limit,
     ensure_process_pool,
@@ -69,7 +69,7 @@ def test_worker_runs_flow_runs_whose_gpu_steps_wait_at_its_broker(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect_gpu_workers.cli", "worker",
-             "--pool", pool, "--limit", "6", "--metrics-socket", str(metrics_path)],
+             "--pool", pool, "--flow-runs", "6", "--metrics-socket", str(metrics_path)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -82,9 +82,12 @@ def test_worker_runs_flow_runs_whose_gpu_steps_wait_at_its_broker(
         assert os.stat(Path(socket_path).parent).st_mode & 0o777 == 0o700
 
         record_dir = tmp_path / "records"
-        params = PipelineParams(simulate=True, items=1, download_s=1.0, gpu_s=1.5, save_s=1.0)
+        params = PipelineParams(
+            items=1, download_s=1.0, gpu_s=1.5, save_s=1.0, simulate=True,
+            record_dir=str(record_dir),
+        )  # fmt: skip
         with get_client(sync_client=True) as client:
-            ids = submit_runs(client, deployment_id, 6, params.as_parameters(record_dir))
+            ids = submit_runs(client, deployment_id, 6, params.as_parameters())
 
             def all_final() -> bool:
                 runs = read_runs(client, ids)

@@ -26,7 +26,7 @@ from prefect_gpu_workers.broker import SlotBroker
 from prefect_gpu_workers.grants import decode, encode
 from prefect_gpu_workers.naming import SLOT_BROKER_ENV, WORKER_ID_ENV
 
-HOLDER_SCRIPT = Path(__file__).with_name("slot_holder.py")
+HOLDER_SCRIPT = Path(__file__).parent / "integration" / "slot_holder.py"
 
 
 def unique_worker() -> str:
