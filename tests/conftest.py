@@ -44,10 +44,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPr
 
     server = LocalPrefectServer(home=tmp_path_factory.mktemp("prefect-home"))
     # A first start migrates a fresh database: minutes on a loaded 2-core machine.
-    with server.start(timeout_s=300):
+    server.start(timeout_s=300)
+    try:
         os.environ.update(server.env())
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

@@ -46,6 +46,8 @@ import itertools
 import logging
 import os
 import shutil
+import socket
+import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -108,6 +110,19 @@ class LimitInfo:
 class Lease:
     id: UUID
     limit_id: UUID
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The connecting process's pid (Linux ``SO_PEERCRED``); ``None`` elsewhere."""
+    sock = writer.get_extra_info("socket")
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return None
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, 12))
+    except OSError:
+        return None
+    return int(pid)
 
 
 class PrefectSlots:
@@ -208,6 +223,7 @@ class Holder:
     renewed_at: float = 0.0
     lost: bool = False
     announced: bool = False  # the step was told it holds the slot
+    pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
 
 
 @dataclass
@@ -371,6 +387,11 @@ class SlotBroker:
         """The snapshot plus counters since start (what the ``stats`` op answers)."""
         return {
             "limits": self.snapshot(),
+            "holders": [
+                {"limit": h.limit, "occupy": h.occupy, "pid": h.pid}
+                for h in self._holders.values()
+                if h.announced
+            ],
             "handoffs": self.stats.handoff_seconds.count,
             "handoff_seconds_sum": round(self.stats.handoff_seconds.total, 6),
             "grants": self.stats.grants,
@@ -475,6 +496,7 @@ class SlotBroker:
             holder_info = ConcurrencyLeaseHolder.model_validate(request.get("holder"))
         slots.queue.request(ticket, occupy)
         holder = Holder(ticket, slots.name, occupy, holder_info, self.clock())
+        holder.pid = _peer_pid(writer)
         self._holders[ticket] = holder
         # Anything the client sends or its disconnection ends the wait or the grant.
         client_done = asyncio.ensure_future(reader.readline())
@@ -509,9 +531,9 @@ class SlotBroker:
             await writer.drain()
             holder.announced = True
             line = await client_done
-            if not line:  # died or left without a release: reclaim its slots now
-                self.stats.reclaimed_on_disconnect += 1
             await self._finish(holder, slots)
+            if not line:  # died or left without a release: its slots are back now
+                self.stats.reclaimed_on_disconnect += 1
             if line:  # a release asked for (not a dropped connection): confirm it
                 writer.write(encode({"event": "released"}))
                 await writer.drain()

@@ -175,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--runs", type=_positive_int, help="runs per phase (5 per GPU slot)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    bench.add_argument(
+        "--faults",
+        action="store_true",
+        help="instead of the comparison: one task-level batch during which a GPU step is "
+        "killed with SIGKILL and the Prefect server is restarted; reports over-admissions, "
+        "reclaim time, leaked slots and failed runs",
+    )
+    bench.add_argument(
+        "--skip-flow-level",
+        action="store_true",
+        help="only the two task-level phases (broker, polling): long GPU steps make the "
+        "flow-level phase the longest",
+    )
 
     worker = commands.add_parser(
         "worker",
@@ -210,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="gpu-queue",
         help="gpu-queue: a poll takes new flow runs only while the GPU queue is shorter than "
         "the slots; flow-runs: only the flow-run limit caps intake (gpu-queue)",
+    )
+    worker.add_argument(
+        "--no-slot-broker",
+        dest="slot_broker",
+        action="store_false",
+        help="no slot broker: GPU steps poll Prefect (for comparisons)",
     )
     worker.add_argument(
         "--metrics-socket",
@@ -254,6 +273,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 args.with_healthcheck,
                 args.intake,
                 args.metrics_socket,
+                args.slot_broker,
             )
             return 0
         except (TimeoutError, WorkerIdentityError) as exc:
@@ -290,6 +310,28 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
     from prefect_gpu_workers.local.bench import BenchOptions, render, run_bench
 
+    if args.faults:
+        from prefect_gpu_workers.local.faults import render_faults, run_faults
+
+        faults = run_faults(
+            console,
+            workers=args.workers,
+            worker_prefix=args.worker_prefix,
+            runs=args.runs,
+            gpu_seconds=args.gpu_seconds,
+            gpus=args.gpus,
+            slots_per_gpu=args.slots_per_gpu,
+            pool=args.pool,
+            limit_prefix=args.limit_prefix,
+            worker_query_seconds=args.poll_seconds,
+            workdir=args.workdir,
+            timeout_s=args.timeout,
+        )
+        if args.json:
+            print(json.dumps(faults.as_json(), sort_keys=True))
+        else:
+            render_faults(faults, console)
+        return 0 if faults.ok else 1
     bench_options = BenchOptions(
         workers=args.workers,
         worker_prefix=args.worker_prefix,
@@ -300,6 +342,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         pool=args.pool,
         limit_prefix=args.limit_prefix,
         worker_query_seconds=args.poll_seconds,
+        flow_level=not args.skip_flow_level,
         workdir=args.workdir,
         keep_workdir=args.keep_workdir,
         timeout_s=args.timeout,
@@ -309,12 +352,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(result.as_json(), sort_keys=True))
     else:
         render(result, console)
-    ok = (
-        result.task_level.runs_failed == 0
-        and result.flow_level.runs_failed == 0
-        and result.task_level.within_limits
-        and result.flow_level.within_limits
-        and not any(result.slots_held_after.values())
+    ok = all(phase.runs_failed == 0 and phase.within_limits for phase in result.phases) and not any(
+        result.slots_held_after.values()
     )
     return 0 if ok else 1
 

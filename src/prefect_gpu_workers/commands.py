@@ -39,6 +39,7 @@ def worker_command(
     wait_timeout_s: float,
     with_healthcheck: bool = False,
     program: Sequence[str] = (CONSOLE_SCRIPT,),
+    slot_broker: bool = True,
 ) -> list[str]:
     """The worker entrypoint's command line.
 
@@ -50,6 +51,8 @@ def worker_command(
         with_healthcheck: serve the Prefect worker's ``/health`` (pods' probes).
         program: how to start the entrypoint: the console script (images) or
             :func:`module_program` (local mode).
+        slot_broker: False starts the worker without its slot broker, so that its
+            GPU steps poll Prefect (benchmarks compare the two).
 
     Raises:
         ValueError: ``flow_runs`` below 1 or a negative ``wait_timeout_s``.
@@ -67,4 +70,6 @@ def worker_command(
     ]  # fmt: skip
     if with_healthcheck:
         command.append("--with-healthcheck")
+    if not slot_broker:
+        command.append("--no-slot-broker")
     return command

@@ -152,6 +152,27 @@ async def serve_worker(
                 metrics_server.close()
 
 
+async def serve_plain_worker(
+    pool: str, worker_id: str, flow_runs: int, with_healthcheck: bool = False
+) -> None:
+    """Prefect's process worker alone: GPU steps poll Prefect (the comparison baseline)."""
+    from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
+    from prefect.utilities.processutils import setup_signal_handlers_worker
+    from prefect.workers.process import ProcessWorker
+
+    os.environ.pop(SLOT_BROKER_ENV, None)
+    print("no slot broker: GPU steps poll Prefect", flush=True)
+    worker = ProcessWorker(
+        name=worker_id,
+        work_pool_name=pool,
+        limit=flow_runs,
+        prefetch_seconds=PREFECT_WORKER_PREFETCH_SECONDS.value(),
+        heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()),
+    )
+    setup_signal_handlers_worker(os.getpid(), "the process worker", print)
+    await worker.start(with_healthcheck=with_healthcheck, printer=print)
+
+
 def run_worker(
     pool: str,
     flow_runs: int,
@@ -160,6 +181,7 @@ def run_worker(
     with_healthcheck: bool = False,
     intake: IntakeMode = "gpu-queue",
     metrics_socket: Path | None = None,
+    slot_broker: bool = True,
 ) -> None:
     """Wait for the limit, then serve the broker and the Prefect worker until stopped.
 
@@ -170,4 +192,7 @@ def run_worker(
     worker_id = worker_id_from_env()
     request = GpuSlotRequest.for_worker(1, limit_prefix, worker_id)
     wait_for_limit(request, wait_timeout_s)
+    if not slot_broker:
+        asyncio.run(serve_plain_worker(pool, worker_id, flow_runs, with_healthcheck))
+        return
     asyncio.run(serve_worker(pool, worker_id, request, flow_runs, with_healthcheck, intake))

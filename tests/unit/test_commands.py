@@ -38,3 +38,11 @@ def test_entrypoint_command_rejects_what_the_cli_would(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         worker_command("p", flow_runs, "gpu", wait_timeout_s)
+
+
+def test_a_worker_without_its_slot_broker_is_asked_for_explicitly() -> None:
+    assert "--no-slot-broker" not in worker_command("p", 4, "gpu", 1)
+    command = worker_command("p", 4, "gpu", 1, slot_broker=False)
+    assert command[-1] == "--no-slot-broker"
+    assert build_parser().parse_args(command[1:]).slot_broker is False
+    assert build_parser().parse_args(worker_command("p", 4, "gpu", 1)[1:]).slot_broker is True
