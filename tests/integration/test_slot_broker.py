@@ -205,7 +205,9 @@ def test_count_is_repaired_after_a_server_restart_loses_the_leases(
     worker = unique_worker()
     name = f"gpu:{worker}"
     server = LocalPrefectServer(home=tmp_path / "prefect", extra_env=IN_MEMORY_LEASES)
-    with server:
+    # Starts take minutes on a loaded 2-core machine (a fresh database is migrated).
+    server.start(timeout_s=300)
+    try:
         api = server.api_url
         create_limit(name, 2, api)
         with BrokerThread(worker, api_url=api, maintenance_s=0.5) as broker:
@@ -218,7 +220,7 @@ def test_count_is_repaired_after_a_server_restart_loses_the_leases(
 
             server.stop()
             early.release()  # while the server is down: the broker keeps trying
-            server.start()
+            server.start(timeout_s=300)
             restarted_at = time.monotonic()
             # The database kept active_slots; the lost lease of `early` is repaired,
             # the live holder `late` stays counted.
@@ -235,6 +237,8 @@ def test_count_is_repaired_after_a_server_restart_loses_the_leases(
             assert active_slots(name, api) == 2
             both.release()
             assert active_slots(name, api) == 0
+    finally:
+        server.stop()
     record_property("repair_after_restart_s", round(repair_s, 3))
     print(f"\nrepair_after_restart_s={repair_s:.3f}")
 
