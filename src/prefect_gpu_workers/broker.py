@@ -71,7 +71,7 @@ from prefect_gpu_workers.grants import (
     classify_gone_lease,
     decode,
     encode,
-    intake_allowance,
+    intake_open,
     release_action,
 )
 from prefect_gpu_workers.metrics import Histogram, render
@@ -415,12 +415,10 @@ class SlotBroker:
             self.worker_id,
         )
 
-    def intake_allowance(self, limit: str, default_capacity: int) -> int:
-        """New flow runs to take in one poll (see :func:`grants.intake_allowance`)."""
+    def intake_open(self, limit: str) -> bool:
+        """Whether the worker takes new flow runs now (see :func:`grants.intake_open`)."""
         slots = self._limits.get(limit)
-        if slots is None:
-            return default_capacity
-        return intake_allowance(slots.queue.capacity, slots.queue.waiting_slots)
+        return slots is None or intake_open(slots.queue.capacity, slots.queue.waiting_slots)
 
     # -- one connection ---------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

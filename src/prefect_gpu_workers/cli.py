@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["gpu-queue", "flow-runs"],
         default="gpu-queue",
         help="gpu-queue: a poll takes new flow runs only while the GPU queue is shorter than "
-        "the slots; flow-runs: only the flow-run limit caps intake (gpu-queue)",
+        "the slots; flow-runs: only --flow-runs caps intake (gpu-queue)",
     )
     worker.add_argument(
         "--no-slot-broker",

@@ -11,8 +11,8 @@ sockets or a Prefect server:
   granted as soon as the steps ahead of it finish).
 - :func:`release_action`: how a holder's Prefect lease is given back, given
   what a probe of the lease said (the server may have lost it in a restart).
-- :func:`intake_allowance`: how many new flow runs the worker takes in one poll,
-  given its GPU queue.
+- :func:`intake_open`: whether the worker takes new flow runs at a poll, given
+  its GPU queue.
 - the wire format of the broker's Unix socket (one JSON object per line).
 
 Example:
@@ -178,16 +178,18 @@ def classify_gone_lease(seconds_since_renewal: float, lease_duration: float) -> 
     return LeaseState.LOST if seconds_since_renewal < lease_duration else LeaseState.EXPIRED
 
 
-def intake_allowance(capacity: int, waiting_slots: int) -> int:
-    """New flow runs a worker may take in one poll, given its GPU queue.
+def intake_open(capacity: int, waiting_slots: int) -> bool:
+    """Whether a worker takes new flow runs at this poll, given its GPU queue.
 
-    None while the slots asked for by waiting GPU steps reach the worker's slots
-    (its queue already holds a full round of work); otherwise one run per slot
-    not yet spoken for, so a burst is spread over the workers that poll next
-    instead of piling onto the first poller. The worker's flow-run limit still
-    caps the total.
+    Closed while the slots asked for by waiting GPU steps reach the worker's
+    slots: its queue already holds a full round of GPU work, and runs taken now
+    would only wait, while another worker may have idle slots. Open otherwise,
+    up to the worker's flow-run limit (which local mode and the operator size
+    from the slots). A per-poll cap would be worse: polls are seconds apart
+    (Prefect's default is 10 s), so a cap of a few runs per poll would starve
+    the GPU of a single worker.
     """
-    return max(0, capacity - waiting_slots)
+    return waiting_slots < capacity
 
 
 # Wire format: one JSON object per line, UTF-8, over a Unix stream socket.

@@ -14,7 +14,7 @@ Then one process, one event loop, hosts:
   --type process --name $WORKER_ID --limit <flow runs> [--with-healthcheck]``
   would configure it (the same class and options, so the same behaviour), whose intake
   follows the GPU: a poll takes new flow runs only while the GPU queue at the
-  broker is shorter than the worker's slots (``grants.intake_allowance``).
+  broker is shorter than the worker's slots (``grants.intake_open``).
 """
 
 from __future__ import annotations
@@ -78,27 +78,25 @@ def _process_worker_class() -> type[Any]:
             *args: Any,
             broker: SlotBroker,
             gpu_limit: str,
-            slots: int,
             intake: IntakeMode,
             **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
             self._broker = broker
             self._gpu_limit = gpu_limit
-            self._slots = slots
             self._intake: IntakeMode = intake
 
         async def _submit_scheduled_flow_runs(self, flow_run_response: list[Any]) -> list[Any]:
-            if self._intake == "gpu-queue":
-                allowance = self._broker.intake_allowance(self._gpu_limit, self._slots)
-                if allowance < len(flow_run_response):
-                    self._logger.debug(
-                        "GPU queue at %s: taking %d of %d flow run(s) this poll",
-                        self._gpu_limit,
-                        allowance,
-                        len(flow_run_response),
-                    )
-                    flow_run_response = flow_run_response[:allowance]
+            if (
+                self._intake == "gpu-queue"
+                and flow_run_response
+                and not self._broker.intake_open(self._gpu_limit)
+            ):
+                # The GPU queue holds a full round: leave these runs to other workers.
+                self._logger.debug(
+                    "GPU queue at %s is full: no new flow runs this poll", self._gpu_limit
+                )
+                return []
             runs: list[Any] = await super()._submit_scheduled_flow_runs(flow_run_response)
             return runs
 
@@ -131,7 +129,6 @@ async def serve_worker(
 
             metrics_server = await serve_metrics(metrics_socket, broker.metrics_text)
             print(f"slot broker metrics on {metrics_socket}", flush=True)
-        slots = broker.snapshot()[request.name]["capacity"]
         worker = _process_worker_class()(
             name=worker_id,
             work_pool_name=pool,
@@ -140,7 +137,6 @@ async def serve_worker(
             heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()),
             broker=broker,
             gpu_limit=request.name,
-            slots=slots,
             intake=intake,
         )
         # As `prefect worker start` does: SIGTERM becomes SIGINT, a second one SIGKILL.

@@ -12,7 +12,7 @@ from prefect_gpu_workers.grants import (
     classify_gone_lease,
     decode,
     encode,
-    intake_allowance,
+    intake_open,
     release_action,
 )
 
@@ -107,12 +107,13 @@ def test_a_gone_lease_renewed_within_its_duration_was_lost_not_expired() -> None
 
 
 @pytest.mark.parametrize(
-    ("capacity", "waiting_slots", "allowance"), [(2, 0, 2), (2, 1, 1), (2, 2, 0), (2, 5, 0)]
+    ("capacity", "waiting_slots", "open_"),
+    [(2, 0, True), (2, 1, True), (2, 2, False), (2, 5, False)],
 )
-def test_intake_stops_while_the_gpu_queue_holds_a_full_round(
-    capacity: int, waiting_slots: int, allowance: int
+def test_intake_closes_while_the_gpu_queue_holds_a_full_round(
+    capacity: int, waiting_slots: int, open_: bool
 ) -> None:
-    assert intake_allowance(capacity, waiting_slots) == allowance
+    assert intake_open(capacity, waiting_slots) is open_
 
 
 def test_wire_format_round_trips_and_rejects_garbage() -> None:
