@@ -244,7 +244,8 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     workdir, made_workdir = make_workdir(options.workdir, "pgw-bench-")
     console.print(f"work directory (logs, records): {workdir}")
     external = os.environ.get("PREFECT_API_URL") or None
-    with LocalSession(workdir, api_url=external) as session:
+    # A first server start migrates a fresh database: minutes on a loaded small machine.
+    with LocalSession(workdir, api_url=external, server_start_timeout_s=300) as session:
         console.print(f"Prefect API: {session.api_url}")
         deployment_id = prepare_pool(session, options.pool, task_plans, BENCH_DEPLOYMENT)
 
