@@ -505,8 +505,8 @@ class SlotBroker:
             granted.cancel()
             if holder.refused is not None:
                 raise LimitUnusable(holder.refused)
-            if not holder.granted.is_set():
-                return  # gave up while waiting (cancelled, timed out, died)
+            if not holder.granted.is_set() or client_done.done():
+                return  # gave up while waiting (cancelled, timed out, died), or closing
             # Granted locally: the Prefect lease is taken to completion even if the
             # client leaves meanwhile (an abandoned increment would leak a slot).
             acquiring = asyncio.ensure_future(self._acquire(holder, slots))
@@ -631,6 +631,8 @@ class SlotBroker:
         return action
 
     def _dispatch(self, slots: LimitSlots) -> None:
+        if self._closing:
+            return  # waiters are being sent away to poll Prefect: grant nobody
         for ticket in slots.queue.grant():
             self._holders[ticket].granted.set()
 
