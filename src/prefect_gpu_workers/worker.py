@@ -191,4 +191,14 @@ def run_worker(
     if not slot_broker:
         asyncio.run(serve_plain_worker(pool, worker_id, flow_runs, with_healthcheck))
         return
-    asyncio.run(serve_worker(pool, worker_id, request, flow_runs, with_healthcheck, intake))
+    asyncio.run(
+        serve_worker(
+            pool,
+            worker_id,
+            request,
+            flow_runs,
+            with_healthcheck,
+            intake,
+            metrics_socket=metrics_socket,
+        )
+    )
