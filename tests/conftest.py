@@ -43,7 +43,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPr
     from prefect_gpu_workers.server import LocalPrefectServer
 
     server = LocalPrefectServer(home=tmp_path_factory.mktemp("prefect-home"))
-    # Generous: on a loaded shared machine a cold server start took over 90 s.
+    # A first start migrates a fresh database: minutes on a loaded 2-core machine.
     server.start(timeout_s=300)
     try:
         os.environ.update(server.env())

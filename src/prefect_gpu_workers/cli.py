@@ -223,13 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=_positive_int, help="runs per phase (5 per GPU slot)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_timeline(bench)
+    bench.add_argument(
+        "--faults",
+        action="store_true",
+        help="instead of the comparison: one task-level batch during which a GPU step is "
+        "killed with SIGKILL and the Prefect server is restarted; reports over-admissions, "
+        "reclaim time, leaked slots and failed runs",
+    )
+    bench.add_argument(
+        "--skip-flow-level",
+        action="store_true",
+        help="only the two task-level phases (broker, polling): long GPU steps make the "
+        "flow-level phase the longest",
+    )
 
     worker = commands.add_parser(
         "worker",
-        help="wait for this worker's GPU limit, then become `prefect worker start`",
+        help="wait for this worker's GPU limit, then run its slot broker and Prefect worker",
         description="The worker pods' entrypoint (the operator starts it; WORKER_ID must be set). "
-        "Waits until <limit prefix>:<WORKER_ID> exists and is active, then execs the Prefect "
-        "process worker named WORKER_ID.",
+        "Waits until <limit prefix>:<WORKER_ID> exists and is active, then runs, in one "
+        "process, the slot broker that hands this worker's GPU slots to its flow runs "
+        "(Unix socket, PGW_SLOT_BROKER) and the Prefect process worker named WORKER_ID.",
     )
     worker.add_argument("--pool", required=True, help="process work pool")
     worker.add_argument(
@@ -251,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to wait for the limit before failing (300)",
     )
     worker.add_argument("--with-healthcheck", action="store_true", help="serve /health")
+    worker.add_argument(
+        "--intake",
+        choices=["gpu-queue", "flow-runs"],
+        default="gpu-queue",
+        help="gpu-queue: a poll takes new flow runs only while the GPU queue is shorter than "
+        "the slots; flow-runs: only --flow-runs caps intake (gpu-queue)",
+    )
+    worker.add_argument(
+        "--no-slot-broker",
+        dest="slot_broker",
+        action="store_false",
+        help="no slot broker: GPU steps poll Prefect (for comparisons)",
+    )
+    worker.add_argument(
+        "--metrics-socket",
+        type=Path,
+        help="serve the slot broker's Prometheus metrics on this Unix socket (none by default; "
+        "never TCP)",
+    )
     add_start_parser(commands)
     add_status_parser(commands)
     return parser
@@ -264,7 +297,7 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command not in ("worker", "start"):
-        # The worker execs Prefect, which handles SIGTERM itself.
+        # The worker sets up Prefect's own worker signal handling; start drains its workers.
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     # With --json, stdout carries only the JSON object; progress goes to stderr.
     console = Console(stderr=bool(getattr(args, "json", False)))
@@ -285,14 +318,18 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         from prefect_gpu_workers.worker import run_worker
 
         try:
-            # Replaces this process with the Prefect worker when the limit is ready.
+            # Runs the slot broker and the Prefect worker until stopped.
             run_worker(
                 args.pool,
                 args.flow_runs,
                 args.limit_prefix,
                 args.wait_timeout,
                 args.with_healthcheck,
+                args.intake,
+                args.metrics_socket,
+                args.slot_broker,
             )
+            return 0
         except (TimeoutError, WorkerIdentityError) as exc:
             print(f"prefect-gpu-workers worker: {exc}", file=sys.stderr)
         return 1
@@ -337,6 +374,28 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]--timeline: {exc}[/red]")
         return 2
 
+    if args.faults:
+        from prefect_gpu_workers.local.faults import render_faults, run_faults
+
+        faults = run_faults(
+            console,
+            workers=args.workers,
+            worker_prefix=args.worker_prefix,
+            runs=args.runs,
+            gpu_seconds=args.gpu_seconds,
+            gpus=args.gpus,
+            slots_per_gpu=args.slots_per_gpu,
+            pool=args.pool,
+            limit_prefix=args.limit_prefix,
+            worker_query_seconds=args.poll_seconds,
+            workdir=args.workdir,
+            timeout_s=args.timeout,
+        )
+        if args.json:
+            print(json.dumps(faults.as_json(), sort_keys=True))
+        else:
+            render_faults(faults, console)
+        return 0 if faults.ok else 1
     bench_options = BenchOptions(
         workers=args.workers,
         worker_prefix=args.worker_prefix,
@@ -347,6 +406,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         pool=args.pool,
         limit_prefix=args.limit_prefix,
         worker_query_seconds=args.poll_seconds,
+        flow_level=not args.skip_flow_level,
         workdir=args.workdir,
         keep_workdir=args.keep_workdir,
         timeout_s=args.timeout,
@@ -357,12 +417,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(result.as_json(), sort_keys=True))
     else:
         render(result, console)
-    ok = (
-        result.task_level.runs_failed == 0
-        and result.flow_level.runs_failed == 0
-        and result.task_level.within_limits
-        and result.flow_level.within_limits
-        and not any(result.slots_held_after.values())
+    ok = all(phase.runs_failed == 0 and phase.within_limits for phase in result.phases) and not any(
+        result.slots_held_after.values()
     )
     return 0 if ok else 1
 

@@ -3,8 +3,8 @@
 A worker runs the entrypoint ``prefect-gpu-workers worker --pool P --flow-runs N
 --limit-prefix X --wait-timeout S``: the operator puts it in every worker pod
 (``desired.worker_command``) and local mode starts its workers with it, through
-this interpreter. The entrypoint waits for its limit and then execs the Prefect
-worker, whose command line is built here too (:func:`prefect_worker_command`).
+this interpreter. The entrypoint waits for its limit and then runs, in one
+process, the worker's slot broker and the Prefect process worker.
 
 The operator imports this module, so it must not import Prefect.
 
@@ -39,6 +39,7 @@ def worker_command(
     wait_timeout_s: float,
     with_healthcheck: bool = False,
     program: Sequence[str] = (CONSOLE_SCRIPT,),
+    slot_broker: bool = True,
 ) -> list[str]:
     """The worker entrypoint's command line.
 
@@ -50,6 +51,8 @@ def worker_command(
         with_healthcheck: serve the Prefect worker's ``/health`` (pods' probes).
         program: how to start the entrypoint: the console script (images) or
             :func:`module_program` (local mode).
+        slot_broker: False starts the worker without its slot broker, so that its
+            GPU steps poll Prefect (benchmarks compare the two).
 
     Raises:
         ValueError: ``flow_runs`` below 1 or a negative ``wait_timeout_s``.
@@ -67,23 +70,6 @@ def worker_command(
     ]  # fmt: skip
     if with_healthcheck:
         command.append("--with-healthcheck")
-    return command
-
-
-def prefect_worker_command(
-    python: str, pool: str, worker_id: str, flow_runs: int, with_healthcheck: bool = False
-) -> list[str]:
-    """What the entrypoint execs once its limit is ready: the Prefect process worker.
-
-    Started through ``python`` (the entrypoint's own interpreter) rather than a
-    ``prefect`` found on ``PATH``, so the worker runs the Prefect installed
-    beside this package.
-    """
-    command = [
-        python, "-m", "prefect", "worker", "start",
-        "--pool", pool, "--name", worker_id, "--type", "process",
-        "--limit", str(flow_runs),
-    ]  # fmt: skip
-    if with_healthcheck:
-        command.append("--with-healthcheck")
+    if not slot_broker:
+        command.append("--no-slot-broker")
     return command

@@ -8,23 +8,46 @@ Contract:
   never a silent default (a wrong identity would name a limit nobody created);
 - the GPU step fails closed: a missing limit, an inactive one, or an ``occupy``
   larger than the limit raises :class:`GpuLimitUnavailable` before any work runs;
-- the slot is released when the block exits, on success, error or cancellation
-  (Prefect's own context manager does the release; this module only guards entry).
+- the slot is released when the block exits, on success, error or cancellation.
+
+Where the step waits: at its worker's slot broker (``PGW_SLOT_BROKER``, a Unix
+socket; see ``broker.py``), which grants slots FIFO the moment they free up and
+holds the Prefect lease for the step. With no broker reachable (the variable is
+unset, e.g. a flow run outside a ``prefect-gpu-workers worker``, or its socket is
+dead) the step polls Prefect itself, as a plain ``concurrency()`` does, and says
+so once per run.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import Any, BinaryIO
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
+from prefect.concurrency.asyncio import AcquireConcurrencySlotTimeoutError
 from prefect.concurrency.asyncio import concurrency as async_concurrency
 from prefect.concurrency.sync import concurrency as sync_concurrency
 from prefect.exceptions import ObjectNotFound
 
-from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, limit_name, worker_id_from_env
+from prefect_gpu_workers.grants import decode, encode
+from prefect_gpu_workers.naming import (
+    DEFAULT_LIMIT_PREFIX,
+    SLOT_BROKER_ENV,
+    limit_name,
+    worker_id_from_env,
+)
+
+logger = logging.getLogger("prefect_gpu_workers.limits")
+_fallback_said = False
 
 
 class GpuLimitUnavailable(RuntimeError):
@@ -95,6 +118,118 @@ async def aread_limit(name: str) -> GlobalConcurrencyLimitResponse | None:
             return None
 
 
+def _say_fallback(reason: str) -> None:
+    """Log, once per process (a flow run is one process), that steps poll Prefect."""
+    global _fallback_said
+    if _fallback_said:
+        return
+    _fallback_said = True
+    message = f"no slot broker ({reason}): GPU steps wait by polling Prefect"
+    try:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(message)
+    except Exception:
+        logger.warning(message)
+
+
+def _lease_holder() -> dict[str, str] | None:
+    """The task run (else flow run) the lease is for, so Prefect's UI shows who holds it."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    task_ctx = TaskRunContext.get()
+    if task_ctx is not None:
+        return {"type": "task_run", "id": str(task_ctx.task_run.id)}
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx is not None and flow_ctx.flow_run is not None:
+        return {"type": "flow_run", "id": str(flow_ctx.flow_run.id)}
+    return None
+
+
+def _acquire_message(request: GpuSlotRequest) -> bytes:
+    return encode(
+        {"op": "acquire", "limit": request.name, "occupy": request.occupy,
+         "holder": _lease_holder()}
+    )  # fmt: skip
+
+
+def _granted_lease(request: GpuSlotRequest, message: dict[str, Any]) -> UUID | None:
+    """The granted lease; ``None`` when the broker failed (the step polls Prefect)."""
+    if message.get("event") == "granted":
+        return UUID(str(message["lease_id"]))
+    if message.get("event") == "error" and message.get("kind") == "limit_unusable":
+        raise GpuLimitUnavailable(
+            request.name, str(message.get("message")), "see `prefect gcl inspect`"
+        )
+    _say_fallback(f"the broker answered {message!r}")
+    return None
+
+
+def _timeout_error(timeout_seconds: float | None) -> AcquireConcurrencySlotTimeoutError:
+    return AcquireConcurrencySlotTimeoutError(
+        f"Attempt to acquire GPU slots timed out after {timeout_seconds} second(s)"
+    )
+
+
+class _BrokerGrant:
+    """A granted slot held through an open connection to the broker (blocking)."""
+
+    def __init__(self, sock: socket.socket, lines: BinaryIO, lease_id: UUID) -> None:
+        self.sock = sock
+        self.lines = lines
+        self.lease_id = lease_id
+
+    def release(self) -> None:
+        """Tell the broker (which releases to Prefect first); if it is gone, release here."""
+        answered = False
+        with contextlib.suppress(OSError):
+            self.sock.sendall(encode({"op": "release"}))
+            answered = bool(self.lines.readline())
+        self.lines.close()
+        self.sock.close()
+        if not answered:
+            # The broker died while the step ran: its lease would otherwise stay
+            # counted until it expires.
+            with get_client(sync_client=True) as client:
+                client.release_concurrency_slots_with_lease(self.lease_id)
+
+
+def _broker_acquire(request: GpuSlotRequest, timeout_seconds: float | None) -> _BrokerGrant | None:
+    """Wait at the broker; ``None`` means: no broker, poll Prefect instead."""
+    path = os.environ.get(SLOT_BROKER_ENV)
+    if not path:
+        _say_fallback(f"{SLOT_BROKER_ENV} is not set")
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lines = sock.makefile("rb")
+    try:
+        sock.connect(path)
+        sock.sendall(_acquire_message(request))
+        sock.settimeout(timeout_seconds)
+        line = lines.readline()
+    except TimeoutError:
+        sock.close()  # the broker drops the request when the connection closes
+        raise _timeout_error(timeout_seconds) from None
+    except OSError as exc:
+        sock.close()
+        _say_fallback(f"{path}: {exc}")
+        return None
+    if not line:
+        sock.close()
+        _say_fallback(f"{path} closed the connection")
+        return None
+    try:
+        lease_id = _granted_lease(request, decode(line))
+    except BaseException:
+        sock.close()
+        raise
+    if lease_id is None:
+        sock.close()
+        return None
+    sock.settimeout(None)
+    return _BrokerGrant(sock, lines, lease_id)
+
+
 @contextmanager
 def gpu_slot(
     occupy: int = 1,
@@ -105,16 +240,70 @@ def gpu_slot(
 ) -> Iterator[str]:
     """Hold ``occupy`` slots of this worker's GPU limit for the duration of the block.
 
+    Waits at the worker's slot broker when there is one, else polls Prefect.
     Fails closed (:class:`GpuLimitUnavailable`) when the limit is missing,
     inactive or too small. Yields the limit name.
+
+    Raises:
+        GpuLimitUnavailable: the limit cannot gate the step.
+        TimeoutError: not granted within ``timeout_seconds``.
+
+    Example:
+        >>> with gpu_slot(worker_id="worker-0"):  # doctest: +SKIP
+        ...     run_model()
     """
     request = GpuSlotRequest.for_worker(occupy, limit_prefix, worker_id)
     request.check(read_limit(request.name))
-    # strict=True covers the limit vanishing between the check and the acquire.
-    with sync_concurrency(
-        request.name, occupy=request.occupy, timeout_seconds=timeout_seconds, strict=True
-    ):
+    grant = _broker_acquire(request, timeout_seconds)
+    if grant is None:
+        # strict=True covers the limit vanishing between the check and the acquire.
+        with sync_concurrency(
+            request.name, occupy=request.occupy, timeout_seconds=timeout_seconds, strict=True
+        ):
+            yield request.name
+        return
+    try:
         yield request.name
+    finally:
+        grant.release()
+
+
+async def _abroker_acquire(
+    request: GpuSlotRequest, timeout_seconds: float | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, UUID] | None:
+    path = os.environ.get(SLOT_BROKER_ENV)
+    if not path:
+        _say_fallback(f"{SLOT_BROKER_ENV} is not set")
+        return None
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+    except OSError as exc:
+        _say_fallback(f"{path}: {exc}")
+        return None
+    try:
+        writer.write(_acquire_message(request))
+        await writer.drain()
+        async with asyncio.timeout(timeout_seconds):
+            line = await reader.readline()
+        if not line:
+            _say_fallback(f"{path} closed the connection")
+            writer.close()
+            return None
+        lease_id = _granted_lease(request, decode(line))
+        if lease_id is None:
+            writer.close()
+            return None
+        return reader, writer, lease_id
+    except TimeoutError:
+        writer.close()
+        raise _timeout_error(timeout_seconds) from None
+    except OSError as exc:
+        writer.close()
+        _say_fallback(f"{path}: {exc}")
+        return None
+    except BaseException:  # cancelled while waiting: closing drops the request
+        writer.close()
+        raise
 
 
 @asynccontextmanager
@@ -128,7 +317,23 @@ async def agpu_slot(
     """Async twin of :func:`gpu_slot`."""
     request = GpuSlotRequest.for_worker(occupy, limit_prefix, worker_id)
     request.check(await aread_limit(request.name))
-    async with async_concurrency(
-        request.name, occupy=request.occupy, timeout_seconds=timeout_seconds, strict=True
-    ):
+    grant = await _abroker_acquire(request, timeout_seconds)
+    if grant is None:
+        async with async_concurrency(
+            request.name, occupy=request.occupy, timeout_seconds=timeout_seconds, strict=True
+        ):
+            yield request.name
+        return
+    reader, writer, lease_id = grant
+    try:
         yield request.name
+    finally:
+        answered = False
+        with contextlib.suppress(OSError):
+            writer.write(encode({"op": "release"}))
+            await writer.drain()
+            answered = bool(await reader.readline())
+        writer.close()
+        if not answered:
+            async with get_client() as client:
+                await client.release_concurrency_slots_with_lease(lease_id)

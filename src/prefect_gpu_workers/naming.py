@@ -23,6 +23,9 @@ WORKER_ID_ENV = "WORKER_ID"
 # pods, local mode on local workers); flows that are not told a prefix use it.
 LIMIT_PREFIX_ENV = "PGW_LIMIT_PREFIX"
 DEFAULT_LIMIT_PREFIX = "gpu"
+# The Unix socket of the worker's slot broker; the worker entrypoint sets it, and
+# its flow runs (child processes) inherit it as they inherit WORKER_ID.
+SLOT_BROKER_ENV = "PGW_SLOT_BROKER"
 
 # Pod names are RFC 1123 DNS subdomains; local worker ids follow the same rule
 # so that one name works in both worlds.

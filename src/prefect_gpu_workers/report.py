@@ -116,6 +116,30 @@ def overall_utilization(records: Iterable[StageRecord], limits: Mapping[str, int
     return held / capacity if capacity > 0 else None
 
 
+def utilization_per_worker(
+    records: Iterable[StageRecord], limits: Mapping[str, int]
+) -> dict[str, float | None]:
+    """Slot utilisation of each worker of ``limits`` (``None``: it ran no GPU step)."""
+    steps = by_worker(records, "gpu")
+    return {
+        worker: slot_utilization(steps.get(worker, []), limit).fraction
+        for worker, limit in sorted(limits.items())
+    }
+
+
+def over_admissions(records: Iterable[StageRecord], limits: Mapping[str, int]) -> int:
+    """GPU-step starts at which the worker's steps held more slots than its limit."""
+    count = 0
+    for worker, steps in by_worker(records, "gpu").items():
+        limit = limits.get(worker)
+        if limit is None:
+            continue
+        for step in steps:
+            held = sum(s.occupy for s in steps if s.start <= step.start < s.end)
+            count += held > limit
+    return count
+
+
 def _slot_units(steps: Sequence[StageRecord]) -> tuple[list[float], list[float]]:
     """Releases and acquires, one per slot (an ``occupy=N`` step counts N times)."""
     releases = sorted(s.end for s in steps for _ in range(s.occupy))
@@ -208,6 +232,7 @@ class PhaseMetrics:
     max_gpu_overlap_per_worker: dict[str, int] = field(default_factory=dict)
     max_other_overlap_per_worker: dict[str, int] = field(default_factory=dict)
     limit_per_worker: dict[str, int] = field(default_factory=dict)
+    slot_utilization_per_worker: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def within_limits(self) -> bool:
@@ -248,6 +273,7 @@ def summarize(
         max_gpu_overlap_per_worker=gpu_overlap_per_worker(records),
         max_other_overlap_per_worker=stage_overlap_per_worker(records, ("download", "save")),
         limit_per_worker=dict(limits),
+        slot_utilization_per_worker=utilization_per_worker(records, limits),
     )
 
 

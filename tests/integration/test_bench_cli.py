@@ -20,10 +20,16 @@ REQUIRED_KEYS = {
     "handoff_gap_p95_s",
     "max_gpu_overlap_per_worker",
     "limit_per_worker",
+    "slot_utilization_per_worker",
+    "task_level_polling_runs_per_s",
+    "polling_slot_utilization",
+    "polling_slot_utilization_per_worker",
+    "polling_handoff_gap_p50_s",
+    "polling_handoff_gap_p95_s",
 }
 
 
-def test_bench_json_is_one_object_with_both_phases(
+def test_bench_json_is_one_object_with_every_phase(
     prefect_server: LocalPrefectServer, tmp_path: Path
 ) -> None:
     prefix = f"b{uuid.uuid4().hex[:6]}"
@@ -47,7 +53,7 @@ def test_bench_json_is_one_object_with_both_phases(
     assert "simulated" in result.stderr
     assert report["limit_per_worker"] == {worker: 2}
     assert 1 <= report["max_gpu_overlap_per_worker"][worker] <= 2
-    for phase in ("task_level", "flow_level"):
+    for phase in ("task_level", "task_level_polling", "flow_level"):
         assert report[phase]["runs_finished"] == 4
         assert report[phase]["runs_failed"] == 0
         assert report[phase]["max_gpu_overlap_per_worker"][worker] <= 2
@@ -61,7 +67,9 @@ def test_bench_json_is_one_object_with_both_phases(
     assert report["flow_level_runs_per_s"] > 0
     assert report["ratio"] == report["task_level_runs_per_s"] / report["flow_level_runs_per_s"]
     assert 0 < report["slot_utilization"] <= 1
+    assert report["slot_utilization_per_worker"][worker] == report["slot_utilization"]
+    assert 0 < report["polling_slot_utilization_per_worker"][worker] <= 1
     assert report["slots_held_after"] == {f"gpu:{worker}": 0}
-    assert set(report["gpu_telemetry"]) == {"task-level", "flow-level"}
+    assert set(report["gpu_telemetry"]) == {"task-level", "task-level-polling", "flow-level"}
     assert f"timeline: {picture}" in result.stderr
     assert picture.read_bytes()[:4] == b"\x89PNG"

@@ -8,7 +8,6 @@ from prefect_gpu_workers.cli import build_parser
 from prefect_gpu_workers.commands import (
     CONSOLE_SCRIPT,
     module_program,
-    prefect_worker_command,
     worker_command,
 )
 
@@ -41,11 +40,9 @@ def test_entrypoint_command_rejects_what_the_cli_would(
         worker_command("p", flow_runs, "gpu", wait_timeout_s)
 
 
-def test_prefect_worker_is_started_by_the_entrypoints_interpreter() -> None:
-    assert prefect_worker_command("/py", "p", "w-1", 4) == [
-        "/py", "-m", "prefect", "worker", "start", "--pool", "p", "--name", "w-1",
-        "--type", "process", "--limit", "4",
-    ]  # fmt: skip
-    assert prefect_worker_command("/py", "p", "w-1", 4, with_healthcheck=True)[-1] == (
-        "--with-healthcheck"
-    )
+def test_a_worker_without_its_slot_broker_is_asked_for_explicitly() -> None:
+    assert "--no-slot-broker" not in worker_command("p", 4, "gpu", 1)
+    command = worker_command("p", 4, "gpu", 1, slot_broker=False)
+    assert command[-1] == "--no-slot-broker"
+    assert build_parser().parse_args(command[1:]).slot_broker is False
+    assert build_parser().parse_args(worker_command("p", 4, "gpu", 1)[1:]).slot_broker is True

@@ -1,14 +1,18 @@
 """``prefect-gpu-workers bench``: task-level vs flow-level GPU limiting on the same workers.
 
-Both phases run the same deployment on the same worker ids with the same
-per-worker limits; the GPU step holds its GCL slot in both, so the code path
-is identical. What differs is how many flow runs a worker may run at once:
+Every phase runs the same deployment on the same worker ids with the same
+per-worker limits; the GPU step holds its GCL slot in each. What differs:
 
 - task-level (this project's pattern): ``--flow-runs`` large enough to keep the
-  slots busy, and the GCL alone keeps the GPU within its slots;
+  slots busy, and the GCL alone keeps the GPU within its slots; the GPU steps
+  wait at the worker's slot broker, which hands a freed slot over at once;
+- task-level, polling: the same, with workers started without their broker
+  (``--no-slot-broker``): GPU steps poll Prefect and sleep its Retry-After, as
+  a plain ``concurrency()`` does. The two handoff gaps side by side are what
+  the broker buys;
 - flow-level: ``--flow-runs`` equal to the worker's slots, the usual way to
   protect a GPU without a GCL. The GCL never has to block then; it only costs
-  the same acquire/release as in the other phase.
+  the same acquire/release as in the other phases.
 
 Stage work is simulated (each stage sleeps its duration, GPU = a third of a
 run), so the numbers measure Prefect's coordination, not this machine's CPU.
@@ -83,6 +87,8 @@ class BenchOptions:
     pool: str = f"{DEFAULT_POOL}-bench"
     limit_prefix: str = DEFAULT_LIMIT_PREFIX
     worker_query_seconds: float | None = None
+    # False: leave out the flow-level phase (with long GPU steps it takes longest).
+    flow_level: bool = True
     workdir: Path | None = None
     keep_workdir: bool = False
     timeout_s: float = 1800.0
@@ -127,20 +133,29 @@ class BenchResult:
     task_level_flow_runs: int
     flow_level_flow_runs: int
     task_level: PhaseMetrics
-    flow_level: PhaseMetrics
+    flow_level: PhaseMetrics | None
+    task_level_polling: PhaseMetrics
     slots_held_after: dict[str, int]
     ceilings: Ceilings
     # 1-minute load average at the end of each phase: above the core count,
     # flow-run start-up was waiting for CPU and the figures say less about Prefect.
     load_after_task_level: float | None
     load_after_flow_level: float | None
+    load_after_task_level_polling: float | None
     # Per phase: GPU telemetry (None without NVML) and the one-line report.
     telemetry: dict[str, TelemetrySummary | None] = field(default_factory=dict)
     telemetry_lines: dict[str, str] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float | None:
-        return speedup(self.task_level, self.flow_level)
+        return speedup(self.task_level, self.flow_level) if self.flow_level else None
+
+    @property
+    def phases(self) -> list[PhaseMetrics]:
+        """Every phase that ran."""
+        return [
+            m for m in (self.task_level, self.task_level_polling, self.flow_level) if m is not None
+        ]
 
     def as_json(self) -> dict[str, Any]:
         """One object; the headline keys describe the task-level (GCL) phase."""
@@ -149,7 +164,8 @@ class BenchResult:
             "simulated": True,
             "note": SIMULATION_NOTE,
             "task_level_runs_per_s": task.runs_per_s,
-            "flow_level_runs_per_s": self.flow_level.runs_per_s,
+            "task_level_polling_runs_per_s": self.task_level_polling.runs_per_s,
+            "flow_level_runs_per_s": self.flow_level.runs_per_s if self.flow_level else None,
             "ratio": self.ratio,
             "slot_utilization": task.slot_utilization,
             "handoff_gap_p50_s": task.gcl_handoff_gap_p50_s,
@@ -172,9 +188,18 @@ class BenchResult:
             "load_average_1m": {
                 "after_task_level": self.load_after_task_level,
                 "after_flow_level": self.load_after_flow_level,
+                "after_task_level_polling": self.load_after_task_level_polling,
             },
+            "slot_utilization_per_worker": task.slot_utilization_per_worker,
+            "polling_slot_utilization": self.task_level_polling.slot_utilization,
+            "polling_slot_utilization_per_worker": (
+                self.task_level_polling.slot_utilization_per_worker
+            ),
+            "polling_handoff_gap_p50_s": self.task_level_polling.gcl_handoff_gap_p50_s,
+            "polling_handoff_gap_p95_s": self.task_level_polling.gcl_handoff_gap_p95_s,
+            "task_level_polling": asdict(self.task_level_polling),
             "task_level": asdict(task),
-            "flow_level": asdict(self.flow_level),
+            "flow_level": asdict(self.flow_level) if self.flow_level else None,
             "slots_held_after": self.slots_held_after,
             "gpu_telemetry": {
                 label: asdict(summary) if summary is not None else None
@@ -244,7 +269,8 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     workdir, made_workdir = make_workdir(options.workdir, "pgw-bench-")
     console.print(f"work directory (logs, records): {workdir}")
     external = os.environ.get("PREFECT_API_URL") or None
-    with LocalSession(workdir, api_url=external) as session:
+    # A first server start migrates a fresh database: minutes on a loaded small machine.
+    with LocalSession(workdir, api_url=external, server_start_timeout_s=300) as session:
         console.print(f"Prefect API: {session.api_url}")
         deployment_id = prepare_pool(session, options.pool, task_plans, BENCH_DEPLOYMENT)
 
@@ -260,8 +286,13 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
 
         task_level = phase("task-level", task_plans)
         load_after_task_level = load_average()
-        flow_level = phase("flow-level", flow_plans)
-        load_after_flow_level = load_average()
+        polling = phase(
+            "task-level-polling",
+            tuple(replace(plan, slot_broker=False) for plan in task_plans),
+        )
+        load_after_polling = load_average()
+        flow_level = phase("flow-level", flow_plans) if options.flow_level else None
+        load_after_flow_level = load_average() if flow_level else None
         with session.client() as client:
             held = active_slots(client, [plan.limit_name for plan in task_plans])
     result = BenchResult(
@@ -271,15 +302,20 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         task_level_flow_runs=task_flow_runs,
         flow_level_flow_runs=slots,
         task_level=task_level.metrics,
-        flow_level=flow_level.metrics,
+        flow_level=flow_level.metrics if flow_level else None,
+        task_level_polling=polling.metrics,
         slots_held_after=held,
         ceilings=ceilings(slots * options.workers, params),
         load_after_task_level=load_after_task_level,
         load_after_flow_level=load_after_flow_level,
+        load_after_task_level_polling=load_after_polling,
     )
     limits = {plan.worker_id: plan.slots for plan in task_plans}
     timeline_phases = []
-    for label, batch in (("task-level", task_level), ("flow-level", flow_level)):
+    ran = [("task-level", task_level), ("task-level-polling", polling)]
+    if flow_level is not None:
+        ran.append(("flow-level", flow_level))
+    for label, batch in ran:
         samples, reason = sampled[label]
         summary = summarize_samples(
             samples, held_intervals(batch.records), gpus=step_gpus(os.environ)
@@ -289,7 +325,7 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         timeline_phases.append(
             TimelinePhase(
                 f"{label} (flow runs per worker: "
-                f"{task_flow_runs if label == 'task-level' else slots})",
+                f"{slots if label == 'flow-level' else task_flow_runs})",
                 batch.records,
                 limits,
                 samples,
@@ -301,8 +337,8 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         written = write_timeline(
             path,
             *timeline_phases,
-            title="prefect-gpu-workers bench: task-level vs flow-level GPU limiting",
-            subtitle="stage work simulated (sleeps); same workers, limits and runs in both",
+            title="prefect-gpu-workers bench: slot broker, Prefect polling, flow-level limiting",
+            subtitle="stage work simulated (sleeps); same workers, limits and runs in every phase",
         )
         console.print(f"timeline: {written}")
     if made_workdir and not options.keep_workdir:
@@ -311,7 +347,13 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
 
 
 def render(result: BenchResult, console: Console) -> None:
-    console.print(bench_table(result.task_level, result.flow_level, result.ratio))
+    phases = [
+        ("task-level, slot broker", result.task_level),
+        ("task-level, Prefect polling", result.task_level_polling),
+    ]
+    if result.flow_level is not None:
+        phases.append(("flow-level (--flow-runs = slots)", result.flow_level))
+    console.print(bench_table(phases, result.ratio))
     c = result.ceilings
     if c.task_level_runs_per_s and c.flow_level_runs_per_s:
         console.print(
@@ -319,7 +361,15 @@ def render(result: BenchResult, console: Console) -> None:
             f"flow-level {c.flow_level_runs_per_s:.3f} runs/s (flow-run start-up not counted)"
         )
     cores = os.cpu_count() or 1
-    loads = [x for x in (result.load_after_task_level, result.load_after_flow_level) if x]
+    loads = [
+        x
+        for x in (
+            result.load_after_task_level,
+            result.load_after_task_level_polling,
+            result.load_after_flow_level,
+        )
+        if x
+    ]
     if loads and max(loads) > cores:
         console.print(
             f"[yellow]load average reached {max(loads):.1f} on {cores} cores: flow runs waited "

@@ -37,6 +37,8 @@ class WorkerPlan:
     limit_prefix: str
     slots: int
     flow_runs: int
+    # False: the worker runs without its slot broker (GPU steps poll Prefect).
+    slot_broker: bool = True
 
     @property
     def limit_name(self) -> str:

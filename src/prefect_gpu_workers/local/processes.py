@@ -122,4 +122,5 @@ def worker_command(plan: WorkerPlan, pool: str) -> list[str]:
         limit_prefix=plan.limit_prefix,
         wait_timeout_s=LIMIT_WAIT_TIMEOUT_S,
         program=module_program(sys.executable),
+        slot_broker=plan.slot_broker,
     )

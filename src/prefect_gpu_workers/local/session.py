@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -204,10 +205,18 @@ class LocalSession:
         started = time.time() if since is None else since
         with self.client() as client:
             while True:
-                runs = read_runs(client, ids)
                 elapsed = time.time() - started
+                try:
+                    runs = read_runs(client, ids)
+                    slots = active_slots(client, limit_names)
+                except httpx.TransportError:
+                    # The server is restarting (bench --faults does it on purpose).
+                    if elapsed > timeout_s:
+                        raise
+                    time.sleep(poll_s)
+                    continue
                 if on_progress is not None:
-                    on_progress(runs, active_slots(client, limit_names), elapsed)
+                    on_progress(runs, slots, elapsed)
                 if len(runs) == len(ids) and count_runs(runs).done:
                     return runs
                 for worker in self.workers.values():

@@ -139,47 +139,34 @@ def worker_table(metrics: PhaseMetrics) -> Table:
     return table
 
 
-def bench_table(task_level: PhaseMetrics, flow_level: PhaseMetrics, ratio: float | None) -> Table:
-    table = Table(title="Task-level vs flow-level GPU limiting (stage work simulated)")
+def bench_table(phases: Sequence[tuple[str, PhaseMetrics]], ratio: float | None) -> Table:
+    """One column per phase; the caption gives task-level (first) over flow-level (last)."""
+    table = Table(title="GPU limiting compared (stage work simulated)")
     table.add_column("measure")
-    table.add_column("task-level (GCL on GPU step)", justify="right")
-    table.add_column("flow-level (--flow-runs = slots)", justify="right")
-    rows: list[tuple[str, str, str]] = [
-        (
-            "runs finished / failed",
-            f"{task_level.runs_finished} / {task_level.runs_failed}",
-            f"{flow_level.runs_finished} / {flow_level.runs_failed}",
-        ),
-        ("time to finish", _seconds(task_level.makespan_s), _seconds(flow_level.makespan_s)),
-        (
-            "throughput (runs/s)",
-            f"{task_level.runs_per_s:.3f}",
-            f"{flow_level.runs_per_s:.3f}",
-        ),
-        (
-            "GPU-slot utilisation",
-            _percent(task_level.slot_utilization),
-            _percent(flow_level.slot_utilization),
-        ),
-        (
+    for label, _ in phases:
+        table.add_column(label, justify="right")
+    metrics = [m for _, m in phases]
+    rows: list[list[str]] = [
+        ["runs finished / failed", *(f"{m.runs_finished} / {m.runs_failed}" for m in metrics)],
+        ["time to finish", *(_seconds(m.makespan_s) for m in metrics)],
+        ["throughput (runs/s)", *(f"{m.runs_per_s:.3f}" for m in metrics)],
+        ["GPU-slot utilisation", *(_percent(m.slot_utilization) for m in metrics)],
+        ["utilisation per worker", *(_per_worker(m) for m in metrics)],
+        [
             "slot idle after a release while a step waited, p50 / p95",
-            f"{_seconds(task_level.gcl_handoff_gap_p50_s)} / "
-            f"{_seconds(task_level.gcl_handoff_gap_p95_s)}",
-            f"{_seconds(flow_level.gcl_handoff_gap_p50_s)} / "
-            f"{_seconds(flow_level.gcl_handoff_gap_p95_s)}",
-        ),
-        (
+            *(
+                f"{_gap(m.gcl_handoff_gap_p50_s)} / {_gap(m.gcl_handoff_gap_p95_s)}"
+                for m in metrics
+            ),
+        ],
+        [
             "release -> next GPU step while runs were queued, p50 / p95",
-            f"{_seconds(task_level.backlog_handoff_gap_p50_s)} / "
-            f"{_seconds(task_level.backlog_handoff_gap_p95_s)}",
-            f"{_seconds(flow_level.backlog_handoff_gap_p50_s)} / "
-            f"{_seconds(flow_level.backlog_handoff_gap_p95_s)}",
-        ),
-        (
-            "peak GPU steps at once per worker",
-            _peaks(task_level),
-            _peaks(flow_level),
-        ),
+            *(
+                f"{_gap(m.backlog_handoff_gap_p50_s)} / {_gap(m.backlog_handoff_gap_p95_s)}"
+                for m in metrics
+            ),
+        ],
+        ["peak GPU steps at once per worker", *(_peaks(m) for m in metrics)],
     ]
     for row in rows:
         table.add_row(*row)
@@ -187,6 +174,20 @@ def bench_table(task_level: PhaseMetrics, flow_level: PhaseMetrics, ratio: float
         "-" if ratio is None else f"{ratio:.2f}x"
     )
     return table
+
+
+def _gap(value: float | None) -> str:
+    """Seconds, with milliseconds visible: the broker's gaps are a few ms."""
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _per_worker(metrics: PhaseMetrics) -> str:
+    return ", ".join(
+        f"{worker} {_percent(value)}"
+        for worker, value in sorted(metrics.slot_utilization_per_worker.items())
+    )
 
 
 def _peaks(metrics: PhaseMetrics) -> str:

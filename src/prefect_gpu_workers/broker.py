@@ -1,0 +1,683 @@
+"""The slot broker: a worker's local authority over its GPU slots, on a Unix socket.
+
+Every contender for ``gpu:<worker>`` is a flow run of that worker, so the worker
+process hands its slots over locally and push-based instead of letting each GPU
+step poll Prefect and sleep a server-chosen Retry-After. The Prefect limit stays
+the record everyone sees (UI, CLI, operator) and the guard nothing exceeds: the
+broker takes a Prefect lease for every grant, and a plain ``concurrency()`` call
+from someone else's flow is still counted by Prefect alone.
+
+One connection per GPU step; the connection's lifetime is the grant's:
+
+1. the step connects and asks for ``occupy`` slots of its limit;
+2. the broker queues it (:class:`~prefect_gpu_workers.grants.GrantQueue`: FIFO,
+   never past a waiting head), and when its turn comes takes a lease of the
+   Prefect limit on its behalf (strict: a missing limit is an error), which
+   succeeds at once unless a holder outside the broker holds slots (then the
+   broker polls Prefect for that one waiter);
+3. it answers ``granted``; the step runs;
+4. the step says ``release`` or its connection drops (exit, crash, SIGKILL): the
+   broker gives the lease back to Prefect, then grants the next waiter.
+
+Why the broker, not the step, holds the lease: a step killed between Prefect's
+grant and any report of its lease id would leak the slot for the lease's 300 s;
+a server restart that forgets leases would make the step's own renewal fail and,
+with ``strict``, cancel a healthy GPU step; and one process that knows every lease
+of its limit is what lets it repair the count after such a restart.
+
+Repair rule (leases lost in a server restart): the limit's ``active_slots`` live in
+the database and survive a restart; only the leases are forgotten, so releasing
+one is a silent no-op. Before each release the broker renews the lease (a probe):
+a 410 for a lease it renewed within its duration means the server lost it, and the
+broker decrements the limit by exactly that holder's slots. It never decrements
+slots it did not grant, so a plain ``concurrency()`` holder is never uncounted and
+nothing can run past the limit; the flip side is that a plain holder whose lease
+was lost keeps its slot counted after it exits, as in Prefect today (use the file
+system lease storage for servers that restart). A limit deleted and recreated
+while slots are held is re-counted: the broker takes fresh leases on the new limit
+for its live holders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.context import SettingsContext, get_settings_context
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+
+from prefect_gpu_workers.grants import (
+    GrantQueue,
+    LeaseState,
+    ReleaseAction,
+    Unserviceable,
+    classify_gone_lease,
+    decode,
+    encode,
+    intake_open,
+    release_action,
+)
+from prefect_gpu_workers.metrics import Histogram, render
+from prefect_gpu_workers.naming import parse_limit_name
+
+logger = logging.getLogger("prefect_gpu_workers.broker")
+
+SOCKET_NAME = "slots.sock"
+
+
+def transient(exc: BaseException) -> bool:
+    """An error worth another try: no answer, or the server said it could not serve now.
+
+    Prefect answers 503 when its database is busy (SQLite locked) and rolls the
+    transaction back, so the request did nothing and may be sent again.
+    """
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) and (
+        exc.response.status_code >= 500 or exc.response.status_code == 429
+    )
+
+
+class LimitUnusable(Exception):
+    """The Prefect limit cannot gate a step (missing, inactive, too small)."""
+
+
+@dataclass(frozen=True)
+class LimitInfo:
+    id: UUID
+    limit: int
+    active: bool
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: UUID
+    limit_id: UUID
+
+
+def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
+    """The connecting process's pid (Linux ``SO_PEERCRED``); ``None`` elsewhere."""
+    sock = writer.get_extra_info("socket")
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return None
+    try:
+        pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, 12))
+    except OSError:
+        return None
+    return int(pid)
+
+
+class PrefectSlots:
+    """The broker's Prefect calls: read the limit, take, renew and give back leases.
+
+    Each call is made once, without the Prefect client's own retries (which back
+    off up to a minute while a server restarts): the broker retries on its own
+    schedule, and only where a retry cannot count a slot twice.
+    """
+
+    def __init__(self, client: PrefectClient, lease_duration: float, busy_poll_s: float) -> None:
+        self.client = client
+        self.lease_duration = lease_duration
+        self.busy_poll_s = busy_poll_s
+        context = get_settings_context()
+        self._profile = context.profile
+        self._settings = context.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+
+    def _once(self) -> SettingsContext:
+        return SettingsContext(profile=self._profile, settings=self._settings)
+
+    async def read_limit(self, name: str) -> LimitInfo | None:
+        try:
+            with self._once():
+                limit = await self.client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return None
+        return LimitInfo(limit.id, limit.limit, limit.active)
+
+    async def try_acquire(
+        self, name: str, occupy: int, holder: ConcurrencyLeaseHolder | None
+    ) -> Lease | float:
+        """One attempt: the lease, or the seconds to wait before the next attempt.
+
+        Raises:
+            LimitUnusable: the limit does not exist or cannot hold ``occupy``.
+            httpx.TransportError: the server cannot be reached.
+        """
+        try:
+            with self._once():
+                response = await self.client.increment_concurrency_slots_with_lease(
+                    names=[name],
+                    slots=occupy,
+                    mode="concurrency",
+                    lease_duration=self.lease_duration,
+                    holder=holder,
+                )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:
+                # Someone outside the broker holds slots: only this waiter polls.
+                retry_after = float(exc.response.headers.get("Retry-After", self.busy_poll_s))
+                return min(retry_after, self.busy_poll_s)
+            if exc.response.status_code == 422:
+                raise LimitUnusable(f"limit {name!r} cannot hold {occupy} slot(s)") from exc
+            raise
+        body = response.json()
+        if not body.get("limits"):
+            raise LimitUnusable(f"limit {name!r} does not exist")
+        return Lease(UUID(body["lease_id"]), UUID(body["limits"][0]["id"]))
+
+    async def probe(self, lease_id: UUID, seconds_since_renewal: float) -> LeaseState:
+        """Renew the lease; say whether the server still knows it."""
+        try:
+            with self._once():
+                await self.client.renew_concurrency_lease(lease_id, self.lease_duration)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 410:
+                return classify_gone_lease(seconds_since_renewal, self.lease_duration)
+            return LeaseState.UNKNOWN
+        except httpx.TransportError:
+            return LeaseState.UNKNOWN
+        return LeaseState.ALIVE
+
+    async def release_lease(self, lease_id: UUID) -> None:
+        with self._once():
+            await self.client.release_concurrency_slots_with_lease(lease_id)
+
+    async def decrement(self, name: str, occupy: int, held_s: float) -> None:
+        with self._once():
+            await self.client.release_concurrency_slots(
+                names=[name], slots=occupy, occupancy_seconds=max(held_s, 0.001)
+            )
+
+
+@dataclass
+class Holder:
+    """One connection's request, then grant."""
+
+    ticket: int
+    limit: str
+    occupy: int
+    holder: ConcurrencyLeaseHolder | None
+    queued_at: float
+    granted: asyncio.Event = field(default_factory=asyncio.Event)
+    refused: str | None = None
+    lease: Lease | None = None
+    leased_at: float = 0.0
+    renewed_at: float = 0.0
+    lost: bool = False
+    announced: bool = False  # the step was told it holds the slot
+    pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
+
+
+@dataclass
+class LimitSlots:
+    name: str
+    info: LimitInfo
+    queue: GrantQueue
+    released_with_waiters_at: float | None = None
+
+
+@dataclass
+class BrokerStats:
+    """Counters and histograms since start (seconds), for metrics and benchmarks."""
+
+    grants: int = 0
+    reclaimed_on_disconnect: int = 0
+    lost_leases_repaired: int = 0
+    wait_seconds: Histogram = field(default_factory=Histogram)
+    handoff_seconds: Histogram = field(default_factory=Histogram)
+
+
+class SlotBroker:
+    """Serve ``worker_id``'s limits on a Unix socket; see the module docstring.
+
+    Args:
+        worker_id: only limits ``<prefix>:<worker_id>`` are served.
+        socket_path: where to listen; default: ``slots.sock`` in a new private
+            directory (mode 0700) removed on close.
+        lease_duration: seconds of each Prefect lease (renewed by the broker).
+        busy_poll_s: longest sleep between Prefect attempts for a granted waiter
+            while a holder outside the broker holds slots.
+        maintenance_s: how often limits are re-read and leases renewed.
+    """
+
+    def __init__(
+        self,
+        worker_id: str,
+        socket_path: Path | None = None,
+        *,
+        lease_duration: float = 300.0,
+        busy_poll_s: float = 0.5,
+        maintenance_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.worker_id = worker_id
+        self._own_dir: Path | None = None
+        if socket_path is None:
+            self._own_dir = Path(tempfile.mkdtemp(prefix="pgw-broker-"))
+            socket_path = self._own_dir / SOCKET_NAME
+        self.socket_path = socket_path
+        self.lease_duration = lease_duration
+        self.busy_poll_s = busy_poll_s
+        self.maintenance_s = maintenance_s
+        self.clock = clock
+        self.stats = BrokerStats()
+        self._limits: dict[str, LimitSlots] = {}
+        self._holders: dict[int, Holder] = {}
+        self._tickets = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._client_cm: Any = None
+        self._prefect: PrefectSlots | None = None
+        self._limit_lock = asyncio.Lock()
+        self._connections: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._upkeep: asyncio.Task[Any] | None = None
+
+    # -- life cycle -------------------------------------------------------------
+    async def start(self) -> SlotBroker:
+        self._client_cm = get_client()
+        client = await self._client_cm.__aenter__()
+        self._prefect = PrefectSlots(client, self.lease_duration, self.busy_poll_s)
+        self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        # The socket is created 0600 (umask) and chmod-ed again: only this user's
+        # flow runs may take slots.
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        self._upkeep = self._spawn(self._maintain())
+        logger.info("slot broker for %s listening on %s", self.worker_id, self.socket_path)
+        return self
+
+    async def close(self) -> None:
+        """Stop serving and drop every connection.
+
+        Waiting steps see the connection close and fall back to polling Prefect.
+        Steps that hold a slot keep their lease: giving it back while they run
+        would let another step in beside them; each releases its own lease
+        through Prefect when it finishes and finds the broker gone.
+        """
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._connections):
+            writer.close()
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=10)
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+        if self._background:  # give-backs in flight finish, unless the server is away
+            await asyncio.wait(set(self._background), timeout=10)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._holders.clear()
+        if self._client_cm is not None:
+            await self._client_cm.__aexit__(None, None, None)
+            self._client_cm = None
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
+
+    async def __aenter__(self) -> SlotBroker:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    @property
+    def prefect(self) -> PrefectSlots:
+        if self._prefect is None:
+            raise RuntimeError("the broker is not started")
+        return self._prefect
+
+    # -- what the worker asks ---------------------------------------------------
+    async def watch(self, limit: str) -> None:
+        """Read ``limit`` now (its capacity feeds intake before the first step asks).
+
+        Raises:
+            LimitUnusable: missing or inactive.
+        """
+        await self._limit_slots(limit)
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Per limit: capacity, slots held, waiters and the slots they ask for."""
+        return {
+            name: {
+                "capacity": slots.queue.capacity,
+                "held": slots.queue.held_slots,
+                "waiters": slots.queue.waiters,
+                "waiting_slots": slots.queue.waiting_slots,
+            }
+            for name, slots in self._limits.items()
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """The snapshot plus counters since start (what the ``stats`` op answers)."""
+        return {
+            "limits": self.snapshot(),
+            "holders": [
+                {"limit": h.limit, "occupy": h.occupy, "pid": h.pid}
+                for h in self._holders.values()
+                if h.announced
+            ],
+            "handoffs": self.stats.handoff_seconds.count,
+            "handoff_seconds_sum": round(self.stats.handoff_seconds.total, 6),
+            "grants": self.stats.grants,
+            "reclaimed_on_disconnect": self.stats.reclaimed_on_disconnect,
+            "lost_leases_repaired": self.stats.lost_leases_repaired,
+        }
+
+    def metrics_text(self) -> str:
+        """Prometheus exposition text (see ``metrics.py``)."""
+        return render(
+            self.snapshot(),
+            {
+                "grants": self.stats.grants,
+                "reclaimed": self.stats.reclaimed_on_disconnect,
+                "lost_leases_repaired": self.stats.lost_leases_repaired,
+            },
+            {
+                "wait_seconds": self.stats.wait_seconds,
+                "handoff_seconds": self.stats.handoff_seconds,
+            },
+            self.worker_id,
+        )
+
+    def intake_open(self, limit: str) -> bool:
+        """Whether the worker takes new flow runs now (see :func:`grants.intake_open`)."""
+        slots = self._limits.get(limit)
+        return slots is None or intake_open(slots.queue.capacity, slots.queue.waiting_slots)
+
+    # -- one connection ---------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ticket = next(self._tickets)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+        self._connections.add(writer)
+        try:
+            request = decode(await reader.readline())
+            if request.get("op") == "stats":
+                writer.write(encode({"event": "stats", **self.describe()}))
+                await writer.drain()
+                return
+            if request.get("op") != "acquire":
+                raise ValueError(f"unknown op {request.get('op')!r}")
+            await self._hold(ticket, request, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception as exc:
+            if isinstance(exc, LimitUnusable | Unserviceable):
+                kind = "limit_unusable"
+            elif isinstance(exc, ValueError):
+                kind = "bad_request"
+            else:  # the step falls back to polling Prefect; say why here
+                kind = "broker"
+                logger.exception("slot broker: request failed")
+            with contextlib.suppress(ConnectionError):
+                writer.write(encode({"event": "error", "kind": kind, "message": str(exc)}))
+                await writer.drain()
+        finally:
+            self._connections.discard(writer)
+            if handler is not None:
+                self._handlers.discard(handler)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _limit_slots(self, name: str) -> LimitSlots:
+        parsed = parse_limit_name(name)
+        if parsed is None or parsed[1] != self.worker_id:
+            raise ValueError(f"{name!r} is not a limit of worker {self.worker_id!r}")
+        async with self._limit_lock:
+            slots = self._limits.get(name)
+            if slots is None:
+                info = await self._read_limit_patiently(name)
+                if info is None or not info.active:
+                    raise LimitUnusable(f"limit {name!r} is missing or inactive")
+                slots = self._limits[name] = LimitSlots(name, info, GrantQueue(info.limit))
+            return slots
+
+    async def _read_limit_patiently(self, name: str, attempts: int = 10) -> LimitInfo | None:
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self.prefect.read_limit(name)
+            except Exception as exc:
+                if not transient(exc) or attempt == attempts:
+                    raise
+                await asyncio.sleep(min(0.25 * attempt, 2.0))
+        raise AssertionError("unreachable")
+
+    async def _hold(
+        self,
+        ticket: int,
+        request: dict[str, Any],
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        occupy = int(request.get("occupy", 1))
+        slots = await self._limit_slots(str(request.get("limit")))
+        holder_info = None
+        with contextlib.suppress(Exception):
+            holder_info = ConcurrencyLeaseHolder.model_validate(request.get("holder"))
+        slots.queue.request(ticket, occupy)
+        holder = Holder(ticket, slots.name, occupy, holder_info, self.clock())
+        holder.pid = _peer_pid(writer)
+        self._holders[ticket] = holder
+        # Anything the client sends or its disconnection ends the wait or the grant.
+        client_done = asyncio.ensure_future(reader.readline())
+        try:
+            self._dispatch(slots)
+            granted = asyncio.ensure_future(holder.granted.wait())
+            await asyncio.wait({granted, client_done}, return_when=asyncio.FIRST_COMPLETED)
+            granted.cancel()
+            if holder.refused is not None:
+                raise LimitUnusable(holder.refused)
+            if not holder.granted.is_set() or client_done.done():
+                return  # gave up while waiting (cancelled, timed out, died), or closing
+            # Granted locally: the Prefect lease is taken to completion even if the
+            # client leaves meanwhile (an abandoned increment would leak a slot).
+            acquiring = asyncio.ensure_future(self._acquire(holder, slots))
+            await asyncio.wait({acquiring, client_done}, return_when=asyncio.FIRST_COMPLETED)
+            if not acquiring.done():
+                with contextlib.suppress(Exception):
+                    await acquiring
+                return
+            acquiring.result()  # LimitUnusable ends the request with an error
+            assert holder.lease is not None
+            writer.write(
+                encode(
+                    {
+                        "event": "granted",
+                        "lease_id": str(holder.lease.id),
+                        "waited_s": round(holder.leased_at - holder.queued_at, 6),
+                    }
+                )
+            )
+            await writer.drain()
+            holder.announced = True
+            line = await client_done
+            await self._finish(holder, slots)
+            if not line:  # died or left without a release: its slots are back now
+                self.stats.reclaimed_on_disconnect += 1
+            if line:  # a release asked for (not a dropped connection): confirm it
+                writer.write(encode({"event": "released"}))
+                await writer.drain()
+        finally:
+            if not client_done.done():
+                client_done.cancel()
+            if ticket in self._holders:
+                await self._finish(holder, slots)
+
+    async def _acquire(self, holder: Holder, slots: LimitSlots) -> None:
+        attempt = 0
+        while True:
+            try:
+                outcome = await self.prefect.try_acquire(holder.limit, holder.occupy, holder.holder)
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                attempt += 1
+                await asyncio.sleep(min(0.25 * attempt, 2.0))
+                continue
+            if isinstance(outcome, Lease):
+                now = self.clock()
+                holder.lease, holder.leased_at, holder.renewed_at = outcome, now, now
+                self.stats.grants += 1
+                self.stats.wait_seconds.observe(now - holder.queued_at)
+                if slots.released_with_waiters_at is not None:
+                    self.stats.handoff_seconds.observe(now - slots.released_with_waiters_at)
+                    slots.released_with_waiters_at = None
+                return
+            await asyncio.sleep(outcome)
+
+    async def _finish(self, holder: Holder, slots: LimitSlots) -> None:
+        """Release to Prefect first, then locally; then grant the next waiters."""
+        if self._holders.pop(holder.ticket, None) is None:
+            return
+        if holder.lease is not None and slots.queue.waiters:
+            # The handoff gap runs from here to the next waiter's lease.
+            slots.released_with_waiters_at = self.clock()
+        if holder.lease is not None and self._closing and holder.announced:
+            pass  # the step still runs and releases its own lease (see close)
+        elif holder.lease is not None:
+            task = self._spawn(self._give_back(holder, retry=True))
+            # A server that is down must not hold the step's exit: the give-back
+            # goes on in the background, and Prefect refuses the next waiter's
+            # lease until it lands, so nothing runs past the limit meanwhile.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
+        slots.queue.cancel(holder.ticket)
+        self._dispatch(slots)
+
+    async def _give_back(self, holder: Holder, retry: bool) -> None:
+        lease = holder.lease
+        assert lease is not None
+        while True:
+            now = self.clock()
+            try:
+                action = await self._release_once(holder, lease, now)
+            except Exception as exc:
+                if not transient(exc):
+                    logger.exception("giving back %s failed", holder.limit)
+                    action = ReleaseAction.NOTHING
+                # A connection refused or a 5xx: nothing was done, send it again.
+                # A reply lost after sending: only a lease release is safe to repeat;
+                # a second bare decrement could uncount another holder, so the broker
+                # errs towards a slot counted too long.
+                elif isinstance(exc, httpx.ConnectError | httpx.HTTPStatusError):
+                    action = ReleaseAction.RETRY
+                elif holder.lost:
+                    logger.warning("giving back %s: answer lost (%r)", holder.limit, exc)
+                    action = ReleaseAction.NOTHING
+                else:
+                    action = ReleaseAction.RETRY
+            if action is not ReleaseAction.RETRY or not retry:
+                holder.lease = None
+                return
+            await asyncio.sleep(0.5)
+
+    async def _release_once(self, holder: Holder, lease: Lease, now: float) -> ReleaseAction:
+        """Probe the lease, then release it or decrement by hand (see release_action)."""
+        state = await self.prefect.probe(lease.id, now - holder.renewed_at)
+        same_limit = True
+        if state is LeaseState.LOST:
+            holder.lost = True
+            info = await self.prefect.read_limit(holder.limit)  # transient errors: retry
+            same_limit = info is not None and info.id == lease.limit_id
+        action = release_action(state, same_limit)
+        if action is ReleaseAction.RELEASE_LEASE:
+            await self.prefect.release_lease(lease.id)
+        elif action is ReleaseAction.DECREMENT:
+            await self.prefect.decrement(holder.limit, holder.occupy, now - holder.leased_at)
+            self.stats.lost_leases_repaired += 1
+            logger.warning(
+                "Prefect lost the lease of %d slot(s) of %s (server restart?): decremented by hand",
+                holder.occupy,
+                holder.limit,
+            )
+        return action
+
+    def _dispatch(self, slots: LimitSlots) -> None:
+        if self._closing:
+            return  # waiters are being sent away to poll Prefect: grant nobody
+        for ticket in slots.queue.grant():
+            self._holders[ticket].granted.set()
+
+    # -- upkeep -----------------------------------------------------------------
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.maintenance_s)
+            try:
+                await self._refresh_limits()
+                await self._renew_leases()
+            except Exception as exc:  # the server may be restarting: try again next tick
+                logger.debug("slot broker upkeep: %r", exc)
+
+    async def _refresh_limits(self) -> None:
+        for slots in list(self._limits.values()):
+            info = await self.prefect.read_limit(slots.name)
+            if info is None:
+                continue  # deleted: leases die with it; a recreated one is re-counted below
+            if info.limit != slots.queue.capacity and info.limit >= 1:
+                for ticket in slots.queue.resize(info.limit):
+                    holder = self._holders[ticket]
+                    holder.refused = f"limit {slots.name!r} shrank to {info.limit} slot(s)"
+                    holder.granted.set()
+                self._dispatch(slots)
+            if info.id != slots.info.id:
+                logger.warning("limit %s was recreated: re-counting its holders", slots.name)
+            slots.info = info
+            for holder in list(self._holders.values()):
+                if holder.limit == slots.name and holder.lease and holder.lease.limit_id != info.id:
+                    outcome = await self.prefect.try_acquire(
+                        holder.limit, holder.occupy, holder.holder
+                    )
+                    if isinstance(outcome, Lease):
+                        now = self.clock()
+                        holder.lease, holder.renewed_at = outcome, now
+
+    async def _renew_leases(self) -> None:
+        now = self.clock()
+        for holder in list(self._holders.values()):
+            lease = holder.lease
+            if lease is None or now - holder.renewed_at < self.lease_duration / 4:
+                continue
+            state = await self.prefect.probe(lease.id, now - holder.renewed_at)
+            if state is LeaseState.ALIVE:
+                holder.renewed_at = now
+            elif state is LeaseState.LOST and not holder.lost:
+                holder.lost = True
+                logger.warning("Prefect lost the lease of a holder of %s", holder.limit)

@@ -1,0 +1,223 @@
+"""The slot broker's decisions, with the standard library only: who gets a slot next.
+
+A worker's slot broker (see ``broker.py``) serves the GPU steps of that worker's
+flow runs. This module holds its pure logic, so that it is tested without
+sockets or a Prefect server:
+
+- :class:`GrantQueue`: FIFO grants that respect ``occupy``. A waiter is never
+  overtaken: while the head of the queue does not fit, nobody behind it is
+  granted, so an ``occupy=2`` step is not starved by a stream of ``occupy=1``
+  steps (head-of-line blocking is the price, and a bounded one: the head is
+  granted as soon as the steps ahead of it finish).
+- :func:`release_action`: how a holder's Prefect lease is given back, given
+  what a probe of the lease said (the server may have lost it in a restart).
+- :func:`intake_open`: whether the worker takes new flow runs at a poll, given
+  its GPU queue.
+- the wire format of the broker's Unix socket (one JSON object per line).
+
+Example:
+    >>> queue = GrantQueue(capacity=2)
+    >>> queue.request(1, occupy=1); queue.request(2, occupy=2); queue.request(3, occupy=1)
+    >>> queue.grant()
+    [1]
+    >>> queue.release(1)
+    1
+    >>> queue.grant()
+    [2]
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+class Unserviceable(ValueError):
+    """A request asks for more slots than the limit has: it would wait forever."""
+
+
+@dataclass
+class GrantQueue:
+    """FIFO, occupy-aware grants of ``capacity`` slots to numbered tickets.
+
+    Tickets are opaque integers chosen by the caller (one per connection).
+    ``grant`` must be called after every change (request, release, cancel,
+    capacity) to learn which waiters now hold their slots.
+    """
+
+    capacity: int
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {self.capacity}")
+        self._waiting: OrderedDict[int, int] = OrderedDict()
+        self._held: dict[int, int] = {}
+
+    @property
+    def held_slots(self) -> int:
+        """Slots held by granted tickets (may exceed capacity after a shrink)."""
+        return sum(self._held.values())
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.capacity - self.held_slots)
+
+    @property
+    def waiters(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def waiting_slots(self) -> int:
+        return sum(self._waiting.values())
+
+    def holds(self, ticket: int) -> bool:
+        return ticket in self._held
+
+    def request(self, ticket: int, occupy: int) -> None:
+        """Queue ``ticket`` for ``occupy`` slots, behind every earlier request.
+
+        Raises:
+            ValueError: ``occupy`` below 1 or the ticket already known.
+            Unserviceable: ``occupy`` above the capacity.
+        """
+        if occupy < 1:
+            raise ValueError(f"occupy must be at least 1, got {occupy}")
+        if ticket in self._waiting or ticket in self._held:
+            raise ValueError(f"ticket {ticket} is already queued or holding")
+        if occupy > self.capacity:
+            raise Unserviceable(f"{occupy} slot(s) asked of a limit of {self.capacity}")
+        self._waiting[ticket] = occupy
+
+    def grant(self) -> list[int]:
+        """Grant waiters from the head while the head fits; never past a waiting head."""
+        granted: list[int] = []
+        while self._waiting:
+            ticket, occupy = next(iter(self._waiting.items()))
+            if occupy > self.free_slots:
+                break
+            del self._waiting[ticket]
+            self._held[ticket] = occupy
+            granted.append(ticket)
+        return granted
+
+    def release(self, ticket: int) -> int:
+        """Give back a granted ticket's slots; return how many (0 if it held none)."""
+        return self._held.pop(ticket, 0)
+
+    def cancel(self, ticket: int) -> int:
+        """Forget ``ticket`` wherever it is; return the slots it held (0 if it waited)."""
+        if self._waiting.pop(ticket, None) is not None:
+            return 0
+        return self.release(ticket)
+
+    def resize(self, capacity: int) -> list[int]:
+        """Set a new capacity; return the waiters that can never fit it (removed).
+
+        Holders above a smaller capacity keep their slots; nobody is granted
+        until enough of them have finished.
+        """
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.capacity = capacity
+        dropped = [ticket for ticket, occupy in self._waiting.items() if occupy > capacity]
+        for ticket in dropped:
+            del self._waiting[ticket]
+        return dropped
+
+
+class LeaseState(Enum):
+    """What renewing a Prefect lease just said about it."""
+
+    ALIVE = "alive"  # the server knows it: releasing it decrements the limit
+    LOST = "lost"  # 410 although renewed within its duration: a server restart forgot it
+    EXPIRED = "expired"  # 410 after its duration without renewal: the server took it back
+    UNKNOWN = "unknown"  # no answer (server down): ask again later
+
+
+class ReleaseAction(Enum):
+    RELEASE_LEASE = "release-lease"  # decrement-with-lease
+    DECREMENT = "decrement"  # bare decrement of the holder's slots, by limit name
+    NOTHING = "nothing"  # the slots are not counted in this limit any more
+    RETRY = "retry"  # the server cannot be asked now
+
+
+def release_action(state: LeaseState, same_limit: bool) -> ReleaseAction:
+    """How to give a finished holder's slots back to Prefect.
+
+    A lease the server lost (in-memory lease storage, server restarted) still
+    counts in the limit's ``active_slots``, which live in the database, and
+    releasing it is a silent no-op: the broker decrements by hand exactly the
+    slots that holder held. It never decrements slots it did not grant, so a
+    plain ``concurrency()`` holder is never uncounted by a repair. If the limit
+    was deleted and recreated meanwhile (a new id), the old slots are not in it.
+
+    Args:
+        state: the lease probe's answer.
+        same_limit: the limit still has the id the lease was taken on.
+    """
+    if state is LeaseState.UNKNOWN:
+        return ReleaseAction.RETRY
+    if state is LeaseState.ALIVE:
+        return ReleaseAction.RELEASE_LEASE
+    if state is LeaseState.EXPIRED:
+        # The server's repossessor decrements expired leases itself.
+        return ReleaseAction.NOTHING
+    return ReleaseAction.DECREMENT if same_limit else ReleaseAction.NOTHING
+
+
+def classify_gone_lease(seconds_since_renewal: float, lease_duration: float) -> LeaseState:
+    """A lease the server answers 410 for: lost (restart) or expired (repossessed).
+
+    A lease renewed less than its duration ago cannot have expired, so the server
+    forgot it; one not renewed for longer was (or will be) decremented by the
+    server's repossessor, and decrementing it again would uncount someone else.
+    """
+    return LeaseState.LOST if seconds_since_renewal < lease_duration else LeaseState.EXPIRED
+
+
+def intake_open(capacity: int, waiting_slots: int) -> bool:
+    """Whether a worker takes new flow runs at this poll, given its GPU queue.
+
+    Closed while the slots asked for by waiting GPU steps reach the worker's
+    slots: its queue already holds a full round of GPU work, and runs taken now
+    would only wait, while another worker may have idle slots. Open otherwise,
+    up to the worker's flow-run limit (which local mode and the operator size
+    from the slots). A per-poll cap would be worse: polls are seconds apart
+    (Prefect's default is 10 s), so a cap of a few runs per poll would starve
+    the GPU of a single worker.
+    """
+    return waiting_slots < capacity
+
+
+# Wire format: one JSON object per line, UTF-8, over a Unix stream socket.
+# client -> broker: {"op": "acquire", "limit": NAME, "occupy": N, "holder": {...} | null}
+#                   {"op": "release"}
+#                   {"op": "stats"}
+# broker -> client: {"event": "granted", "lease_id": ID, "waited_s": S}
+#                   {"event": "released"}
+#                   {"event": "error", "kind": KIND, "message": TEXT}
+#                   {"event": "stats", ...}
+# The connection's lifetime is the grant's: closing it (or dying) releases.
+MAX_MESSAGE_BYTES = 4096
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One protocol message as a line of JSON."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """Parse one protocol line.
+
+    Raises:
+        ValueError: not a JSON object, or too long.
+    """
+    if len(line) > MAX_MESSAGE_BYTES:
+        raise ValueError("message too long")
+    message = json.loads(line)
+    if not isinstance(message, dict):
+        raise ValueError("message is not a JSON object")
+    return message
