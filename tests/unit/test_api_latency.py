@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect_gpu_workers.api_watch import percentile, summarize_latencies
+from prefect_gpu_workers.local.watch import percentile, summarize_latencies
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,12 @@ import prefect
 from rich.console import Console
 
 from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.database import DatabaseKind
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
 from prefect_gpu_workers.local.demo import make_workdir
 from prefect_gpu_workers.local.plan import (
+    DEFAULT_API_TIMEOUT_S,
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
     WorkerPlan,
@@ -52,10 +54,12 @@ from prefect_gpu_workers.local.prefect_ops import active_slots
 from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.views import ProgressView, bench_table
+from prefect_gpu_workers.local.watch import LatencySummary, summarize_latencies
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.report import PhaseMetrics, speedup
 
 BENCH_DEPLOYMENT = "gpu-pipeline-bench"
+NO_LATENCY = summarize_latencies([])
 SIMULATION_NOTE = (
     "stage work is simulated: each stage sleeps its duration (GPU = a third of a run); "
     "the figures measure Prefect coordination, not model speed"
@@ -76,6 +80,8 @@ class BenchOptions:
     workdir: Path | None = None
     keep_workdir: bool = False
     timeout_s: float = 1800.0
+    database: DatabaseKind = "postgres"
+    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
 
 
 def default_runs(total_slots: int) -> int:
@@ -122,6 +128,12 @@ class BenchResult:
     # flow-run start-up was waiting for CPU and the figures say less about Prefect.
     load_after_task_level: float | None
     load_after_flow_level: float | None
+    # postgres, sqlite, or external (PREFECT_API_URL); why not postgres, if it fell back.
+    database: str = "postgres"
+    database_fallback_reason: str | None = None
+    # Progress polls' API requests as this client timed them, per phase.
+    task_level_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
+    flow_level_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
 
     @property
     def ratio(self) -> float | None:
@@ -141,6 +153,15 @@ class BenchResult:
             "handoff_gap_p95_s": task.gcl_handoff_gap_p95_s,
             "max_gpu_overlap_per_worker": task.max_gpu_overlap_per_worker,
             "limit_per_worker": task.limit_per_worker,
+            "database": self.database,
+            "database_fallback_reason": self.database_fallback_reason,
+            "api_latency_p50_s": self.task_level_api_latency.p50_s,
+            "api_latency_p95_s": self.task_level_api_latency.p95_s,
+            "api_latency": {
+                "measured": "client side: each progress-poll request (read runs, read limit)",
+                "task_level": asdict(self.task_level_api_latency),
+                "flow_level": asdict(self.flow_level_api_latency),
+            },
             "settings": {
                 "workers": self.options.workers,
                 "runs_per_phase": self.runs_per_phase,
@@ -150,6 +171,7 @@ class BenchResult:
                 "task_level_flow_runs_per_worker": self.task_level_flow_runs,
                 "flow_level_flow_runs_per_worker": self.flow_level_flow_runs,
                 "worker_query_seconds": self.options.worker_query_seconds,
+                "api_timeout_s": self.options.api_timeout_s,
                 "prefect_version": prefect.__version__,
                 "cpu_count": os.cpu_count(),
             },
@@ -219,8 +241,13 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     workdir, made_workdir = make_workdir(options.workdir, "pgw-bench-")
     console.print(f"work directory (logs, records): {workdir}")
     external = os.environ.get("PREFECT_API_URL") or None
-    with LocalSession(workdir, api_url=external) as session:
+    if not external:
+        console.print(f"starting a Prefect server on {options.database} ...")
+    with LocalSession(
+        workdir, api_url=external, database=options.database, api_timeout_s=options.api_timeout_s
+    ) as session:
         console.print(f"Prefect API: {session.api_url}")
+        console.print(session.describe_database(), markup=False, highlight=False)
         deployment_id = prepare_pool(session, options.pool, task_plans, BENCH_DEPLOYMENT)
 
         def phase(label: str, plans: tuple[WorkerPlan, ...]) -> BatchResult:
@@ -246,6 +273,10 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         ceilings=ceilings(slots * options.workers, params),
         load_after_task_level=load_after_task_level,
         load_after_flow_level=load_after_flow_level,
+        database=session.database_in_use,
+        database_fallback_reason=session.server.fallback_reason if session.server else None,
+        task_level_api_latency=task_level.api_latency,
+        flow_level_api_latency=flow_level.api_latency,
     )
     if made_workdir and not options.keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -253,7 +284,14 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
 
 
 def render(result: BenchResult, console: Console) -> None:
-    console.print(bench_table(result.task_level, result.flow_level, result.ratio))
+    console.print(
+        bench_table(
+            result.task_level,
+            result.flow_level,
+            result.ratio,
+            (result.task_level_api_latency, result.flow_level_api_latency),
+        )
+    )
     c = result.ceilings
     if c.task_level_runs_per_s and c.flow_level_runs_per_s:
         console.print(
