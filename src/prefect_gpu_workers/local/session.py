@@ -102,7 +102,8 @@ class LocalSession:
     database: DatabaseKind = "postgres"
     api_timeout_s: float = DEFAULT_API_TIMEOUT_S
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
-    server_start_timeout_s: float = 180.0
+    # A busy small machine can take minutes (server import, then migrations).
+    server_start_timeout_s: float = 300.0
     server: LocalPrefectServer | None = None
     workers: dict[str, StartedProcess] = field(default_factory=dict)
     _settings: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
