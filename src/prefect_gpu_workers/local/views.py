@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -71,7 +72,7 @@ class ProgressView:
         self.plans = plans
         self.plain_every_s = plain_every_s
         self._live: Live | None = None
-        self._last_plain = 0.0
+        self._last_plain = -math.inf  # the first line is always printed
         self._last_text = ""
         self._last_printed = ""
         self._api_silent = False
