@@ -6,7 +6,7 @@ every flow-run process those started (found by the session's marker, see
 
 The session never waits silently on the Prefect API: batches are watched from
 a thread (:mod:`prefect_gpu_workers.local.watch`), its own client's requests
-have short timeouts and few retries, and an API silent for longer than
+have short timeouts, and an API silent for longer than
 ``api_timeout_s`` ends the session with :class:`SessionFailed`, which says why
 and where the logs are, once everything has been stopped.
 """
@@ -33,7 +33,6 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import (
     PREFECT_API_REQUEST_TIMEOUT,
     PREFECT_API_URL,
-    PREFECT_CLIENT_MAX_RETRIES,
     temporary_settings,
 )
 
@@ -124,14 +123,15 @@ class LocalSession:
                     warnings.simplefilter("ignore", SqliteFallbackWarning)
                     self.server.start(self.server_start_timeout_s)
                 self.api_url = self.server.api_url
-            # This process's own calls: a silent API fails them within about
-            # api_timeout_s (3 tries), not Prefect's 6 x 60 s plus backoff.
+            # This process's own calls keep Prefect's retries (a busy server
+            # answers 503 for a while) but each try waits api_timeout_s / 6:
+            # a frozen API fails a call after about 1.5 x api_timeout_s
+            # (6 tries plus backoff), not Prefect's 6 x 60 s plus backoff.
             self._settings.enter_context(
                 temporary_settings(
                     updates={
                         PREFECT_API_URL: self.api_url,
-                        PREFECT_API_REQUEST_TIMEOUT: max(5.0, self.api_timeout_s / 3),
-                        PREFECT_CLIENT_MAX_RETRIES: 2,
+                        PREFECT_API_REQUEST_TIMEOUT: max(5.0, self.api_timeout_s / 6),
                     }
                 )
             )
