@@ -39,6 +39,13 @@ from prefect_gpu_workers.database import (
 LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
 FILESYSTEM_LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 DATABASE_URL_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
+# Prefect's pool (5 + 10 overflow) runs dry under 8 workers and 48 flow runs:
+# requests then wait 30 s for a connection and fail. The embedded server
+# allows 200 connections; the pool may take 60.
+POSTGRES_POOL_ENV = {
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
+    "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "40",
+}
 # Its older name: a caller's value there must not override ours.
 LEGACY_DATABASE_URL_ENV = "PREFECT_API_DATABASE_CONNECTION_URL"
 
@@ -136,6 +143,8 @@ class LocalPrefectServer:
             env.pop("PREFECT_API_URL", None)
             env.pop(LEGACY_DATABASE_URL_ENV, None)
             env[DATABASE_URL_ENV] = database_url
+            if self.database_in_use == "postgres":
+                env.update(POSTGRES_POOL_ENV)
             env[LEASE_STORAGE_ENV] = FILESYSTEM_LEASE_STORAGE
             with log_path.open("ab") as log:
                 self._proc = subprocess.Popen(

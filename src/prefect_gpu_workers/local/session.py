@@ -331,7 +331,11 @@ class LocalSession:
         if self.api_url is None:
             raise RuntimeError("the session has not been entered")
         started = time.time() if since is None else since
-        with ApiWatch(self.api_url, ids, limit_names, poll_s) as watch:
+        # A request may take up to the whole bound: a starved server that answers
+        # slowly is slow, not silent; silence is no answer for api_timeout_s.
+        with ApiWatch(
+            self.api_url, ids, limit_names, poll_s, request_timeout_s=self.api_timeout_s
+        ) as watch:
             while True:
                 snapshot = watch.snapshot()
                 runs = snapshot.runs or []

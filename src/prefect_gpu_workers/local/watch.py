@@ -129,12 +129,14 @@ class ApiWatch:
         self.stop()
 
     def stop(self) -> None:
-        """Ask the thread to stop; waits at most one request timeout for it."""
+        """Ask the thread to stop; it ends after its request in flight, if any.
+
+        Waits at most ``poll_s`` for it: the thread is a daemon, and a request
+        to a silent API may take its whole timeout.
+        """
         self._stop.set()
         if self._thread.is_alive():
-            # A request in flight ends within its timeout; a daemon thread never
-            # keeps the process alive, so this wait is bounded and optional.
-            self._thread.join(self.request_timeout_s + self.poll_s)
+            self._thread.join(self.poll_s)
 
     def snapshot(self) -> ApiSnapshot:
         """The latest poll's result and how long the API has been silent."""
