@@ -39,12 +39,16 @@ from prefect_gpu_workers.database import (
 LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
 FILESYSTEM_LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 DATABASE_URL_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
-# Prefect's pool (5 + 10 overflow) runs dry under 8 workers and 48 flow runs:
-# requests then wait 30 s for a connection and fail. The embedded server
-# allows 200 connections; the pool may take 60.
-POSTGRES_POOL_ENV = {
+# For the embedded PostgreSQL on a machine whose CPU the flow runs take:
+# Prefect's pool (5 + 10 overflow) runs dry under 8 workers and 48 flow runs
+# (requests wait 30 s for a connection, then fail), and its 10 s statement and
+# 5 s connect timeouts turn a starved moment into HTTP 500s that crash
+# workers. The embedded server allows 200 connections.
+POSTGRES_SERVER_ENV = {
     "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
     "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "40",
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+    "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
 }
 # Its older name: a caller's value there must not override ours.
 LEGACY_DATABASE_URL_ENV = "PREFECT_API_DATABASE_CONNECTION_URL"
@@ -144,7 +148,7 @@ class LocalPrefectServer:
             env.pop(LEGACY_DATABASE_URL_ENV, None)
             env[DATABASE_URL_ENV] = database_url
             if self.database_in_use == "postgres":
-                env.update(POSTGRES_POOL_ENV)
+                env.update(POSTGRES_SERVER_ENV)
             env[LEASE_STORAGE_ENV] = FILESYSTEM_LEASE_STORAGE
             with log_path.open("ab") as log:
                 self._proc = subprocess.Popen(
