@@ -94,11 +94,13 @@ if sys.argv[2] == "thread":
     starter.join()
 else:
     postgres.start()
-print(postgres.pid, flush=True)
 if sys.argv[2] == "thread":
+    print(postgres.pid, flush=True)
     import os
     os._exit(0)
 try:
+    # Printed inside the try: a SIGTERM right after the pid line is still handled.
+    print(postgres.pid, flush=True)
     while True:
         time.sleep(3600)
 except KeyboardInterrupt:
