@@ -12,14 +12,21 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 from rich.console import Console
 
-from prefect_gpu_workers.local.plan import DEFAULT_POOL, DEFAULT_WORKER_PREFIX, DEMO_PIPELINE
+from prefect_gpu_workers.database import DATABASES
+from prefect_gpu_workers.local.plan import (
+    DEFAULT_API_TIMEOUT_S,
+    DEFAULT_POOL,
+    DEFAULT_WORKER_PREFIX,
+    DEMO_PIPELINE,
+)
 from prefect_gpu_workers.naming import (
     DEFAULT_LIMIT_PREFIX,
     LIMIT_PREFIX_ENV,
@@ -33,6 +40,8 @@ from prefect_gpu_workers.service.options import (
     run_start,
     run_status,
 )
+
+T = TypeVar("T")
 
 
 def _positive_int(text: str) -> int:
@@ -135,6 +144,21 @@ def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> Non
     )
     parser.add_argument(
         "--timeout", type=_positive_int, default=1800, help="give up after this many seconds"
+    )
+    parser.add_argument(
+        "--database",
+        choices=DATABASES,
+        default=DATABASES[0],
+        help="database of the Prefect server started here: an embedded PostgreSQL (default; "
+        "falls back to SQLite, saying so, where it cannot start) or SQLite (fine for small "
+        "runs). Ignored with PREFECT_API_URL, which means: use that server, start none",
+    )
+    parser.add_argument(
+        "--api-timeout",
+        type=_positive_float,
+        default=DEFAULT_API_TIMEOUT_S,
+        help="seconds the Prefect API may stay silent before everything started here is "
+        f"stopped and the command fails ({DEFAULT_API_TIMEOUT_S:g})",
     )
 
 
@@ -309,6 +333,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code)
 
 
+def _or_failure(console: Console, command: Callable[[], T]) -> T | None:
+    """Run a local-mode command; a failed session is reported (reason, logs) as ``None``."""
+    from prefect_gpu_workers.local.session import SessionFailed
+
+    try:
+        return command()
+    except SessionFailed as exc:
+        console.print(f"[red bold]stopped:[/red bold] {exc.reason}", highlight=False)
+        if exc.left_running:
+            console.print(f"[red]processes still running after cleanup: {exc.left_running}[/red]")
+        else:
+            console.print("every process started here has been stopped")
+        console.print(f"logs: {exc.log_dir}", highlight=False)
+        for log in exc.log_files():
+            console.print(f"  {log}", highlight=False)
+        return None
+
+
 def _run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "start":
         return run_start(args, console)
@@ -362,8 +404,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             timelines=tuple(args.timeline),
             no_limit=args.no_limit,
             gpu_memory_fraction=args.gpu_memory_fraction,
+            database=args.database,
+            api_timeout_s=args.api_timeout,
         )
-        return run_demo(options, console)
+        code = _or_failure(console, lambda: run_demo(options, console))
+        return 1 if code is None else code
 
     from prefect_gpu_workers.local.bench import BenchOptions, render, run_bench
     from prefect_gpu_workers.local.gpu_work import check_timeline_paths
@@ -411,8 +456,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         keep_workdir=args.keep_workdir,
         timeout_s=args.timeout,
         timelines=tuple(args.timeline),
+        database=args.database,
+        api_timeout_s=args.api_timeout,
     )
-    result = run_bench(bench_options, console)
+    result = _or_failure(console, lambda: run_bench(bench_options, console))
+    if result is None:
+        return 1
     if args.json:
         print(json.dumps(result.as_json(), sort_keys=True))
     else:

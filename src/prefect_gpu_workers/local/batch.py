@@ -21,6 +21,7 @@ from prefect_gpu_workers.local.prefect_ops import (
     submit_runs,
 )
 from prefect_gpu_workers.local.session import LocalSession, ProgressCallback
+from prefect_gpu_workers.local.watch import LatencySummary
 from prefect_gpu_workers.records import StageRecord, read_records
 from prefect_gpu_workers.report import PhaseMetrics, summarize
 
@@ -35,8 +36,10 @@ class BatchResult:
     # Slots still held once every run is final: anything but 0 is a leak.
     slots_held_after: dict[str, int]
     # Wall-clock (time.time()) when the runs were submitted and when the last one ended.
-    submitted_at: float = 0.0
-    ended_at: float = 0.0
+    submitted_at: float
+    ended_at: float
+    # Duration of the progress polls' API requests, as this client saw them.
+    api_latency: LatencySummary
 
     def failure_messages(self, most: int = 3) -> list[str]:
         """``name: STATE message`` of up to ``most`` runs that did not complete."""
@@ -83,7 +86,9 @@ def run_batch(
     with session.client() as client:
         submitted_at = time.time()
         ids = submit_runs(client, deployment_id, runs, parameters)
-    final = session.wait_for_runs(ids, limit_names, on_progress, timeout_s, since=submitted_at)
+    final, api_latency = session.watch_runs(
+        ids, limit_names, on_progress, timeout_s, since=submitted_at
+    )
     counts = count_runs(final)
     records = read_records(record_dir)
     ended_at = last_end_time(final) or time.time()
@@ -98,4 +103,4 @@ def run_batch(
     )
     with session.client() as client:
         held = active_slots(client, limit_names)
-    return BatchResult(final, records, metrics, held, submitted_at, ended_at)
+    return BatchResult(final, records, metrics, held, submitted_at, ended_at, api_latency)

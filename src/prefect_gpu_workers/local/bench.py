@@ -40,11 +40,13 @@ import prefect
 from rich.console import Console
 
 from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.database import DatabaseKind
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
 from prefect_gpu_workers.local.demo import make_workdir
 from prefect_gpu_workers.local.gpu_work import check_timeline_paths, step_gpus
 from prefect_gpu_workers.local.plan import (
+    DEFAULT_API_TIMEOUT_S,
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
     WorkerPlan,
@@ -58,6 +60,7 @@ from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
 from prefect_gpu_workers.local.views import ProgressView, bench_table
+from prefect_gpu_workers.local.watch import LatencySummary, summarize_latencies
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.report import PhaseMetrics, speedup
 from prefect_gpu_workers.telemetry import (
@@ -70,6 +73,7 @@ from prefect_gpu_workers.telemetry import (
 )
 
 BENCH_DEPLOYMENT = "gpu-pipeline-bench"
+NO_LATENCY = summarize_latencies([])
 SIMULATION_NOTE = (
     "stage work is simulated: each stage sleeps its duration (GPU = a third of a run); "
     "the figures measure Prefect coordination, not model speed"
@@ -94,6 +98,8 @@ class BenchOptions:
     timeout_s: float = 1800.0
     # Pictures of both phases side by side (.png or .html).
     timelines: tuple[Path, ...] = ()
+    database: DatabaseKind = "postgres"
+    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
 
 
 def default_runs(total_slots: int) -> int:
@@ -145,6 +151,13 @@ class BenchResult:
     # Per phase: GPU telemetry (None without NVML) and the one-line report.
     telemetry: dict[str, TelemetrySummary | None] = field(default_factory=dict)
     telemetry_lines: dict[str, str] = field(default_factory=dict)
+    # postgres, sqlite, or external (PREFECT_API_URL); why not postgres, if it fell back.
+    database: str = "postgres"
+    database_fallback_reason: str | None = None
+    # Progress polls' API requests as this client timed them, per phase.
+    task_level_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
+    flow_level_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
+    task_level_polling_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
 
     @property
     def ratio(self) -> float | None:
@@ -172,6 +185,15 @@ class BenchResult:
             "handoff_gap_p95_s": task.gcl_handoff_gap_p95_s,
             "max_gpu_overlap_per_worker": task.max_gpu_overlap_per_worker,
             "limit_per_worker": task.limit_per_worker,
+            "database": self.database,
+            "database_fallback_reason": self.database_fallback_reason,
+            "api_latency_p50_s": self.task_level_api_latency.p50_s,
+            "api_latency_p95_s": self.task_level_api_latency.p95_s,
+            "api_latency": {
+                "measured": "client side: each progress-poll request (read runs, read limit)",
+                "task_level": asdict(self.task_level_api_latency),
+                "flow_level": asdict(self.flow_level_api_latency),
+            },
             "settings": {
                 "workers": self.options.workers,
                 "runs_per_phase": self.runs_per_phase,
@@ -181,6 +203,7 @@ class BenchResult:
                 "task_level_flow_runs_per_worker": self.task_level_flow_runs,
                 "flow_level_flow_runs_per_worker": self.flow_level_flow_runs,
                 "worker_query_seconds": self.options.worker_query_seconds,
+                "api_timeout_s": self.options.api_timeout_s,
                 "prefect_version": prefect.__version__,
                 "cpu_count": os.cpu_count(),
             },
@@ -269,9 +292,13 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     workdir, made_workdir = make_workdir(options.workdir, "pgw-bench-")
     console.print(f"work directory (logs, records): {workdir}")
     external = os.environ.get("PREFECT_API_URL") or None
-    # A first server start migrates a fresh database: minutes on a loaded small machine.
-    with LocalSession(workdir, api_url=external, server_start_timeout_s=300) as session:
+    if not external:
+        console.print(f"starting a Prefect server on {options.database} ...")
+    with LocalSession(
+        workdir, api_url=external, database=options.database, api_timeout_s=options.api_timeout_s
+    ) as session:
         console.print(f"Prefect API: {session.api_url}")
+        console.print(session.describe_database(), markup=False, highlight=False)
         deployment_id = prepare_pool(session, options.pool, task_plans, BENCH_DEPLOYMENT)
 
         sampled: dict[str, tuple[list[GpuSample], str | None]] = {}
@@ -309,6 +336,11 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         load_after_task_level=load_after_task_level,
         load_after_flow_level=load_after_flow_level,
         load_after_task_level_polling=load_after_polling,
+        database=session.database_in_use,
+        database_fallback_reason=session.server.fallback_reason if session.server else None,
+        task_level_api_latency=task_level.api_latency,
+        flow_level_api_latency=flow_level.api_latency if flow_level else NO_LATENCY,
+        task_level_polling_api_latency=polling.api_latency,
     )
     limits = {plan.worker_id: plan.slots for plan in task_plans}
     timeline_phases = []
@@ -353,7 +385,10 @@ def render(result: BenchResult, console: Console) -> None:
     ]
     if result.flow_level is not None:
         phases.append(("flow-level (--flow-runs = slots)", result.flow_level))
-    console.print(bench_table(phases, result.ratio))
+    latencies = [result.task_level_api_latency, result.task_level_polling_api_latency]
+    if result.flow_level is not None:
+        latencies.append(result.flow_level_api_latency)
+    console.print(bench_table(phases, result.ratio, latencies))
     c = result.ceilings
     if c.task_level_runs_per_s and c.flow_level_runs_per_s:
         console.print(

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.database import DatabaseKind
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
 from prefect_gpu_workers.local.gpu_work import (
@@ -28,6 +29,7 @@ from prefect_gpu_workers.local.gpu_work import (
     step_gpus,
 )
 from prefect_gpu_workers.local.plan import (
+    DEFAULT_API_TIMEOUT_S,
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
     DEMO_PIPELINE,
@@ -78,10 +80,12 @@ class DemoOptions:
     no_limit: bool = False
     # Share of the GPU's memory each step sets aside; None: 0.85 / steps sharing the GPU.
     gpu_memory_fraction: float | None = None
+    database: DatabaseKind = "postgres"
+    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
 
 
 def make_workdir(requested: Path | None, prefix: str) -> tuple[Path, bool]:
-    """The directory for logs, records and the SQLite database; ``True`` if we made it."""
+    """The directory for logs, records and the database; ``True`` if we made it."""
     if requested is not None:
         requested.mkdir(parents=True, exist_ok=True)
         return requested, False
@@ -137,11 +141,20 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     console.print(
         f"using the Prefect API at {external}"
         if external
-        else "starting a Prefect server (SQLite) for this demo ..."
+        else f"starting a Prefect server on {options.database} for this demo ..."
     )
     ok = False
-    with LocalSession(workdir, api_url=external) as session:
+    with LocalSession(
+        workdir, api_url=external, database=options.database, api_timeout_s=options.api_timeout_s
+    ) as session:
         console.print(f"Prefect API: {session.api_url}")
+        fell_back = session.server is not None and session.server.fallback_reason
+        console.print(
+            session.describe_database(),
+            style="yellow" if fell_back else None,
+            markup=False,
+            highlight=False,
+        )
         deployment_id = prepare_pool(session, options.pool, plans, DEMO_DEPLOYMENT)
         console.print(plan_table(plans, options.pool))
         console.print(
@@ -172,7 +185,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             )
         samples = sampler.stop()
         metrics = result.metrics
-        console.print(metrics_table("Demo report", metrics))
+        console.print(metrics_table("Demo report", metrics, result.api_latency))
         console.print(worker_table(metrics))
         devices = sorted({r.device for r in result.records if r.stage == "gpu" and r.device})
         if devices:

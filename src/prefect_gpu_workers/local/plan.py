@@ -27,6 +27,9 @@ DEFAULT_SLOTS_PER_GPU = 2
 # The demo's runs: stages long enough that downloads and saves visibly
 # overlap while the GPU steps queue for their slots.
 DEMO_PIPELINE = PipelineParams(download_s=2.0, gpu_s=3.0, save_s=2.0)
+# How long the Prefect API may stay silent before the demo or bench gives up,
+# stops everything it started and exits non-zero.
+DEFAULT_API_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)

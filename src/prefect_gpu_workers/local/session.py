@@ -3,6 +3,12 @@
 Leaving the session, however it is left, stops every process it started and
 every flow-run process those started (found by the session's marker, see
 :mod:`prefect_gpu_workers.local.processes`).
+
+The session never waits silently on the Prefect API: batches are watched from
+a thread (:mod:`prefect_gpu_workers.local.watch`), its own client's requests
+have short timeouts, and an API silent for longer than
+``api_timeout_s`` ends the session with :class:`SessionFailed`, which says why
+and where the logs are, once everything has been stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +29,16 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.exceptions import PrefectHTTPStatusError
+from prefect.settings import (
+    PREFECT_API_REQUEST_TIMEOUT,
+    PREFECT_API_URL,
+    temporary_settings,
+)
 
-from prefect_gpu_workers.local.plan import WorkerPlan, count_runs
-from prefect_gpu_workers.local.prefect_ops import active_slots, online_workers, read_runs
+from prefect_gpu_workers.database import DatabaseKind
+from prefect_gpu_workers.local.plan import DEFAULT_API_TIMEOUT_S, WorkerPlan, count_runs
+from prefect_gpu_workers.local.prefect_ops import online_workers
 from prefect_gpu_workers.local.processes import (
     SESSION_MARKER_ENV,
     StartedProcess,
@@ -34,10 +47,44 @@ from prefect_gpu_workers.local.processes import (
     stop_marked,
     worker_command,
 )
+from prefect_gpu_workers.local.watch import ApiUnresponsive, ApiWatch, LatencySummary
 from prefect_gpu_workers.naming import LIMIT_PREFIX_ENV, WORKER_ID_ENV
-from prefect_gpu_workers.server import LocalPrefectServer, stop_process_group
+from prefect_gpu_workers.server import (
+    LocalPrefectServer,
+    SqliteFallbackWarning,
+    stop_process_group,
+)
 
-ProgressCallback = Callable[[list[FlowRun], dict[str, int], float], None]
+# (runs, slots held per limit, seconds since submission, seconds the API has been silent)
+ProgressCallback = Callable[[list[FlowRun], dict[str, int], float, float], None]
+# Failures that end a session with a reason rather than a traceback: the API,
+# a process, or a deadline. Programming errors keep their traceback.
+OPERATIONAL_ERRORS: tuple[type[BaseException], ...] = (
+    ApiUnresponsive,
+    TimeoutError,
+    RuntimeError,
+    httpx.HTTPError,
+    PrefectHTTPStatusError,
+)
+
+
+class SessionFailed(RuntimeError):
+    """A session stopped before its work was done; every process it started is stopped.
+
+    ``str()`` gives the reason; ``log_dir`` holds the server's, the database's
+    and the workers' logs.
+    """
+
+    def __init__(self, reason: str, log_dir: Path, left_running: Sequence[int] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.log_dir = log_dir
+        # Pids of the session's processes still alive after its cleanup (none, normally).
+        self.left_running = list(left_running)
+
+    def log_files(self) -> list[Path]:
+        """The log files in ``log_dir``, by name."""
+        return sorted(self.log_dir.glob("*.log")) if self.log_dir.is_dir() else []
 
 
 @dataclass
@@ -50,8 +97,12 @@ class LocalSession:
 
     workdir: Path
     api_url: str | None = None
+    # The database of the session's own server (none when api_url is given).
+    database: DatabaseKind = "postgres"
+    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
-    server_start_timeout_s: float = 120.0
+    # A busy small machine can take minutes (server import, then migrations).
+    server_start_timeout_s: float = 300.0
     server: LocalPrefectServer | None = None
     workers: dict[str, StartedProcess] = field(default_factory=dict)
     _settings: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -63,18 +114,62 @@ class LocalSession:
                 self.server = LocalPrefectServer(
                     home=self.workdir / "prefect",
                     extra_env={SESSION_MARKER_ENV: self.marker},
-                    log_path=self.workdir / "logs" / "server.log",
+                    log_path=self.log_dir / "server.log",
+                    database=self.database,
                 )
-                (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-                self.server.start(self.server_start_timeout_s)
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                with warnings.catch_warnings():
+                    # The caller shows server.fallback_reason its own way.
+                    warnings.simplefilter("ignore", SqliteFallbackWarning)
+                    self.server.start(self.server_start_timeout_s)
                 self.api_url = self.server.api_url
+            # This process's own calls keep Prefect's retries (a busy server
+            # answers 503 for a while) but each try waits api_timeout_s / 6:
+            # a frozen API fails a call after about 1.5 x api_timeout_s
+            # (6 tries plus backoff), not Prefect's 6 x 60 s plus backoff.
             self._settings.enter_context(
-                temporary_settings(updates={PREFECT_API_URL: self.api_url})
+                temporary_settings(
+                    updates={
+                        PREFECT_API_URL: self.api_url,
+                        PREFECT_API_REQUEST_TIMEOUT: max(5.0, self.api_timeout_s / 6),
+                    }
+                )
             )
-        except BaseException:
+        except BaseException as exc:
             self.close()
+            self._raise_failed(exc)
             raise
         return self
+
+    @property
+    def database_in_use(self) -> str:
+        """``postgres`` or ``sqlite`` for the session's own server, ``external`` otherwise."""
+        if self.server is None or self.server.database_in_use is None:
+            return "external"
+        return self.server.database_in_use
+
+    def describe_database(self) -> str:
+        """One line for a person: which database the Prefect server uses, and where."""
+        server = self.server
+        if server is None:
+            return f"database: the one of the Prefect server at {self.api_url} (none started here)"
+        if server.postgres is not None:
+            return (
+                f"database: PostgreSQL, embedded (data {server.postgres.data_dir}, "
+                f"Unix socket in {server.postgres.socket_dir}, no TCP)"
+            )
+        where = server.home / "prefect.db"
+        if server.fallback_reason:
+            return (
+                f"database: SQLite ({where}), because the embedded PostgreSQL could not start: "
+                f"{server.fallback_reason}. SQLite can lock up under many workers."
+            )
+        return f"database: SQLite ({where})"
+
+    @property
+    def log_dir(self) -> Path:
+        """Where the server's, the database's and the workers' logs go."""
+        return self.workdir / "logs"
 
     def __exit__(
         self,
@@ -83,6 +178,17 @@ class LocalSession:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+        if exc is not None:
+            self._raise_failed(exc)
+
+    def _raise_failed(self, exc: BaseException) -> None:
+        # Called once everything is stopped: an operational failure becomes a
+        # reason and the logs' place; anything else propagates as it is.
+        if isinstance(exc, OPERATIONAL_ERRORS) and not isinstance(exc, SessionFailed):
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, httpx.HTTPError):
+                reason = f"Prefect API request failed: {type(exc).__name__} {exc}".strip()
+            raise SessionFailed(reason, self.log_dir, self.remaining_pids()) from exc
 
     def client_env(self) -> dict[str, str]:
         """Environment for a process that must use this session's server."""
@@ -197,34 +303,63 @@ class LocalSession:
         poll_s: float = 1.0,
         since: float | None = None,
     ) -> list[FlowRun]:
-        """Poll until every run is final; raises ``TimeoutError`` after ``timeout_s``.
+        """Wait until every run is final and return them (see :meth:`watch_runs`)."""
+        runs, _ = self.watch_runs(ids, limit_names, on_progress, timeout_s, poll_s, since)
+        return runs
 
-        ``since`` (a ``time.time()``) is where the progress clock starts, e.g.
-        before the runs were submitted; submitting many runs takes seconds.
+    def watch_runs(
+        self,
+        ids: Sequence[UUID],
+        limit_names: Sequence[str],
+        on_progress: ProgressCallback | None = None,
+        timeout_s: float = 900.0,
+        poll_s: float = 1.0,
+        since: float | None = None,
+    ) -> tuple[list[FlowRun], LatencySummary]:
+        """Wait until every run is final; returns them and the API latency the polls saw.
+
+        The API is polled from a thread (:class:`ApiWatch`), so ``on_progress``
+        is called every ``poll_s`` whether or not the API answers. ``since`` (a
+        ``time.time()``) is where the progress clock starts, e.g. before the
+        runs were submitted; submitting many runs takes seconds.
+
+        Raises:
+            ApiUnresponsive: the API was silent for more than ``api_timeout_s``.
+            TimeoutError: runs not all final after ``timeout_s``.
+            RuntimeError: a worker exited while runs were in flight.
         """
+        if self.api_url is None:
+            raise RuntimeError("the session has not been entered")
         started = time.time() if since is None else since
-        with self.client() as client:
+        # A request may take up to the whole bound: a starved server that answers
+        # slowly is slow, not silent; silence is no answer for api_timeout_s.
+        with ApiWatch(
+            self.api_url, ids, limit_names, poll_s, request_timeout_s=self.api_timeout_s
+        ) as watch:
             while True:
+                snapshot = watch.snapshot()
+                runs = snapshot.runs or []
                 elapsed = time.time() - started
-                try:
-                    runs = read_runs(client, ids)
-                    slots = active_slots(client, limit_names)
-                except httpx.TransportError:
-                    # The server is restarting (bench --faults does it on purpose).
-                    if elapsed > timeout_s:
-                        raise
-                    time.sleep(poll_s)
-                    continue
-                if on_progress is not None:
-                    on_progress(runs, slots, elapsed)
+                # Nothing to show before the first answer, unless it is late.
+                if on_progress is not None and (
+                    snapshot.runs is not None or snapshot.silent_for_s > 2 * poll_s
+                ):
+                    on_progress(runs, snapshot.slots, elapsed, snapshot.silent_for_s)
                 if len(runs) == len(ids) and count_runs(runs).done:
-                    return runs
+                    return runs, watch.latency()
                 for worker in self.workers.values():
                     if worker.proc.poll() is not None:
                         raise RuntimeError(
                             f"{worker.name} exited with code {worker.proc.returncode} "
                             f"while runs were in flight:\n{worker.log_tail()}"
                         )
+                if snapshot.silent_for_s > self.api_timeout_s:
+                    raise ApiUnresponsive(
+                        f"Prefect API not answering for {snapshot.silent_for_s:.0f} s "
+                        f"(limit {self.api_timeout_s:.0f} s; last error: "
+                        f"{snapshot.last_error or 'none, requests still waiting'}); "
+                        f"runs at the last answer: {count_runs(runs)}"
+                    )
                 if elapsed > timeout_s:
                     raise TimeoutError(
                         f"runs not finished after {timeout_s:.0f}s: {count_runs(runs)}"

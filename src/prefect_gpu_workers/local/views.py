@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -14,9 +15,14 @@ from rich.text import Text
 
 from prefect_gpu_workers.local.gpu_work import step_durations, step_errors
 from prefect_gpu_workers.local.plan import BatchCounts, WorkerPlan, count_runs
+from prefect_gpu_workers.local.watch import LatencySummary
 from prefect_gpu_workers.records import StageRecord
 from prefect_gpu_workers.report import PhaseMetrics
 from prefect_gpu_workers.telemetry import TelemetrySummary
+
+# The progress line says the API is silent once it has been for this long
+# (a healthy API answers a poll within a second or two, even on a busy machine).
+API_SILENCE_NOTICE_S = 10.0
 
 
 def _seconds(value: float | None) -> str:
@@ -38,8 +44,24 @@ def _slots_text(slots: Mapping[str, int], plans: Sequence[WorkerPlan]) -> str:
     return "  ".join(f"{p.limit_name} {slots.get(p.limit_name, 0)}/{p.slots}" for p in plans)
 
 
+def api_silence_text(silent_for_s: float) -> str:
+    """What the progress line adds while the API is silent ('' while it answers).
+
+    Example:
+        >>> api_silence_text(23.4)
+        'Prefect API not answering for 23 s'
+    """
+    if silent_for_s < API_SILENCE_NOTICE_S:
+        return ""
+    return f"Prefect API not answering for {silent_for_s:.0f} s"
+
+
 class ProgressView:
-    """Live line of run counts and GPU slots in use; plain lines when not on a terminal."""
+    """Live line of run counts and GPU slots in use; plain lines when not on a terminal.
+
+    Plain lines come every ``plain_every_s``, and at once when the API falls
+    silent or answers again.
+    """
 
     def __init__(
         self,
@@ -53,9 +75,10 @@ class ProgressView:
         self.plans = plans
         self.plain_every_s = plain_every_s
         self._live: Live | None = None
-        self._last_plain = 0.0
+        self._last_plain = -math.inf  # the first line is always printed
         self._last_text = ""
         self._last_printed = ""
+        self._api_silent = False
 
     def __enter__(self) -> ProgressView:
         if self.console.is_terminal:
@@ -75,18 +98,25 @@ class ProgressView:
             # Plain mode prints every few seconds; make sure the final state shows.
             self.console.print(self._last_text, soft_wrap=True, markup=False, highlight=False)
 
-    def __call__(self, runs: list[FlowRun], slots: dict[str, int], elapsed: float) -> None:
+    def __call__(
+        self, runs: list[FlowRun], slots: dict[str, int], elapsed: float, api_silent_s: float = 0.0
+    ) -> None:
         counts = count_runs(runs)
+        silence = api_silence_text(api_silent_s)
         text = (
             f"{self.label} {elapsed:4.0f}s:  {_counts_text(counts)}  "
             f"GPU slots in use: {_slots_text(slots, self.plans)}"
         )
+        if silence:
+            text = f"{text}  [{silence}; figures as of its last answer]"
         self._last_text = text
+        changed = bool(silence) != self._api_silent
+        self._api_silent = bool(silence)
         if self._live is not None:
-            self._live.update(Text(text))
+            self._live.update(Text(text, style="bold red" if silence else ""))
             return
         now = time.monotonic()
-        if now - self._last_plain >= self.plain_every_s:
+        if changed or now - self._last_plain >= self.plain_every_s:
             self._last_plain = now
             self._last_printed = text
             self.console.print(text, soft_wrap=True, markup=False, highlight=False)
@@ -103,7 +133,14 @@ def plan_table(plans: Sequence[WorkerPlan], pool: str) -> Table:
     return table
 
 
-def metrics_table(title: str, metrics: PhaseMetrics) -> Table:
+def latency_text(latency: LatencySummary) -> str:
+    """``p50 / p95 (N requests)`` of API request durations."""
+    return f"{_seconds(latency.p50_s)} / {_seconds(latency.p95_s)} ({latency.requests} requests)"
+
+
+def metrics_table(
+    title: str, metrics: PhaseMetrics, api_latency: LatencySummary | None = None
+) -> Table:
     table = Table(title=title, show_header=True)
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -117,6 +154,8 @@ def metrics_table(title: str, metrics: PhaseMetrics) -> Table:
         f"{_seconds(metrics.gcl_handoff_gap_p50_s)} / {_seconds(metrics.gcl_handoff_gap_p95_s)}",
     )
     table.add_row("wait for a GPU slot p50", _seconds(metrics.gpu_wait_p50_s))
+    if api_latency is not None:
+        table.add_row("Prefect API latency (progress polls) p50 / p95", latency_text(api_latency))
     return table
 
 
@@ -139,8 +178,15 @@ def worker_table(metrics: PhaseMetrics) -> Table:
     return table
 
 
-def bench_table(phases: Sequence[tuple[str, PhaseMetrics]], ratio: float | None) -> Table:
-    """One column per phase; the caption gives task-level (first) over flow-level (last)."""
+def bench_table(
+    phases: Sequence[tuple[str, PhaseMetrics]],
+    ratio: float | None,
+    api_latency: Sequence[LatencySummary] | None = None,
+) -> Table:
+    """One column per phase; the caption gives task-level (first) over flow-level (last).
+
+    ``api_latency``, one per phase, adds the progress polls' Prefect API latency.
+    """
     table = Table(title="GPU limiting compared (stage work simulated)")
     table.add_column("measure")
     for label, _ in phases:
@@ -168,6 +214,13 @@ def bench_table(phases: Sequence[tuple[str, PhaseMetrics]], ratio: float | None)
         ],
         ["peak GPU steps at once per worker", *(_peaks(m) for m in metrics)],
     ]
+    if api_latency is not None:
+        rows.append(
+            [
+                "Prefect API latency (progress polls) p50 / p95",
+                *(latency_text(latency) for latency in api_latency),
+            ]
+        )
     for row in rows:
         table.add_row(*row)
     table.caption = "throughput ratio task-level / flow-level: " + (
