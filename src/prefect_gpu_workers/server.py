@@ -149,7 +149,9 @@ class LocalPrefectServer:
             env[DATABASE_URL_ENV] = database_url
             if self.database_in_use == "postgres":
                 env.update(POSTGRES_SERVER_ENV)
-            env[LEASE_STORAGE_ENV] = FILESYSTEM_LEASE_STORAGE
+            # Leases survive a restart unless the caller chose a storage (bench --faults
+            # picks the in-memory one on purpose: its restart must lose them).
+            env.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASE_STORAGE)
             with log_path.open("ab") as log:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "prefect", "server", "start",

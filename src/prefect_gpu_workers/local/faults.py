@@ -46,8 +46,8 @@ from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.views import ProgressView
 from prefect_gpu_workers.report import PhaseMetrics, over_admissions
+from prefect_gpu_workers.server import LEASE_STORAGE_ENV
 
-LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
 IN_MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"
 BROKER_LINE = re.compile(r"slot broker for \S+ on (\S+)")
 
