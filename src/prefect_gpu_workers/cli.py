@@ -20,6 +20,12 @@ from typing import TypeVar
 
 from rich.console import Console
 
+from prefect_gpu_workers.argtypes import (
+    limit_prefix,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
 from prefect_gpu_workers.database import DATABASES
 from prefect_gpu_workers.local.plan import (
     DEFAULT_API_TIMEOUT_S,
@@ -31,7 +37,6 @@ from prefect_gpu_workers.naming import (
     DEFAULT_LIMIT_PREFIX,
     LIMIT_PREFIX_ENV,
     WorkerIdentityError,
-    validate_limit_prefix,
     validate_worker_id,
 )
 from prefect_gpu_workers.service.options import (
@@ -44,40 +49,12 @@ from prefect_gpu_workers.service.options import (
 T = TypeVar("T")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def _worker_prefix(text: str) -> str:
     try:
         validate_worker_id(f"{text}-1")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def _limit_prefix(text: str) -> str:
-    try:
-        return validate_limit_prefix(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fraction(text: str) -> float:
@@ -108,15 +85,15 @@ def _add_timeline(parser: argparse.ArgumentParser) -> None:
 
 def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> None:
     parser.add_argument(
-        "--workers", type=_positive_int, default=workers, help=f"local workers ({workers})"
+        "--workers", type=positive_int, default=workers, help=f"local workers ({workers})"
     )
     parser.add_argument(
         "--gpus",
-        type=_positive_int,
+        type=positive_int,
         help="GPUs per worker; default: detected, or 1 when none is found (said aloud)",
     )
     parser.add_argument(
-        "--slots-per-gpu", type=_positive_int, help="GPU steps one GPU takes at once (2)"
+        "--slots-per-gpu", type=positive_int, help="GPU steps one GPU takes at once (2)"
     )
     parser.add_argument("--pool", default=pool, help=f"process work pool ({pool})")
     parser.add_argument(
@@ -127,13 +104,13 @@ def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> Non
     )
     parser.add_argument(
         "--limit-prefix",
-        type=_limit_prefix,
+        type=limit_prefix,
         default=DEFAULT_LIMIT_PREFIX,
         help=f"limit name prefix: <limit prefix>:<worker> ({DEFAULT_LIMIT_PREFIX})",
     )
     parser.add_argument(
         "--poll-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         help="worker poll interval (PREFECT_WORKER_QUERY_SECONDS); default: Prefect's, 10",
     )
     parser.add_argument(
@@ -143,7 +120,7 @@ def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> Non
         "--keep-workdir", action="store_true", help="keep the temp work dir after success"
     )
     parser.add_argument(
-        "--timeout", type=_positive_int, default=1800, help="give up after this many seconds"
+        "--timeout", type=positive_int, default=1800, help="give up after this many seconds"
     )
     parser.add_argument(
         "--database",
@@ -155,7 +132,7 @@ def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> Non
     )
     parser.add_argument(
         "--api-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=DEFAULT_API_TIMEOUT_S,
         help="seconds the Prefect API may stay silent before everything started here is "
         f"stopped and the command fails ({DEFAULT_API_TIMEOUT_S:g})",
@@ -176,24 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
         "one GPU limit and one worker per local worker; run the pipeline; report.",
     )
     _add_common(demo, DEFAULT_POOL, workers=2)
-    demo.add_argument("--runs", type=_positive_int, default=12, help="flow runs to submit (12)")
+    demo.add_argument("--runs", type=positive_int, default=12, help="flow runs to submit (12)")
     d = DEMO_PIPELINE
     demo.add_argument(
-        "--items", type=_positive_int, default=d.items, help=f"inputs per run ({d.items})"
+        "--items", type=positive_int, default=d.items, help=f"inputs per run ({d.items})"
     )
     demo.add_argument(
-        "--occupy", type=_positive_int, default=d.occupy, help=f"slots per GPU step ({d.occupy})"
+        "--occupy", type=positive_int, default=d.occupy, help=f"slots per GPU step ({d.occupy})"
     )
     # Minimums: a stage does its work, then sleeps out the rest.
     demo.add_argument(
         "--download-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=d.download_s,
         help=f"download stage ({d.download_s:g})",
     )
     demo.add_argument(
         "--gpu-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=d.gpu_s,
         help="GPU stage, in the slot: on a GPU a work target (batches calibrated once so "
         "that a step takes this long while the steps the limits allow share the GPU), "
@@ -201,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--save-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=d.save_s,
         help=f"save stage ({d.save_s:g})",
     )
@@ -223,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_timeline(demo)
     demo.add_argument(
         "--flow-runs-per-worker",
-        type=_positive_int,
+        type=positive_int,
         help="each worker's --flow-runs; default: enough to keep its GPU slots busy, at most "
         "its share of the runs",
     )
@@ -240,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(bench, f"{DEFAULT_POOL}-bench", workers=1)
     bench.add_argument(
         "--gpu-seconds",
-        type=_positive_float,
+        type=positive_float,
         default=4.0,
         help="GPU step length; download and save take as long (4; try 32 for long steps)",
     )
-    bench.add_argument("--runs", type=_positive_int, help="runs per phase (5 per GPU slot)")
+    bench.add_argument("--runs", type=positive_int, help="runs per phase (5 per GPU slot)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _add_timeline(bench)
     bench.add_argument(
@@ -272,19 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", required=True, help="process work pool")
     worker.add_argument(
         "--flow-runs",
-        type=_positive_int,
+        type=positive_int,
         required=True,
         help="flow runs this worker takes at once (prefect worker start --limit)",
     )
     worker.add_argument(
         "--limit-prefix",
-        type=_limit_prefix,
+        type=limit_prefix,
         default=os.environ.get(LIMIT_PREFIX_ENV) or DEFAULT_LIMIT_PREFIX,
         help=f"limit name prefix (${LIMIT_PREFIX_ENV}, else {DEFAULT_LIMIT_PREFIX})",
     )
     worker.add_argument(
         "--wait-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=300.0,
         help="seconds to wait for the limit before failing (300)",
     )

@@ -14,36 +14,20 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, LIMIT_PREFIX_ENV, validate_limit_prefix
+from prefect_gpu_workers.argtypes import (
+    limit_prefix,
+    non_negative_float,
+    positive_int,
+)
+from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, LIMIT_PREFIX_ENV
 from prefect_gpu_workers.service.sizing import parse_memory_size
 
 DEFAULT_DRAIN_TIMEOUT_S = 300.0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def _memory(text: str) -> int:
     try:
         return parse_memory_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _limit_prefix(text: str) -> str:
-    try:
-        return validate_limit_prefix(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -76,26 +60,26 @@ def add_start_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         help="GPU memory one GPU step needs (20GiB): slots = floor(GPU memory / SIZE), at least 1",
     )
     sizing.add_argument(
-        "--slots-per-gpu", type=_positive_int, help="GPU steps one GPU takes at once (1)"
+        "--slots-per-gpu", type=positive_int, help="GPU steps one GPU takes at once (1)"
     )
     start.add_argument(
         "--gpus",
-        type=_positive_int,
+        type=positive_int,
         help="GPUs of this machine when NVML finds none (stated capacity)",
     )
     start.add_argument(
-        "--flow-runs", type=_positive_int, help="flow runs per worker at once (3 per GPU slot)"
+        "--flow-runs", type=positive_int, help="flow runs per worker at once (3 per GPU slot)"
     )
     start.add_argument(
         "--drain-timeout",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_DRAIN_TIMEOUT_S,
         metavar="S",
         help=f"seconds the workers get to drain on stop ({DEFAULT_DRAIN_TIMEOUT_S:.0f})",
     )
     start.add_argument(
         "--limit-prefix",
-        type=_limit_prefix,
+        type=limit_prefix,
         default=os.environ.get(LIMIT_PREFIX_ENV) or DEFAULT_LIMIT_PREFIX,
         help=f"limit names are <prefix>:<worker> (${LIMIT_PREFIX_ENV}, "
         f"else {DEFAULT_LIMIT_PREFIX})",
