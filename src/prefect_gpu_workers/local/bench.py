@@ -372,7 +372,8 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
             title="prefect-gpu-workers bench: slot broker, Prefect polling, flow-level limiting",
             subtitle="stage work simulated (sleeps); same workers, limits and runs in every phase",
         )
-        console.print(f"timeline: {written}")
+        # Never wrapped: a person copies the path.
+        console.print(f"timeline: {written}", soft_wrap=True)
     if made_workdir and not options.keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return result

@@ -232,7 +232,8 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             result.ended_at,
         )
         written = write_timeline(path, phase, title=title, subtitle=telemetry)
-        console.print(f"timeline: {written}")
+        # Never wrapped: a person copies the path.
+        console.print(f"timeline: {written}", soft_wrap=True)
     if ok and made_workdir and not options.keep_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     elif not ok:

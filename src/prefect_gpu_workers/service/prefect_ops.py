@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient
@@ -58,7 +59,11 @@ def all_pools(client: SyncPrefectClient) -> Iterator[WorkPool]:
 def pool_workers(client: SyncPrefectClient, pool: str) -> list[Worker]:
     workers: list[Worker] = []
     while True:
-        page = client.read_workers_for_work_pool(pool, offset=len(workers), limit=PAGE)
+        # Prefect's client puts the name into the path as it is: a pool named
+        # "a?b" (someone else's) would turn into a query. Quote it.
+        page = client.read_workers_for_work_pool(
+            quote(pool, safe=""), offset=len(workers), limit=PAGE
+        )
         workers.extend(page)
         if len(page) < PAGE:
             return workers
