@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,19 +22,6 @@ def test_bad_options_fail_before_starting_anything() -> None:
     assert "not a DNS subdomain" in result.stderr
 
 
-def test_worker_entrypoint_needs_a_worker_id() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "WORKER_ID"}
-    result = subprocess.run(
-        [*CLI, "worker", "--pool", "nowhere", "--flow-runs", "2", "--wait-timeout", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    assert "WORKER_ID is not set" in result.stderr
-
-
 def test_cli_and_its_worker_parser_import_no_prefect() -> None:
     # `--help` and the entrypoint's argument parsing stay fast: local mode and
     # Prefect are imported only when a command runs.
@@ -48,19 +34,6 @@ def test_cli_and_its_worker_parser_import_no_prefect() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.strip() == "[]"
-
-
-def test_no_limit_is_refused_without_a_gpu() -> None:
-    from prefect_gpu_workers.gpu import detect_gpus
-
-    if detect_gpus().count:
-        pytest.skip("this machine has a GPU: --no-limit would run")
-    result = subprocess.run(
-        [*CLI, "demo", "--no-limit"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 2
-    assert "demo --no-limit needs an NVIDIA GPU" in result.stdout
-    assert "Prefect" not in result.stdout  # refused before starting anything
 
 
 def test_no_limit_refusal_does_not_depend_on_this_machine(

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pgw_flows.model import CPU_CONFIG, CPU_WORK_CAP_S
 from prefect_gpu_workers.local.gpu_work import (
     StepCalibration,
-    calibrate_gpu_step,
     no_limit_refusal,
     peak_step_memory_mib,
     plan_gpu_step,
@@ -16,19 +14,6 @@ from prefect_gpu_workers.local.gpu_work import (
     step_memory_fraction,
 )
 from prefect_gpu_workers.records import StageRecord
-
-
-def test_calibration_in_a_child_process_on_the_cpu() -> None:
-    result = calibrate_gpu_step(5.0, device="cpu")
-    assert (result.config, result.device) == (CPU_CONFIG.name, "cpu")
-    assert result.target_s == CPU_WORK_CAP_S
-    assert result.batches * result.seconds_per_batch >= CPU_WORK_CAP_S
-    assert "batches" in result.describe()
-
-
-def test_calibration_failure_names_the_cause() -> None:
-    with pytest.raises(RuntimeError, match="calibrating the GPU step failed"):
-        calibrate_gpu_step(1.0, device="no-such-device")
 
 
 def test_memory_share_splits_the_headroom_between_steps() -> None:
