@@ -47,6 +47,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from prefect_gpu_workers.procfs import pids_in_directory
+
 DatabaseKind = Literal["sqlite", "postgres"]
 DATABASES: tuple[DatabaseKind, ...] = ("postgres", "sqlite")
 # Points at a directory with `initdb` and `postgres` (e.g. a system install's
@@ -174,28 +176,6 @@ def connection_url(socket_dir: Path) -> str:
         'postgresql+asyncpg://postgres@/postgres?host=/w/pg/run'
     """
     return f"postgresql+asyncpg://{DATABASE_USER}@/{DATABASE_NAME}?host={socket_dir}"
-
-
-def pids_in_directory(data_dir: Path) -> list[int]:
-    """Live processes whose working directory is ``data_dir``: a postmaster and its children.
-
-    Every PostgreSQL server process runs in its data directory, so this finds
-    a server whatever its process group or parent (Linux: reads ``/proc``).
-    """
-    target = str(data_dir.resolve())
-    found: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return found
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if os.readlink(entry / "cwd") == target:
-                found.append(int(entry.name))
-        except OSError:  # gone, or not ours to look at
-            continue
-    return sorted(found)
 
 
 def read_postmaster_pid(data_dir: Path) -> int | None:

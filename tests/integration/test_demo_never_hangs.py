@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from prefect_gpu_workers.database import EmbeddedPostgresUnavailable, find_bin_dir
+from prefect_gpu_workers.procfs import pids_in_directory, pids_with_env
 
 CLI = [sys.executable, "-m", "prefect_gpu_workers.cli"]
 # Generous: on a busy 2-core machine the server alone takes a minute to start.
@@ -44,41 +45,12 @@ def fresh_env() -> dict[str, str]:
     return {**env, "COLUMNS": "200"}
 
 
-def pids_with_env(entry: str) -> list[int]:
-    """Live processes (other than this one) whose environment has ``entry`` (``NAME=value``)."""
-    needle = entry.encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
-def pids_in_directory(directory: Path) -> list[int]:
-    """Live processes working in ``directory`` (a PostgreSQL server's, for its data dir)."""
-    target = str(directory.resolve())
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if os.readlink(proc / "cwd") == target:
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
-
-
 def left_running(workdir: Path, timeout_s: float = 30.0) -> list[int]:
     """The demo's processes still alive, waiting up to ``timeout_s`` for them to go."""
-    home = f"PREFECT_HOME={workdir / 'prefect'}"
+    home = str(workdir / "prefect")
     data_dir = workdir / "prefect" / "postgres" / "data"
     deadline = time.monotonic() + timeout_s
-    while (left := pids_with_env(home) + pids_in_directory(data_dir)) and (
+    while (left := pids_with_env("PREFECT_HOME", home) + pids_in_directory(data_dir)) and (
         time.monotonic() < deadline
     ):
         time.sleep(0.5)
@@ -87,7 +59,7 @@ def left_running(workdir: Path, timeout_s: float = 30.0) -> list[int]:
 
 def prefect_server_pid(workdir: Path) -> int | None:
     """The demo's Prefect server: its home in the environment, ``server start`` in argv."""
-    for pid in pids_with_env(f"PREFECT_HOME={workdir / 'prefect'}"):
+    for pid in pids_with_env("PREFECT_HOME", str(workdir / "prefect")):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:

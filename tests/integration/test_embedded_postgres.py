@@ -30,6 +30,7 @@ from prefect_gpu_workers.database import (
     EmbeddedPostgresUnavailable,
     find_bin_dir,
 )
+from prefect_gpu_workers.procfs import pids_in_directory
 from prefect_gpu_workers.server import LocalPrefectServer, SqliteFallbackWarning
 
 pytestmark = pytest.mark.skipif(
@@ -37,24 +38,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def server_processes(data_dir: Path) -> list[int]:
-    """Live processes working in ``data_dir``: a PostgreSQL server's processes."""
-    target = str(data_dir.resolve())
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.readlink(entry / "cwd") == target:
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def wait_for_no_server(data_dir: Path, timeout_s: float = 60.0) -> list[int]:
     """Wait until no process works in ``data_dir``; returns those left at the deadline."""
     deadline = time.monotonic() + timeout_s
-    while (left := server_processes(data_dir)) and time.monotonic() < deadline:
+    while (left := pids_in_directory(data_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
@@ -118,7 +105,7 @@ def owner(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
             proc.kill()
             proc.wait()
     for data_dir in tmp_path.glob("**/data"):
-        for pid in server_processes(data_dir):
+        for pid in pids_in_directory(data_dir):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -172,7 +159,7 @@ def test_prefect_on_postgres_serves_a_limit_and_keeps_its_lease_across_a_restart
         assert psql(server.postgres, "select count(*) from concurrency_limit_v2") == "1"
     finally:
         server.stop()
-    assert server_processes(data_dir) == [], "stop left a postgres process"
+    assert pids_in_directory(data_dir) == [], "stop left a postgres process"
 
     # Same home and port: the database and the lease are still there.
     restarted = LocalPrefectServer(home, port=server.port, database="postgres").start()
@@ -187,7 +174,7 @@ def test_prefect_on_postgres_serves_a_limit_and_keeps_its_lease_across_a_restart
             assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
     finally:
         restarted.stop()
-    assert server_processes(data_dir) == [], "stop left a postgres process"
+    assert pids_in_directory(data_dir) == [], "stop left a postgres process"
 
 
 @pytest.mark.usefixtures("postgres_available")
@@ -196,10 +183,10 @@ def test_sigterm_to_the_owner_shuts_postgres_down(
 ) -> None:
     root = tmp_path / "pg"
     proc, postmaster = start_owner(owner, root)
-    assert postmaster in server_processes(root / "data")
+    assert postmaster in pids_in_directory(root / "data")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
-    assert server_processes(root / "data") == []
+    assert pids_in_directory(root / "data") == []
     # A clean shutdown, not a kill: the server logged its end.
     assert "database system is shut down" in (root / "postgres.log").read_text()
 
@@ -210,7 +197,7 @@ def test_sigkill_to_the_owner_still_shuts_postgres_down(
 ) -> None:
     root = tmp_path / "pg"
     proc, postmaster = start_owner(owner, root)
-    assert postmaster in server_processes(root / "data")
+    assert postmaster in pids_in_directory(root / "data")
     proc.kill()  # no cleanup runs: the parent-death signal is all there is
     proc.wait(timeout=60)
     assert wait_for_no_server(root / "data") == []
@@ -224,15 +211,15 @@ def test_a_server_left_behind_in_the_data_directory_is_stopped_before_a_new_star
     root = tmp_path / "pg"
     proc, leftover = start_owner(owner, root, mode="thread")
     proc.wait(timeout=60)
-    assert leftover in server_processes(root / "data"), "the leftover server is not running"
+    assert leftover in pids_in_directory(root / "data"), "the leftover server is not running"
     postgres = EmbeddedPostgres(root).start()
     try:
         assert postgres.pid != leftover
-        assert leftover not in server_processes(root / "data")
+        assert leftover not in pids_in_directory(root / "data")
         assert psql(postgres, "select 1") == "1"
     finally:
         postgres.stop()
-    assert server_processes(root / "data") == []
+    assert pids_in_directory(root / "data") == []
 
 
 @pytest.mark.usefixtures("postgres_available")
@@ -250,7 +237,7 @@ def test_a_work_directory_too_deep_for_a_socket_path_gets_a_short_socket_directo
     finally:
         postgres.stop()
     assert not socket_dir.exists(), "the temporary socket directory was left behind"
-    assert server_processes(root / "data") == []
+    assert pids_in_directory(root / "data") == []
 
 
 def test_without_the_embedded_server_the_prefect_server_warns_and_uses_sqlite(

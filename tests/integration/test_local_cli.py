@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from prefect_gpu_workers.gpu import detect_gpus
+from prefect_gpu_workers.procfs import pids_with_env
 from prefect_gpu_workers.server import LocalPrefectServer
 
 CLI = [sys.executable, "-m", "prefect_gpu_workers.cli"]
@@ -28,24 +29,9 @@ QUICK = [
 ]  # fmt: skip
 
 
-def pids_with_env(entry: str) -> list[int]:
-    """Live processes (other than this one) whose environment has ``entry`` (``NAME=value``)."""
-    needle = entry.encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
-def wait_until_gone(entry: str, timeout_s: float = 10.0) -> list[int]:
+def wait_until_gone(name: str, value: str, timeout_s: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout_s
-    while (left := pids_with_env(entry)) and time.monotonic() < deadline:
+    while (left := pids_with_env(name, value)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
@@ -75,8 +61,8 @@ def test_demo_runs_reports_and_leaves_nothing_running(
     for worker in (f"{prefix}-1", f"{prefix}-2"):
         assert f"gpu:{worker}" in output
     assert "all processes started by the demo have stopped" in output
-    assert pids_with_env(f"WORKER_ID={prefix}-1") == []
-    assert pids_with_env(f"WORKER_ID={prefix}-2") == []
+    assert pids_with_env("WORKER_ID", f"{prefix}-1") == []
+    assert pids_with_env("WORKER_ID", f"{prefix}-2") == []
     # Every stage of every run left its record in the work dir.
     assert len(list((tmp_path / "records").glob("*.jsonl"))) == 6
     # The pictures, their paths printed at the end (the unit tests count their bars).
@@ -98,7 +84,7 @@ def test_ctrl_c_stops_server_workers_and_flow_runs(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
-    server_home = f"PREFECT_HOME={tmp_path / 'prefect'}"
+    server_home = str(tmp_path / "prefect")
     records = tmp_path / "records"
     try:
         deadline = time.monotonic() + 240
@@ -109,8 +95,8 @@ def test_ctrl_c_stops_server_workers_and_flow_runs(tmp_path: Path) -> None:
             assert demo.poll() is None, demo.stdout.read() if demo.stdout else ""
             assert time.monotonic() < deadline, "no flow run started"
             time.sleep(0.5)
-        assert pids_with_env(f"WORKER_ID={prefix}-1"), "no worker or flow run process seen"
-        assert pids_with_env(server_home), "the demo's own server is not running"
+        assert pids_with_env("WORKER_ID", f"{prefix}-1"), "no worker or flow run process seen"
+        assert pids_with_env("PREFECT_HOME", server_home), "the demo's own server is not running"
         demo.send_signal(signal.SIGINT)
         output, _ = demo.communicate(timeout=90)
     finally:
@@ -119,8 +105,8 @@ def test_ctrl_c_stops_server_workers_and_flow_runs(tmp_path: Path) -> None:
             demo.wait()
     assert demo.returncode == 130, output
     assert "interrupted" in output
-    assert wait_until_gone(f"WORKER_ID={prefix}-1") == [], "worker or flow run left running"
-    assert wait_until_gone(server_home) == [], "the demo's server was left running"
+    assert wait_until_gone("WORKER_ID", f"{prefix}-1") == [], "worker or flow run left running"
+    assert wait_until_gone("PREFECT_HOME", server_home) == [], "the demo's server was left running"
 
 
 def test_worker_entrypoint_fails_visibly_when_its_limit_never_appears(

@@ -21,6 +21,7 @@ from pathlib import Path
 from prefect_gpu_workers.commands import module_program
 from prefect_gpu_workers.commands import worker_command as entrypoint_command
 from prefect_gpu_workers.local.plan import WorkerPlan
+from prefect_gpu_workers.procfs import pids_with_env
 
 # Set on every process local mode starts; flow-run processes inherit it.
 SESSION_MARKER_ENV = "PGW_LOCAL_SESSION"
@@ -37,18 +38,7 @@ def marked_pids(marker: str, env_name: str = SESSION_MARKER_ENV) -> list[int]:
     Flow-run processes run in sessions of their own, so process groups alone
     do not reach them; the inherited marker does.
     """
-    needle = f"{env_name}={marker}".encode()
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if needle in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return sorted(found)
+    return pids_with_env(env_name, marker)
 
 
 def _signal_pids(pids: Sequence[int], signum: int) -> None:
