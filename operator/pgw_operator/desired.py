@@ -43,6 +43,7 @@ from pgw_operator.spec import (
     WORKER_CONTAINER,
     PoolSpec,
 )
+from prefect_gpu_workers.commands import drain_seconds_within
 from prefect_gpu_workers.commands import worker_command as entrypoint_command
 
 # The worker process keeps Prefect's home here; the root filesystem is read-only.
@@ -183,13 +184,18 @@ def topology_spread(pool: str, spec: PoolSpec) -> list[dict[str, Any]]:
 
 
 def worker_command(spec: PoolSpec) -> list[str]:
-    """Wait for this pod's limit, then exec the Prefect worker named after the pod."""
+    """Wait for this pod's limit, then run the Prefect worker named after the pod.
+
+    On SIGTERM it drains for the pod's grace period less a margin
+    (``drain_seconds_within``), so it stops its last runs itself, before the kubelet's kill.
+    """
     return entrypoint_command(
         spec.work_pool,
         flow_runs=spec.flow_runs_per_worker,
         limit_prefix=spec.limit_prefix,
         wait_timeout_s=spec.limit_wait_timeout_s,
         with_healthcheck=True,
+        drain_s=drain_seconds_within(spec.drain_grace_period_s),
     )
 
 

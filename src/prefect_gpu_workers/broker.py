@@ -371,6 +371,19 @@ class SlotBroker:
         """
         await self._limit_slots(limit)
 
+    async def settled(self, timeout_s: float) -> bool:
+        """Wait until no step holds a slot here (a drained worker's runs are gone).
+
+        Returns whether that happened within ``timeout_s``; the give-backs still
+        in flight then finish in :meth:`close`.
+        """
+        deadline = self.clock() + timeout_s
+        # Holders leave from several paths (_finish, close); a short poll is simpler
+        # than an event each of them must remember to set.
+        while self._holders and self.clock() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        return not self._holders
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Per limit: capacity, slots held, waiters and the slots they ask for."""
         return {

@@ -27,6 +27,7 @@ from prefect_gpu_workers.argtypes import (
     positive_int,
 )
 from prefect_gpu_workers.database import DATABASES
+from prefect_gpu_workers.drain import DEFAULT_DRAIN_S
 from prefect_gpu_workers.local.plan import (
     DEFAULT_API_TIMEOUT_S,
     DEFAULT_POOL,
@@ -265,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds to wait for the limit before failing (300)",
     )
+    worker.add_argument(
+        "--drain-seconds",
+        type=non_negative_float,
+        default=DEFAULT_DRAIN_S,
+        help="on SIGTERM or Ctrl-C: seconds the flow runs in flight get to finish before the "
+        "worker stops them and schedules them again (PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"
+        f"=reschedule) or marks them Crashed ({DEFAULT_DRAIN_S:.0f})",
+    )
     worker.add_argument("--with-healthcheck", action="store_true", help="serve /health")
     worker.add_argument(
         "--intake",
@@ -347,6 +356,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 args.intake,
                 args.metrics_socket,
                 args.slot_broker,
+                args.drain_seconds,
             )
             return 0
         except (TimeoutError, WorkerIdentityError) as exc:

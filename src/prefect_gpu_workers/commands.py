@@ -21,6 +21,9 @@ from collections.abc import Sequence
 # The console script (pyproject's [project.scripts]) that worker images run.
 CONSOLE_SCRIPT = "prefect-gpu-workers"
 WORKER_SUBCOMMAND = "worker"
+# Seconds the worker keeps between its drain deadline and the kill that ends
+# the pod's grace period: stopping the rest, setting their states, the slots.
+DRAIN_MARGIN_S = 15
 
 
 def module_program(python: str) -> list[str]:
@@ -32,6 +35,16 @@ def module_program(python: str) -> list[str]:
     return [python, "-m", "prefect_gpu_workers"]
 
 
+def drain_seconds_within(grace_period_s: float) -> int:
+    """The worker's drain deadline inside a grace period that ends in a kill.
+
+    Example:
+        >>> drain_seconds_within(60), drain_seconds_within(10)
+        (45, 0)
+    """
+    return max(0, int(grace_period_s) - DRAIN_MARGIN_S)
+
+
 def worker_command(
     pool: str,
     flow_runs: int,
@@ -40,6 +53,7 @@ def worker_command(
     with_healthcheck: bool = False,
     program: Sequence[str] = (CONSOLE_SCRIPT,),
     slot_broker: bool = True,
+    drain_s: float | None = None,
 ) -> list[str]:
     """The worker entrypoint's command line.
 
@@ -53,6 +67,8 @@ def worker_command(
             :func:`module_program` (local mode).
         slot_broker: False starts the worker without its slot broker, so that its
             GPU steps poll Prefect (benchmarks compare the two).
+        drain_s: seconds its flow runs in flight get to finish when it is told to
+            stop (``--drain-seconds``); None keeps the entrypoint's default.
 
     Raises:
         ValueError: ``flow_runs`` below 1 or a negative ``wait_timeout_s``.
@@ -72,4 +88,6 @@ def worker_command(
         command.append("--with-healthcheck")
     if not slot_broker:
         command.append("--no-slot-broker")
+    if drain_s is not None:
+        command += ["--drain-seconds", f"{drain_s:g}"]
     return command

@@ -15,26 +15,46 @@ Then one process, one event loop, hosts:
   would configure it (the same class and options, so the same behaviour), whose intake
   follows the GPU: a poll takes new flow runs only while the GPU queue at the
   broker is shorter than the worker's slots (``grants.intake_open``).
+
+SIGTERM or Ctrl-C drains the worker (``drain.py`` decides, :func:`drain` acts):
+no new flow runs from that moment; the runs in flight may finish until the
+drain deadline; then the worker stops the rest, sets each to a state Prefect
+acts on (Scheduled again, Cancelled or Crashed, never left Running), waits for
+the broker to have given their slots back, and exits. A second signal ends the
+wait at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from prefect_gpu_workers.drain import (
+    DEFAULT_DRAIN_S,
+    DrainReport,
+    RunOutcome,
+    crash_message,
+    run_outcome,
+    wants_reschedule,
+)
 from prefect_gpu_workers.limits import (
     GpuLimitUnavailable,
     GpuSlotRequest,
     read_limit,
 )
 from prefect_gpu_workers.naming import SLOT_BROKER_ENV, worker_id_from_env
+from prefect_gpu_workers.procfs import pids_with_env
 
 IntakeMode = Literal["gpu-queue", "flow-runs"]
+# Prefect's process worker gives each flow-run process the run's id here.
+FLOW_RUN_ID_ENV = "PREFECT__FLOW_RUN_ID"
 
 
 def wait_for_limit(
@@ -67,7 +87,7 @@ def wait_for_limit(
 
 
 def _process_worker_class() -> type[Any]:
-    """A Prefect ``ProcessWorker`` whose intake follows its broker's GPU queue."""
+    """A Prefect ``ProcessWorker`` that drains, and whose intake follows its broker's GPU queue."""
     from prefect.workers.process import ProcessWorker
 
     from prefect_gpu_workers.broker import SlotBroker
@@ -76,7 +96,7 @@ def _process_worker_class() -> type[Any]:
         def __init__(
             self,
             *args: Any,
-            broker: SlotBroker,
+            broker: SlotBroker | None,
             gpu_limit: str,
             intake: IntakeMode,
             **kwargs: Any,
@@ -85,10 +105,22 @@ def _process_worker_class() -> type[Any]:
             self._broker = broker
             self._gpu_limit = gpu_limit
             self._intake: IntakeMode = intake
+            self.draining = False
+            # Flow runs this worker has taken and not yet seen end.
+            self.in_flight: dict[Any, Any] = {}
+
+        async def get_and_submit_flow_runs(self) -> list[Any]:
+            if self.draining:  # stopping: take nothing more
+                return []
+            runs: list[Any] = await super().get_and_submit_flow_runs()
+            return runs
 
         async def _submit_scheduled_flow_runs(self, flow_run_response: list[Any]) -> list[Any]:
+            if self.draining:
+                return []
             if (
-                self._intake == "gpu-queue"
+                self._broker is not None
+                and self._intake == "gpu-queue"
                 and flow_run_response
                 and not self._broker.intake_open(self._gpu_limit)
             ):
@@ -98,9 +130,187 @@ def _process_worker_class() -> type[Any]:
                 )
                 return []
             runs: list[Any] = await super()._submit_scheduled_flow_runs(flow_run_response)
+            self.in_flight.update((run.id, run) for run in runs)
             return runs
 
+        def _release_limit_slot(self, flow_run_id: Any) -> None:
+            # Prefect frees a run's place here when its process has ended (or it
+            # was never started): from then on it is not in flight.
+            self.in_flight.pop(flow_run_id, None)
+            super()._release_limit_slot(flow_run_id)
+
     return GpuProcessWorker
+
+
+async def _read_states(client: Any, run_ids: list[Any]) -> dict[Any, Any]:
+    """Each run's current FlowRun from Prefect (runs Prefect no longer has are left out)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    if not run_ids:
+        return {}
+    runs = await client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids)), limit=len(run_ids)
+    )
+    return {run.id: run for run in runs}
+
+
+def _kill_flow_run_processes(run_ids: list[Any]) -> list[int]:
+    """SIGKILL what is left of these runs' processes (and their process groups)."""
+    killed: list[int] = []
+    for run_id in run_ids:
+        for pid in pids_with_env(FLOW_RUN_ID_ENV, str(run_id)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(pid) == pid and pid != os.getpgid(0):
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+async def drain(
+    worker: Any,
+    worker_task: asyncio.Task[Any],
+    drain_s: float,
+    hurry: asyncio.Event,
+    report: Callable[[str], None],
+) -> DrainReport:
+    """Drain ``worker`` (a draining ``GpuProcessWorker`` whose ``start`` runs in ``worker_task``).
+
+    Waits up to ``drain_s`` (or until ``hurry`` is set) for the runs in flight to
+    end, then stops the Prefect worker and what is left of its runs' processes,
+    and sets each stopped run's state as :func:`drain.run_outcome` says.
+
+    Raises:
+        Exception: the Prefect API failed while setting a state (the caller logs it).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Crashed, Scheduled
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + drain_s
+    result = DrainReport()
+    at_start = set(worker.in_flight)
+    async with get_client() as client:
+        said_at = -1.0
+        while True:
+            runs = await _read_states(client, list(worker.in_flight))
+            waiting = [
+                run
+                for run in runs.values()
+                if run_outcome(run.state_type.value if run.state_type else None, False, False)
+                is RunOutcome.WAIT
+            ]
+            left = deadline - loop.time()
+            if not waiting or left <= 0 or hurry.is_set() or worker_task.done():
+                break
+            if loop.time() - said_at >= 10:
+                report(f"draining: {len(waiting)} flow run(s) in flight, {left:.0f} s left")
+                said_at = loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hurry.wait(), timeout=min(1.0, left))
+        # What was still in flight is stopped with the Prefect worker.
+        stopping = dict(worker.in_flight)
+        for run_id in at_start - set(stopping):
+            result.add(RunOutcome.FINISHED, str(run_id))
+        worker_task.cancel()
+        await asyncio.gather(worker_task, return_exceptions=True)
+        _kill_flow_run_processes(list(stopping))
+        after = await _read_states(client, list(stopping))
+        for run_id, flow_run in stopping.items():
+            run: Any = after.get(run_id) or flow_run
+            state_type = run.state_type.value if run.state_type else None
+            outcome = run_outcome(
+                state_type, True, wants_reschedule(run.job_variables.get("env"), os.environ)
+            )
+            state: Any = None
+            if outcome is RunOutcome.RESCHEDULE:
+                state = Scheduled(name="Rescheduled", message=f"drained from {worker.name}")
+            elif outcome is RunOutcome.CANCEL:
+                state = Cancelled(message=f"cancelled while {worker.name} drained")
+            elif outcome is RunOutcome.CRASH:
+                state = Crashed(message=crash_message(worker.name, drain_s))
+            if state is not None:
+                await client.set_flow_run_state(run_id, state, force=True)
+            result.add(outcome, str(run_id))
+    result.waited_s = loop.time() - started
+    return result
+
+
+async def run_until_stopped(
+    worker: Any, with_healthcheck: bool, drain_s: float, broker: Any | None = None
+) -> DrainReport | None:
+    """Run ``worker.start`` until it ends or a signal drains it; the drain's report, if any.
+
+    SIGTERM and SIGINT start the drain; a second one ends its wait at once.
+    With a ``broker``, waits (up to 10 s) for it to have given the stopped
+    runs' slots back before returning.
+    """
+    loop = asyncio.get_running_loop()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            print(f"{signal.Signals(signum).name} again: stopping the flow runs now", flush=True)
+            hurry.set()
+        else:
+            print(
+                f"{signal.Signals(signum).name}: draining, no new flow runs; "
+                f"{drain_s:.0f} s for those in flight",
+                flush=True,
+            )
+            worker.draining = True
+            stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    worker_task = asyncio.ensure_future(
+        worker.start(with_healthcheck=with_healthcheck, printer=print)
+    )
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({worker_task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            worker_task.result()  # the worker ended on its own: its error, if any
+            return None
+        report = await drain(worker, worker_task, drain_s, hurry, print_line)
+        if broker is not None:
+            await broker.settled(timeout_s=10.0)
+        print_line(report.describe())
+        return report
+    finally:
+        stopped.cancel()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def _new_worker(
+    pool: str,
+    worker_id: str,
+    flow_runs: int,
+    broker: Any | None,
+    gpu_limit: str,
+    intake: IntakeMode,
+) -> Any:
+    """The Prefect process worker, configured as ``prefect worker start --type process
+    --name WORKER_ID --limit FLOW_RUNS`` would configure it."""
+    from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
+
+    return _process_worker_class()(
+        name=worker_id,
+        work_pool_name=pool,
+        limit=flow_runs,
+        prefetch_seconds=PREFECT_WORKER_PREFETCH_SECONDS.value(),
+        heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()),
+        broker=broker,
+        gpu_limit=gpu_limit,
+        intake=intake,
+    )
 
 
 async def serve_worker(
@@ -112,11 +322,9 @@ async def serve_worker(
     intake: IntakeMode = "gpu-queue",
     socket_path: Path | None = None,
     metrics_socket: Path | None = None,
-) -> None:
-    """Run the slot broker and the Prefect process worker in this event loop until stopped."""
-    from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
-    from prefect.utilities.processutils import setup_signal_handlers_worker
-
+    drain_s: float = DEFAULT_DRAIN_S,
+) -> DrainReport | None:
+    """Run the slot broker and the Prefect process worker in this event loop until drained."""
     from prefect_gpu_workers.broker import SlotBroker
 
     async with SlotBroker(worker_id, socket_path) as broker:
@@ -129,44 +337,27 @@ async def serve_worker(
 
             metrics_server = await serve_metrics(metrics_socket, broker.metrics_text)
             print(f"slot broker metrics on {metrics_socket}", flush=True)
-        worker = _process_worker_class()(
-            name=worker_id,
-            work_pool_name=pool,
-            limit=flow_runs,
-            prefetch_seconds=PREFECT_WORKER_PREFETCH_SECONDS.value(),
-            heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()),
-            broker=broker,
-            gpu_limit=request.name,
-            intake=intake,
-        )
-        # As `prefect worker start` does: SIGTERM becomes SIGINT, a second one SIGKILL.
-        setup_signal_handlers_worker(os.getpid(), "the process worker", print)
+        worker = _new_worker(pool, worker_id, flow_runs, broker, request.name, intake)
         try:
-            await worker.start(with_healthcheck=with_healthcheck, printer=print)
+            return await run_until_stopped(worker, with_healthcheck, drain_s, broker)
         finally:
             if metrics_server is not None:
                 metrics_server.close()
 
 
 async def serve_plain_worker(
-    pool: str, worker_id: str, flow_runs: int, with_healthcheck: bool = False
-) -> None:
+    pool: str,
+    worker_id: str,
+    request: GpuSlotRequest,
+    flow_runs: int,
+    with_healthcheck: bool = False,
+    drain_s: float = DEFAULT_DRAIN_S,
+) -> DrainReport | None:
     """Prefect's process worker alone: GPU steps poll Prefect (the comparison baseline)."""
-    from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
-    from prefect.utilities.processutils import setup_signal_handlers_worker
-    from prefect.workers.process import ProcessWorker
-
     os.environ.pop(SLOT_BROKER_ENV, None)
     print("no slot broker: GPU steps poll Prefect", flush=True)
-    worker = ProcessWorker(
-        name=worker_id,
-        work_pool_name=pool,
-        limit=flow_runs,
-        prefetch_seconds=PREFECT_WORKER_PREFETCH_SECONDS.value(),
-        heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()),
-    )
-    setup_signal_handlers_worker(os.getpid(), "the process worker", print)
-    await worker.start(with_healthcheck=with_healthcheck, printer=print)
+    worker = _new_worker(pool, worker_id, flow_runs, None, request.name, "flow-runs")
+    return await run_until_stopped(worker, with_healthcheck, drain_s)
 
 
 def run_worker(
@@ -178,8 +369,9 @@ def run_worker(
     intake: IntakeMode = "gpu-queue",
     metrics_socket: Path | None = None,
     slot_broker: bool = True,
+    drain_s: float = DEFAULT_DRAIN_S,
 ) -> None:
-    """Wait for the limit, then serve the broker and the Prefect worker until stopped.
+    """Wait for the limit, then serve the broker and the Prefect worker until drained.
 
     Raises:
         WorkerIdentityError: ``WORKER_ID`` missing or invalid.
@@ -189,7 +381,9 @@ def run_worker(
     request = GpuSlotRequest.for_worker(1, limit_prefix, worker_id)
     wait_for_limit(request, wait_timeout_s)
     if not slot_broker:
-        asyncio.run(serve_plain_worker(pool, worker_id, flow_runs, with_healthcheck))
+        asyncio.run(
+            serve_plain_worker(pool, worker_id, request, flow_runs, with_healthcheck, drain_s)
+        )
         return
     asyncio.run(
         serve_worker(
@@ -200,5 +394,6 @@ def run_worker(
             with_healthcheck,
             intake,
             metrics_socket=metrics_socket,
+            drain_s=drain_s,
         )
     )

@@ -257,8 +257,8 @@ def test_worker_runs_the_pods_entrypoint_with_its_flow_runs() -> None:
     (worker,) = plan_service(
         "box", devices_from(GpuInventory(), 1), SlotsPerGpu(2), flow_runs=5
     ).workers
-    argv = worker_argv(worker, "pool")
+    argv = worker_argv(worker, "pool", drain_s=45)
     assert argv[1:] == [
         "-m", "prefect_gpu_workers", "worker", "--pool", "pool", "--flow-runs", "5",
-        "--limit-prefix", "gpu", "--wait-timeout", "300.0",
+        "--limit-prefix", "gpu", "--wait-timeout", "300.0", "--drain-seconds", "45",
     ]  # fmt: skip

@@ -105,7 +105,12 @@ def start_logged(
 
 
 def worker_command(plan: WorkerPlan, pool: str) -> list[str]:
-    """The entrypoint pods run, through this interpreter; ``WORKER_ID`` comes from the env."""
+    """The entrypoint pods run, through this interpreter; ``WORKER_ID`` comes from the env.
+
+    Local mode stops its workers once every run has ended, or when it is giving
+    up: then nothing is worth waiting for, and the drain at once marks what
+    still runs (Crashed) and gives its slots back.
+    """
     return entrypoint_command(
         pool,
         flow_runs=plan.flow_runs,
@@ -113,4 +118,5 @@ def worker_command(plan: WorkerPlan, pool: str) -> list[str]:
         wait_timeout_s=LIMIT_WAIT_TIMEOUT_S,
         program=module_program(sys.executable),
         slot_broker=plan.slot_broker,
+        drain_s=0,
     )

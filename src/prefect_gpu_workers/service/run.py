@@ -38,7 +38,12 @@ from types import FrameType
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 
-from prefect_gpu_workers.commands import module_program, worker_command
+from prefect_gpu_workers.commands import (
+    DRAIN_MARGIN_S,
+    drain_seconds_within,
+    module_program,
+    worker_command,
+)
 from prefect_gpu_workers.gpu import GpuInventory, detect_gpus
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, WorkerIdentityError
 from prefect_gpu_workers.service import prefect_ops
@@ -95,7 +100,7 @@ class Refused(RuntimeError):
     """The service must not start: restarting it unchanged would not help."""
 
 
-def worker_argv(worker: ServiceWorker, pool: str) -> list[str]:
+def worker_argv(worker: ServiceWorker, pool: str, drain_s: float) -> list[str]:
     """The worker entrypoint for ``worker``, through this interpreter (as local mode does)."""
     return worker_command(
         pool,
@@ -103,6 +108,7 @@ def worker_argv(worker: ServiceWorker, pool: str) -> list[str]:
         limit_prefix=worker.limit_prefix,
         wait_timeout_s=WORKER_WAIT_FOR_LIMIT_S,
         program=module_program(sys.executable),
+        drain_s=drain_s,
     )
 
 
@@ -306,7 +312,9 @@ class StartService:
         worker = state.worker
         log = None if self.options.log_dir is None else self.options.log_dir / f"{worker.name}.log"
         state.proc = start_worker_process(
-            worker_argv(worker, self.options.pool),
+            worker_argv(
+                worker, self.options.pool, drain_seconds_within(self.options.drain_timeout_s)
+            ),
             {**self.env, **worker.env(), OWNER_ENV: self.owner, "PATH": self._path()},
             log,
         )
@@ -367,17 +375,27 @@ class StartService:
             return
         timeout = self.options.drain_timeout_s
         self.say(f"SIGTERM to {len(live)} worker(s); waiting up to {timeout:.0f}s for them "
-                 "to drain (a second Ctrl-C stops them now)")  # fmt: skip
-        for state in live:
-            assert state.proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(state.proc.pid, signal.SIGTERM)
+                 "to drain (a second Ctrl-C stops their flow runs now)")  # fmt: skip
+        # The worker alone: its flow runs live in sessions of their own, and it
+        # stops them itself when its drain ends (their states set, slots back).
+        self._signal_workers(live, signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        hurried = False
         while any(s.proc is not None and s.proc.poll() is None for s in live):
-            if self.hurry.is_set() or time.monotonic() >= deadline:
-                self.say("drain cut short: stopping the workers now")
+            now = time.monotonic()
+            if not hurried and (self.hurry.is_set() or now >= deadline - DRAIN_MARGIN_S):
+                if self.hurry.is_set():
+                    self.say("drain cut short: the workers stop their flow runs now")
+                    self._signal_workers(live, signal.SIGTERM)  # a second one hurries it
+                deadline = min(deadline, now + DRAIN_MARGIN_S)
+                hurried = True
+            if now >= deadline:
+                self.say("workers still running after their drain: killing them")
                 break
-            self.hurry.wait(0.2)
+            if hurried:
+                time.sleep(0.2)
+            else:
+                self.hurry.wait(0.2)
         for state in live:
             assert state.proc is not None
             if state.proc.poll() is None:
@@ -385,6 +403,13 @@ class StartService:
                     os.killpg(state.proc.pid, signal.SIGKILL)
                 state.proc.wait()
             self.say(f"worker {state.worker.name} exited with code {state.proc.returncode}")
+
+    @staticmethod
+    def _signal_workers(live: list[_Running], signum: int) -> None:
+        for state in live:
+            if state.proc is not None and state.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(state.proc.pid, signum)
 
     def _cleanup(self) -> None:
         # A signal during cleanup must not cut it short.

@@ -1,0 +1,127 @@
+"""A stopping worker's drain, decided: what becomes of each flow run it claimed.
+
+A worker told to stop (SIGTERM from the kubelet on scale-down, from ``start``,
+or Ctrl-C) takes no new flow runs and lets the ones it runs finish, until its
+drain deadline. Then it stops the rest, and each must end in a state Prefect
+acts on, never Running:
+
+- a run that never started its flow (Scheduled, Pending) is scheduled again,
+  for another worker;
+- a started run is scheduled again where it allows that: Prefect's own knob
+  ``PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule`` in its environment
+  (its deployment's job variables, else the worker's);
+- otherwise it is Crashed, with the reason.
+
+Its GPU slots go back at once: the broker reclaims a dead holder's lease.
+Stdlib only; ``worker.py`` carries it out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+# Prefect's setting for what `prefect flow-run execute` does on SIGTERM; the
+# drain honours its "reschedule" for every run it stops.
+SIGTERM_BEHAVIOR_ENV = "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"
+# The worker's drain when nothing says otherwise (``--drain-seconds``).
+DEFAULT_DRAIN_S = 60.0
+# Prefect state types that end a run: the drain leaves such runs alone.
+FINAL_STATE_TYPES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+# Runs in these states have not started their flow: always safe to run again.
+NOT_STARTED_STATE_TYPES = frozenset({"SCHEDULED", "PENDING"})
+
+
+class RunOutcome(StrEnum):
+    """What the drain does with one claimed flow run."""
+
+    FINISHED = "finished"  # ended on its own: nothing to do
+    WAIT = "wait"  # still in flight, the deadline not reached
+    RESCHEDULE = "reschedule"  # stopped, and Scheduled again for another worker
+    CANCEL = "cancel"  # stopped while Cancelling: Cancelled, as asked
+    CRASH = "crash"  # stopped, and Crashed with the reason
+
+
+def wants_reschedule(job_env: Mapping[str, Any] | None, worker_env: Mapping[str, str]) -> bool:
+    """Whether a started run may run again elsewhere: Prefect's SIGTERM knob says so.
+
+    The run's own environment (its deployment's job variables) wins over the
+    worker's, as it does in the flow-run process.
+
+    Example:
+        >>> wants_reschedule({SIGTERM_BEHAVIOR_ENV: "reschedule"}, {})
+        True
+        >>> wants_reschedule({SIGTERM_BEHAVIOR_ENV: "crash"}, {SIGTERM_BEHAVIOR_ENV: "reschedule"})
+        False
+    """
+    value = (job_env or {}).get(SIGTERM_BEHAVIOR_ENV, worker_env.get(SIGTERM_BEHAVIOR_ENV, ""))
+    return str(value).lower() == "reschedule"
+
+
+def run_outcome(state_type: str | None, deadline_passed: bool, reschedule: bool) -> RunOutcome:
+    """What to do with a claimed run in ``state_type`` (a Prefect state type's value).
+
+    Example:
+        >>> run_outcome("RUNNING", False, False).value
+        'wait'
+        >>> run_outcome("RUNNING", True, False).value
+        'crash'
+        >>> run_outcome("PENDING", True, False).value
+        'reschedule'
+    """
+    kind = (state_type or "").upper()
+    if kind in FINAL_STATE_TYPES or kind == "PAUSED":  # a paused run holds no process
+        return RunOutcome.FINISHED
+    if not deadline_passed:
+        return RunOutcome.WAIT
+    if kind == "CANCELLING":
+        return RunOutcome.CANCEL
+    if kind in NOT_STARTED_STATE_TYPES or reschedule:
+        return RunOutcome.RESCHEDULE
+    return RunOutcome.CRASH
+
+
+def crash_message(worker_id: str, drain_s: float) -> str:
+    """The Crashed state's message for a run the drain stopped."""
+    return (
+        f"worker {worker_id} was stopped and this flow run did not finish within its "
+        f"{drain_s:.0f} s drain; it does not allow a reschedule "
+        f"({SIGTERM_BEHAVIOR_ENV}=reschedule)"
+    )
+
+
+@dataclass
+class DrainReport:
+    """What a drain did, by outcome (flow run ids as strings)."""
+
+    waited_s: float = 0.0
+    finished: list[str] = field(default_factory=list)
+    rescheduled: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    crashed: list[str] = field(default_factory=list)
+
+    def add(self, outcome: RunOutcome, run_id: str) -> None:
+        """Count ``run_id`` under ``outcome`` (WAIT counts nowhere)."""
+        bucket = {
+            RunOutcome.FINISHED: self.finished,
+            RunOutcome.RESCHEDULE: self.rescheduled,
+            RunOutcome.CANCEL: self.cancelled,
+            RunOutcome.CRASH: self.crashed,
+        }.get(outcome)
+        if bucket is not None:
+            bucket.append(run_id)
+
+    def describe(self) -> str:
+        """One line for the worker's log.
+
+        Example:
+            >>> DrainReport(3.0, ["a"], ["b"]).describe()
+            'drained in 3.0 s: 1 finished, 1 rescheduled, 0 cancelled, 0 crashed'
+        """
+        return (
+            f"drained in {self.waited_s:.1f} s: {len(self.finished)} finished, "
+            f"{len(self.rescheduled)} rescheduled, {len(self.cancelled)} cancelled, "
+            f"{len(self.crashed)} crashed"
+        )
