@@ -178,6 +178,12 @@ class Pools:
             GROUP, VERSION, self.namespace, PLURAL, name, {"spec": {"replicas": replicas}}
         )
 
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        """Merge ``spec`` into the pool's spec."""
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
+        )
+
     def touch(self, name: str) -> None:
         """Change an annotation of the pool: an event for the operator, no spec change."""
         self.custom.patch_namespaced_custom_object(

@@ -7,13 +7,8 @@ themselves to one kind of node, so expected limit sizes are exact.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +28,7 @@ from prefect_gpu_workers.report import gpu_overlap_per_worker
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
 from .cluster import DevCluster
+from .local_kubelet import LocalKubelet
 from .operator_harness import (
     CRD,
     OperatorProcess,
@@ -647,35 +643,6 @@ def test_invalid_pools_are_rejected_naming_the_field(
 # End to end: real Prefect workers named after their pods -------------------------
 
 
-def kubelet_env(pools: Pools, pod: client.V1Pod, volumes: dict[str, Path]) -> dict[str, str]:
-    """The worker container's environment as the kubelet would resolve it.
-
-    Downward-API fields and Secret references are resolved from the API server;
-    volume mount paths map to local directories (``volumes``).
-    """
-    raw = pools.core.api_client.sanitize_for_serialization(pod)
-    (container,) = [c for c in raw["spec"]["containers"] if c["name"] == "worker"]
-    fields = {"metadata.name": raw["metadata"]["name"],
-              "metadata.namespace": raw["metadata"]["namespace"],
-              "spec.nodeName": raw["spec"].get("nodeName", "")}  # fmt: skip
-    env: dict[str, str] = {}
-    for item in container.get("env", []):
-        source = item.get("valueFrom")
-        if source is None:
-            value = item.get("value", "")
-        elif "fieldRef" in source:
-            value = fields[source["fieldRef"]["fieldPath"]]
-        else:
-            ref = source["secretKeyRef"]
-            secret = pools.core.read_namespaced_secret(ref["name"], pools.namespace)
-            value = base64.b64decode((secret.data or {})[ref["key"]]).decode()
-        for mount in container.get("volumeMounts", []):
-            if value == mount["mountPath"]:
-                value = str(volumes[mount["name"]])
-        env[item["name"]] = value
-    return env
-
-
 def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
     operator: OperatorProcess,
     pools: Pools,
@@ -698,28 +665,10 @@ def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
     assert work_pool_body.status_code == 200
     assert work_pool_body.json()["type"] == "process"
 
-    # Start each Running pod's container as a local process, as a kubelet would.
-    workers: list[subprocess.Popen[bytes]] = []
-    bin_dir = Path(sys.executable).parent
+    # Each Running pod's container runs as a local process, as a kubelet would run it.
+    kubelet = LocalKubelet(pools, "e2e", tmp_path).start()
     try:
-        for name in pods:
-            pod = pools.core.read_namespaced_pod(name, pools.namespace)
-            volumes = {"prefect-home": tmp_path / name / "home", "tmp": tmp_path / name / "tmp"}
-            for path in volumes.values():
-                path.mkdir(parents=True)
-            env = kubelet_env(pools, pod, volumes)
-            # Each pod has its own network namespace; one host has one: remap the port.
-            env["PREFECT_WORKER_WEBSERVER_PORT"] = str(free_port())
-            env |= {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(volumes["tmp"]),
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
-            container = pod.spec.containers[0] if pod.spec else None
-            assert container is not None
-            command = [*(container.command or []), *(container.args or [])]
-            assert command[:2] == ["prefect-gpu-workers", "worker"]
-            log = (tmp_path / f"{name}.log").open("wb")
-            workers.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True))  # fmt: skip
-
+        wait_until(lambda: len(kubelet.running()) == 2, "both workers started", timeout=60)
         records = tmp_path / "records"
         params = {"items": 2, "simulate": True, "download_s": 1.0, "gpu_s": 3.0, "save_s": 0.5,
                   "record_dir": str(records)}  # fmt: skip
@@ -738,13 +687,8 @@ def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
             )
         assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 10
     finally:
-        for proc in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in workers:
-            proc.wait(30)
-        for name in pods:
-            print(f"--- worker {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-3000:])
+        kubelet.stop()
+        print(kubelet.logs())
 
     gpu_steps = [r for r in read_records(records) if r.stage == "gpu"]
     assert len(gpu_steps) == 10
@@ -753,3 +697,68 @@ def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
     overlap = gpu_overlap_per_worker(gpu_steps)
     assert max(overlap.values()) == 2, overlap  # the limit is reached ...
     assert all(peak <= 2 for peak in overlap.values()), overlap  # ... and never exceeded
+
+
+def test_a_busy_scale_down_drains_the_worker_and_loses_no_run(
+    operator: OperatorProcess,
+    pools: Pools,
+    limits: PrefectLimits,
+    node_group: str,
+    prefect_server: LocalPrefectServer,
+    tmp_path: Path,
+) -> None:
+    work_pool = unique("drain-pool")
+    spec = pool_spec(
+        prefect_server.api_url, node_group, "gpu8", {"perWorker": 1, "slotsPerGpu": 2}, 2
+    )
+    spec["workPool"] = {"name": work_pool, "flowRunsPerWorker": 3}
+    # A drain of 75 - 15 = 60 s: far more than a run needs (about 20 s here).
+    spec["worker"]["drainGracePeriodSeconds"] = 75
+    spec["worker"]["podTemplate"]["env"] = [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}]
+    start_pool(pools, limits, "drain", spec)
+    kubelet = LocalKubelet(pools, "drain", tmp_path).start()
+    try:
+        wait_until(lambda: len(kubelet.running()) == 2, "both workers started", timeout=60)
+        params = {"items": 1, "simulate": True, "download_s": 1.0, "gpu_s": 8.0, "save_s": 1.0}
+        deployment_id = deploy_pipeline(work_pool, name=unique("drain"), parameters=params)
+        with get_client(sync_client=True) as prefect:
+            run_ids = submit_runs(prefect, deployment_id, 6, params)
+
+            def busy() -> bool:
+                kinds = [r.state.type.value for r in read_runs(prefect, run_ids) if r.state]
+                # None waiting and at least 4 in flight: each worker (3 at most) has one.
+                in_flight = sum(kind in ("PENDING", "RUNNING") for kind in kinds)
+                return "SCHEDULED" not in kinds and in_flight >= 4
+
+            wait_until(busy, "both workers busy", timeout=300, interval=0.5)
+            pools.scale("drain", 1)
+            (stopped,) = wait_until(
+                lambda: [c for c in kubelet.containers.values() if c.term_at is not None] or None,
+                "one worker told to stop",
+                timeout=60,
+            )
+            runs = wait_until(
+                lambda: (
+                    (found := read_runs(prefect, run_ids))
+                    and all(r.state is not None and r.state.is_final() for r in found)
+                    and found
+                ),
+                "the six flow runs to finish",
+                timeout=300,
+                interval=1,
+            )
+        assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 6
+        wait_until(lambda: stopped.removed, "the drained pod removed", timeout=120)
+        assert stopped.exit_code == 0
+        log = stopped.log()
+        drained = re.search(r"drained in [\d.]+ s: (\d+) finished, (\d+) rescheduled, "
+                            r"(\d+) cancelled, (\d+) crashed", log)  # fmt: skip
+        assert drained is not None, log[-3000:]
+        finished, *stopped_runs = (int(n) for n in drained.groups())
+        assert finished >= 1  # it was busy when told to stop ...
+        assert stopped_runs == [0, 0, 0]  # ... and every run it had finished where it began
+        # The pod stayed Terminating while it drained, so its limit outlived its runs.
+        wait_until(lambda: limits.get(f"gpu:{stopped.pod}") is None, "its limit deleted")
+    finally:
+        kubelet.stop()
+        print(kubelet.logs())
