@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "worker.drainGracePeriodSeconds": 60,
     "autoscaling.minReplicas": 0,
     "autoscaling.lookaheadSeconds": 0,
-    "autoscaling.pollIntervalSeconds": 10,
+    "autoscaling.pollIntervalSeconds": 5,
     "autoscaling.scaleDownDelaySeconds": 300,
     "autoscaling.cooldownSeconds": 15,
     "disruption.maxUnavailable": 1,

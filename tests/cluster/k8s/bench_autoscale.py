@@ -1,6 +1,6 @@
 """Benchmark: how fast backlog autoscaling reacts, on the dev control plane.
 
-    hack/bench-autoscale [--runs 30] [--poll 10] [--delay 30] [--json]
+    hack/bench-autoscale [--runs 30] [--poll 5] [--delay 30] [--json]
 
 Starts a real Prefect server and the operator (a subprocess, as in its
 container), creates an autoscaled GpuWorkerPool at zero replicas, then:
@@ -226,7 +226,7 @@ def measure_real_workers(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--poll", type=int, default=10, help="autoscaling.pollIntervalSeconds")
+    parser.add_argument("--poll", type=int, default=5, help="autoscaling.pollIntervalSeconds")
     parser.add_argument("--delay", type=int, default=30, help="autoscaling.scaleDownDelaySeconds")
     parser.add_argument(
         "--real-runs", type=int, default=4,
