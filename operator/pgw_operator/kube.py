@@ -75,16 +75,15 @@ def load_config() -> None:
         kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
 
 
-def apply_deployment(manifest: dict[str, Any]) -> None:
-    """Server-side apply: fields this operator owns are corrected, others left alone.
-
-    Raises:
-        KubernetesError: ``DeploymentRejected`` when the API server refuses the manifest.
-    """
+def _server_side_apply(
+    kind: str, patch: Callable[..., Any], manifest: dict[str, Any], rejected: str
+) -> None:
+    """Server-side apply ``manifest`` through ``patch`` (a namespaced patch call) as this
+    operator's field manager: fields it owns are corrected, others left alone."""
     meta = manifest["metadata"]
     _call(
-        f"worker Deployment {meta['namespace']}/{meta['name']}",
-        lambda: kubernetes.client.AppsV1Api().patch_namespaced_deployment(
+        f"{kind} {meta['namespace']}/{meta['name']}",
+        lambda: patch(
             name=meta["name"],
             namespace=meta["namespace"],
             body=manifest,
@@ -92,8 +91,18 @@ def apply_deployment(manifest: dict[str, Any]) -> None:
             force=True,
             _content_type="application/apply-patch+yaml",
         ),
-        rejected="DeploymentRejected",
+        rejected=rejected,
     )
+
+
+def apply_deployment(manifest: dict[str, Any]) -> None:
+    """Server-side apply a worker Deployment.
+
+    Raises:
+        KubernetesError: ``DeploymentRejected`` when the API server refuses the manifest.
+    """
+    patch = kubernetes.client.AppsV1Api().patch_namespaced_deployment
+    _server_side_apply("worker Deployment", patch, manifest, "DeploymentRejected")
 
 
 def patch_pool_status(namespace: str, name: str, status: dict[str, Any]) -> None:
@@ -149,19 +158,8 @@ def apply_pdb(manifest: dict[str, Any]) -> None:
     Raises:
         KubernetesError: ``DisruptionBudgetRejected`` when the API server refuses it.
     """
-    meta = manifest["metadata"]
-    _call(
-        f"PodDisruptionBudget {meta['namespace']}/{meta['name']}",
-        lambda: kubernetes.client.PolicyV1Api().patch_namespaced_pod_disruption_budget(
-            name=meta["name"],
-            namespace=meta["namespace"],
-            body=manifest,
-            field_manager=FIELD_MANAGER,
-            force=True,
-            _content_type="application/apply-patch+yaml",
-        ),
-        rejected="DisruptionBudgetRejected",
-    )
+    patch = kubernetes.client.PolicyV1Api().patch_namespaced_pod_disruption_budget
+    _server_side_apply("PodDisruptionBudget", patch, manifest, "DisruptionBudgetRejected")
 
 
 def patch_pdb_if_present(namespace: str, name: str, patch: dict[str, Any]) -> bool:

@@ -406,28 +406,6 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]--timeline: {exc}[/red]")
         return 2
 
-    if args.faults:
-        from prefect_gpu_workers.local.faults import render_faults, run_faults
-
-        faults = run_faults(
-            console,
-            workers=args.workers,
-            worker_prefix=args.worker_prefix,
-            runs=args.runs,
-            gpu_seconds=args.gpu_seconds,
-            gpus=args.gpus,
-            slots_per_gpu=args.slots_per_gpu,
-            pool=args.pool,
-            limit_prefix=args.limit_prefix,
-            worker_query_seconds=args.poll_seconds,
-            workdir=args.workdir,
-            timeout_s=args.timeout,
-        )
-        if args.json:
-            print(json.dumps(faults.as_json(), sort_keys=True))
-        else:
-            render_faults(faults, console)
-        return 0 if faults.ok else 1
     bench_options = BenchOptions(
         workers=args.workers,
         worker_prefix=args.worker_prefix,
@@ -446,6 +424,15 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         database=args.database,
         api_timeout_s=args.api_timeout,
     )
+    if args.faults:
+        from prefect_gpu_workers.local.faults import render_faults, run_faults
+
+        faults = run_faults(bench_options, console)
+        if args.json:
+            print(json.dumps(faults.as_json(), sort_keys=True))
+        else:
+            render_faults(faults, console)
+        return 0 if faults.ok else 1
     result = _or_failure(console, lambda: run_bench(bench_options, console))
     if result is None:
         return 1

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import httpx
 
@@ -34,10 +35,16 @@ from prefect_gpu_workers.database import (
     die_with_parent,
 )
 
-# Leases on disk (under PREFECT_HOME) instead of the default in-memory store,
-# which forgets every lease on restart and leaves those slots held for good.
+# Where the server keeps concurrency leases. Local mode's servers keep them on
+# disk (under PREFECT_HOME), not in Prefect's default in-memory store, which
+# forgets every lease on restart and leaves those slots held for good; a test
+# or `bench --faults` asks for "memory" when a restart must lose them.
 LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
-FILESYSTEM_LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+LeaseStorage = Literal["filesystem", "memory"]
+LEASE_STORAGES: dict[LeaseStorage, str] = {
+    "filesystem": "prefect.server.concurrency.lease_storage.filesystem",
+    "memory": "prefect.server.concurrency.lease_storage.memory",
+}
 DATABASE_URL_ENV = "PREFECT_SERVER_DATABASE_CONNECTION_URL"
 # For the embedded PostgreSQL on a machine whose CPU the flow runs take:
 # Prefect's pool (5 + 10 overflow) runs dry under 8 workers and 48 flow runs
@@ -112,6 +119,7 @@ class LocalPrefectServer:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     database: DatabaseKind = "sqlite"
+    lease_storage: LeaseStorage = "filesystem"
     # Set by start(): the database the server really uses, and why not the one asked for.
     database_in_use: DatabaseKind | None = None
     fallback_reason: str | None = None
@@ -149,9 +157,7 @@ class LocalPrefectServer:
             env[DATABASE_URL_ENV] = database_url
             if self.database_in_use == "postgres":
                 env.update(POSTGRES_SERVER_ENV)
-            # Leases survive a restart unless the caller chose a storage (bench --faults
-            # picks the in-memory one on purpose: its restart must lose them).
-            env.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASE_STORAGE)
+            env[LEASE_STORAGE_ENV] = LEASE_STORAGES[self.lease_storage]
             with log_path.open("ab") as log:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "prefect", "server", "start",

@@ -28,11 +28,6 @@ from prefect_gpu_workers.limits import gpu_slot
 from prefect_gpu_workers.naming import SLOT_BROKER_ENV
 from prefect_gpu_workers.server import LocalPrefectServer
 
-IN_MEMORY_LEASES = {
-    # Prefect's default; said explicitly because a restart must lose the leases.
-    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.memory"
-}
-
 
 class Steps:
     """GPU steps on threads of this process; each holds its slot until told to finish."""
@@ -204,7 +199,7 @@ def test_count_is_repaired_after_a_server_restart_loses_the_leases(
 ) -> None:
     worker = unique_worker()
     name = f"gpu:{worker}"
-    server = LocalPrefectServer(home=tmp_path / "prefect", extra_env=IN_MEMORY_LEASES)
+    server = LocalPrefectServer(home=tmp_path / "prefect", lease_storage="memory")
     # Starts take minutes on a loaded 2-core machine (a fresh database is migrated).
     server.start(timeout_s=300)
     try:

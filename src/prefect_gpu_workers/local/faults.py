@@ -25,7 +25,6 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -34,6 +33,7 @@ from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.grants import decode, encode
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
+from prefect_gpu_workers.local.bench import BenchOptions
 from prefect_gpu_workers.local.demo import make_workdir
 from prefect_gpu_workers.local.plan import (
     WorkerPlan,
@@ -46,9 +46,7 @@ from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.views import ProgressView
 from prefect_gpu_workers.report import PhaseMetrics, over_admissions
-from prefect_gpu_workers.server import LEASE_STORAGE_ENV
 
-IN_MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"
 BROKER_LINE = re.compile(r"slot broker for \S+ on (\S+)")
 
 
@@ -173,47 +171,41 @@ def _drill_steps(session: LocalSession, plan: WorkerPlan, drill: Drill, timeout_
     drill.server_restart_s = round(time.monotonic() - stopped_at, 2)
 
 
-def run_faults(
-    console: Console,
-    *,
-    workers: int,
-    worker_prefix: str,
-    runs: int | None,
-    gpu_seconds: float,
-    gpus: int | None,
-    slots_per_gpu: int | None,
-    pool: str,
-    limit_prefix: str,
-    worker_query_seconds: float | None,
-    workdir: Path | None,
-    timeout_s: float,
-) -> FaultResult:
-    """Run one task-level batch with the drill; progress goes to ``console``."""
+def run_faults(options: BenchOptions, console: Console) -> FaultResult:
+    """Run one task-level batch of ``options`` with the drill; progress goes to ``console``.
+
+    Raises:
+        ValueError: ``PREFECT_API_URL`` is set (the drill restarts its own server).
+    """
     if os.environ.get("PREFECT_API_URL"):
         raise ValueError("--faults restarts its own Prefect server: unset PREFECT_API_URL")
-    # The restart must lose the leases, as a default Prefect server does.
-    os.environ[LEASE_STORAGE_ENV] = IN_MEMORY_LEASES
-    capacity = plan_capacity(detect_gpus(), gpus, slots_per_gpu).capacity
+    capacity = plan_capacity(detect_gpus(), options.gpus, options.slots_per_gpu).capacity
     slots = capacity.slots
-    g = gpu_seconds
+    g = options.gpu_seconds
     params = PipelineParams(items=1, download_s=g, gpu_s=g, save_s=g, simulate=True)
     plans = plan_workers(
-        worker_ids(workers, worker_prefix), slots, flow_runs_to_fill(slots, g, g, g), limit_prefix
+        worker_ids(options.workers, options.worker_prefix),
+        slots,
+        flow_runs_to_fill(slots, g, g, g),
+        options.limit_prefix,
     )
-    batch_runs = runs or 5 * slots * workers
-    workdir_path, _ = make_workdir(workdir, "pgw-faults-")
+    batch_runs = options.runs or 5 * slots * options.workers
+    workdir_path, _ = make_workdir(options.workdir, "pgw-faults-")
     console.print(f"work directory (logs, records): {workdir_path}")
     worker_env = (
-        {WORKER_QUERY_SECONDS_ENV: str(worker_query_seconds)} if worker_query_seconds else {}
+        {WORKER_QUERY_SECONDS_ENV: str(options.worker_query_seconds)}
+        if options.worker_query_seconds
+        else {}
     )
     drill = Drill()
-    with LocalSession(workdir_path, server_start_timeout_s=300) as session:
-        deployment_id = prepare_pool(session, pool, plans, "gpu-pipeline-faults")
-        session.start_workers(plans, pool, worker_env)
+    # The restart must lose the leases, as a default Prefect server does.
+    with LocalSession(workdir_path, server_start_timeout_s=300, lease_storage="memory") as session:
+        deployment_id = prepare_pool(session, options.pool, plans, "gpu-pipeline-faults")
+        session.start_workers(plans, options.pool, worker_env)
         try:
-            session.wait_for_workers(pool)
+            session.wait_for_workers(options.pool)
             thread = threading.Thread(
-                target=_drill, args=(session, plans[0], drill, timeout_s), daemon=True
+                target=_drill, args=(session, plans[0], drill, options.timeout_s), daemon=True
             )
             thread.start()
             with ProgressView(console, "faults", plans) as progress:
@@ -225,7 +217,7 @@ def run_faults(
                     batch_runs,
                     workdir_path / "records",
                     progress,
-                    timeout_s,
+                    options.timeout_s,
                 )
             thread.join(60)
         finally:

@@ -50,6 +50,7 @@ from prefect_gpu_workers.local.processes import (
 from prefect_gpu_workers.local.watch import ApiUnresponsive, ApiWatch, LatencySummary
 from prefect_gpu_workers.naming import LIMIT_PREFIX_ENV, WORKER_ID_ENV
 from prefect_gpu_workers.server import (
+    LeaseStorage,
     LocalPrefectServer,
     SqliteFallbackWarning,
     stop_process_group,
@@ -100,6 +101,8 @@ class LocalSession:
     # The database of the session's own server (none when api_url is given).
     database: DatabaseKind = "postgres"
     api_timeout_s: float = DEFAULT_API_TIMEOUT_S
+    # Where the session's own server keeps leases (LocalPrefectServer.lease_storage).
+    lease_storage: LeaseStorage = "filesystem"
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     # A busy small machine can take minutes (server import, then migrations).
     server_start_timeout_s: float = 300.0
@@ -116,6 +119,7 @@ class LocalSession:
                     extra_env={SESSION_MARKER_ENV: self.marker},
                     log_path=self.log_dir / "server.log",
                     database=self.database,
+                    lease_storage=self.lease_storage,
                 )
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 with warnings.catch_warnings():

@@ -13,12 +13,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
+from uuid import UUID
 
 import httpx
 import pytest
 import yaml
 from kubernetes import client
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import FlowRun
 from recording_server import RecordingServer
 
 from pgw_flows.deploy import deploy_pipeline
@@ -643,6 +645,33 @@ def test_invalid_pools_are_rejected_naming_the_field(
 # End to end: real Prefect workers named after their pods -------------------------
 
 
+def running_workers_spec(
+    api_url: str, group: str, work_pool: str, flow_runs: int, grace_s: int = 0
+) -> dict[str, Any]:
+    """Two workers of 2 GPU slots, polling every second, for pods run by a LocalKubelet."""
+    spec = pool_spec(api_url, group, "gpu8", {"perWorker": 1, "slotsPerGpu": 2}, 2)
+    spec["workPool"] = {"name": work_pool, "flowRunsPerWorker": flow_runs}
+    spec["worker"]["drainGracePeriodSeconds"] = grace_s
+    # A Prefect setting passed like any user env: workers poll every second.
+    spec["worker"]["podTemplate"]["env"] = [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}]
+    return spec
+
+
+def wait_until_final(prefect: SyncPrefectClient, run_ids: list[UUID]) -> list[FlowRun]:
+    """The runs, once every one of them has ended."""
+    runs: list[FlowRun] = wait_until(
+        lambda: (
+            (found := read_runs(prefect, run_ids))
+            and all(r.state is not None and r.state.is_final() for r in found)
+            and found
+        ),
+        f"{len(run_ids)} flow runs to end",
+        timeout=300,
+        interval=1,
+    )
+    return runs
+
+
 def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
     operator: OperatorProcess,
     pools: Pools,
@@ -652,12 +681,7 @@ def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
     tmp_path: Path,
 ) -> None:
     work_pool = unique("e2e-pool")
-    spec = pool_spec(
-        prefect_server.api_url, node_group, "gpu8", {"perWorker": 1, "slotsPerGpu": 2}, 2
-    )
-    spec["workPool"] = {"name": work_pool, "flowRunsPerWorker": 6}
-    # A Prefect setting passed like any user env: workers poll every second.
-    spec["worker"]["podTemplate"]["env"] = [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}]
+    spec = running_workers_spec(prefect_server.api_url, node_group, work_pool, flow_runs=6)
     pods = start_pool(pools, limits, "e2e", spec)
     assert {limit["limit"] for limit in pods.values()} == {2}
     # The operator created the work pool (no worker has run yet).
@@ -674,17 +698,7 @@ def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
                   "record_dir": str(records)}  # fmt: skip
         deployment_id = deploy_pipeline(work_pool, name=unique("e2e"), parameters=params)
         with get_client(sync_client=True) as prefect:
-            run_ids = submit_runs(prefect, deployment_id, 10, params)
-            runs = wait_until(
-                lambda: (
-                    (found := read_runs(prefect, run_ids))
-                    and all(r.state is not None and r.state.is_final() for r in found)
-                    and found
-                ),
-                "10 flow runs to finish",
-                timeout=300,
-                interval=2,
-            )
+            runs = wait_until_final(prefect, submit_runs(prefect, deployment_id, 10, params))
         assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 10
     finally:
         kubelet.stop()
@@ -708,13 +722,8 @@ def test_a_busy_scale_down_drains_the_worker_and_loses_no_run(
     tmp_path: Path,
 ) -> None:
     work_pool = unique("drain-pool")
-    spec = pool_spec(
-        prefect_server.api_url, node_group, "gpu8", {"perWorker": 1, "slotsPerGpu": 2}, 2
-    )
-    spec["workPool"] = {"name": work_pool, "flowRunsPerWorker": 3}
     # A drain of 75 - 15 = 60 s: far more than a run needs (about 20 s here).
-    spec["worker"]["drainGracePeriodSeconds"] = 75
-    spec["worker"]["podTemplate"]["env"] = [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}]
+    spec = running_workers_spec(prefect_server.api_url, node_group, work_pool, 3, grace_s=75)
     start_pool(pools, limits, "drain", spec)
     kubelet = LocalKubelet(pools, "drain", tmp_path).start()
     try:
@@ -737,16 +746,7 @@ def test_a_busy_scale_down_drains_the_worker_and_loses_no_run(
                 "one worker told to stop",
                 timeout=60,
             )
-            runs = wait_until(
-                lambda: (
-                    (found := read_runs(prefect, run_ids))
-                    and all(r.state is not None and r.state.is_final() for r in found)
-                    and found
-                ),
-                "the six flow runs to finish",
-                timeout=300,
-                interval=1,
-            )
+            runs = wait_until_final(prefect, run_ids)
         assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 6
         wait_until(lambda: stopped.removed, "the drained pod removed", timeout=120)
         assert stopped.exit_code == 0
