@@ -48,26 +48,42 @@ class PodClock(threading.Thread):
         self.core, self.namespace, self.pool = core, namespace, pool
         self.bound: dict[str, float] = {}
         self.gone: dict[str, float] = {}
+        self.running = True
         self._watch = watch.Watch()  # type: ignore[no-untyped-call]
 
     def run(self) -> None:
-        stream = self._watch.stream(  # type: ignore[no-untyped-call]
-            self.core.list_namespaced_pod,
-            self.namespace,
-            label_selector=f"gpuworkers.dev/pool={self.pool}",
-            timeout_seconds=3600,
-        )
-        try:
-            for event in stream:
-                pod, now = event["object"], time.monotonic()
-                if event["type"] == "DELETED":
-                    self.gone.setdefault(pod.metadata.name, now)
-                elif pod.spec.node_name:
-                    self.bound.setdefault(pod.metadata.name, now)
-        except urllib3.exceptions.ProtocolError:
-            pass  # the watch was stopped under the stream
+        # A watch may end under load (a dropped connection, an expired version):
+        # list again and go on; a pod missing from the new list went meanwhile.
+        while self.running:
+            try:
+                listed: Any = self.core.list_namespaced_pod(
+                    self.namespace, label_selector=f"gpuworkers.dev/pool={self.pool}"
+                )
+                now = time.monotonic()
+                names = {pod.metadata.name for pod in listed.items}
+                for pod in listed.items:
+                    if pod.spec.node_name:
+                        self.bound.setdefault(pod.metadata.name, now)
+                for name in set(self.bound) - names:
+                    self.gone.setdefault(name, now)
+                stream = self._watch.stream(  # type: ignore[no-untyped-call]
+                    self.core.list_namespaced_pod,
+                    self.namespace,
+                    label_selector=f"gpuworkers.dev/pool={self.pool}",
+                    resource_version=listed.metadata.resource_version,
+                    timeout_seconds=3600,
+                )
+                for event in stream:
+                    pod, now = event["object"], time.monotonic()
+                    if event["type"] == "DELETED":
+                        self.gone.setdefault(pod.metadata.name, now)
+                    elif event["type"] != "ERROR" and pod.spec.node_name:
+                        self.bound.setdefault(pod.metadata.name, now)
+            except (urllib3.exceptions.HTTPError, client.ApiException, AttributeError):
+                time.sleep(0.1)  # AttributeError: an ERROR event's Status object
 
     def stop(self) -> None:
+        self.running = False
         self._watch.stop()  # type: ignore[no-untyped-call]
 
 
