@@ -291,6 +291,9 @@ class SlotBroker:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._upkeep: asyncio.Task[Any] | None = None
+        # Called after each grant round (a GPU queue may have shrunk): the worker
+        # hosting this broker reopens its intake then, not at its next poll.
+        self.on_dispatch: Callable[[], None] | None = None
 
     # -- life cycle -------------------------------------------------------------
     async def start(self) -> SlotBroker:
@@ -648,6 +651,8 @@ class SlotBroker:
             return  # waiters are being sent away to poll Prefect: grant nobody
         for ticket in slots.queue.grant():
             self._holders[ticket].granted.set()
+        if self.on_dispatch is not None:
+            self.on_dispatch()
 
     # -- upkeep -----------------------------------------------------------------
     async def _maintain(self) -> None:

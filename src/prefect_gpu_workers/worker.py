@@ -108,6 +108,28 @@ def _process_worker_class() -> type[Any]:
             self.draining = False
             # Flow runs this worker has taken and not yet seen end.
             self.in_flight: dict[Any, Any] = {}
+            # Set when a poll left runs to others because the GPU queue was full:
+            # the broker's next grant round then polls at once (see _intake_changed).
+            self._intake_closed = False
+            self._poll_now: asyncio.Task[Any] | None = None
+            if broker is not None and intake == "gpu-queue":
+                broker.on_dispatch = self._intake_changed
+
+        def _intake_changed(self) -> None:
+            if not self._intake_closed or self.draining or self._broker is None:
+                return
+            if not self._broker.intake_open(self._gpu_limit):
+                return
+            if self._poll_now is not None and not self._poll_now.done():
+                return
+            self._intake_closed = False
+            self._poll_now = asyncio.get_running_loop().create_task(self._poll_once())
+
+        async def _poll_once(self) -> None:
+            try:
+                await self.get_and_submit_flow_runs()
+            except Exception:  # the regular poll retries; this one only saves a wait
+                self._logger.debug("early poll after a GPU grant failed", exc_info=True)
 
         async def get_and_submit_flow_runs(self) -> list[Any]:
             if self.draining:  # stopping: take nothing more
@@ -124,10 +146,12 @@ def _process_worker_class() -> type[Any]:
                 and flow_run_response
                 and not self._broker.intake_open(self._gpu_limit)
             ):
-                # The GPU queue holds a full round: leave these runs to other workers.
+                # The GPU queue holds a full round: leave these runs to other workers
+                # (or to this one's next grant round).
                 self._logger.debug(
                     "GPU queue at %s is full: no new flow runs this poll", self._gpu_limit
                 )
+                self._intake_closed = True
                 return []
             runs: list[Any] = await super()._submit_scheduled_flow_runs(flow_run_response)
             self.in_flight.update((run.id, run) for run in runs)
