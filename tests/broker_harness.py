@@ -122,13 +122,16 @@ class BrokerThread:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
 
-    def stats(self, limit: str) -> dict[str, int]:
-        """Capacity, held slots and waiters of ``limit``, asked over the socket."""
+    def describe(self) -> dict[str, Any]:
+        """What the ``stats`` op answers: limits, holders and counters since start."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(self.socket_path)
             sock.sendall(encode({"op": "stats"}))
-            reply = decode(sock.makefile("rb").readline())
-        limits: dict[str, dict[str, int]] = reply["limits"]
+            return decode(sock.makefile("rb").readline())
+
+    def stats(self, limit: str) -> dict[str, int]:
+        """Capacity, held slots and waiters of ``limit``, asked over the socket."""
+        limits: dict[str, dict[str, int]] = self.describe()["limits"]
         return limits.get(limit, {"capacity": 0, "held": 0, "waiters": 0, "waiting_slots": 0})
 
     def waiters(self, limit: str) -> int:

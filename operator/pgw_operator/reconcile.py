@@ -41,10 +41,12 @@ from pgw_operator.scaling import (
     record_backlog,
 )
 from pgw_operator.spec import PoolSpec
-from pgw_operator.status import failure_health, observed_health, status_body
+from pgw_operator.status import action_events, failure_health, observed_health, status_body
 
 EventFn = Callable[[str, str, str], None]  # (type, reason, message)
 Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -212,9 +214,10 @@ async def reconcile_pool(
         done = [action for action, error in outcomes if error is None]
         failure = next((error for _, error in outcomes if error is not None), None)
         for action in done:
-            log.info("limit %s %s size=%s (%s)", action.kind, action.name, action.size, action.why)
-            emit("Normal", f"Limit{action.kind.capitalize()}d",
-                 f"{action.name}: {action.kind} size={action.size} ({action.why})")  # fmt: skip
+            # The module's logger: kopf's object logger would post each line as an Event too.
+            LOG.info("limit %s %s size=%s (%s)", action.kind, action.name, action.size, action.why)
+        for reason, message in action_events(done):
+            emit("Normal", reason, message)
         state.ledger = settle(plan, done)
     finally:
         await api.aclose()

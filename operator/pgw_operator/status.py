@@ -12,7 +12,7 @@ from typing import Any
 from pgw_operator.conditions import PoolHealth, merge_conditions, pool_conditions
 from pgw_operator.desired import selector_string
 from pgw_operator.facts import PodFacts
-from pgw_operator.plan import Ledger, ledger_to_status
+from pgw_operator.plan import Ledger, LimitAction, ledger_to_status
 
 
 def observed_health(
@@ -75,3 +75,33 @@ def status_body(
         "workers": ledger_to_status(ledger),
         "conditions": merge_conditions(previous.get("conditions"), conditions, generation, now),
     }
+
+
+# One Event per limit action up to this many of a kind in a pass; beyond it,
+# one Event for them all: a scale of 1000 pods must not post 1000 Events (each
+# an API write, posted one by one) while the operator races its pods.
+EVENTS_PER_KIND = 5
+
+
+def action_events(
+    actions: list[LimitAction], per_kind: int = EVENTS_PER_KIND
+) -> list[tuple[str, str]]:
+    """The (reason, message) Events for the limit actions of one pass.
+
+    Example:
+        >>> action_events([LimitAction("create", "gpu:a", 2, "pod a bound")])
+        [('LimitCreated', 'gpu:a: create size=2 (pod a bound)')]
+    """
+    events: list[tuple[str, str]] = []
+    kinds = sorted({action.kind for action in actions})
+    for kind in kinds:
+        done = [a for a in actions if a.kind == kind]
+        reason = f"Limit{kind.capitalize()}d"
+        if len(done) <= per_kind:
+            events += [(reason, f"{a.name}: {a.kind} size={a.size} ({a.why})") for a in done]
+            continue
+        shown = ", ".join(a.name for a in done[:per_kind])
+        events.append(
+            (reason, f"{len(done)} limits: {kind} ({shown} and {len(done) - per_kind} more)")
+        )
+    return events

@@ -241,6 +241,7 @@ class BrokerStats:
     grants: int = 0
     reclaimed_on_disconnect: int = 0
     lost_leases_repaired: int = 0
+    leases_passed: int = 0  # handoffs that passed a lease on, with no Prefect request
     wait_seconds: Histogram = field(default_factory=Histogram)
     handoff_seconds: Histogram = field(default_factory=Histogram)
 
@@ -413,6 +414,7 @@ class SlotBroker:
             "grants": self.stats.grants,
             "reclaimed_on_disconnect": self.stats.reclaimed_on_disconnect,
             "lost_leases_repaired": self.stats.lost_leases_repaired,
+            "leases_passed": self.stats.leases_passed,
         }
 
     def metrics_text(self) -> str:
@@ -558,6 +560,9 @@ class SlotBroker:
                 await self._finish(holder, slots)
 
     async def _acquire(self, holder: Holder, slots: LimitSlots) -> None:
+        if holder.lease is not None:  # passed on by the step before it (_pass_lease)
+            self._granted(holder, slots)
+            return
         attempt = 0
         while True:
             try:
@@ -569,23 +574,30 @@ class SlotBroker:
                 await asyncio.sleep(min(0.25 * attempt, 2.0))
                 continue
             if isinstance(outcome, Lease):
-                now = self.clock()
-                holder.lease, holder.leased_at, holder.renewed_at = outcome, now, now
-                self.stats.grants += 1
-                self.stats.wait_seconds.observe(now - holder.queued_at)
-                if slots.released_with_waiters_at is not None:
-                    self.stats.handoff_seconds.observe(now - slots.released_with_waiters_at)
-                    slots.released_with_waiters_at = None
+                holder.lease, holder.renewed_at = outcome, self.clock()
+                self._granted(holder, slots)
                 return
             await asyncio.sleep(outcome)
 
+    def _granted(self, holder: Holder, slots: LimitSlots) -> None:
+        """Count a grant whose lease ``holder`` now has."""
+        now = self.clock()
+        holder.leased_at = now
+        self.stats.grants += 1
+        self.stats.wait_seconds.observe(now - holder.queued_at)
+        if slots.released_with_waiters_at is not None:
+            self.stats.handoff_seconds.observe(now - slots.released_with_waiters_at)
+            slots.released_with_waiters_at = None
+
     async def _finish(self, holder: Holder, slots: LimitSlots) -> None:
-        """Release to Prefect first, then locally; then grant the next waiters."""
+        """Pass the lease to the next waiter, or release it to Prefect first, then
+        locally; then grant the next waiters."""
         if self._holders.pop(holder.ticket, None) is None:
             return
         if holder.lease is not None and slots.queue.waiters:
             # The handoff gap runs from here to the next waiter's lease.
             slots.released_with_waiters_at = self.clock()
+        self._pass_lease(holder, slots)
         if holder.lease is not None and self._closing and holder.announced:
             pass  # the step still runs and releases its own lease (see close)
         elif holder.lease is not None:
@@ -597,6 +609,24 @@ class SlotBroker:
                 await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
         slots.queue.cancel(holder.ticket)
         self._dispatch(slots)
+
+    def _pass_lease(self, holder: Holder, slots: LimitSlots) -> None:
+        """Hand ``holder``'s Prefect lease to the waiter that takes its slots.
+
+        The slots stay held in Prefect throughout (its count never dips), and
+        the handoff costs no request: the heir needs no acquire, the holder no
+        release. Prefect keeps naming the lease's first holder. A lease that
+        Prefect lost is not passed (its give-back repairs the count).
+        """
+        if holder.lease is None or holder.lost or self._closing:
+            return
+        ticket = slots.queue.heir(holder.ticket)
+        heir = self._holders.get(ticket) if ticket is not None else None
+        if heir is None or heir.lease is not None:
+            return
+        heir.lease, heir.renewed_at = holder.lease, holder.renewed_at
+        holder.lease = None
+        self.stats.leases_passed += 1
 
     async def _give_back(self, holder: Holder, retry: bool) -> None:
         lease = holder.lease

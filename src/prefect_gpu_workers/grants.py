@@ -103,6 +103,28 @@ class GrantQueue:
             granted.append(ticket)
         return granted
 
+    def heir(self, ticket: int) -> int | None:
+        """The waiter that takes exactly the slots ``ticket`` holds when it leaves.
+
+        That is the head of the queue when it asks for as many slots as
+        ``ticket`` holds and fits once they are free; the holder's Prefect
+        lease can then pass to it as it is, with no release and no acquire.
+
+        Example:
+            >>> queue = GrantQueue(1)
+            >>> queue.request(1, 1); queue.request(2, 1); queue.grant()
+            [1]
+            >>> queue.heir(1)
+            2
+        """
+        held = self._held.get(ticket)
+        if held is None or not self._waiting:
+            return None
+        head, occupy = next(iter(self._waiting.items()))
+        if occupy != held or occupy > self.free_slots + held:
+            return None
+        return head
+
     def release(self, ticket: int) -> int:
         """Give back a granted ticket's slots; return how many (0 if it held none)."""
         return self._held.pop(ticket, 0)

@@ -59,10 +59,13 @@ class Workers:
 
     def submit(self, pool: str, count: int, **parameters: Any) -> tuple[list[UUID], Path]:
         record_dir = self.records_root / uuid.uuid4().hex[:8]
+        return self.submit_to(pool, count, record_dir, **parameters), record_dir
+
+    def submit_to(self, pool: str, count: int, record_dir: Path, **parameters: Any) -> list[UUID]:
+        """More runs recording into ``record_dir`` (that of an earlier submit)."""
         params = {**replace(SIMULATED, record_dir=str(record_dir)).as_parameters(), **parameters}
         with self.session.client() as client:
-            ids = submit_runs(client, self.pools[pool].deployment_id, count, params)
-        return ids, record_dir
+            return submit_runs(client, self.pools[pool].deployment_id, count, params)
 
     def wait(self, pool: str, ids: Sequence[UUID]) -> list[FlowRun]:
         names = [plan.limit_name for plan in self.pools[pool].plans]
@@ -198,17 +201,15 @@ def test_cancelled_run_releases_its_slot(workers: Workers) -> None:
 
 
 def test_occupy_two_excludes_every_other_gpu_step_on_the_worker(workers: Workers) -> None:
-    big_ids, record_dir = workers.submit("one", 1, occupy=2, download_s=0.0, gpu_s=5.0)
-    small_ids: list[UUID] = []
-    with workers.session.client() as client:
-        small_ids = submit_runs(
-            client,
-            workers.pools["one"].deployment_id,
-            4,
-            replace(
-                SIMULATED, download_s=0.0, gpu_s=5.0, save_s=0.0, record_dir=str(record_dir)
-            ).as_parameters(),
-        )
+    # The small steps first, long enough that the big one is asked for while two
+    # of them hold both slots (and the big run, held back by the full GPU queue, starts
+    # while the last two do): the contention is built in, not left to timing.
+    small_ids, record_dir = workers.submit("one", 4, download_s=0.0, gpu_s=15.0, save_s=0.0)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while sum(workers.slots("one").values()) < 2:
+        assert time.monotonic() < deadline, "the small steps never held both slots"
+        time.sleep(0.2)
+    big_ids = workers.submit_to("one", 1, record_dir, occupy=2, download_s=0.0, gpu_s=5.0)
     runs = workers.wait("one", [*big_ids, *small_ids])
     assert [_state(r) for r in runs] == ["COMPLETED"] * len(runs)
 

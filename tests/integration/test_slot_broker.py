@@ -106,6 +106,8 @@ def test_grants_follow_arrival_order(
                 assert active_slots(name) == 1
                 previous = label
             assert steps.order == ["first", *labels]
+            # Each handoff passed the lease on: Prefect's count never dipped, no request.
+            assert broker.describe()["leases_passed"] == len(labels)
         finally:
             steps.join()
         assert active_slots(name) == 0

@@ -124,3 +124,32 @@ def test_wire_format_round_trips_and_rejects_garbage() -> None:
         decode(b"[1, 2]\n")
     with pytest.raises(ValueError, match="too long"):
         decode(b"x" * 5000)
+
+
+def test_the_heir_is_the_head_that_takes_exactly_the_leaving_slots() -> None:
+    single = GrantQueue(1)
+    single.request(10, 1)
+    single.request(11, 1)
+    assert single.grant() == [10]
+    assert single.heir(10) == 11  # 11 takes exactly 10's slot: the lease can pass
+    assert single.heir(11) is None  # a waiter has nothing to pass on
+    assert single.heir(99) is None  # nor has an unknown ticket
+
+    queue = GrantQueue(2)
+    queue.request(1, 1)
+    queue.request(2, 1)
+    queue.request(3, 2)
+    assert queue.grant() == [1, 2]
+    assert queue.heir(1) is None  # the head wants 2 slots, ticket 1 leaves 1
+    queue.cancel(1)
+    queue.cancel(2)
+    queue.request(4, 2)
+    assert queue.grant() == [3]
+    assert queue.heir(3) == 4  # 2 slots leave, the head wants 2
+
+    shrunk = GrantQueue(2)
+    shrunk.request(5, 2)
+    shrunk.request(6, 2)
+    assert shrunk.grant() == [5]
+    shrunk.resize(1)  # 6 can never fit now: dropped, nobody inherits
+    assert shrunk.heir(5) is None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pgw_operator.facts import PodFacts
-from pgw_operator.plan import LedgerEntry
-from pgw_operator.status import failure_health, observed_health, status_body
+from pgw_operator.plan import LedgerEntry, LimitAction
+from pgw_operator.status import action_events, failure_health, observed_health, status_body
 
 
 def entry(pod: str, state: str = "Ready", size: int = 2) -> LedgerEntry:
@@ -52,3 +52,18 @@ def test_a_failure_is_degraded_with_its_reason_and_message() -> None:
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ApiUrlNotAllowed")
     assert degraded["message"] == "spec.prefect.apiUrl is not allowed"
+
+
+def test_a_few_limit_actions_get_an_event_each_and_many_one_for_all() -> None:
+    few = [LimitAction("create", f"gpu:p{i}", 2, f"pod p{i} bound") for i in range(3)]
+    assert action_events(few) == [
+        ("LimitCreated", f"gpu:p{i}: create size=2 (pod p{i} bound)") for i in range(3)
+    ]
+    many = [LimitAction("delete", f"gpu:q{i}", 0, "pod gone") for i in range(40)]
+    resized = [LimitAction("resize", "gpu:r", 4, "GPUs changed")]
+    events = action_events([*many, *resized], per_kind=5)
+    assert events == [
+        ("LimitDeleted", "40 limits: delete (gpu:q0, gpu:q1, gpu:q2, gpu:q3, gpu:q4 and 35 more)"),
+        ("LimitResized", "gpu:r: resize size=4 (GPUs changed)"),
+    ]
+    assert action_events([]) == []
