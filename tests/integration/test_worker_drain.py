@@ -102,7 +102,8 @@ def test_sigterm_lets_the_runs_in_flight_finish_and_takes_no_more(
 ) -> None:
     worker = start_worker(drain_s=300)
     with get_client(sync_client=True) as client:
-        first = [worker.submit(client, gpu_s=4.0, env={}) for _ in range(2)]
+        # Long enough that both are surely running at once, however slowly each starts.
+        first = [worker.submit(client, gpu_s=20.0, env={}) for _ in range(2)]
         wait_until(
             lambda: (
                 all(s[0] == "RUNNING" for s in states(client, first).values())
