@@ -153,7 +153,7 @@ def test_a_full_pod_template_autoscaling_and_budget_are_accepted_with_defaults(
         "maxReplicas": 8,
         "minReplicas": 0,
         "lookaheadSeconds": 0,
-        "pollIntervalSeconds": 10,
+        "pollIntervalSeconds": 5,
         "scaleDownDelaySeconds": 300,
         "cooldownSeconds": 15,
     }
