@@ -101,6 +101,9 @@ class DrainReport:
     rescheduled: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)
+    # Stopped, but Prefect could not be told (unreachable): the server's own
+    # heartbeat checks are then what ends them.
+    unset: list[str] = field(default_factory=list)
 
     def add(self, outcome: RunOutcome, run_id: str) -> None:
         """Count ``run_id`` under ``outcome`` (WAIT counts nowhere)."""
@@ -120,8 +123,11 @@ class DrainReport:
             >>> DrainReport(3.0, ["a"], ["b"]).describe()
             'drained in 3.0 s: 1 finished, 1 rescheduled, 0 cancelled, 0 crashed'
         """
-        return (
+        line = (
             f"drained in {self.waited_s:.1f} s: {len(self.finished)} finished, "
             f"{len(self.rescheduled)} rescheduled, {len(self.cancelled)} cancelled, "
             f"{len(self.crashed)} crashed"
         )
+        if self.unset:
+            line += f", {len(self.unset)} not set (Prefect unreachable)"
+        return line

@@ -135,6 +135,11 @@ class LocalPrefectServer:
         return {**quiet_prefect_env(self.home), "PREFECT_API_URL": self.api_url}
 
     @property
+    def pid(self) -> int | None:
+        """The server process's pid while it runs (a fault drill may SIGSTOP it)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def postgres(self) -> EmbeddedPostgres | None:
         """The embedded PostgreSQL while it serves this server, else ``None``."""
         return self._postgres

@@ -55,6 +55,8 @@ from prefect_gpu_workers.procfs import pids_with_env
 IntakeMode = Literal["gpu-queue", "flow-runs"]
 # Prefect's process worker gives each flow-run process the run's id here.
 FLOW_RUN_ID_ENV = "PREFECT__FLOW_RUN_ID"
+# A drain call to Prefect gives up after this: the grace period's end is a kill.
+API_CALL_TIMEOUT_S = 5.0
 
 
 def wait_for_limit(
@@ -205,8 +207,8 @@ async def drain(
     end, then stops the Prefect worker and what is left of its runs' processes,
     and sets each stopped run's state as :func:`drain.run_outcome` says.
 
-    Raises:
-        Exception: the Prefect API failed while setting a state (the caller logs it).
+    An unreachable Prefect API does not stop the drain: the wait follows the
+    runs' processes, and a state that cannot be set is counted as unset.
     """
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Crashed, Scheduled
@@ -218,14 +220,23 @@ async def drain(
     at_start = set(worker.in_flight)
     async with get_client() as client:
         said_at = -1.0
+        api_error: str | None = None
         while True:
-            runs = await _read_states(client, list(worker.in_flight))
-            waiting = [
-                run
-                for run in runs.values()
-                if run_outcome(run.state_type.value if run.state_type else None, False, False)
-                is RunOutcome.WAIT
-            ]
+            try:
+                read = _read_states(client, list(worker.in_flight))
+                runs = await asyncio.wait_for(read, API_CALL_TIMEOUT_S)
+                api_error = None
+                waiting = [
+                    run_id
+                    for run_id, run in runs.items()
+                    if run_outcome(run.state_type.value if run.state_type else None, False, False)
+                    is RunOutcome.WAIT
+                ]
+            except Exception as exc:  # Prefect away: the processes still say what runs
+                if api_error is None:  # once per outage
+                    report(f"draining without the Prefect API ({type(exc).__name__}: {exc})")
+                api_error = str(exc) or type(exc).__name__
+                waiting = list(worker.in_flight)
             left = deadline - loop.time()
             if not waiting or left <= 0 or hurry.is_set() or worker_task.done():
                 break
@@ -241,7 +252,12 @@ async def drain(
         worker_task.cancel()
         await asyncio.gather(worker_task, return_exceptions=True)
         _kill_flow_run_processes(list(stopping))
-        after = await _read_states(client, list(stopping))
+        try:
+            after = await asyncio.wait_for(_read_states(client, list(stopping)), API_CALL_TIMEOUT_S)
+            api_error = None
+        except Exception:  # decide from what the worker last saw of each run
+            after = {}
+            api_error = api_error or "reading the runs failed"
         for run_id, flow_run in stopping.items():
             run: Any = after.get(run_id) or flow_run
             state_type = run.state_type.value if run.state_type else None
@@ -256,7 +272,16 @@ async def drain(
             elif outcome is RunOutcome.CRASH:
                 state = Crashed(message=crash_message(worker.name, drain_s))
             if state is not None:
-                await client.set_flow_run_state(run_id, state, force=True)
+                try:
+                    if api_error is not None:  # one failure already: do not spend the grace
+                        raise RuntimeError(f"Prefect API unreachable ({api_error})")
+                    setting = client.set_flow_run_state(run_id, state, force=True)
+                    await asyncio.wait_for(setting, API_CALL_TIMEOUT_S)
+                except Exception as exc:
+                    api_error = api_error or str(exc) or type(exc).__name__
+                    report(f"could not set flow run {run_id} {outcome.value}: {exc}")
+                    result.unset.append(str(run_id))
+                    continue
             result.add(outcome, str(run_id))
     result.waited_s = loop.time() - started
     return result

@@ -145,3 +145,25 @@ def test_runs_that_outlast_the_drain_are_rescheduled_or_crashed_with_their_slots
     assert active_slots(worker.limit) == 0
     for run_id in (rescheduled, crashed):
         assert pids_with_env(FLOW_RUN_ID_ENV, str(run_id)) == [], "a flow-run process survived"
+
+
+def test_a_drain_with_prefect_away_still_stops_the_runs_and_exits(
+    start_worker: Callable[..., DrainingWorker], prefect_server: LocalPrefectServer
+) -> None:
+    worker = start_worker(drain_s=1)
+    with get_client(sync_client=True) as client:
+        run_id = worker.submit(client, gpu_s=120.0, env={})
+        wait_until(lambda: active_slots(worker.limit) == 1, "the GPU step holds its slot", 300)
+    server_pid = prefect_server.pid
+    assert server_pid is not None
+    os.kill(server_pid, signal.SIGSTOP)  # the API stops answering, connections hang
+    try:
+        worker.proc.send_signal(signal.SIGTERM)
+        # Each call to Prefect gives up after 5 s: the drain ends well inside a grace period.
+        assert worker.proc.wait(timeout=60) == 0, worker.log()[-3000:]
+    finally:
+        os.kill(server_pid, signal.SIGCONT)
+    log = worker.log()
+    assert "draining without the Prefect API" in log
+    assert "1 not set (Prefect unreachable)" in log
+    assert pids_with_env(FLOW_RUN_ID_ENV, str(run_id)) == [], "a flow-run process survived"

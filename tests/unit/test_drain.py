@@ -88,3 +88,11 @@ def test_the_drain_ends_a_margin_before_the_grace_period() -> None:
     command = worker_command("p", 4, "gpu", 300, drain_s=45)
     assert command[-2:] == ["--drain-seconds", "45"]
     assert "--drain-seconds" not in worker_command("p", 4, "gpu", 300)
+
+
+def test_the_report_says_which_states_could_not_be_set() -> None:
+    report = DrainReport(waited_s=1.0, crashed=["a"], unset=["b", "c"])
+    assert report.describe() == (
+        "drained in 1.0 s: 0 finished, 0 rescheduled, 0 cancelled, 1 crashed, "
+        "2 not set (Prefect unreachable)"
+    )
