@@ -699,14 +699,24 @@ def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
         deployment_id = deploy_pipeline(work_pool, name=unique("e2e"), parameters=params)
         with get_client(sync_client=True) as prefect:
             runs = wait_until_final(prefect, submit_runs(prefect, deployment_id, 10, params))
+            # Prefect's own list: one worker per pod, named after it.
+            workers = prefect.read_workers_for_work_pool(work_pool)
         assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 10
+        assert {w.name for w in workers} == set(pods)
+        # No slot left held: each pod's limit (read from Prefect, not rebuilt here) is free.
+        assert {pod: (limits.get(f"gpu:{pod}") or {}).get("active_slots") for pod in pods} == {
+            pod: 0 for pod in pods
+        }
     finally:
         kubelet.stop()
         print(kubelet.logs())
 
     gpu_steps = [r for r in read_records(records) if r.stage == "gpu"]
     assert len(gpu_steps) == 10
-    assert {r.worker_id for r in gpu_steps} <= set(pods)
+    # Every pod ran GPU steps: at 6 flow runs per worker, neither can take all 10.
+    assert {r.worker_id for r in gpu_steps} == set(pods)
+    # Each step took the limit the operator made for the pod it ran in.
+    assert {r.limit for r in gpu_steps} == {f"gpu:{pod}" for pod in pods}
     assert all(r.limit == f"gpu:{r.worker_id}" for r in gpu_steps)
     overlap = gpu_overlap_per_worker(gpu_steps)
     assert max(overlap.values()) == 2, overlap  # the limit is reached ...
