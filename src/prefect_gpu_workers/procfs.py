@@ -37,6 +37,10 @@ def _pids_where(test: Callable[[Path], bool]) -> list[int]:
 def pids_with_env(name: str, value: str) -> list[int]:
     """Pids of live processes (not this one) whose environment has ``name=value``.
 
+    A process that is just starting shows an empty environment for an instant
+    (its parent's ``exec`` has returned, its new stack is not set up yet): it
+    is found on the next look, so callers that must see every process look again.
+
     Args:
         name: the variable, e.g. ``PREFECT__FLOW_RUN_ID``.
         value: its exact value.

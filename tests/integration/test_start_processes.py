@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,11 @@ def marked(
     base = {**os.environ, SERVICE_WORKER_ENV: name}
     ours = subprocess.Popen(["sleep", "300"], env={**base, OWNER_ENV: owner_token()})
     orphan = subprocess.Popen(["sleep", "300"], env={**base, OWNER_ENV: dead_owner})
+    # Popen returns when exec has begun; the environment shows a moment later.
+    expected = sorted([ours.pid, orphan.pid])
+    deadline = time.monotonic() + 10
+    while marked_pids(name) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
     yield name, ours, orphan
     for proc in (ours, orphan):
         proc.kill()

@@ -198,7 +198,8 @@ def test_no_online_record_means_the_name_is_free_without_watching() -> None:
 
 def test_online_record_whose_heartbeat_advances_is_live() -> None:
     now = datetime.now(UTC)
-    assert watch_seconds([_seen(now)]) == 25.0  # the server's threshold (3 x 5 s) and a margin
+    # The server's threshold (3 x 5 s), one pass of its foreman loop (15 s), a margin.
+    assert watch_seconds([_seen(now)]) == 40.0
     verdict = judge_liveness("w1", [_seen(now)], [_seen(now + timedelta(seconds=5))])
     assert verdict.live
     assert "is live in work pool 'p'" in verdict.reason

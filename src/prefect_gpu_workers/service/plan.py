@@ -16,7 +16,7 @@
   a record that stays ONLINE for up to 3 intervals (90 s by default) but never
   beats again; the service watches until the server itself turns it OFFLINE,
   then takes the name over. A record that neither beats nor turns OFFLINE
-  within the threshold plus a margin is refused (never guess "dead").
+  within the threshold, one foreman pass and a margin is refused (never guess "dead").
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 SERVICE_WORKER_ENV = "PGW_SERVICE_WORKER"
 # Prefect's worker heartbeat default, for a record that does not say its interval.
 DEFAULT_HEARTBEAT_S = 30.0
+# How often Prefect's server looks for silent workers to mark OFFLINE (its
+# foreman loop, default 15 s): a record turns OFFLINE up to one loop after
+# its threshold passed.
+FOREMAN_LOOP_S = 15.0
 # Flow runs a worker takes per GPU slot by default: a run spends part of its
 # time off the GPU (download, save), so more runs than slots keep slots busy.
 FLOW_RUNS_PER_SLOT = 3
@@ -229,13 +233,14 @@ class WorkerSighting:
 
 def watch_seconds(sightings: Sequence[WorkerSighting]) -> float:
     """The most to watch ONLINE records: the server's offline threshold (three
-    heartbeat intervals) plus a margin; 0 when no record is ONLINE.
+    heartbeat intervals), one pass of its foreman loop, and a margin; 0 when
+    no record is ONLINE.
 
     Within it, a live worker beats again, and a dead one's record turns
     OFFLINE by the server's own clock. A record that does neither is refused.
     """
     intervals = [s.heartbeat_interval_s or DEFAULT_HEARTBEAT_S for s in sightings if s.online]
-    return 3 * max(intervals) + 10.0 if intervals else 0.0
+    return 3 * max(intervals) + FOREMAN_LOOP_S + 10.0 if intervals else 0.0
 
 
 @dataclass(frozen=True)
