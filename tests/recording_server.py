@@ -1,7 +1,12 @@
-"""A loopback HTTP server that records every request and answers with a fixed response.
+"""Loopback HTTP servers for tests: one that records every request and answers
+with a fixed response, and a proxy that passes requests to a real server until
+told to fail.
 
-Stands in for a service the operator must not read back (or must not reach at
-all) in the security tests: no Prefect, no mock of the operator's code.
+``RecordingServer`` stands in for a service the operator must not read back (or
+must not reach at all) in the security tests. ``FaultProxy`` sits between the
+operator and a real Prefect server and turns it into one that answers 5xx (or
+any status) on demand: the faults are injected on the wire, nothing in the
+operator's code is mocked.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
+
+import httpx
 
 
 @dataclass(frozen=True)
@@ -36,22 +44,25 @@ class RecordingServer:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
+    def answer(self, hit: Hit, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """The status, headers and payload sent back for one request."""
+        return self.status, {"Content-Type": "application/json", **self.headers}, self.body.encode()
+
     @contextmanager
-    def running(self) -> Iterator[RecordingServer]:
+    def running(self) -> Iterator[Self]:
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    self.rfile.read(length)
+                body = self.rfile.read(length) if length else b""
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                recorder.hits.append(Hit(self.command, self.path, headers))
-                payload = recorder.body.encode()
-                self.send_response(recorder.status)
-                for name, value in recorder.headers.items():
+                hit = Hit(self.command, self.path, headers)
+                recorder.hits.append(hit)
+                status, answer_headers, payload = recorder.answer(hit, body)
+                self.send_response(status)
+                for name, value in answer_headers.items():
                     self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
@@ -70,3 +81,48 @@ class RecordingServer:
             self._server.shutdown()
             self._server.server_close()
             thread.join()
+
+
+# Headers a proxy must not pass on (RFC 9110, 7.6.1), and the length it sets itself.
+HOP_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-connection", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length", "host",
+})  # fmt: skip
+
+
+@dataclass
+class FaultProxy(RecordingServer):
+    """Passes every request to ``upstream`` (a real server) and its answer back,
+    except while :meth:`fail` is in force: then it answers ``status`` itself.
+
+    Example:
+        >>> proxy = FaultProxy(upstream="http://127.0.0.1:4200")
+        >>> with proxy.running():  # doctest: +SKIP
+        ...     proxy.fail(503)  # the operator now meets a Prefect that answers 503
+        ...     proxy.heal()
+    """
+
+    upstream: str = ""
+    failing: bool = False
+    faulted: int = 0  # requests answered with the fault
+
+    def fail(self, status: int, body: str = '{"detail": "injected fault"}') -> None:
+        self.status, self.body, self.failing = status, body, True
+
+    def heal(self) -> None:
+        self.failing = False
+
+    def answer(self, hit: Hit, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self.failing:
+            self.faulted += 1
+            return super().answer(hit, body)
+        headers = {k: v for k, v in hit.headers.items() if k not in HOP_HEADERS}
+        try:
+            response = httpx.request(
+                hit.method, self.upstream + hit.target, headers=headers, content=body, timeout=30
+            )
+        except httpx.TransportError as exc:  # upstream down: what a gateway says
+            return 502, {"Content-Type": "text/plain"}, f"upstream: {exc!r}".encode()
+        kept = {k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS}
+        kept.pop("content-encoding", None)  # httpx has decoded the payload
+        return response.status_code, kept, response.content

@@ -16,10 +16,21 @@ import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from prefect_gpu_workers.server import LocalPrefectServer
+
 from .cluster import BUILD_TOOLS, DEV_CLUSTER, DevCluster, run, wait_for
+from .operator_harness import (
+    GROUP_LABEL,
+    KIND_LABEL,
+    OperatorProcess,
+    Pools,
+    PrefectLimits,
+    install_crd,
+)
 
 
 def _cluster_running() -> bool:
@@ -77,3 +88,58 @@ def namespace(dev_cluster: DevCluster, request: pytest.FixtureRequest) -> Iterat
     )
     yield name
     dev_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+
+
+@pytest.fixture(scope="module")
+def node_group(dev_cluster: DevCluster) -> Iterator[str]:
+    """Fake nodes for the test module: 2 x 8 GPUs, 4 GPUs, MIG, time-sliced, CPU only."""
+    group = f"op-{uuid.uuid4().hex[:5]}"
+    install_crd(dev_cluster)
+    taint = {"key": GROUP_LABEL, "value": group, "effect": "NoSchedule"}
+    nodes: dict[str, dict[str, Any]] = {
+        "gpu8a": {"gpus": 8, "kind": "gpu8"},
+        "gpu8b": {"gpus": 8, "kind": "gpu8"},
+        "gpu4": {"gpus": 4, "kind": "gpu4"},
+        "mig": {
+            "resources": {"nvidia.com/mig-1g.10gb": "7"},
+            "kind": "mig",
+            "labels": {"nvidia.com/mig.strategy": "mixed"},
+        },
+        "ts": {
+            "gpus": 8,
+            "kind": "ts",
+            "labels": {"nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.count": "2"},
+        },
+        "cpu": {"kind": "cpu"},
+    }
+    for suffix, node in nodes.items():
+        dev_cluster.add_node(
+            f"{group}-{suffix}",
+            gpus=node.get("gpus", 0),
+            resources=node.get("resources"),
+            labels={GROUP_LABEL: group, KIND_LABEL: node["kind"], **node.get("labels", {})},
+            taints=[taint],
+        )
+    yield group
+    for suffix in nodes:
+        dev_cluster.remove_node(f"{group}-{suffix}")
+
+
+@pytest.fixture
+def operator(
+    dev_cluster: DevCluster, namespace: str, node_group: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(dev_cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
+    yield proc
+    proc.stop()
+    print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
+
+
+@pytest.fixture
+def pools(dev_cluster: DevCluster, namespace: str) -> Pools:
+    return Pools(dev_cluster, namespace)
+
+
+@pytest.fixture
+def limits(prefect_server: LocalPrefectServer) -> PrefectLimits:
+    return PrefectLimits(prefect_server.api_url)

@@ -27,6 +27,9 @@ from .cluster import REPO_ROOT, DevCluster, wait_for
 CRD = REPO_ROOT / "crds" / "gpuworkerpools.gpuworkers.dev.yaml"
 GROUP, VERSION, PLURAL = "gpuworkers.dev", "v1alpha1", "gpuworkerpools"
 POOL_LABEL = "gpuworkers.dev/pool"
+# Fake nodes of one test module carry its group (label and taint) and a kind.
+GROUP_LABEL = "pgw-test/group"
+KIND_LABEL = "pgw-test/kind"
 
 
 def install_crd(cluster: DevCluster) -> None:
@@ -278,3 +281,72 @@ def wait_until(probe: Any, what: str, timeout: float = 90.0, interval: float = 0
 def settle(seconds: float) -> None:
     """Give a controller time to (wrongly) act, before asserting it did not."""
     time.sleep(seconds)
+
+
+# Pools as the tests build them ------------------------------------------------
+
+
+def pool_spec(
+    api_url: str, group: str, node_kind: str, gpu: dict[str, Any], replicas: int = 1
+) -> dict[str, Any]:
+    return {
+        "replicas": replicas,
+        "workPool": {"name": f"pool-{group}"},
+        "prefect": {"apiUrl": api_url},
+        "gpu": gpu,
+        "worker": {
+            "image": "registry.invalid/prefect-gpu-worker:test",
+            "drainGracePeriodSeconds": 0,
+            "podTemplate": {
+                "nodeSelector": {GROUP_LABEL: group, KIND_LABEL: node_kind},
+                "tolerations": [
+                    {
+                        "key": GROUP_LABEL,
+                        "operator": "Equal",
+                        "value": group,
+                        "effect": "NoSchedule",
+                    }
+                ],
+            },
+        },
+    }
+
+
+def ready_with_limits(
+    pools: Pools, limits: PrefectLimits, pool: str, replicas: int, prefix: str = "gpu"
+) -> dict[str, dict[str, Any]] | None:
+    """Once the pool is Ready with `replicas` running pods, each with its limit: name -> limit."""
+    running = pools.running_pods(pool)
+    ready = pools.condition(pool, "Ready")
+    if len(running) != replicas or not ready or ready["status"] != "True":
+        return None
+    found = {pod: limits.get(f"{prefix}:{pod}") for pod in running}
+    if any(limit is None for limit in found.values()):
+        return None
+    return {pod: limit for pod, limit in found.items() if limit is not None}
+
+
+def start_pool(
+    pools: Pools, limits: PrefectLimits, name: str, spec: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Create a pool and wait until it is Ready with one limit per replica: pod -> limit."""
+    pools.create(name, spec)
+    replicas = spec["replicas"]
+    found: dict[str, dict[str, Any]] = wait_until(
+        lambda: ready_with_limits(pools, limits, name, replicas),
+        f"pool {name} Ready with {replicas} limits",
+    )
+    return found
+
+
+def pool_text(pools: Pools, name: str) -> str:
+    """Everything the pool's owner can read about it: the object and its Events."""
+    events = [f"{e.reason}: {e.message}" for e in pools.events(name)]
+    return json.dumps(pools.get(name)) + "\n" + "\n".join(events)
+
+
+def degraded_with(pools: Pools, name: str, reason: str) -> dict[str, Any] | None:
+    condition = pools.condition(name, "Degraded")
+    if condition and condition["status"] == "True" and condition["reason"] == reason:
+        return condition
+    return None

@@ -20,9 +20,15 @@ from prefect.client.orchestration import get_client
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
 from .cluster import DevCluster
-from .operator_harness import OperatorProcess, Pools, PrefectLimits, install_crd, unique, wait_until
-
-GROUP_LABEL = "pgw-test/group"
+from .operator_harness import (
+    GROUP_LABEL,
+    OperatorProcess,
+    Pools,
+    PrefectLimits,
+    install_crd,
+    unique,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")

@@ -36,122 +36,15 @@ from .operator_harness import (
     OperatorProcess,
     Pools,
     PrefectLimits,
-    install_crd,
+    degraded_with,
+    pool_spec,
+    pool_text,
+    ready_with_limits,
     settle,
+    start_pool,
     unique,
     wait_until,
 )
-
-GROUP_LABEL = "pgw-test/group"
-KIND_LABEL = "pgw-test/kind"
-
-
-@pytest.fixture(scope="module")
-def node_group(dev_cluster: DevCluster) -> Iterator[str]:
-    """Fake nodes for this module: 2 x 8 GPUs, 4 GPUs, MIG, time-sliced, CPU only."""
-    group = f"op-{uuid.uuid4().hex[:5]}"
-    install_crd(dev_cluster)
-    taint = {"key": GROUP_LABEL, "value": group, "effect": "NoSchedule"}
-    nodes: dict[str, dict[str, Any]] = {
-        "gpu8a": {"gpus": 8, "kind": "gpu8"},
-        "gpu8b": {"gpus": 8, "kind": "gpu8"},
-        "gpu4": {"gpus": 4, "kind": "gpu4"},
-        "mig": {
-            "resources": {"nvidia.com/mig-1g.10gb": "7"},
-            "kind": "mig",
-            "labels": {"nvidia.com/mig.strategy": "mixed"},
-        },
-        "ts": {
-            "gpus": 8,
-            "kind": "ts",
-            "labels": {"nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.count": "2"},
-        },
-        "cpu": {"kind": "cpu"},
-    }
-    for suffix, node in nodes.items():
-        dev_cluster.add_node(
-            f"{group}-{suffix}",
-            gpus=node.get("gpus", 0),
-            resources=node.get("resources"),
-            labels={GROUP_LABEL: group, KIND_LABEL: node["kind"], **node.get("labels", {})},
-            taints=[taint],
-        )
-    yield group
-    for suffix in nodes:
-        dev_cluster.remove_node(f"{group}-{suffix}")
-
-
-@pytest.fixture
-def operator(
-    dev_cluster: DevCluster, namespace: str, node_group: str, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(dev_cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
-    yield proc
-    proc.stop()
-    print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
-
-
-@pytest.fixture
-def pools(dev_cluster: DevCluster, namespace: str) -> Pools:
-    return Pools(dev_cluster, namespace)
-
-
-@pytest.fixture
-def limits(prefect_server: LocalPrefectServer) -> PrefectLimits:
-    return PrefectLimits(prefect_server.api_url)
-
-
-def pool_spec(
-    api_url: str, group: str, node_kind: str, gpu: dict[str, Any], replicas: int = 1
-) -> dict[str, Any]:
-    return {
-        "replicas": replicas,
-        "workPool": {"name": f"pool-{group}"},
-        "prefect": {"apiUrl": api_url},
-        "gpu": gpu,
-        "worker": {
-            "image": "registry.invalid/prefect-gpu-worker:test",
-            "drainGracePeriodSeconds": 0,
-            "podTemplate": {
-                "nodeSelector": {GROUP_LABEL: group, KIND_LABEL: node_kind},
-                "tolerations": [
-                    {
-                        "key": GROUP_LABEL,
-                        "operator": "Equal",
-                        "value": group,
-                        "effect": "NoSchedule",
-                    }
-                ],
-            },
-        },
-    }
-
-
-def ready_with_limits(
-    pools: Pools, limits: PrefectLimits, pool: str, replicas: int, prefix: str = "gpu"
-) -> dict[str, dict[str, Any]] | None:
-    """Once the pool is Ready with `replicas` running pods, each with its limit: name -> limit."""
-    running = pools.running_pods(pool)
-    ready = pools.condition(pool, "Ready")
-    if len(running) != replicas or not ready or ready["status"] != "True":
-        return None
-    found = {pod: limits.get(f"{prefix}:{pod}") for pod in running}
-    if any(limit is None for limit in found.values()):
-        return None
-    return {pod: limit for pod, limit in found.items() if limit is not None}
-
-
-def start_pool(
-    pools: Pools, limits: PrefectLimits, name: str, spec: dict[str, Any]
-) -> dict[str, dict[str, Any]]:
-    """Create a pool and wait until it is Ready with one limit per replica: pod -> limit."""
-    pools.create(name, spec)
-    replicas = spec["replicas"]
-    found: dict[str, dict[str, Any]] = wait_until(
-        lambda: ready_with_limits(pools, limits, name, replicas),
-        f"pool {name} Ready with {replicas} limits",
-    )
-    return found
 
 
 def test_limits_are_sized_from_the_gpus_each_pod_has(
@@ -347,19 +240,6 @@ def test_prefect_outage_is_a_condition_and_the_pool_recovers(
 
 # Issue 16: what a pool's API URL answers never reaches status or Events, and a URL
 # outside the operator's allowlist is never contacted ---------------------------------
-
-
-def pool_text(pools: Pools, name: str) -> str:
-    """Everything the pool's owner can read about it: the object and its Events."""
-    events = [f"{e.reason}: {e.message}" for e in pools.events(name)]
-    return json.dumps(pools.get(name)) + "\n" + "\n".join(events)
-
-
-def degraded_with(pools: Pools, name: str, reason: str) -> dict[str, Any] | None:
-    condition = pools.condition(name, "Degraded")
-    if condition and condition["status"] == "True" and condition["reason"] == reason:
-        return condition
-    return None
 
 
 def test_prefect_answers_never_reach_status_or_events(

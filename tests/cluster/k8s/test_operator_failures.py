@@ -1,0 +1,244 @@
+"""The operator's failure paths, against the real control plane and real Prefect servers.
+
+Each failure is made with a real part where one exists: a Prefect server that
+requires credentials answers 401 itself, a Secret is really missing, the API
+server itself rejects a Deployment, a Prefect server is really stopped. Only
+5xx answers come from a proxy (:class:`~recording_server.FaultProxy`) in front
+of a real Prefect server, since a healthy Prefect does not give them on demand.
+Each test checks what a user sees: the pool's conditions, its Events, and the
+operator's metrics endpoint; and that the operator stays up and recovers.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from recording_server import FaultProxy
+
+from prefect_gpu_workers.server import LocalPrefectServer, free_port
+
+from .cluster import DevCluster
+from .operator_harness import (
+    OperatorProcess,
+    Pools,
+    PrefectLimits,
+    degraded_with,
+    pool_spec,
+    ready_with_limits,
+    settle,
+    start_pool,
+    wait_until,
+)
+
+
+@pytest.fixture
+def watched_operator(
+    dev_cluster: DevCluster, namespace: str, node_group: str, tmp_path: Path
+) -> Iterator[OperatorProcess]:
+    """The operator with its metrics endpoint on, as the chart runs it."""
+    proc = OperatorProcess(
+        dev_cluster.kubeconfig, namespace, tmp_path / "operator.log", metrics_port=free_port()
+    ).start()
+    yield proc
+    proc.stop()
+    print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
+
+
+def errors_counted(operator: OperatorProcess, namespace: str, pool: str, reason: str) -> float:
+    """``pgw_reconcile_errors_total`` for one pool and reason, from the metrics endpoint."""
+    labels = f'namespace="{namespace}",pool="{pool}",reason="{reason}"'
+    return operator.metrics().get(f"pgw_reconcile_errors_total{{{labels}}}", 0.0)
+
+
+def warned(pools: Pools, pool: str, reason: str) -> list[str]:
+    """Messages of the pool's Warning Events with ``reason``."""
+    return [
+        str(e.message) for e in pools.events(pool) if e.type == "Warning" and e.reason == reason
+    ]
+
+
+def ready(pools: Pools, pool: str) -> bool:
+    condition = pools.condition(pool, "Ready")
+    return bool(condition and condition["status"] == "True")
+
+
+def assert_failure_is_visible(
+    operator: OperatorProcess, pools: Pools, namespace: str, pool: str, reason: str
+) -> dict[str, Any]:
+    """The pool says ``reason`` in its Degraded condition, a Warning Event and the
+    metrics; it is not Ready; the operator is up. Returns the condition."""
+    condition: dict[str, Any] = wait_until(
+        lambda: degraded_with(pools, pool, reason), f"{pool} Degraded ({reason})"
+    )
+    assert not ready(pools, pool)
+    wait_until(lambda: warned(pools, pool, reason), f"a {reason} Warning Event on {pool}")
+    wait_until(
+        lambda: errors_counted(operator, namespace, pool, reason) >= 1,
+        f"pgw_reconcile_errors_total for {reason}",
+    )
+    operator.assert_alive()
+    return condition
+
+
+def test_prefect_refusing_the_credentials_is_named_on_the_pool(
+    watched_operator: OperatorProcess,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    tmp_path: Path,
+) -> None:
+    # A real Prefect server that requires credentials: it answers 401 itself.
+    server = LocalPrefectServer(
+        home=tmp_path / "prefect-auth",
+        extra_env={"PREFECT_SERVER_API_AUTH_STRING": "admin:not-what-the-key-says"},
+    ).start()
+    try:
+        pools.core.create_namespaced_secret(
+            namespace,
+            client.V1Secret(metadata=client.V1ObjectMeta(name="prefect-key"),
+                            string_data={"api-key": "pnu_wrong"}),
+        )  # fmt: skip
+        spec = pool_spec(server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
+        spec["prefect"]["apiKeySecretRef"] = {"name": "prefect-key"}
+        pools.create("locked-out", spec)
+
+        condition = assert_failure_is_visible(
+            watched_operator, pools, namespace, "locked-out", "PrefectUnauthorized"
+        )
+        assert "HTTP 401" in condition["message"]
+        assert "spec.prefect.apiKeySecretRef" in condition["message"]
+        assert "pnu_wrong" not in str(pools.get("locked-out"))  # the key never shows
+    finally:
+        server.stop()
+
+
+def test_prefect_answering_5xx_degrades_the_pool_until_it_answers_again(
+    watched_operator: OperatorProcess,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    limits: PrefectLimits,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    proxy = FaultProxy(upstream=prefect_server.api_url.removesuffix("/api"))
+    with proxy.running():
+        spec = pool_spec(f"{proxy.url}/api", node_group, "gpu4", {"perWorker": 1}, 1)
+        before = start_pool(pools, limits, "flaky", spec)
+
+        proxy.fail(503)
+        pools.scale("flaky", 2)  # a change to make while Prefect fails
+        condition = assert_failure_is_visible(
+            watched_operator, pools, namespace, "flaky", "PrefectServerError"
+        )
+        assert "HTTP 503" in condition["message"]
+        assert "injected fault" not in str(pools.get("flaky"))  # answers stay in the log
+
+        proxy.heal()
+        after = wait_until(
+            lambda: ready_with_limits(pools, limits, "flaky", 2), "flaky Ready with 2 limits"
+        )
+        assert set(before) <= set(after)  # the first worker's limit survived the fault
+        healed = pools.condition("flaky", "Degraded")
+        assert healed is not None
+        assert healed["status"] == "False"
+        assert any(e.reason == "Recovered" for e in pools.events("flaky"))
+        assert proxy.faulted > 0
+        watched_operator.assert_alive()
+
+
+def test_a_missing_api_key_secret_is_named_and_the_pool_starts_once_it_exists(
+    watched_operator: OperatorProcess,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    limits: PrefectLimits,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
+    spec["prefect"]["apiKeySecretRef"] = {"name": "not-yet"}
+    pools.create("keyless", spec)
+
+    condition = assert_failure_is_visible(
+        watched_operator, pools, namespace, "keyless", "ApiKeySecretUnavailable"
+    )
+    assert "spec.prefect.apiKeySecretRef not-yet/api-key" in condition["message"]
+
+    # An open-source Prefect server ignores the key: with the Secret in place the pool runs.
+    pools.core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="not-yet"),
+            data={"api-key": base64.b64encode(b"pnu_any").decode()},
+        ),
+    )
+    wait_until(lambda: ready_with_limits(pools, limits, "keyless", 1), "keyless Ready", 120)
+
+
+def test_a_deployment_the_api_server_rejects_is_named_and_a_fixed_spec_recovers(
+    watched_operator: OperatorProcess,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    limits: PrefectLimits,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    # Valid for the CRD, invalid for the API server: a mount of a volume that does not exist.
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
+    template = spec["worker"]["podTemplate"]
+    template["volumeMounts"] = [{"name": "models", "mountPath": "/models"}]
+    pools.create("unmountable", spec)
+
+    condition = assert_failure_is_visible(
+        watched_operator, pools, namespace, "unmountable", "DeploymentRejected"
+    )
+    # The API server's own words: the Deployment's field and what is wrong with it.
+    assert "spec.template.spec.containers[0].volumeMounts[" in condition["message"]
+    assert 'Not found: "models"' in condition["message"]
+    with pytest.raises(client.ApiException) as info:
+        pools.apps.read_namespaced_deployment("unmountable", namespace)
+    assert info.value.status == 404
+
+    pools.patch_spec(
+        "unmountable",
+        {"worker": {"podTemplate": {"volumes": [{"name": "models", "emptyDir": {}}]}}},
+    )
+    wait_until(lambda: ready_with_limits(pools, limits, "unmountable", 1), "unmountable Ready", 120)
+
+
+def test_a_pool_deleted_while_prefect_is_down_waits_and_then_removes_its_limits(
+    watched_operator: OperatorProcess,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    tmp_path: Path,
+) -> None:
+    server = LocalPrefectServer(home=tmp_path / "prefect", port=free_port()).start()
+    try:
+        own_limits = PrefectLimits(server.api_url)
+        spec = pool_spec(server.api_url, node_group, "gpu8", {"perWorker": 1}, 2)
+        pods = start_pool(pools, own_limits, "stranded", spec)
+
+        server.stop()
+        pools.delete("stranded")
+        # The finalizer holds the pool while its limits cannot be deleted.
+        wait_until(
+            lambda: pools.get("stranded")["metadata"].get("deletionTimestamp"),
+            "deletion to begin",
+        )
+        settle(10)
+        held = pools.get("stranded")
+        assert held["metadata"]["finalizers"], "the pool went with its limits still in Prefect"
+        watched_operator.assert_alive()
+
+        server.start()
+        wait_until(lambda: not pools.exists("stranded"), "the pool to go", timeout=120)
+        for pod in pods:
+            assert own_limits.get(f"gpu:{pod}") is None, f"limit of {pod} left behind"
+        watched_operator.assert_alive()
+    finally:
+        server.stop()
