@@ -9,16 +9,28 @@
 # Build context: the repository root; docker/operator.Dockerfile.dockerignore
 # lets only the project sources and the lock file in.
 ARG PYTHON_VERSION=3.11
+# The base of both stages: any image whose python3 is Python ${PYTHON_VERSION} with
+# its venv module. The tests build both images on a Debian base made here
+# (hack/build-images), since no registry is reachable there.
+ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM ${BASE_IMAGE} AS build
 # uv at the version hack/setup pins, from PyPI like there.
 ARG UV_VERSION=0.13.9
-RUN pip install --no-cache-dir "uv==${UV_VERSION}"
+# pip and uv trust the system's CA store (build stage only), so a build behind a
+# TLS-inspecting proxy works with its CA bundle mounted over that file.
 ENV VIRTUAL_ENV=/opt/venv \
     UV_PYTHON_DOWNLOADS=never \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
-    UV_NO_CACHE=1
+    UV_NO_CACHE=1 \
+    UV_NATIVE_TLS=1 \
+    PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+# uv in a venv of its own, so the same step works where pip may not install into
+# the system Python (PEP 668: a Debian python3); uv itself is one static binary.
+RUN python3 -m venv /opt/uv \
+ && /opt/uv/bin/pip install --no-cache-dir "uv==${UV_VERSION}" \
+ && ln -s /opt/uv/bin/uv /usr/local/bin/uv
 WORKDIR /src
 # Dependencies first (cached until uv.lock changes), then the project itself.
 # `--prune prefect` drops Prefect and every package that only Prefect needs
@@ -34,10 +46,10 @@ COPY operator ./operator
 COPY flows ./flows
 RUN uv pip install --no-deps .
 
-FROM python:${PYTHON_VERSION}-slim
+FROM ${BASE_IMAGE}
 # Non-root, numeric uid (runAsNonRoot can verify it); the chart runs it as 1000.
-RUN groupadd --gid 1000 operator \
- && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin operator
+RUN groupadd --gid 1000 pgw-operator \
+ && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pgw-operator
 COPY --from=build /opt/venv /opt/venv
 # The root filesystem is read-only in the chart; /tmp is an emptyDir there.
 ENV PATH=/opt/venv/bin:$PATH \

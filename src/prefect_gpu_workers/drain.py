@@ -13,6 +13,8 @@ acts on, never Running:
 - otherwise it is Crashed, with the reason.
 
 Its GPU slots go back at once: the broker reclaims a dead holder's lease.
+A worker that died without a drain leaves its runs to the next worker of its
+name, which settles them the same way (see :mod:`.journal`).
 Stdlib only; ``worker.py`` carries it out.
 """
 
@@ -89,6 +91,14 @@ def crash_message(worker_id: str, drain_s: float) -> str:
         f"worker {worker_id} was stopped and this flow run did not finish within its "
         f"{drain_s:.0f} s drain; it does not allow a reschedule "
         f"({SIGTERM_BEHAVIOR_ENV}=reschedule)"
+    )
+
+
+def left_behind_message(worker_id: str) -> str:
+    """The message for a run an earlier worker of this name left when it died."""
+    return (
+        f"worker {worker_id} ended without draining (killed, or its container restarted) "
+        "while this flow run was in flight; its process is gone"
     )
 
 

@@ -102,7 +102,7 @@ def wait_for_api(
 
 @dataclass
 class LocalPrefectServer:
-    """``prefect server start`` on 127.0.0.1 with its database and leases under ``home``.
+    """``prefect server start`` on ``host`` (127.0.0.1) with its database and leases under ``home``.
 
     ``database="postgres"`` runs the server on an embedded PostgreSQL in
     ``home/postgres``; when that cannot start, the server runs on SQLite,
@@ -116,6 +116,8 @@ class LocalPrefectServer:
 
     home: Path
     port: int = field(default_factory=free_port)
+    # Where it listens: loopback, or an address containers reach (a node's bridge).
+    host: str = "127.0.0.1"
     extra_env: Mapping[str, str] = field(default_factory=dict)
     log_path: Path | None = None
     database: DatabaseKind = "sqlite"
@@ -128,7 +130,7 @@ class LocalPrefectServer:
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"http://{self.host}:{self.port}/api"
 
     def env(self) -> dict[str, str]:
         """Environment a client process needs to use this server."""
@@ -166,7 +168,7 @@ class LocalPrefectServer:
             with log_path.open("ab") as log:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "prefect", "server", "start",
-                     "--host", "127.0.0.1", "--port", str(self.port)],
+                     "--host", self.host, "--port", str(self.port)],
                     env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                     # Should this process be SIGKILLed, the server goes too.
                     preexec_fn=die_with_parent(signal.SIGTERM),

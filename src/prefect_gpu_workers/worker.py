@@ -21,7 +21,9 @@ no new flow runs from that moment; the runs in flight may finish until the
 drain deadline; then the worker stops the rest, sets each to a state Prefect
 acts on (Scheduled again, Cancelled or Crashed, never left Running), waits for
 the broker to have given their slots back, and exits. A second signal ends the
-wait at once.
+wait at once. A worker that dies without a drain (SIGKILL, a container
+restart) cannot do this; the next worker of its name does it on start, from
+the runs it recorded (``journal.py``, :func:`settle_left_behind`).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ from prefect_gpu_workers.drain import (
     DrainReport,
     RunOutcome,
     crash_message,
+    left_behind_message,
     run_outcome,
     wants_reschedule,
 )
+from prefect_gpu_workers.journal import InFlightJournal
 from prefect_gpu_workers.limits import (
     GpuLimitUnavailable,
     GpuSlotRequest,
@@ -101,9 +105,11 @@ def _process_worker_class() -> type[Any]:
             broker: SlotBroker | None,
             gpu_limit: str,
             intake: IntakeMode,
+            journal: InFlightJournal,
             **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
+            self.journal = journal
             self._broker = broker
             self._gpu_limit = gpu_limit
             self._intake: IntakeMode = intake
@@ -156,13 +162,16 @@ def _process_worker_class() -> type[Any]:
                 self._intake_closed = True
                 return []
             runs: list[Any] = await super()._submit_scheduled_flow_runs(flow_run_response)
-            self.in_flight.update((run.id, run) for run in runs)
+            if runs:
+                self.in_flight.update((run.id, run) for run in runs)
+                self.journal.record(self.in_flight)
             return runs
 
         def _release_limit_slot(self, flow_run_id: Any) -> None:
             # Prefect frees a run's place here when its process has ended (or it
             # was never started): from then on it is not in flight.
-            self.in_flight.pop(flow_run_id, None)
+            if self.in_flight.pop(flow_run_id, None) is not None:
+                self.journal.record(self.in_flight)
             super()._release_limit_slot(flow_run_id)
 
     return GpuProcessWorker
@@ -192,6 +201,56 @@ def _kill_flow_run_processes(run_ids: list[Any]) -> list[int]:
                     os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
     return killed
+
+
+async def settle_left_behind(worker: Any, report: Callable[[str], None]) -> DrainReport:
+    """End the runs an earlier worker of this name left in flight when it died.
+
+    A run listed in ``worker.journal`` whose process is gone and that Prefect
+    still shows Pending, Running or Cancelling is settled as a drain past its
+    deadline settles it (Scheduled again, Cancelled or Crashed), never left
+    Running. A run whose process still lives (local mode: flow runs outlive
+    their worker) is left to finish. Prefect unreachable: the journal is kept
+    for the next start.
+    """
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Crashed, Scheduled
+
+    result = DrainReport()
+    recorded = worker.journal.read()
+    if not recorded:
+        return result
+    try:
+        async with get_client() as client:
+            runs = await _read_states(client, [UUID(run_id) for run_id in recorded])
+            for run_id, run in runs.items():
+                if pids_with_env(FLOW_RUN_ID_ENV, str(run_id)):
+                    continue  # still running: it reports its own end
+                state_type = run.state_type.value if run.state_type else None
+                reschedule = wants_reschedule(run.job_variables.get("env"), os.environ)
+                outcome = run_outcome(state_type, True, reschedule)
+                why = left_behind_message(worker.name)
+                state: Any = {
+                    RunOutcome.RESCHEDULE: Scheduled(name="Rescheduled", message=why),
+                    RunOutcome.CANCEL: Cancelled(message=why),
+                    RunOutcome.CRASH: Crashed(message=why),
+                }.get(outcome)
+                if state is not None:
+                    await client.set_flow_run_state(run_id, state, force=True)
+                result.add(outcome, str(run_id))
+    except Exception as exc:  # the next start tries again
+        report(f"could not settle the flow runs an earlier {worker.name} left: {exc}")
+        return result
+    worker.journal.clear()
+    if result.rescheduled or result.cancelled or result.crashed:
+        report(
+            f"settled the flow runs an earlier {worker.name} left in flight: "
+            f"{len(result.rescheduled)} rescheduled, {len(result.cancelled)} cancelled, "
+            f"{len(result.crashed)} crashed"
+        )
+    return result
 
 
 async def drain(
@@ -314,6 +373,7 @@ async def run_until_stopped(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    await settle_left_behind(worker, print_line)
     worker_task = asyncio.ensure_future(
         worker.start(with_healthcheck=with_healthcheck, printer=print)
     )
@@ -348,7 +408,11 @@ def _new_worker(
 ) -> Any:
     """The Prefect process worker, configured as ``prefect worker start --type process
     --name WORKER_ID --limit FLOW_RUNS`` would configure it."""
-    from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_WORKER_HEARTBEAT_SECONDS,
+        PREFECT_WORKER_PREFETCH_SECONDS,
+    )
 
     return _process_worker_class()(
         name=worker_id,
@@ -359,6 +423,7 @@ def _new_worker(
         broker=broker,
         gpu_limit=gpu_limit,
         intake=intake,
+        journal=InFlightJournal(Path(PREFECT_HOME.value()), worker_id),
     )
 
 

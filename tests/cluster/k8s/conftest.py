@@ -31,6 +31,7 @@ from .operator_harness import (
     PrefectLimits,
     install_crd,
 )
+from .real_node import Image, RealNode, build_images, find_real_node
 
 
 def _cluster_running() -> bool:
@@ -143,3 +144,38 @@ def pools(dev_cluster: DevCluster, namespace: str) -> Pools:
 @pytest.fixture
 def limits(prefect_server: LocalPrefectServer) -> PrefectLimits:
     return PrefectLimits(prefect_server.api_url)
+
+
+@pytest.fixture(scope="session")
+def real_node(dev_cluster: DevCluster) -> RealNode:
+    """The dev cluster's real node (kubelet, containerd, runc); fails where it is missing."""
+    node = find_real_node(dev_cluster)
+    if node is None:
+        status = run([DEV_CLUSTER, "status"], timeout=60).stdout
+        pytest.fail(
+            "the dev cluster has no real node: it needs root and the Debian packages "
+            f"containerd runc containernetworking-plugins buildah (hack/dev-cluster up):\n{status}"
+        )
+    return node
+
+
+@pytest.fixture(scope="session")
+def project_images(real_node: RealNode) -> dict[str, Image]:
+    """The worker and operator images, built here (cached) and loaded into the real node."""
+    images = build_images()
+    for name in ("worker", "operator"):
+        real_node.load(images[name])
+    return images
+
+
+@pytest.fixture(scope="module")
+def node_prefect_server(
+    real_node: RealNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalPrefectServer]:
+    """A Prefect server the real node's pods reach: it listens on the node's bridge."""
+    server = LocalPrefectServer(
+        home=tmp_path_factory.mktemp("node-prefect"), host=real_node.host_ip
+    )
+    server.start(timeout_s=300)
+    yield server
+    server.stop()

@@ -1,0 +1,3 @@
+module pgw-dev-pause
+
+go 1.24
