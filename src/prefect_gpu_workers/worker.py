@@ -206,12 +206,13 @@ def _kill_flow_run_processes(run_ids: list[Any]) -> list[int]:
 async def settle_left_behind(worker: Any, report: Callable[[str], None]) -> DrainReport:
     """End the runs an earlier worker of this name left in flight when it died.
 
-    A run listed in ``worker.journal`` whose process is gone and that Prefect
-    still shows Pending, Running or Cancelling is settled as a drain past its
-    deadline settles it (Scheduled again, Cancelled or Crashed), never left
-    Running. A run whose process still lives (local mode: flow runs outlive
-    their worker) is left to finish. Prefect unreachable: the journal is kept
-    for the next start.
+    A run listed in ``worker.journal`` that Prefect still shows Pending,
+    Running or Cancelling is settled as a drain past its deadline settles it
+    (Scheduled again, Cancelled or Crashed), never left Running. In a pod its
+    process died with the container; in local mode it may still run, cut off
+    from the dead worker that carried its output (it would stall at its next
+    log line), so what is left of it is stopped first. Prefect unreachable: the
+    journal is kept for the next start.
     """
     from uuid import UUID
 
@@ -226,9 +227,10 @@ async def settle_left_behind(worker: Any, report: Callable[[str], None]) -> Drai
         async with get_client() as client:
             runs = await _read_states(client, [UUID(run_id) for run_id in recorded])
             for run_id, run in runs.items():
-                if pids_with_env(FLOW_RUN_ID_ENV, str(run_id)):
-                    continue  # still running: it reports its own end
                 state_type = run.state_type.value if run.state_type else None
+                if run_outcome(state_type, False, False) is RunOutcome.FINISHED:
+                    continue
+                _kill_flow_run_processes([run_id])
                 reschedule = wants_reschedule(run.job_variables.get("env"), os.environ)
                 outcome = run_outcome(state_type, True, reschedule)
                 why = left_behind_message(worker.name)

@@ -67,14 +67,20 @@ def start_worker(
 ) -> Iterator[Callable[..., DrainingWorker]]:
     started: list[DrainingWorker] = []
 
-    def start(drain_s: float, flow_runs: int = 2) -> DrainingWorker:
-        worker = unique_worker()
+    def start(
+        drain_s: float, flow_runs: int = 2, like: DrainingWorker | None = None
+    ) -> DrainingWorker:
+        """A new worker, or (``like``) the next worker of that one's name, pool and limit."""
+        worker = like.worker if like else unique_worker()
         pool, limit = f"drain-{worker}", f"gpu:{worker}"
-        with get_client(sync_client=True) as client:
-            ensure_process_pool(client, pool)
-            ensure_gpu_limit(client, limit, 2)
-        deployment_id = deploy_for_local_workers(pool, f"pipeline-{worker}")
-        log_path = tmp_path / f"{worker}.log"
+        if like is None:
+            with get_client(sync_client=True) as client:
+                ensure_process_pool(client, pool)
+                ensure_gpu_limit(client, limit, 2)
+            deployment_id = deploy_for_local_workers(pool, f"pipeline-{worker}")
+        else:
+            deployment_id = like.deployment_id
+        log_path = tmp_path / f"{worker}-{len(started)}.log"
         env = {
             **os.environ,
             **prefect_server.env(),
@@ -167,3 +173,32 @@ def test_a_drain_with_prefect_away_still_stops_the_runs_and_exits(
     assert "draining without the Prefect API" in log
     assert "1 not set (Prefect unreachable)" in log
     assert pids_with_env(FLOW_RUN_ID_ENV, str(run_id)) == [], "a flow-run process survived"
+
+
+def test_a_killed_worker_s_runs_are_settled_by_the_next_worker_of_its_name(
+    start_worker: Callable[..., DrainingWorker],
+) -> None:
+    first = start_worker(drain_s=0)
+    with get_client(sync_client=True) as client:
+        orphan = first.submit(client, gpu_s=120.0, env={})  # its process dies too
+        cut_off = first.submit(client, gpu_s=120.0, env={})  # its process lives on
+        wait_until(lambda: active_slots(first.limit) == 2, "both GPU steps hold a slot", 300)
+        # What the OOM killer or a container restart does: no drain, no goodbye.
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(timeout=30)
+        for pid in pids_with_env(FLOW_RUN_ID_ENV, str(orphan)):
+            os.kill(pid, signal.SIGKILL)
+        assert pids_with_env(FLOW_RUN_ID_ENV, str(cut_off)), "its process should live on"
+        assert {s[0] for s in states(client, [orphan, cut_off]).values()} == {"RUNNING"}
+
+        second = start_worker(drain_s=0, like=first)
+        wait_until(
+            lambda: {s[0] for s in states(client, [orphan, cut_off]).values()} == {"CRASHED"},
+            "both runs settled",
+            60,
+        )
+        after = states(client, [orphan, cut_off])
+    assert all("ended without draining" in state[2] for state in after.values()), after
+    assert "settled the flow runs an earlier" in second.log()
+    assert "2 crashed" in second.log()
+    assert pids_with_env(FLOW_RUN_ID_ENV, str(cut_off)) == [], "a flow-run process survived"

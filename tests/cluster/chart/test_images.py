@@ -1,9 +1,9 @@
 """The Dockerfiles agree with the project: Python, uv, extras, entrypoints, uid, context.
 
-Images cannot be built here (no Docker); these tests read the Dockerfiles,
-check them against pyproject.toml, uv.lock, hack/setup, the chart and what
-the operator puts into worker pods, and (slow) replay the operator image's
-install steps with the pinned uv into a scratch environment.
+These tests read the Dockerfiles and check them against pyproject.toml,
+uv.lock, hack/setup, the chart and what the operator puts into worker pods.
+The images themselves are built from these Dockerfiles by hack/build-images
+and run on the dev cluster's real node (tests/cluster/k8s/test_real_node.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -148,8 +147,10 @@ def test_base_image_python_is_the_project_python(image: str) -> None:
     python = arg_default(instructions, "PYTHON_VERSION")
     froms = values_of(instructions, "FROM")
     assert froms, "no FROM"
+    # Every stage on one base: the public Python image unless the build says otherwise.
+    assert arg_default(instructions, "BASE_IMAGE") == "python:${PYTHON_VERSION}-slim"
     for base in froms:
-        assert base.split()[0] == "python:${PYTHON_VERSION}-slim", base
+        assert base.split()[0] == "${BASE_IMAGE}", base
     assert f"{python}.0" in SpecifierSet(PYPROJECT["project"]["requires-python"])
     assert python == PYPROJECT["tool"]["mypy"]["python_version"]
     assert PYPROJECT["tool"]["ruff"]["target-version"] == "py" + python.replace(".", "")
@@ -159,7 +160,8 @@ def test_base_image_python_is_the_project_python(image: str) -> None:
 def test_uv_is_the_version_hack_setup_pins(image: str) -> None:
     instructions = dockerfile(image)
     assert arg_default(instructions, "UV_VERSION") == hack_setup_uv_version()
-    assert 'pip install --no-cache-dir "uv==${UV_VERSION}"' in values_of(instructions, "RUN")
+    runs = values_of(instructions, "RUN")
+    assert any('/opt/uv/bin/pip install --no-cache-dir "uv==${UV_VERSION}"' in r for r in runs)
 
 
 def test_worker_image_installs_its_extra_from_the_lock_without_dev_tools() -> None:
@@ -168,13 +170,16 @@ def test_worker_image_installs_its_extra_from_the_lock_without_dev_tools() -> No
     project = next(p for p in lock["package"] if p["name"] == PYPROJECT["project"]["name"])
     assert "worker" in project["metadata"]["provides-extras"]
 
-    commands = uv_sync_commands(dockerfile("worker"))
+    instructions = dockerfile("worker")
+    commands = uv_sync_commands(instructions)
     assert len(commands) == 2, "one dependency layer, one project layer"
+    # The worker extra unless the build leaves it out (the tests' image: no torch).
+    assert arg_default(instructions, "UV_EXTRAS") == '"--extra worker"'
     for command in commands:
         assert "--frozen" in command, "install exactly uv.lock"
         assert "--no-default-groups" in command, "no dev group in images"
         assert "--all-extras" not in command
-        assert option(command, "--extra") == ["worker"]
+        assert "${UV_EXTRAS}" in command
     assert "--no-install-project" in commands[0]
     assert "--no-editable" in commands[1], "the project must be copied into the venv"
 
@@ -325,71 +330,3 @@ def test_build_context_lets_in_exactly_what_the_install_needs(image: str) -> Non
     assert copied == needed
     for path in needed:
         assert (REPO_ROOT / path).exists(), path
-
-
-@pytest.mark.slow
-def test_operator_image_install_steps_produce_a_runnable_operator(tmp_path: Path) -> None:
-    """Replay the build stage's uv steps (as written) into a scratch venv, then run it."""
-    instructions = dockerfile("operator")
-    context = tmp_path / "context"
-    context.mkdir()
-    for name in ("pyproject.toml", "uv.lock", "README.md"):
-        shutil.copy2(REPO_ROOT / name, context / name)
-    for root in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["where"]:
-        shutil.copytree(
-            REPO_ROOT / root,
-            context / root,
-            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
-        )
-    venv = tmp_path / "venv"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "VIRTUAL_ENV"))}
-    build_env = env_of(instructions, stage=0)
-    # Same settings as the build stage, except: reuse the local uv cache and
-    # skip bytecode compilation (speed), and install into the scratch venv.
-    for key in ("UV_PYTHON_DOWNLOADS", "UV_LINK_MODE"):
-        env[key] = build_env[key]
-    env["VIRTUAL_ENV"] = str(venv)
-    # `uv venv` creates the venv with this interpreter. `uv pip` must not see
-    # UV_PYTHON: there it names the TARGET environment, and the packages would
-    # land in the base interpreter instead of the scratch venv.
-    base_python = str(Path(sys.base_prefix) / "bin" / "python3")
-    commands = uv_commands(instructions)
-    # The image's paths, moved into tmp_path.
-    moved = {build_env["VIRTUAL_ENV"]: str(venv)}
-    for command in commands:
-        moved.update(
-            {path: str(tmp_path / "requirements.txt") for path in option(command, "--output-file")}
-        )
-    for command in commands:
-        argv = [moved.get(arg, arg) for arg in command[1:]]
-        step_env = {**env, "UV_PYTHON": base_python} if argv[0] == "venv" else env
-        if argv[0] == "pip":
-            assert (venv / "bin" / "python").exists(), f"{command} would install outside {venv}"
-        proc = subprocess.run(
-            [str(uv_binary()), *argv],
-            cwd=context,
-            env=step_env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        assert proc.returncode == 0, f"{command}: {proc.stderr}"
-    python = venv / "bin" / "python"
-    entry = exec_form(instructions, "ENTRYPOINT")
-    assert entry[0] == "python"
-    proc = subprocess.run(
-        [str(python), *entry[1:], "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "--namespace" in proc.stdout
-    assert "--liveness" in proc.stdout
-    probe = "import importlib.util as u; print([m for m in ('prefect', 'torch') if u.find_spec(m)])"
-    check = subprocess.run(
-        [str(python), "-c", probe], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert check.stdout.strip() == "[]", "neither Prefect nor torch belongs in the operator image"

@@ -1,7 +1,8 @@
 """A kubelet for worker pods, played with local processes.
 
-kwok marks pods Running but runs nothing. For tests and benchmarks that need
-real workers, :class:`LocalKubelet` starts each Running pod's worker container
+kwok marks pods Running but runs nothing. The autoscaling benchmark runs real
+workers on kwok nodes (the dev cluster's one real node, which the tests use,
+has room for a few pods only): :class:`LocalKubelet` starts each Running pod's worker container
 as a local process, with the environment a kubelet would resolve, and treats a
 pod that is deleted (or being deleted) as the kubelet does: SIGTERM to the
 container's process, SIGKILL when the pod's ``terminationGracePeriodSeconds``

@@ -8,29 +8,19 @@ themselves to one kind of node, so expected limit sizes are exact.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
-from uuid import UUID
 
-import httpx
 import pytest
 import yaml
 from kubernetes import client
-from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.objects import FlowRun
 from recording_server import RecordingServer
 
-from pgw_flows.deploy import deploy_pipeline
-from prefect_gpu_workers.local.prefect_ops import read_runs, submit_runs
-from prefect_gpu_workers.records import read_records
-from prefect_gpu_workers.report import gpu_overlap_per_worker
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
 from .cluster import DevCluster
-from .local_kubelet import LocalKubelet
 from .operator_harness import (
     CRD,
     OperatorProcess,
@@ -522,133 +512,4 @@ def test_invalid_pools_are_rejected_naming_the_field(
     assert field in str(info.value.body), info.value.body
 
 
-# End to end: real Prefect workers named after their pods -------------------------
-
-
-def running_workers_spec(
-    api_url: str, group: str, work_pool: str, flow_runs: int, grace_s: int = 0
-) -> dict[str, Any]:
-    """Two workers of 2 GPU slots, polling every second, for pods run by a LocalKubelet."""
-    spec = pool_spec(api_url, group, "gpu8", {"perWorker": 1, "slotsPerGpu": 2}, 2)
-    spec["workPool"] = {"name": work_pool, "flowRunsPerWorker": flow_runs}
-    spec["worker"]["drainGracePeriodSeconds"] = grace_s
-    # A Prefect setting passed like any user env: workers poll every second.
-    spec["worker"]["podTemplate"]["env"] = [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}]
-    return spec
-
-
-def wait_until_final(prefect: SyncPrefectClient, run_ids: list[UUID]) -> list[FlowRun]:
-    """The runs, once every one of them has ended."""
-    runs: list[FlowRun] = wait_until(
-        lambda: (
-            (found := read_runs(prefect, run_ids))
-            and all(r.state is not None and r.state.is_final() for r in found)
-            and found
-        ),
-        f"{len(run_ids)} flow runs to end",
-        timeout=300,
-        interval=1,
-    )
-    return runs
-
-
-def test_end_to_end_workers_named_after_their_pods_hold_their_limits(
-    operator: OperatorProcess,
-    pools: Pools,
-    limits: PrefectLimits,
-    node_group: str,
-    prefect_server: LocalPrefectServer,
-    tmp_path: Path,
-) -> None:
-    work_pool = unique("e2e-pool")
-    spec = running_workers_spec(prefect_server.api_url, node_group, work_pool, flow_runs=6)
-    pods = start_pool(pools, limits, "e2e", spec)
-    assert {limit["limit"] for limit in pods.values()} == {2}
-    # The operator created the work pool (no worker has run yet).
-    work_pool_body = httpx.get(f"{prefect_server.api_url}/work_pools/{work_pool}", timeout=10)
-    assert work_pool_body.status_code == 200
-    assert work_pool_body.json()["type"] == "process"
-
-    # Each Running pod's container runs as a local process, as a kubelet would run it.
-    kubelet = LocalKubelet(pools, "e2e", tmp_path).start()
-    try:
-        wait_until(lambda: len(kubelet.running()) == 2, "both workers started", timeout=60)
-        records = tmp_path / "records"
-        params = {"items": 2, "simulate": True, "download_s": 1.0, "gpu_s": 3.0, "save_s": 0.5,
-                  "record_dir": str(records)}  # fmt: skip
-        deployment_id = deploy_pipeline(work_pool, name=unique("e2e"), parameters=params)
-        with get_client(sync_client=True) as prefect:
-            runs = wait_until_final(prefect, submit_runs(prefect, deployment_id, 10, params))
-            # Prefect's own list: one worker per pod, named after it.
-            workers = prefect.read_workers_for_work_pool(work_pool)
-        assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 10
-        assert {w.name for w in workers} == set(pods)
-        # No slot left held: each pod's limit (read from Prefect, not rebuilt here) is free.
-        assert {pod: (limits.get(f"gpu:{pod}") or {}).get("active_slots") for pod in pods} == {
-            pod: 0 for pod in pods
-        }
-    finally:
-        kubelet.stop()
-        print(kubelet.logs())
-
-    gpu_steps = [r for r in read_records(records) if r.stage == "gpu"]
-    assert len(gpu_steps) == 10
-    # Every pod ran GPU steps: at 6 flow runs per worker, neither can take all 10.
-    assert {r.worker_id for r in gpu_steps} == set(pods)
-    # Each step took the limit the operator made for the pod it ran in.
-    assert {r.limit for r in gpu_steps} == {f"gpu:{pod}" for pod in pods}
-    assert all(r.limit == f"gpu:{r.worker_id}" for r in gpu_steps)
-    overlap = gpu_overlap_per_worker(gpu_steps)
-    assert max(overlap.values()) == 2, overlap  # the limit is reached ...
-    assert all(peak <= 2 for peak in overlap.values()), overlap  # ... and never exceeded
-
-
-def test_a_busy_scale_down_drains_the_worker_and_loses_no_run(
-    operator: OperatorProcess,
-    pools: Pools,
-    limits: PrefectLimits,
-    node_group: str,
-    prefect_server: LocalPrefectServer,
-    tmp_path: Path,
-) -> None:
-    work_pool = unique("drain-pool")
-    # A drain of 75 - 15 = 60 s: far more than a run needs (about 20 s here).
-    spec = running_workers_spec(prefect_server.api_url, node_group, work_pool, 3, grace_s=75)
-    start_pool(pools, limits, "drain", spec)
-    kubelet = LocalKubelet(pools, "drain", tmp_path).start()
-    try:
-        wait_until(lambda: len(kubelet.running()) == 2, "both workers started", timeout=60)
-        params = {"items": 1, "simulate": True, "download_s": 1.0, "gpu_s": 8.0, "save_s": 1.0}
-        deployment_id = deploy_pipeline(work_pool, name=unique("drain"), parameters=params)
-        with get_client(sync_client=True) as prefect:
-            run_ids = submit_runs(prefect, deployment_id, 6, params)
-
-            def busy() -> bool:
-                kinds = [r.state.type.value for r in read_runs(prefect, run_ids) if r.state]
-                # None waiting and at least 4 in flight: each worker (3 at most) has one.
-                in_flight = sum(kind in ("PENDING", "RUNNING") for kind in kinds)
-                return "SCHEDULED" not in kinds and in_flight >= 4
-
-            wait_until(busy, "both workers busy", timeout=300, interval=0.5)
-            pools.scale("drain", 1)
-            (stopped,) = wait_until(
-                lambda: [c for c in kubelet.containers.values() if c.term_at is not None] or None,
-                "one worker told to stop",
-                timeout=60,
-            )
-            runs = wait_until_final(prefect, run_ids)
-        assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 6
-        wait_until(lambda: stopped.removed, "the drained pod removed", timeout=120)
-        assert stopped.exit_code == 0
-        log = stopped.log()
-        drained = re.search(r"drained in [\d.]+ s: (\d+) finished, (\d+) rescheduled, "
-                            r"(\d+) cancelled, (\d+) crashed", log)  # fmt: skip
-        assert drained is not None, log[-3000:]
-        finished, *stopped_runs = (int(n) for n in drained.groups())
-        assert finished >= 1  # it was busy when told to stop ...
-        assert stopped_runs == [0, 0, 0]  # ... and every run it had finished where it began
-        # The pod stayed Terminating while it drained, so its limit outlived its runs.
-        wait_until(lambda: limits.get(f"gpu:{stopped.pod}") is None, "its limit deleted")
-    finally:
-        kubelet.stop()
-        print(kubelet.logs())
+# End to end, with real workers in real containers: test_real_node.py.

@@ -9,6 +9,7 @@ SIGTERM and the grace period of a pod being deleted.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -112,7 +113,7 @@ def pod_records(node: RealNode, pools: Pools, pods: list[str]) -> list[StageReco
 
 def run_to_end(pools: Pools, node: RealNode, name: str, image: Image, command: list[str]) -> str:
     """Run ``command`` in ``image`` on the real node as the chart runs containers; its log."""
-    pod = {
+    pod: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name},
@@ -131,16 +132,14 @@ def run_to_end(pools: Pools, node: RealNode, name: str, image: Image, command: l
             }],
         },
     }  # fmt: skip
-    pools.core.create_namespaced_pod(pools.namespace, pod)
-    phase = wait_until(
-        lambda: (
-            (p := pools.core.read_namespaced_pod(name, pools.namespace).status.phase)
-            in ("Succeeded", "Failed")
-            and p
-        ),
-        f"pod {name} to end",
-        timeout=180,
-    )
+    pools.cluster.kubectl("-n", pools.namespace, "create", "-f", "-", input=json.dumps(pod))
+
+    def ended() -> str | None:
+        status = pools.core.read_namespaced_pod(name, pools.namespace).status
+        phase = status.phase if status else None
+        return phase if phase in ("Succeeded", "Failed") else None
+
+    phase = wait_until(ended, f"pod {name} to end", timeout=180)
     log = str(pools.core.read_namespaced_pod_log(name, pools.namespace))
     assert phase == "Succeeded", log
     return log
@@ -313,7 +312,7 @@ def test_a_scale_down_sends_sigterm_and_the_worker_drains_within_its_grace(
     )
     runs = wait_until_final(prefect, run_ids)
     assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 6
-    wait_until(lambda: not [p for p in pools.pods("drain") if p.metadata.name == stopped],
+    wait_until(lambda: stopped not in {p.metadata.name for p in pools.pods("drain") if p.metadata},
                "the drained pod gone", timeout=120)  # fmt: skip
     log = logs[stopped].text()
     drained = re.search(r"drained in [\d.]+ s: (\d+) finished, (\d+) rescheduled, "
@@ -344,9 +343,9 @@ class PodLog:
         return "\n".join(self.lines)
 
     def _follow(self) -> None:
-        stream = self.pools.core.read_namespaced_pod_log(
+        stream: Any = self.pools.core.read_namespaced_pod_log(
             self.pod, self.pools.namespace, follow=True, _preload_content=False
-        )
+        )  # an urllib3 response, not the str the stub says
         for line in stream.stream():
             self.lines.append(line.decode(errors="replace").rstrip("\n"))
         # The stream ends when the container does; its status says how.
