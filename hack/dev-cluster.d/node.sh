@@ -8,6 +8,10 @@
 #   $node_ip/24 on the host. A pod reaches a server on the host at $node_ip
 #   (tests bind their Prefect server there), never at 127.0.0.1. The kubelet
 #   listens on $node_ip only; the API server reaches it there (logs, exec).
+# - Pods reach the API server as in any cluster, at the `kubernetes` Service
+#   ($api_service_ip:443): one DNAT rule (chain $nat_chain) sends that address,
+#   from the bridge only, to the API server on 127.0.0.1. No kube-proxy; no
+#   other Service works.
 # - Tainted $real_node_taint: only pods that tolerate it land there.
 #   It advertises $node_gpus fake nvidia.com/gpu in its status, the documented
 #   way to advertise an extended resource without a device plugin.
@@ -33,20 +37,22 @@ containerd_sock=$node_dir/containerd.sock
 real_node_taint=prefect-gpu-workers.dev/real-node=true:NoSchedule
 real_node_label=prefect-gpu-workers.dev/dev-cluster=real-node
 pause_ref=localhost/pgw-dev/pause
+api_service_ip=10.96.0.1 # the first address of --service-cluster-ip-range
+nat_chain=PGW-DEV-NODE
 
 # node_unsupported: why this machine cannot run the real node (empty: it can).
 node_unsupported() {
   [ "${PGW_DEV_CLUSTER_NODE:-1}" != 0 ] || { echo "PGW_DEV_CLUSTER_NODE=0"; return; }
   [ "$(id -u)" = 0 ] || { echo "not root"; return; }
   local cmd
-  for cmd in containerd containerd-shim-runc-v2 runc ctr buildah ip; do
+  for cmd in containerd containerd-shim-runc-v2 runc ctr buildah ip iptables; do
     command -v "$cmd" >/dev/null || { echo "$cmd not found"; return; }
   done
   [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] ||
     { echo "CNI plugins not found in /usr/lib/cni"; return; }
   true
 }
-node_install_hint="apt-get install containerd runc containernetworking-plugins buildah iproute2 (as root)"
+node_install_hint="apt-get install containerd runc containernetworking-plugins buildah iproute2 iptables (as root)"
 
 ctr_node() { ctr --address "$containerd_sock" --namespace k8s.io "$@"; }
 
@@ -77,6 +83,13 @@ ensure_bridge() {
   ip addr show dev "$node_bridge" | grep -qF " $node_ip/24" ||
     ip addr add "$node_ip/24" dev "$node_bridge"
   ip link set "$node_bridge" up
+  # The API server listens on loopback: let the bridge's DNAT reach it there.
+  echo 1 >"/proc/sys/net/ipv4/conf/$node_bridge/route_localnet"
+  iptables -t nat -N "$nat_chain" 2>/dev/null || iptables -t nat -F "$nat_chain"
+  iptables -t nat -C PREROUTING -i "$node_bridge" -j "$nat_chain" 2>/dev/null ||
+    iptables -t nat -A PREROUTING -i "$node_bridge" -j "$nat_chain"
+  iptables -t nat -A "$nat_chain" -d "$api_service_ip/32" -p tcp --dport 443 \
+    -j DNAT --to-destination "127.0.0.1:$APISERVER_PORT"
 }
 
 write_node_config() {
@@ -215,6 +228,8 @@ clean_node() {
     /proc/self/mountinfo | sort -r |
     while read -r mount; do umount -l "$mount" 2>/dev/null || true; done
   ip link show "$node_bridge" >/dev/null 2>&1 && ip link delete "$node_bridge"
+  iptables -t nat -D PREROUTING -i "$node_bridge" -j "$nat_chain" 2>/dev/null || true
+  iptables -t nat -F "$nat_chain" 2>/dev/null && iptables -t nat -X "$nat_chain" 2>/dev/null || true
   find /sys/fs/cgroup -maxdepth 2 -name "$node_name" -type d 2>/dev/null |
     while read -r mount; do find "$mount" -depth -type d -exec rmdir {} + 2>/dev/null || true; done
   find /var/log/containers -maxdepth 1 -type l -lname "$node_dir/*" -delete 2>/dev/null || true

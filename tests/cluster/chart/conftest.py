@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 import yaml
 from k8s.cluster import BUILD_TOOLS, REPO_ROOT, DevCluster, run
-from k8s.conftest import dev_cluster  # noqa: F401  (the shared session fixture)
+from k8s.conftest import (  # noqa: F401  (the shared fixtures)
+    dev_cluster,
+    node_prefect_server,
+    project_images,
+    real_node,
+)
 
 CHART = REPO_ROOT / "charts" / "prefect-gpu-workers"
 

@@ -21,14 +21,15 @@ import pytest
 import yaml
 from k8s.cluster import DevCluster, wait_for
 from k8s.operator_harness import (
-    OperatorProcess,
     PrefectLimits,
     denied_api_calls,
     install_crd,
+    parse_metrics,
     unique,
 )
+from k8s.real_node import Image, RealNode
 
-from prefect_gpu_workers.server import LocalPrefectServer, free_port
+from prefect_gpu_workers.server import LocalPrefectServer
 
 from .conftest import CHART, Helm, by_kind, parse_manifests
 from .test_chart_render import VALUE_SETS
@@ -207,8 +208,18 @@ def uninstall_leftovers(cluster: DevCluster, release: Release) -> None:
 
 
 @pytest.fixture(scope="module")
-def release(dev_cluster: DevCluster, cluster_helm: Helm) -> Iterator[Release]:
-    """``helm install`` watching one namespace, with the API key Secret scoped in."""
+def release(
+    dev_cluster: DevCluster,
+    cluster_helm: Helm,
+    real_node: RealNode,
+    project_images: dict[str, Image],
+) -> Iterator[Release]:
+    """``helm install`` watching one namespace, with the API key Secret scoped in.
+
+    The operator image built here runs on the dev cluster's real node: the
+    chart's pod, its probes and its ServiceAccount token are the real thing.
+    """
+    repository, tag = project_images["operator"].ref.rsplit(":", 1)
     rel = Release(unique("pgw"), unique("pgw-chart"), unique("pgw-pools"))
     create_namespace(dev_cluster, rel.namespace)
     create_namespace(dev_cluster, rel.pools_namespace)
@@ -233,8 +244,22 @@ def release(dev_cluster: DevCluster, cluster_helm: Helm) -> Iterator[Release]:
             f"watchNamespaces={{{rel.pools_namespace}}}",
             "--set",
             f"prefect.apiKeySecret.name={API_KEY_SECRET}",
+            "--set",
+            f"image.repository={repository}",
+            "--set",
+            f"image.tag={tag}",
+            "--set",
+            "image.pullPolicy=Never",  # imported into the node; no registry
+            "--set",
+            "logFormat=json",  # one record per line (denied_api_calls reads them)
+            "--set",
+            "metrics.enabled=true",
+            "--set-json",
+            f"nodeSelector={json.dumps(real_node.placement()['nodeSelector'])}",
+            "--set-json",
+            f"tolerations={json.dumps(real_node.placement()['tolerations'])}",
             "--wait",
-            "--timeout=120s",
+            "--timeout=180s",
         )
         yield rel
     finally:
@@ -260,7 +285,7 @@ def test_helm_install_creates_the_operator_and_its_rbac(
     deployment = get_json(dev_cluster, "deployment", release.fullname, "-n", release.namespace)
     assert deployment is not None
     assert deployment["spec"]["strategy"]["type"] == "Recreate"
-    assert deployment["status"].get("readyReplicas") == 1  # kwok plays the kubelet
+    assert deployment["status"].get("readyReplicas") == 1  # on the real node, probes passing
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--namespace={release.pools_namespace}" in args
     assert get_json(dev_cluster, "sa", release.service_account, "-n", release.namespace)
@@ -346,43 +371,6 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
 # --- the operator as the chart's ServiceAccount ------------------------------------------
 
 
-def service_account_kubeconfig(cluster: DevCluster, release: Release, path: Path) -> Path:
-    """Server and CA of the admin kubeconfig, the user a fresh ServiceAccount token."""
-    token = cluster.kubectl(
-        "create", "token", release.service_account, "-n", release.namespace, "--duration=1h"
-    ).stdout.strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    server = admin["clusters"][0]["cluster"]
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "dev",
-                "cluster": {
-                    "server": server["server"],
-                    "certificate-authority-data": server["certificate-authority-data"],
-                },
-            }
-        ],
-        "users": [{"name": release.service_account, "user": {"token": token}}],
-        "contexts": [
-            {
-                "name": "sa",
-                "context": {
-                    "cluster": "dev",
-                    "user": release.service_account,
-                    "namespace": release.namespace,
-                },
-            }
-        ],
-        "current-context": "sa",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
-
-
 def running_pods(cluster: DevCluster, namespace: str, pool: str) -> set[str]:
     return {
         p["metadata"]["name"]
@@ -413,25 +401,59 @@ def chart_test_pool(name: str, api_url: str, replicas: int) -> dict[str, Any]:
     )
 
 
-def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool(
+@dataclass(frozen=True)
+class OperatorPod:
+    """The chart's operator pod on the real node, as the test sees it from outside."""
+
+    cluster: DevCluster
+    namespace: str
+    name: str
+    ip: str
+
+    def log(self) -> str:
+        return self.cluster.kubectl("logs", self.name, "-n", self.namespace).stdout
+
+    def status(self) -> dict[str, Any]:
+        pod = get_json(self.cluster, "pod", self.name, "-n", self.namespace) or {}
+        statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
+        return statuses[0]
+
+    def metrics(self, port: int) -> dict[str, float]:
+        response = httpx.get(f"http://{self.ip}:{port}/metrics", timeout=5)
+        response.raise_for_status()
+        return parse_metrics(response.text)
+
+
+def operator_pod(cluster: DevCluster, release: Release) -> OperatorPod:
+    (pod,) = list_items(
+        cluster, "pods", "-n", release.namespace,
+        "-l", f"app.kubernetes.io/instance={release.name}",
+    )  # fmt: skip
+    return OperatorPod(cluster, release.namespace, pod["metadata"]["name"], pod["status"]["podIP"])
+
+
+def test_the_chart_s_operator_pod_creates_scales_and_deletes_a_pool(
     dev_cluster: DevCluster,
     release: Release,
-    prefect_server: LocalPrefectServer,
-    tmp_path: Path,
+    real_node: RealNode,
+    node_prefect_server: LocalPrefectServer,
 ) -> None:
-    ns, pool, api = release.pools_namespace, unique("pool"), prefect_server.api_url
-    health_port = free_port()
-    operator = OperatorProcess(
-        service_account_kubeconfig(dev_cluster, release, tmp_path / "sa.kubeconfig"),
-        ns,
-        tmp_path / "operator.log",
-        liveness=f"http://127.0.0.1:{health_port}/healthz",
-        metrics_port=free_port(),
-    )
+    ns, pool, api = release.pools_namespace, unique("pool"), node_prefect_server.api_url
+    operator = operator_pod(dev_cluster, release)
+    started = operator.status()
+    # The chart's pod on the real node: started from the image built here, its
+    # probes (kopf's /healthz) passing, as the chart's uid, never restarted.
+    assert started["ready"] is True
+    assert started["image"].endswith(release_image_tag(dev_cluster, release))
+    pod = get_json(dev_cluster, "pod", operator.name, "-n", release.namespace) or {}
+    assert pod["spec"]["nodeName"] == real_node.name
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert pod["spec"]["securityContext"]["runAsUser"] == values["podSecurityContext"]["runAsUser"]
 
     def wait(probe: Callable[[], Any], what: str, timeout: float = 120) -> Any:
         def checked() -> Any:
-            assert operator.alive(), f"operator exited:\n{operator.log()[-4000:]}"
+            restarts = operator.status().get("restartCount")
+            assert restarts == 0, f"operator restarted:\n{operator.log()[-4000:]}"
             return probe()
 
         try:
@@ -453,87 +475,81 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
         wait(lambda: limits_of(pods), f"limits gpu:<pod> for {sorted(pods)}")
         return pods
 
-    operator.start()
-    try:
-        wait(lambda: healthz_ok(health_port), "the liveness endpoint the chart probes")
+    dev_cluster.apply(chart_test_pool(pool, api, replicas=2), namespace=ns)
+    deployment = wait(
+        lambda: get_json(dev_cluster, "deployment", pool, "-n", ns), "the worker Deployment"
+    )
+    owner = deployment["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("GpuWorkerPool", pool, True)
+    for meta in (deployment["metadata"], deployment["spec"]["template"]["metadata"]):
+        assert meta["labels"]["app.kubernetes.io/instance"] == f"gpuworkerpool-{pool}"
+        assert not [k for k in meta.get("annotations") or {} if k.startswith("argocd.")]
+    first = workers(2)
 
-        dev_cluster.apply(chart_test_pool(pool, api, replicas=2), namespace=ns)
-        deployment = wait(
-            lambda: get_json(dev_cluster, "deployment", pool, "-n", ns), "the worker Deployment"
+    def ready() -> bool:
+        body = get_json(dev_cluster, "gwp", pool, "-n", ns) or {}
+        status, generation = body.get("status") or {}, body["metadata"]["generation"]
+        conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+        return status.get("observedGeneration") == generation and conditions == {
+            "Ready": "True",
+            "Reconciling": "False",
+            "Degraded": "False",
+        }
+
+    wait(ready, "pool Ready for its current generation")
+
+    dev_cluster.kubectl("scale", f"gwp/{pool}", "--replicas=3", "-n", ns)
+    wait(
+        lambda: (
+            (get_json(dev_cluster, "deployment", pool, "-n", ns) or {})["spec"]["replicas"] == 3
+        ),
+        "Deployment scaled to 3",
+    )
+    scaled = workers(3)
+    assert first < scaled
+    wait(ready, "pool Ready at 3 replicas")
+
+    dev_cluster.kubectl("scale", f"gwp/{pool}", "--replicas=1", "-n", ns)
+    remaining = workers(1)
+    gone = scaled - remaining
+    wait(
+        lambda: not any(PrefectLimits(api).get(f"gpu:{p}") for p in gone),
+        f"limits of removed pods {sorted(gone)} deleted",
+    )
+    wait(ready, "pool Ready at 1 replica")
+
+    # Autoscaling sets replicas through /scale; the budget is server-side applied.
+    autoscaled = {"spec": {"autoscaling": {"minReplicas": 2, "maxReplicas": 2,
+                                           "pollIntervalSeconds": 2, "cooldownSeconds": 0},
+                           "disruption": {"maxUnavailable": 1}}}  # fmt: skip
+    dev_cluster.kubectl("patch", "gwp", pool, "-n", ns, "--type=merge",
+                        "-p", json.dumps(autoscaled))  # fmt: skip
+    workers(2)
+    budget = wait(
+        lambda: get_json(dev_cluster, "poddisruptionbudget", pool, "-n", ns), "the budget"
+    )
+    assert budget["spec"]["maxUnavailable"] == 1
+
+    def reasons() -> set[str]:
+        events = list_items(
+            dev_cluster, "events", "-n", ns, "--field-selector", f"involvedObject.name={pool}"
         )
-        owner = deployment["metadata"]["ownerReferences"][0]
-        assert (owner["kind"], owner["name"], owner["controller"]) == ("GpuWorkerPool", pool, True)
-        for meta in (deployment["metadata"], deployment["spec"]["template"]["metadata"]):
-            assert meta["labels"]["app.kubernetes.io/instance"] == f"gpuworkerpool-{pool}"
-            assert not [k for k in meta.get("annotations") or {} if k.startswith("argocd.")]
-        first = workers(2)
+        return {e["reason"] for e in events}
 
-        def ready() -> bool:
-            body = get_json(dev_cluster, "gwp", pool, "-n", ns) or {}
-            status, generation = body.get("status") or {}, body["metadata"]["generation"]
-            conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
-            return status.get("observedGeneration") == generation and conditions == {
-                "Ready": "True",
-                "Reconciling": "False",
-                "Degraded": "False",
-            }
+    # Events are posted asynchronously.
+    wait(lambda: {"LimitCreated", "LimitDeleted", "BelowMinReplicas"} <= reasons(), "events")
 
-        wait(ready, "pool Ready for its current generation")
-
-        dev_cluster.kubectl("scale", f"gwp/{pool}", "--replicas=3", "-n", ns)
-        wait(
-            lambda: (
-                (get_json(dev_cluster, "deployment", pool, "-n", ns) or {})["spec"]["replicas"] == 3
-            ),
-            "Deployment scaled to 3",
-        )
-        scaled = workers(3)
-        assert first < scaled
-        wait(ready, "pool Ready at 3 replicas")
-
-        dev_cluster.kubectl("scale", f"gwp/{pool}", "--replicas=1", "-n", ns)
-        remaining = workers(1)
-        gone = scaled - remaining
-        wait(
-            lambda: not any(PrefectLimits(api).get(f"gpu:{p}") for p in gone),
-            f"limits of removed pods {sorted(gone)} deleted",
-        )
-        wait(ready, "pool Ready at 1 replica")
-
-        # Autoscaling sets replicas through /scale; the budget is server-side applied.
-        autoscaled = {"spec": {"autoscaling": {"minReplicas": 2, "maxReplicas": 2,
-                                               "pollIntervalSeconds": 2, "cooldownSeconds": 0},
-                               "disruption": {"maxUnavailable": 1}}}  # fmt: skip
-        dev_cluster.kubectl("patch", "gwp", pool, "-n", ns, "--type=merge",
-                            "-p", json.dumps(autoscaled))  # fmt: skip
-        workers(2)
-        budget = wait(
-            lambda: get_json(dev_cluster, "poddisruptionbudget", pool, "-n", ns), "the budget"
-        )
-        assert budget["spec"]["maxUnavailable"] == 1
-
-        def reasons() -> set[str]:
-            events = list_items(
-                dev_cluster, "events", "-n", ns, "--field-selector", f"involvedObject.name={pool}"
-            )
-            return {e["reason"] for e in events}
-
-        # Events are posted asynchronously.
-        wait(lambda: {"LimitCreated", "LimitDeleted", "BelowMinReplicas"} <= reasons(), "events")
-
-        dev_cluster.kubectl("delete", "gwp", pool, "-n", ns, "--timeout=120s")
-        wait(
-            lambda: get_json(dev_cluster, "deployment", pool, "-n", ns) is None,
-            "the worker Deployment garbage-collected",
-        )
-        seen = first | scaled | remaining
-        wait(
-            lambda: not any(PrefectLimits(api).get(f"gpu:{p}") for p in seen),
-            f"every limit of the pool gone: {sorted(seen)}",
-        )
-        samples = operator.metrics()
-    finally:
-        operator.stop()
+    dev_cluster.kubectl("delete", "gwp", pool, "-n", ns, "--timeout=120s")
+    wait(
+        lambda: get_json(dev_cluster, "deployment", pool, "-n", ns) is None,
+        "the worker Deployment garbage-collected",
+    )
+    seen = first | scaled | remaining
+    wait(
+        lambda: not any(PrefectLimits(api).get(f"gpu:{p}") for p in seen),
+        f"every limit of the pool gone: {sorted(seen)}",
+    )
+    samples = operator.metrics(values["metrics"]["port"])
 
     # Every API call the operator and kopf made was allowed: no pass failed for
     # want of permission, and no log record reports a refused call.
@@ -543,12 +559,13 @@ def test_operator_as_the_chart_service_account_creates_scales_and_deletes_a_pool
     assert not denied, "\n".join(denied)
 
 
-def healthz_ok(port: int) -> bool:
-    """kopf's liveness endpoint, the one the chart's probes use, answers 200."""
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+def release_image_tag(cluster: DevCluster, release: Release) -> str:
+    deployment = get_json(cluster, "deployment", release.fullname, "-n", release.namespace) or {}
+    image: str = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    return image.rsplit(":", 1)[1]
+
+
+KINDS = "all,sa,role,rolebinding"
 
 
 def test_helm_uninstall_leaves_nothing_behind_but_the_crd(
@@ -560,8 +577,12 @@ def test_helm_uninstall_leaves_nothing_behind_but_the_crd(
 
     selector = f"app.kubernetes.io/instance={release.name}"
     for ns in (release.namespace, release.pools_namespace):
-        left = list_items(dev_cluster, "all,sa,role,rolebinding", "-n", ns, "-l", selector)
-        assert [(i["kind"], i["metadata"]["name"]) for i in left] == [], f"left in {ns}"
+        # The operator's pod ends on a real kubelet: SIGTERM, kopf stops, then it is gone.
+        wait_for(
+            lambda n=ns: not list_items(dev_cluster, KINDS, "-n", n, "-l", selector),
+            timeout=90,
+            what=f"everything of the release gone from {ns}",
+        )
         # Nothing the operator created either (worker Deployments, their pods).
         operator_made = list_items(
             dev_cluster,
