@@ -416,7 +416,8 @@ class OperatorPod:
     def status(self) -> dict[str, Any]:
         pod = get_json(self.cluster, "pod", self.name, "-n", self.namespace) or {}
         statuses = (pod.get("status") or {}).get("containerStatuses") or [{}]
-        return statuses[0]
+        status: dict[str, Any] = statuses[0]
+        return status
 
     def metrics(self, port: int) -> dict[str, float]:
         response = httpx.get(f"http://{self.ip}:{port}/metrics", timeout=5)
@@ -578,11 +579,10 @@ def test_helm_uninstall_leaves_nothing_behind_but_the_crd(
     selector = f"app.kubernetes.io/instance={release.name}"
     for ns in (release.namespace, release.pools_namespace):
         # The operator's pod ends on a real kubelet: SIGTERM, kopf stops, then it is gone.
-        wait_for(
-            lambda n=ns: not list_items(dev_cluster, KINDS, "-n", n, "-l", selector),
-            timeout=90,
-            what=f"everything of the release gone from {ns}",
-        )
+        def gone(namespace: str = ns) -> bool:
+            return not list_items(dev_cluster, KINDS, "-n", namespace, "-l", selector)
+
+        wait_for(gone, timeout=90, what=f"everything of the release gone from {ns}")
         # Nothing the operator created either (worker Deployments, their pods).
         operator_made = list_items(
             dev_cluster,
