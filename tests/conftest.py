@@ -33,7 +33,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPrefectServer]:
-    """A real ``prefect server start`` on SQLite, shared by the session's tests.
+    """A real ``prefect server start`` on the embedded PostgreSQL, shared by the session's tests.
+
+    PostgreSQL, as production servers run: on SQLite, a dozen flow runs at once
+    on two busy cores locked the database for minutes ("database is locked").
 
     Tests point both this process (temporary settings) and any subprocess
     (``prefect_server.env()``) at it.
@@ -42,7 +45,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPr
 
     from prefect_gpu_workers.server import LocalPrefectServer
 
-    server = LocalPrefectServer(home=tmp_path_factory.mktemp("prefect-home"))
+    server = LocalPrefectServer(home=tmp_path_factory.mktemp("prefect-home"), database="postgres")
     # A first start migrates a fresh database: minutes on a loaded 2-core machine.
     server.start(timeout_s=300)
     try:

@@ -238,8 +238,8 @@ def die_with_parent(signum: int) -> Callable[[], None] | None:
 
 
 def _add_search_bit_above(path: Path) -> None:
-    # As root, `nobody` must be able to walk down to the data directory; the
-    # search bit lets it through without letting it list anything.
+    # As root, `nobody` must be able to walk down to the data directory and to
+    # the binaries; the search bit lets it through without letting it list anything.
     for directory in [path, *path.parents]:
         mode = directory.stat().st_mode
         if not mode & stat.S_IXOTH:
@@ -313,7 +313,7 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         socket_dir = self._socket_dir = self._make_socket_dir()
         if user.uid is not None and user.gid is not None:
-            self._hand_over(user.name, user.uid, user.gid, socket_dir)
+            self._hand_over(user.name, user.uid, user.gid, socket_dir, bin_dir)
         self.stop_leftover()
         version_file = self.data_dir / "PG_VERSION"
         if not version_file.exists():
@@ -360,10 +360,11 @@ class EmbeddedPostgres:
             )
         return short
 
-    def _hand_over(self, name: str, uid: int, gid: int, socket_dir: Path) -> None:
+    def _hand_over(self, name: str, uid: int, gid: int, socket_dir: Path, bin_dir: Path) -> None:
         try:
             _add_search_bit_above(self.data_dir.parent.resolve())
             _add_search_bit_above(socket_dir.parent)
+            _add_search_bit_above(bin_dir.resolve())  # e.g. a venv in root's 0700 home
             for directory in (self.data_dir, socket_dir):
                 os.chown(directory, uid, gid)
         except OSError as exc:

@@ -173,9 +173,8 @@ def node_prefect_server(
     real_node: RealNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalPrefectServer]:
     """A Prefect server the real node's pods reach: it listens on the node's bridge."""
-    server = LocalPrefectServer(
-        home=tmp_path_factory.mktemp("node-prefect"), host=real_node.host_ip
-    )
+    home = tmp_path_factory.mktemp("node-prefect")
+    server = LocalPrefectServer(home=home, host=real_node.host_ip, database="postgres")
     server.start(timeout_s=300)
     yield server
     server.stop()
