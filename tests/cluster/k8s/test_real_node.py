@@ -213,11 +213,11 @@ def test_worker_pods_on_a_real_node_hold_their_limits_and_leave_no_slot_held(
         assert status is not None
         assert status.restart_count == 0, f"{pod} restarted"
         # Run as the operator configures every worker: uid 1000, read-only root.
-        spec = pools.core.read_namespaced_pod(pod, namespace).spec
-        assert spec is not None
-        assert spec.security_context is not None
-        assert spec.security_context.run_as_user == WORKER_UID
-        container_context = spec.containers[0].security_context
+        pod_spec = pools.core.read_namespaced_pod(pod, namespace).spec
+        assert pod_spec is not None
+        assert pod_spec.security_context is not None
+        assert pod_spec.security_context.run_as_user == WORKER_UID
+        container_context = pod_spec.containers[0].security_context
         assert container_context is not None
         assert container_context.read_only_root_filesystem is True
 
