@@ -30,6 +30,7 @@ from .operator_harness import (
     Pools,
     PrefectLimits,
     install_crd,
+    running_operator,
 )
 from .real_node import Image, RealNode, build_images, find_real_node
 
@@ -130,10 +131,8 @@ def node_group(dev_cluster: DevCluster) -> Iterator[str]:
 def operator(
     dev_cluster: DevCluster, namespace: str, node_group: str, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(dev_cluster.kubeconfig, namespace, tmp_path / "operator.log").start()
-    yield proc
-    proc.stop()
-    print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
+    with running_operator(dev_cluster, namespace, tmp_path / "operator.log") as proc:
+        yield proc
 
 
 @pytest.fixture

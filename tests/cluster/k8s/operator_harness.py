@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -20,7 +22,7 @@ from typing import Any, cast
 import httpx
 from kubernetes import client
 
-from prefect_gpu_workers.server import stop_process_group
+from prefect_gpu_workers.server import free_port, stop_process_group
 
 from .cluster import REPO_ROOT, DevCluster, wait_for
 
@@ -95,6 +97,21 @@ class OperatorProcess:
         response = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
         response.raise_for_status()
         return parse_metrics(response.text)
+
+
+@contextmanager
+def running_operator(
+    cluster: DevCluster, namespace: str, log_path: Path
+) -> Iterator[OperatorProcess]:
+    """The operator watching ``namespace``, its metrics on a free port; its log tail
+    is printed when it stops (pytest shows it for a failed test)."""
+    proc = OperatorProcess(cluster.kubeconfig, namespace, log_path, metrics_port=free_port())
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
 
 
 def parse_metrics(text: str) -> dict[str, float]:

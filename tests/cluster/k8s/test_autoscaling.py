@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client
 from prefect.client.orchestration import get_client
 
-from prefect_gpu_workers.server import LocalPrefectServer, free_port
+from prefect_gpu_workers.server import LocalPrefectServer
 
 from .cluster import DevCluster
 from .operator_harness import (
@@ -26,6 +26,7 @@ from .operator_harness import (
     Pools,
     PrefectLimits,
     install_crd,
+    running_operator,
     unique,
     wait_until,
 )
@@ -50,12 +51,8 @@ def gpu_node(dev_cluster: DevCluster) -> Iterator[str]:
 def operator(
     dev_cluster: DevCluster, namespace: str, gpu_node: str, tmp_path: Path
 ) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(
-        dev_cluster.kubeconfig, namespace, tmp_path / "operator.log", metrics_port=free_port()
-    ).start()
-    yield proc
-    proc.stop()
-    print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
+    with running_operator(dev_cluster, namespace, tmp_path / "operator.log") as proc:
+        yield proc
 
 
 def autoscaled_spec(api_url: str, group: str, work_pool: str, **extra: Any) -> dict[str, Any]:

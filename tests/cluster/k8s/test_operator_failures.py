@@ -12,7 +12,6 @@ operator's metrics endpoint; and that the operator stays up and recovers.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from recording_server import FaultProxy
 
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
-from .cluster import DevCluster
 from .operator_harness import (
     OperatorProcess,
     Pools,
@@ -34,19 +32,6 @@ from .operator_harness import (
     start_pool,
     wait_until,
 )
-
-
-@pytest.fixture
-def watched_operator(
-    dev_cluster: DevCluster, namespace: str, node_group: str, tmp_path: Path
-) -> Iterator[OperatorProcess]:
-    """The operator with its metrics endpoint on, as the chart runs it."""
-    proc = OperatorProcess(
-        dev_cluster.kubeconfig, namespace, tmp_path / "operator.log", metrics_port=free_port()
-    ).start()
-    yield proc
-    proc.stop()
-    print(f"--- operator log ({namespace}) ---\n{proc.log_tail(80)}")
 
 
 def errors_counted(operator: OperatorProcess, namespace: str, pool: str, reason: str) -> float:
@@ -86,7 +71,7 @@ def assert_failure_is_visible(
 
 
 def test_prefect_refusing_the_credentials_is_named_on_the_pool(
-    watched_operator: OperatorProcess,
+    operator: OperatorProcess,
     namespace: str,
     node_group: str,
     pools: Pools,
@@ -108,7 +93,7 @@ def test_prefect_refusing_the_credentials_is_named_on_the_pool(
         pools.create("locked-out", spec)
 
         condition = assert_failure_is_visible(
-            watched_operator, pools, namespace, "locked-out", "PrefectUnauthorized"
+            operator, pools, namespace, "locked-out", "PrefectUnauthorized"
         )
         assert "HTTP 401" in condition["message"]
         assert "spec.prefect.apiKeySecretRef" in condition["message"]
@@ -118,7 +103,7 @@ def test_prefect_refusing_the_credentials_is_named_on_the_pool(
 
 
 def test_prefect_answering_5xx_degrades_the_pool_until_it_answers_again(
-    watched_operator: OperatorProcess,
+    operator: OperatorProcess,
     namespace: str,
     node_group: str,
     pools: Pools,
@@ -133,7 +118,7 @@ def test_prefect_answering_5xx_degrades_the_pool_until_it_answers_again(
         proxy.fail(503)
         pools.scale("flaky", 2)  # a change to make while Prefect fails
         condition = assert_failure_is_visible(
-            watched_operator, pools, namespace, "flaky", "PrefectServerError"
+            operator, pools, namespace, "flaky", "PrefectServerError"
         )
         assert "HTTP 503" in condition["message"]
         assert "injected fault" not in str(pools.get("flaky"))  # answers stay in the log
@@ -148,11 +133,11 @@ def test_prefect_answering_5xx_degrades_the_pool_until_it_answers_again(
         assert healed["status"] == "False"
         assert any(e.reason == "Recovered" for e in pools.events("flaky"))
         assert proxy.faulted > 0
-        watched_operator.assert_alive()
+        operator.assert_alive()
 
 
 def test_a_missing_api_key_secret_is_named_and_the_pool_starts_once_it_exists(
-    watched_operator: OperatorProcess,
+    operator: OperatorProcess,
     namespace: str,
     node_group: str,
     pools: Pools,
@@ -164,7 +149,7 @@ def test_a_missing_api_key_secret_is_named_and_the_pool_starts_once_it_exists(
     pools.create("keyless", spec)
 
     condition = assert_failure_is_visible(
-        watched_operator, pools, namespace, "keyless", "ApiKeySecretUnavailable"
+        operator, pools, namespace, "keyless", "ApiKeySecretUnavailable"
     )
     assert "spec.prefect.apiKeySecretRef not-yet/api-key" in condition["message"]
 
@@ -180,7 +165,7 @@ def test_a_missing_api_key_secret_is_named_and_the_pool_starts_once_it_exists(
 
 
 def test_a_deployment_the_api_server_rejects_is_named_and_a_fixed_spec_recovers(
-    watched_operator: OperatorProcess,
+    operator: OperatorProcess,
     namespace: str,
     node_group: str,
     pools: Pools,
@@ -194,7 +179,7 @@ def test_a_deployment_the_api_server_rejects_is_named_and_a_fixed_spec_recovers(
     pools.create("unmountable", spec)
 
     condition = assert_failure_is_visible(
-        watched_operator, pools, namespace, "unmountable", "DeploymentRejected"
+        operator, pools, namespace, "unmountable", "DeploymentRejected"
     )
     # The API server's own words: the Deployment's field and what is wrong with it.
     assert "spec.template.spec.containers[0].volumeMounts[" in condition["message"]
@@ -211,7 +196,7 @@ def test_a_deployment_the_api_server_rejects_is_named_and_a_fixed_spec_recovers(
 
 
 def test_a_pool_deleted_while_prefect_is_down_waits_and_then_removes_its_limits(
-    watched_operator: OperatorProcess,
+    operator: OperatorProcess,
     namespace: str,
     node_group: str,
     pools: Pools,
@@ -233,12 +218,12 @@ def test_a_pool_deleted_while_prefect_is_down_waits_and_then_removes_its_limits(
         settle(10)
         held = pools.get("stranded")
         assert held["metadata"]["finalizers"], "the pool went with its limits still in Prefect"
-        watched_operator.assert_alive()
+        operator.assert_alive()
 
         server.start()
         wait_until(lambda: not pools.exists("stranded"), "the pool to go", timeout=120)
         for pod in pods:
             assert own_limits.get(f"gpu:{pod}") is None, f"limit of {pod} left behind"
-        watched_operator.assert_alive()
+        operator.assert_alive()
     finally:
         server.stop()
