@@ -14,12 +14,14 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
-from kubernetes import client
+import urllib3
+from kubernetes import client, watch
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -49,26 +51,53 @@ def prefect(node_prefect_server: LocalPrefectServer) -> Iterator[SyncPrefectClie
         yield prefect_client
 
 
-def node_pool_spec(
-    node: RealNode, worker: Image, api_url: str, work_pool: str, replicas: int, flow_runs: int,
-    grace_s: int = 0,
-) -> dict[str, Any]:  # fmt: skip
-    """Workers of one fake GPU and 2 slots each, from the worker image, on the real node."""
-    return {
-        "replicas": replicas,
-        "workPool": {"name": work_pool, "flowRunsPerWorker": flow_runs},
-        "prefect": {"apiUrl": api_url},
-        "gpu": {"perWorker": 1, "slotsPerGpu": 2},
-        "worker": {
-            "image": worker.ref,
-            "imagePullPolicy": "Never",  # imported into the node; no registry
-            "drainGracePeriodSeconds": grace_s,
-            "podTemplate": {
-                **node.placement(),
-                "env": [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}],
+@dataclass(frozen=True)
+class NodeWorkers:
+    """Worker pools on the real node, from the worker image, served by the node's Prefect."""
+
+    node: RealNode
+    worker: Image
+    api_url: str
+    pools: Pools
+    limits: PrefectLimits
+
+    def start(
+        self, name: str, replicas: int, flow_runs: int, grace_s: int = 0
+    ) -> tuple[str, dict[str, dict[str, Any]]]:
+        """Pool ``name``: workers of one fake GPU and 2 slots each. Its work pool, and
+        pod -> limit once it is Ready."""
+        work_pool = unique(f"node-{name}")
+        spec = {
+            "replicas": replicas,
+            "workPool": {"name": work_pool, "flowRunsPerWorker": flow_runs},
+            "prefect": {"apiUrl": self.api_url},
+            "gpu": {"perWorker": 1, "slotsPerGpu": 2},
+            "worker": {
+                "image": self.worker.ref,
+                "imagePullPolicy": "Never",  # imported into the node; no registry
+                "drainGracePeriodSeconds": grace_s,
+                "podTemplate": {
+                    **self.node.placement(),
+                    "env": [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}],
+                },
             },
-        },
-    }
+        }
+        return work_pool, start_pool(self.pools, self.limits, name, spec)
+
+
+@pytest.fixture
+def node_workers(
+    operator: OperatorProcess,
+    dev_cluster: DevCluster,
+    namespace: str,
+    real_node: RealNode,
+    project_images: dict[str, Image],
+    node_prefect_server: LocalPrefectServer,
+) -> NodeWorkers:
+    """Pools of this test's namespace on the real node, with the operator running."""
+    api_url = node_prefect_server.api_url
+    pools = Pools(dev_cluster, namespace)
+    return NodeWorkers(real_node, project_images["worker"], api_url, pools, PrefectLimits(api_url))
 
 
 def run_params(records: bool, **seconds: float) -> dict[str, Any]:
@@ -178,19 +207,10 @@ def test_both_images_run_as_uid_1000_on_a_read_only_root(
 
 
 def test_worker_pods_on_a_real_node_hold_their_limits_and_leave_no_slot_held(
-    operator: OperatorProcess,
-    dev_cluster: DevCluster,
-    namespace: str,
-    real_node: RealNode,
-    project_images: dict[str, Image],
-    node_prefect_server: LocalPrefectServer,
-    prefect: SyncPrefectClient,
+    node_workers: NodeWorkers, prefect: SyncPrefectClient
 ) -> None:
-    pools, limits = Pools(dev_cluster, namespace), PrefectLimits(node_prefect_server.api_url)
-    work_pool = unique("node-e2e")
-    spec = node_pool_spec(real_node, project_images["worker"], node_prefect_server.api_url,
-                          work_pool, replicas=2, flow_runs=6)  # fmt: skip
-    pods = start_pool(pools, limits, "e2e", spec)
+    pools, limits, real_node = node_workers.pools, node_workers.limits, node_workers.node
+    work_pool, pods = node_workers.start("e2e", replicas=2, flow_runs=6)
     assert {limit["limit"] for limit in pods.values()} == {2}
     assert set(pools.running_pods("e2e").values()) == {real_node.name}
     # Each container started: the startup probe found the worker's health server.
@@ -213,7 +233,7 @@ def test_worker_pods_on_a_real_node_hold_their_limits_and_leave_no_slot_held(
         assert status is not None
         assert status.restart_count == 0, f"{pod} restarted"
         # Run as the operator configures every worker: uid 1000, read-only root.
-        pod_spec = pools.core.read_namespaced_pod(pod, namespace).spec
+        pod_spec = pools.core.read_namespaced_pod(pod, pools.namespace).spec
         assert pod_spec is not None
         assert pod_spec.security_context is not None
         assert pod_spec.security_context.run_as_user == WORKER_UID
@@ -232,19 +252,11 @@ def test_worker_pods_on_a_real_node_hold_their_limits_and_leave_no_slot_held(
 
 
 def test_a_killed_worker_container_is_restarted_and_its_held_slots_come_back(
-    operator: OperatorProcess,
-    dev_cluster: DevCluster,
-    namespace: str,
-    real_node: RealNode,
-    project_images: dict[str, Image],
-    node_prefect_server: LocalPrefectServer,
-    prefect: SyncPrefectClient,
+    node_workers: NodeWorkers, prefect: SyncPrefectClient
 ) -> None:
-    pools, limits = Pools(dev_cluster, namespace), PrefectLimits(node_prefect_server.api_url)
-    work_pool = unique("node-kill")
-    spec = node_pool_spec(real_node, project_images["worker"], node_prefect_server.api_url,
-                          work_pool, replicas=1, flow_runs=4)  # fmt: skip
-    (pod,) = start_pool(pools, limits, "killed", spec)
+    pools, limits, real_node = node_workers.pools, node_workers.limits, node_workers.node
+    work_pool, pods = node_workers.start("killed", replicas=1, flow_runs=4)
+    (pod,) = pods
     limit = f"gpu:{pod}"
     before = limits.get(limit)
     assert before is not None
@@ -287,20 +299,11 @@ def test_a_killed_worker_container_is_restarted_and_its_held_slots_come_back(
 
 
 def test_a_scale_down_sends_sigterm_and_the_worker_drains_within_its_grace(
-    operator: OperatorProcess,
-    dev_cluster: DevCluster,
-    namespace: str,
-    real_node: RealNode,
-    project_images: dict[str, Image],
-    node_prefect_server: LocalPrefectServer,
-    prefect: SyncPrefectClient,
+    node_workers: NodeWorkers, prefect: SyncPrefectClient
 ) -> None:
-    pools, limits = Pools(dev_cluster, namespace), PrefectLimits(node_prefect_server.api_url)
-    work_pool = unique("node-drain")
+    pools, limits = node_workers.pools, node_workers.limits
     # A drain of 75 - 15 = 60 s: far more than a run needs (about 12 s here).
-    spec = node_pool_spec(real_node, project_images["worker"], node_prefect_server.api_url,
-                          work_pool, replicas=2, flow_runs=3, grace_s=75)  # fmt: skip
-    pods = start_pool(pools, limits, "drain", spec)
+    work_pool, pods = node_workers.start("drain", replicas=2, flow_runs=3, grace_s=75)
     logs = {pod: PodLog(pools, pod).start() for pod in pods}
 
     params = run_params(records=False, gpu_s=8.0, download_s=1.0, save_s=1.0)
@@ -329,22 +332,33 @@ def test_a_scale_down_sends_sigterm_and_the_worker_drains_within_its_grace(
     finished, *stopped_runs = (int(n) for n in drained.groups())
     assert finished >= 1  # it was busy when the kubelet sent SIGTERM ...
     assert stopped_runs == [0, 0, 0]  # ... and every run it had finished where it began
+    wait_until(lambda: logs[stopped].exit_code is not None, "its exit code seen", timeout=60)
     assert logs[stopped].exit_code == 0
     wait_until(lambda: limits.get(f"gpu:{stopped}") is None, "its limit deleted")
 
 
 class PodLog:
-    """Follows a pod's log from the API server until the pod is gone (a deleted
-    pod's log goes with it) and keeps the container's last exit code."""
+    """Follows a pod's log from the API server (a deleted pod's log goes with it)
+    and watches the pod until it is gone, keeping its container's exit code.
+
+    The exit code comes from the watch, not from one read after the log ends:
+    the kubelet writes the terminated state a moment after the container stops,
+    and the pod may be deleted by the time anyone reads it; the watch sees every
+    update, the deletion's last one included.
+    """
 
     def __init__(self, pools: Pools, pod: str) -> None:
         self.pools, self.pod = pools, pod
         self.lines: list[str] = []
         self.exit_code: int | None = None
-        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._threads = [
+            threading.Thread(target=self._follow, daemon=True),
+            threading.Thread(target=self._watch, daemon=True),
+        ]
 
     def start(self) -> PodLog:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def text(self) -> str:
@@ -356,10 +370,24 @@ class PodLog:
         )  # an urllib3 response, not the str the stub says
         for line in stream.stream():
             self.lines.append(line.decode(errors="replace").rstrip("\n"))
-        # The stream ends when the container does; its status says how.
+
+    def _watch(self) -> None:
+        watcher = watch.Watch()  # type: ignore[no-untyped-call]
+        events = watcher.stream(  # type: ignore[no-untyped-call]
+            self.pools.core.list_namespaced_pod,
+            self.pools.namespace,
+            field_selector=f"metadata.name={self.pod}",
+            timeout_seconds=600,
+        )
         try:
-            status = worker_status(self.pools, self.pod)
-        except client.ApiException:
+            for event in events:
+                pod = event["object"]
+                for status in (pod.status.container_statuses or []) if pod.status else []:
+                    if status.state and status.state.terminated:
+                        self.exit_code = status.state.terminated.exit_code
+                if event["type"] == "DELETED":
+                    return
+        except (urllib3.exceptions.HTTPError, client.ApiException):
+            # The test ended and its namespace went while the pod still ran; a
+            # test that needed the exit code fails waiting for it.
             return
-        if status is not None and status.state and status.state.terminated:
-            self.exit_code = status.state.terminated.exit_code
