@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from types import FrameType
 from typing import TypeVar
 
 from rich.console import Console
@@ -46,6 +45,7 @@ from prefect_gpu_workers.service.options import (
     run_start,
     run_status,
 )
+from prefect_gpu_workers.stopping import StopSignals
 
 T = TypeVar("T")
 
@@ -299,22 +299,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM takes the same path as Ctrl-C, so every started process is stopped.
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command not in ("worker", "start"):
-        # The worker sets up Prefect's own worker signal handling; start drains its workers.
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        # The worker and start drain on signals their own way. Here the first
+        # Ctrl-C or SIGTERM stops everything started (KeyboardInterrupt), and a
+        # second one makes that stop kill at once instead of waiting.
+        signals = StopSignals()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signals)
     # With --json, stdout carries only the JSON object; progress goes to stderr.
     console = Console(stderr=bool(getattr(args, "json", False)))
     try:
         code = _run(args, console)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted; every process started here has been stopped[/yellow]")
+        # A local session has said how its stop went (and what, if anything, is left).
+        console.print("[yellow]interrupted[/yellow]")
         code = 130
     sys.exit(code)
 

@@ -48,6 +48,7 @@ from types import TracebackType
 from typing import Literal
 
 from prefect_gpu_workers.procfs import pids_in_directory
+from prefect_gpu_workers.stopping import wait_until
 
 DatabaseKind = Literal["sqlite", "postgres"]
 DATABASES: tuple[DatabaseKind, ...] = ("postgres", "sqlite")
@@ -426,15 +427,16 @@ class EmbeddedPostgres:
         _kill_all(self.data_dir)
         return pids
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def stop(self, grace_s: float = 15.0, hurry: threading.Event | None = None) -> None:
         """Fast shutdown (clients disconnected, checkpoint), then immediate, then SIGKILL.
 
-        Idempotent; afterwards no process of this server is left.
+        Idempotent; afterwards no process of this server is left. Once ``hurry``
+        is set, the grace periods end at once (SIGKILL; the next start recovers).
         """
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
-                _shut_down(proc.pid, grace_s, proc)
+                _shut_down(proc.pid, grace_s, proc, hurry)
             else:
                 proc.wait()
             # Backends outlive a killed postmaster for a moment; they go too.
@@ -467,23 +469,22 @@ def _alive(pid: int, proc: subprocess.Popen[bytes] | None) -> bool:
     return True
 
 
-def _wait_gone(alive: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while alive():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _shut_down(pid: int, grace_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    # SIGINT: fast shutdown; SIGQUIT: immediate (crash-like, recovered at next start).
+def _shut_down(
+    pid: int,
+    grace_s: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    hurry: threading.Event | None = None,
+) -> None:
+    # SIGINT: fast shutdown; SIGQUIT: immediate (crash-like, recovered at next
+    # start); SIGKILL. Once hurried, only the wait after SIGKILL is left.
     for signum, wait_s in ((signal.SIGINT, grace_s), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             break
-        if _wait_gone(lambda: _alive(pid, proc), wait_s):
+        if wait_until(
+            lambda: not _alive(pid, proc), wait_s, None if signum == signal.SIGKILL else hurry
+        ):
             break
     if proc is not None:
         proc.wait()
@@ -502,7 +503,7 @@ def _kill_all(data_dir: Path, process_group: int | None = None) -> None:
     for pid in pids_in_directory(data_dir):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    _wait_gone(lambda: bool(pids_in_directory(data_dir)), 5.0)
+    wait_until(lambda: not pids_in_directory(data_dir), 5.0)
 
 
 def _tail(path: Path, lines: int = 15) -> str:

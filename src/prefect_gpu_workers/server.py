@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ from prefect_gpu_workers.database import (
     EmbeddedPostgresUnavailable,
     die_with_parent,
 )
+from prefect_gpu_workers.stopping import wait_until
 
 # Where the server keeps concurrency leases. Local mode's servers keep them on
 # disk (under PREFECT_HOME), not in Prefect's default in-memory store, which
@@ -204,16 +206,19 @@ class LocalPrefectServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """Stop the server, then its database; idempotent, leaves no process of either."""
+    def stop(self, grace_s: float = 10.0, hurry: threading.Event | None = None) -> None:
+        """Stop the server, then its database; idempotent, leaves no process of either.
+
+        Once ``hurry`` is set (a second Ctrl-C) the grace periods end at once: SIGKILL.
+        """
         proc, self._proc = self._proc, None
         postgres, self._postgres = self._postgres, None
         try:
             if proc is not None and proc.poll() is None:
-                stop_process_group(proc, grace_s)
+                stop_process_group(proc, grace_s, hurry)
         finally:
             if postgres is not None:
-                postgres.stop()
+                postgres.stop(hurry=hurry)
 
     def __enter__(self) -> LocalPrefectServer:
         return self.start()
@@ -227,15 +232,17 @@ class LocalPrefectServer:
         self.stop()
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL it if it outlives ``grace_s``."""
-    try:
+def stop_process_group(
+    proc: subprocess.Popen[bytes], grace_s: float = 10.0, hurry: threading.Event | None = None
+) -> None:
+    """SIGTERM the process group, then SIGKILL it if it outlives ``grace_s`` (or once hurried).
+
+    Returns once ``proc`` is reaped; the rest of its group was sent SIGKILL.
+    """
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
+    if not wait_until(lambda: proc.poll() is not None, grace_s, hurry):
+        # The group may outlive its leader: SIGKILL it whatever the leader did.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+    proc.wait()

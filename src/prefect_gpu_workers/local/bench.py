@@ -59,7 +59,7 @@ from prefect_gpu_workers.local.prefect_ops import active_slots
 from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
-from prefect_gpu_workers.local.views import ProgressView, bench_table
+from prefect_gpu_workers.local.views import ProgressView, bench_table, plain_printer
 from prefect_gpu_workers.local.watch import LatencySummary, summarize_latencies
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.report import PhaseMetrics, speedup
@@ -295,7 +295,11 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     if not external:
         console.print(f"starting a Prefect server on {options.database} ...")
     with LocalSession(
-        workdir, api_url=external, database=options.database, api_timeout_s=options.api_timeout_s
+        workdir,
+        api_url=external,
+        database=options.database,
+        api_timeout_s=options.api_timeout_s,
+        say=plain_printer(console),
     ) as session:
         console.print(f"Prefect API: {session.api_url}")
         console.print(session.describe_database(), markup=False, highlight=False)

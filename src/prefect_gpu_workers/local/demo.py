@@ -45,6 +45,7 @@ from prefect_gpu_workers.local.views import (
     ProgressView,
     metrics_table,
     no_limit_table,
+    plain_printer,
     plan_table,
     worker_table,
 )
@@ -145,7 +146,11 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     )
     ok = False
     with LocalSession(
-        workdir, api_url=external, database=options.database, api_timeout_s=options.api_timeout_s
+        workdir,
+        api_url=external,
+        database=options.database,
+        api_timeout_s=options.api_timeout_s,
+        say=plain_printer(console),
     ) as session:
         console.print(f"Prefect API: {session.api_url}")
         fell_back = session.server is not None and session.server.fallback_reason

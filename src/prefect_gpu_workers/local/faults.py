@@ -44,7 +44,7 @@ from prefect_gpu_workers.local.plan import (
 )
 from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
-from prefect_gpu_workers.local.views import ProgressView
+from prefect_gpu_workers.local.views import ProgressView, plain_printer
 from prefect_gpu_workers.report import PhaseMetrics, over_admissions
 
 BROKER_LINE = re.compile(r"slot broker for \S+ on (\S+)")
@@ -199,7 +199,12 @@ def run_faults(options: BenchOptions, console: Console) -> FaultResult:
     )
     drill = Drill()
     # The restart must lose the leases, as a default Prefect server does.
-    with LocalSession(workdir_path, server_start_timeout_s=300, lease_storage="memory") as session:
+    with LocalSession(
+        workdir_path,
+        server_start_timeout_s=300,
+        lease_storage="memory",
+        say=plain_printer(console),
+    ) as session:
         deployment_id = prepare_pool(session, options.pool, plans, "gpu-pipeline-faults")
         session.start_workers(plans, options.pool, worker_env)
         try:

@@ -13,8 +13,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from prefect_gpu_workers.commands import module_program
 from prefect_gpu_workers.commands import worker_command as entrypoint_command
 from prefect_gpu_workers.local.plan import WorkerPlan
 from prefect_gpu_workers.procfs import pids_with_env
+from prefect_gpu_workers.stopping import wait_until
 
 # Set on every process local mode starts; flow-run processes inherit it.
 SESSION_MARKER_ENV = "PGW_LOCAL_SESSION"
@@ -47,22 +48,43 @@ def _signal_pids(pids: Sequence[int], signum: int) -> None:
             os.kill(pid, signum)
 
 
-def stop_marked(marker: str, grace_s: float = 10.0) -> list[int]:
+def stop_marked(
+    marker: str,
+    grace_s: float = 10.0,
+    hurry: threading.Event | None = None,
+    spare_groups: Collection[int] = (),
+) -> list[int]:
     """SIGTERM every marked process, SIGKILL those alive after ``grace_s``; returns the pids hit.
 
     SIGTERM first because a flow run that gets it leaves its GPU slot block
     and releases the slot; SIGKILL would leave the slot held until its lease
-    expires.
+    expires (or the broker reclaims it).
+
+    Args:
+        marker: the session's marker.
+        grace_s: how long SIGTERM gets before SIGKILL.
+        hurry: once set (a second Ctrl-C), SIGKILL at once.
+        spare_groups: process groups left alone (the workers and the server,
+            which are stopped their own way).
     """
-    pids = marked_pids(marker)
+
+    def targets() -> list[int]:
+        return [pid for pid in marked_pids(marker) if _process_group(pid) not in spare_groups]
+
+    pids = targets()
     if not pids:
         return []
     _signal_pids(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and marked_pids(marker):
-        time.sleep(0.2)
-    _signal_pids(marked_pids(marker), signal.SIGKILL)
+    wait_until(lambda: not targets(), grace_s, hurry)
+    _signal_pids(targets(), signal.SIGKILL)
     return pids
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 @dataclass

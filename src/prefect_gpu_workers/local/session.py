@@ -20,10 +20,10 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from uuid import UUID
 
 import httpx
@@ -55,6 +55,13 @@ from prefect_gpu_workers.server import (
     SqliteFallbackWarning,
     stop_process_group,
 )
+from prefect_gpu_workers.stopping import StopSignals, installed_hurry, wait_until
+
+# Grace periods of a stop, before SIGKILL. A local worker stops its runs at
+# once (no drain time) and then sets a few states: seconds, even when busy.
+WORKER_STOP_GRACE_S = 20.0
+# A flow run given SIGTERM leaves its GPU block and reports itself crashed.
+FLOW_RUN_STOP_GRACE_S = 10.0
 
 # (runs, slots held per limit, seconds since submission, seconds the API has been silent)
 ProgressCallback = Callable[[list[FlowRun], dict[str, int], float, float], None]
@@ -106,6 +113,13 @@ class LocalSession:
     marker: str = field(default_factory=lambda: uuid.uuid4().hex)
     # A busy small machine can take minutes (server import, then migrations).
     server_start_timeout_s: float = 300.0
+    # Where the session says how a stop on Ctrl-C goes (None: silent).
+    say: Callable[[str], None] | None = None
+    # Set by a second Ctrl-C (see StopSignals): the stop waits no more.
+    hurry: threading.Event = field(default_factory=installed_hurry)
+    # How long a stop lets the workers, then the flow runs, go on SIGTERM.
+    worker_stop_grace_s: float = WORKER_STOP_GRACE_S
+    flow_run_stop_grace_s: float = FLOW_RUN_STOP_GRACE_S
     server: LocalPrefectServer | None = None
     workers: dict[str, StartedProcess] = field(default_factory=dict)
     _settings: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
@@ -181,7 +195,7 @@ class LocalSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        self.close(interrupted=isinstance(exc, KeyboardInterrupt))
         if exc is not None:
             self._raise_failed(exc)
 
@@ -265,34 +279,94 @@ class LocalSession:
                     )
                 time.sleep(0.5)
 
-    def stop_workers(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every worker's process group, then wait (SIGKILL after ``grace_s``)."""
+    def stop_workers(self, grace_s: float | None = None) -> None:
+        """SIGTERM every worker's process group, then wait (SIGKILL after ``grace_s``).
+
+        A local worker has no drain time: it stops its flow runs at once, sets
+        their states and gives their slots back (see :func:`worker_command`).
+        """
         workers, self.workers = self.workers, {}
         for started in workers.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(started.proc.pid, signal.SIGTERM)
-        for started in workers.values():
-            stop_process_group(started.proc, grace_s)
+        self._reap(workers.values(), self.worker_stop_grace_s if grace_s is None else grace_s)
 
-    def close(self) -> None:
-        """Stop the workers, their flow runs and the server; safe to call twice."""
-        # A second Ctrl-C must not cut the cleanup short and orphan processes.
-        previous = signal.getsignal(signal.SIGINT)
-        in_main_thread = _in_main_thread()
-        if in_main_thread:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            self.stop_workers()
-            # Flow runs live in sessions of their own; the worker stops them on
-            # SIGTERM, but not always before it exits.
-            stop_marked(self.marker)
+    def _reap(self, workers: Iterable[StartedProcess], grace_s: float) -> None:
+        # One grace period for all of them, not one each; SIGKILL what outlives it.
+        workers = list(workers)
+        wait_until(lambda: all(w.proc.poll() is not None for w in workers), grace_s, self.hurry)
+        for started in workers:
+            stop_process_group(started.proc, grace_s=0)
+
+    def close(self, interrupted: bool = False) -> None:
+        """Stop the workers, their flow runs and the server; safe to call twice.
+
+        The workers and every flow-run process get SIGTERM together (the
+        workers set their runs' states and give the slots back; a flow run
+        leaves its GPU block), then the server and its database stop. Each step
+        SIGKILLs what outlives its grace period, and once :attr:`hurry` is set
+        (a second Ctrl-C) no step waits any more.
+
+        Args:
+            interrupted: the session is left on Ctrl-C or SIGTERM: say what is
+                being stopped, how to cut it short, and how it ended.
+        """
+        with self._signals_hurry():
+            began = time.monotonic()
+            if interrupted:
+                self._say(
+                    f"stopping {len(self.workers)} worker(s), their flow runs"
+                    f"{' and the Prefect server' if self.server is not None else ''} "
+                    "(Ctrl-C again kills them at once) ..."
+                )
+            workers, self.workers = self.workers, {}
+            for started in workers.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(started.proc.pid, signal.SIGTERM)
+            # Flow runs live in sessions of their own: the marker finds them. The
+            # workers (stopping meanwhile) and the server are spared here.
+            spared = {w.proc.pid for w in workers.values()}
+            if self.server is not None and self.server.pid is not None:
+                spared.add(self.server.pid)
+            stop_marked(self.marker, self.flow_run_stop_grace_s, self.hurry, spare_groups=spared)
+            self._reap(workers.values(), self.worker_stop_grace_s)
             if self.server is not None:
-                self.server.stop()
-            stop_marked(self.marker, grace_s=5.0)
+                self.server.stop(hurry=self.hurry)
+            # Anything still marked (a flow run that was starting): its last chance.
+            stop_marked(self.marker, grace_s=5.0, hurry=self.hurry)
             self._settings.close()
+            if interrupted:
+                left = self.remaining_pids()
+                how = "killed" if self.hurry.is_set() else "stopped"
+                self._say(
+                    f"{how} in {time.monotonic() - began:.1f} s"
+                    + (f"; still running: {left}" if left else "; nothing left running")
+                )
+
+    @contextlib.contextmanager
+    def _signals_hurry(self) -> Iterator[None]:
+        """While stopping, SIGINT and SIGTERM hurry the stop instead of interrupting it.
+
+        A caller that installed :class:`StopSignals` already gets that; anyone
+        else (a test, a library user) gets the same for the duration of the stop.
+        """
+        if not _in_main_thread() or isinstance(signal.getsignal(signal.SIGINT), StopSignals):
+            yield
+            return
+
+        def hurry(signum: int, frame: FrameType | None) -> None:
+            self.hurry.set()
+
+        previous = {sig: signal.signal(sig, hurry) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
         finally:
-            if in_main_thread:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _say(self, line: str) -> None:
+        if self.say is not None:
+            self.say(line)
 
     def remaining_pids(self) -> list[int]:
         """Processes of this session still alive (none after :meth:`close`)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
 from prefect.client.schemas.objects import FlowRun
@@ -120,6 +120,15 @@ class ProgressView:
             self._last_plain = now
             self._last_printed = text
             self.console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
+def plain_printer(console: Console) -> Callable[[str], None]:
+    """Print a line as it is: no markup, no highlighting (paths and pids stay plain)."""
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    return say
 
 
 def plan_table(plans: Sequence[WorkerPlan], pool: str) -> Table:
