@@ -105,17 +105,38 @@ class FaultProxy(RecordingServer):
     upstream: str = ""
     failing: bool = False
     faulted: int = 0  # requests answered with the fault
+    # fail_after_upstream: (path fragment, status, answers left)
+    after_upstream: tuple[str, int, int] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail(self, status: int, body: str = '{"detail": "injected fault"}') -> None:
         self.status, self.body, self.failing = status, body, True
 
+    def fail_after_upstream(self, path_fragment: str, status: int, times: int = 1) -> None:
+        """The next ``times`` requests whose path holds ``path_fragment`` reach the
+        server, which applies them, and then get ``status`` back instead of its
+        answer: a 5xx after commit, or a reply lost on the way."""
+        self.after_upstream = (path_fragment, status, times)
+
     def heal(self) -> None:
         self.failing = False
+        self.after_upstream = None
 
     def answer(self, hit: Hit, body: bytes) -> tuple[int, dict[str, str], bytes]:
         if self.failing:
             self.faulted += 1
             return super().answer(hit, body)
+        forwarded = self._forward(hit, body)
+        with self._lock:
+            fault = self.after_upstream
+            if fault is None or fault[0] not in hit.target:
+                return forwarded
+            fragment, status, times = fault
+            self.after_upstream = (fragment, status, times - 1) if times > 1 else None
+            self.faulted += 1
+        return status, {"Content-Type": "application/json"}, b'{"detail": "injected fault"}'
+
+    def _forward(self, hit: Hit, body: bytes) -> tuple[int, dict[str, str], bytes]:
         headers = {k: v for k, v in hit.headers.items() if k not in HOP_HEADERS}
         try:
             response = httpx.request(

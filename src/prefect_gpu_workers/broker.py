@@ -50,7 +50,7 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,11 @@ class Holder:
     leased_at: float = 0.0
     renewed_at: float = 0.0
     lost: bool = False
+    # The give-back request (release or decrement) that was sent and may have
+    # landed: its answer was an error or never came. Only a lease release may
+    # be sent again (Prefect ignores a lease it no longer knows); anything else
+    # could count the slots back twice.
+    sent: ReleaseAction | None = None
     announced: bool = False  # the step was told it holds the slot
     pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
 
@@ -285,6 +290,7 @@ class SlotBroker:
         self._tickets = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._give_backs_in_flight = 0  # still retrying while the server is away
         self._client_cm: Any = None
         self._prefect: PrefectSlots | None = None
         self._limit_lock = asyncio.Lock()
@@ -415,6 +421,7 @@ class SlotBroker:
             "reclaimed_on_disconnect": self.stats.reclaimed_on_disconnect,
             "lost_leases_repaired": self.stats.lost_leases_repaired,
             "leases_passed": self.stats.leases_passed,
+            "give_backs_in_flight": self._give_backs_in_flight,
         }
 
     def metrics_text(self) -> str:
@@ -629,6 +636,13 @@ class SlotBroker:
         self.stats.leases_passed += 1
 
     async def _give_back(self, holder: Holder, retry: bool) -> None:
+        self._give_backs_in_flight += 1
+        try:
+            await self._give_back_until_done(holder, retry)
+        finally:
+            self._give_backs_in_flight -= 1
+
+    async def _give_back_until_done(self, holder: Holder, retry: bool) -> None:
         lease = holder.lease
         assert lease is not None
         while True:
@@ -639,24 +653,46 @@ class SlotBroker:
                 if not transient(exc):
                     logger.exception("giving back %s failed", holder.limit)
                     action = ReleaseAction.NOTHING
-                # A connection refused or a 5xx: nothing was done, send it again.
-                # A reply lost after sending: only a lease release is safe to repeat;
-                # a second bare decrement could uncount another holder, so the broker
-                # errs towards a slot counted too long.
-                elif isinstance(exc, httpx.ConnectError | httpx.HTTPStatusError):
-                    action = ReleaseAction.RETRY
-                elif holder.lost:
+                elif holder.sent is ReleaseAction.DECREMENT:
+                    # A bare decrement that may have landed is never sent again: a
+                    # second one could uncount another holder. The broker errs
+                    # towards a slot counted too long.
                     logger.warning("giving back %s: answer lost (%r)", holder.limit, exc)
                     action = ReleaseAction.NOTHING
                 else:
-                    action = ReleaseAction.RETRY
+                    action = ReleaseAction.RETRY  # a release is safe to send again
             if action is not ReleaseAction.RETRY or not retry:
                 holder.lease = None
                 return
             await asyncio.sleep(0.5)
 
+    async def _send(self, holder: Holder, action: ReleaseAction, request: Awaitable[None]) -> None:
+        """Send a give-back request; remember it as sent unless it surely never left.
+
+        A refused connection sent nothing. Any other failure (a 5xx, a timeout, a
+        reset) may come after the server applied it: Prefect decrements before
+        it answers, and an answer can be lost on the way.
+        """
+        try:
+            await request
+        except httpx.ConnectError:
+            raise
+        except BaseException:
+            holder.sent = action
+            raise
+
     async def _release_once(self, holder: Holder, lease: Lease, now: float) -> ReleaseAction:
-        """Probe the lease, then release it or decrement by hand (see release_action)."""
+        """Probe the lease, then release it or decrement by hand (see release_action).
+
+        Once a release was sent it is only ever sent again, without a probe: the
+        lease of a release that landed is gone, and a probe's 410 would read as
+        "lost by a restart" and lead to a second, bare decrement.
+        """
+        if holder.sent is ReleaseAction.RELEASE_LEASE:
+            await self._send(
+                holder, ReleaseAction.RELEASE_LEASE, self.prefect.release_lease(lease.id)
+            )
+            return ReleaseAction.RELEASE_LEASE
         state = await self.prefect.probe(lease.id, now - holder.renewed_at)
         same_limit = True
         if state is LeaseState.LOST:
@@ -665,9 +701,12 @@ class SlotBroker:
             same_limit = info is not None and info.id == lease.limit_id
         action = release_action(state, same_limit)
         if action is ReleaseAction.RELEASE_LEASE:
-            await self.prefect.release_lease(lease.id)
+            await self._send(holder, action, self.prefect.release_lease(lease.id))
         elif action is ReleaseAction.DECREMENT:
-            await self.prefect.decrement(holder.limit, holder.occupy, now - holder.leased_at)
+            held_s = now - holder.leased_at
+            await self._send(
+                holder, action, self.prefect.decrement(holder.limit, holder.occupy, held_s)
+            )
             self.stats.lost_leases_repaired += 1
             logger.warning(
                 "Prefect lost the lease of %d slot(s) of %s (server restart?): decremented by hand",

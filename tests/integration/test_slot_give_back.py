@@ -1,0 +1,102 @@
+"""The broker gives a step's slots back exactly once, whatever Prefect answers.
+
+Each test puts a :class:`FaultProxy` between the broker and a real Prefect
+server: the request reaches the server, which applies it, and the broker gets
+a fault back instead of the answer (a 500 after commit, as Prefect's server
+produces when it fails after decrementing). A plain ``concurrency()`` holder,
+outside the broker, holds a slot throughout: a second give-back would uncount
+it (Prefect's count under the slots really held, invariant I2 of issue 21).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+from broker_harness import (
+    BrokerThread,
+    active_slots,
+    create_limit,
+    start_thread,
+    unique_worker,
+    wait_until,
+)
+from prefect.concurrency.sync import concurrency
+from recording_server import FaultProxy
+
+from prefect_gpu_workers.grants import decode, encode
+from prefect_gpu_workers.server import LocalPrefectServer
+
+
+class SocketStep:
+    """A GPU step speaking the broker's wire protocol itself: acquire, then release."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(socket_path)
+        self.lines = self.sock.makefile("rb")
+
+    def acquire(self, limit: str, occupy: int = 1) -> dict[str, Any]:
+        self.sock.sendall(encode({"op": "acquire", "limit": limit, "occupy": occupy}))
+        return decode(self.lines.readline())
+
+    def release(self) -> dict[str, Any]:
+        self.sock.sendall(encode({"op": "release"}))
+        answer = decode(self.lines.readline())
+        self.sock.close()
+        return answer
+
+
+@contextmanager
+def plain_holder(name: str) -> Iterator[None]:
+    """Someone else's flow holds one slot of ``name`` through Prefect's own concurrency()."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with concurrency(name, occupy=1, strict=True):
+            holding.set()
+            done.wait(300)
+
+    thread = start_thread(hold)
+    wait_until(holding.is_set, "the plain holder holds its slot")
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(60)
+
+
+def origin(api_url: str) -> str:
+    parts = urlsplit(api_url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def test_a_release_answered_500_after_it_landed_is_not_counted_back_twice(
+    prefect_server: LocalPrefectServer,
+) -> None:
+    """Defect 1: the retry probed, met 410 (the lease was gone), read it as lost
+    by a restart and decremented by hand: one slot uncounted while held."""
+    worker = unique_worker()
+    name = f"gpu:{worker}"
+    create_limit(name, 2)
+    proxy = FaultProxy(upstream=origin(prefect_server.api_url))
+    with proxy.running(), plain_holder(name):
+        with BrokerThread(worker, api_url=f"{proxy.url}/api") as broker:
+            step = SocketStep(broker.socket_path)
+            assert step.acquire(name)["event"] == "granted"
+            assert active_slots(name) == 2
+            proxy.fail_after_upstream("/v2/concurrency_limits/decrement-with-lease", 500)
+            assert step.release()["event"] == "released"
+            wait_until(
+                lambda: broker.describe()["give_backs_in_flight"] == 0,
+                "the broker's give-back is done",
+            )
+            assert proxy.faulted == 1, "the release never met its fault"
+            assert broker.describe()["lost_leases_repaired"] == 0
+        # The plain holder's slot is still counted: nothing was given back twice.
+        assert active_slots(name) == 1
+    assert active_slots(name) == 0
