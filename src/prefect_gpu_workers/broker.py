@@ -411,7 +411,7 @@ class SlotBroker:
         return {
             "limits": self.snapshot(),
             "holders": [
-                {"limit": h.limit, "occupy": h.occupy, "pid": h.pid}
+                {"limit": h.limit, "occupy": h.occupy, "pid": h.pid, "lease_lost": h.lost}
                 for h in self._holders.values()
                 if h.announced
             ],
@@ -693,7 +693,13 @@ class SlotBroker:
                 holder, ReleaseAction.RELEASE_LEASE, self.prefect.release_lease(lease.id)
             )
             return ReleaseAction.RELEASE_LEASE
-        state = await self.prefect.probe(lease.id, now - holder.renewed_at)
+        # A lease the server lost stays lost: probing it again would, a lease
+        # duration after its last renewal, read the same 410 as "expired" and
+        # give nothing back, and the server's repossessor does not know it.
+        if holder.lost:
+            state = LeaseState.LOST
+        else:
+            state = await self.prefect.probe(lease.id, now - holder.renewed_at)
         same_limit = True
         if state is LeaseState.LOST:
             holder.lost = True
@@ -760,8 +766,8 @@ class SlotBroker:
         now = self.clock()
         for holder in list(self._holders.values()):
             lease = holder.lease
-            if lease is None or now - holder.renewed_at < self.lease_duration / 4:
-                continue
+            if lease is None or holder.lost or now - holder.renewed_at < self.lease_duration / 4:
+                continue  # a lost lease cannot be renewed; its give-back repairs the count
             state = await self.prefect.probe(lease.id, now - holder.renewed_at)
             if state is LeaseState.ALIVE:
                 holder.renewed_at = now

@@ -207,7 +207,11 @@ def test_count_is_repaired_after_a_server_restart_loses_the_leases(
     try:
         api = server.api_url
         create_limit(name, 2, api)
-        with BrokerThread(worker, api_url=api, maintenance_s=0.5) as broker:
+        # The broker's clock can jump ahead: a step that outlives its lease takes
+        # no minutes of waiting (Prefect's shortest lease is 60 s).
+        skew = [0.0]
+        clock = lambda: time.monotonic() + skew[0]  # noqa: E731
+        with BrokerThread(worker, api_url=api, maintenance_s=0.5, clock=clock) as broker:
             env = {**server.env(), **broker_env(broker, api)}
             early, late = HolderProcess(worker, env), HolderProcess(worker, env)
             holders += [early, late]
@@ -224,7 +228,18 @@ def test_count_is_repaired_after_a_server_restart_loses_the_leases(
             wait_until(lambda: active_slots(name, api) == 1, "early's slot is given back")
             repair_s = time.monotonic() - restarted_at
 
-            late.release()  # after the restart: its lease is unknown to the server
+            # A renewal finds late's lease lost (410 within its duration) ...
+            assert broker.broker is not None
+            lease_s = broker.broker.lease_duration
+            skew[0] = lease_s / 2
+            wait_until(
+                lambda: any(h["lease_lost"] for h in broker.describe()["holders"]),
+                "a renewal finds late's lease lost",
+            )
+            # ... and the step ends long after the lease's duration (issue 21, defect 2:
+            # a probe then read the 410 as "expired" and gave nothing back, for good).
+            skew[0] += 2 * lease_s
+            late.release()
             assert active_slots(name, api) == 0, "a lost lease's release was a no-op"
 
             # Nothing leaked: a step needing both slots gets them, and gives them back.
