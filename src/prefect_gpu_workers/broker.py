@@ -72,6 +72,7 @@ from prefect_gpu_workers.grants import (
     decode,
     encode,
     intake_open,
+    parse_acquire,
     release_action,
 )
 from prefect_gpu_workers.metrics import Histogram, render
@@ -512,11 +513,15 @@ class SlotBroker:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        occupy = int(request.get("occupy", 1))
-        slots = await self._limit_slots(str(request.get("limit")))
+        acquire = parse_acquire(request)  # ValueError: answered as a bad request
+        occupy = acquire.occupy
+        slots = await self._limit_slots(acquire.limit)
         holder_info = None
-        with contextlib.suppress(Exception):
-            holder_info = ConcurrencyLeaseHolder.model_validate(request.get("holder"))
+        if acquire.holder is not None:
+            # The holder only labels the lease in Prefect's UI: a shape Prefect
+            # does not know leaves it unlabelled rather than refusing the step.
+            with contextlib.suppress(ValueError):
+                holder_info = ConcurrencyLeaseHolder.model_validate(acquire.holder)
         slots.queue.request(ticket, occupy)
         holder = Holder(ticket, slots.name, occupy, holder_info, self.clock())
         holder.pid = _peer_pid(writer)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from broker_harness import (
     BrokerThread,
     active_slots,
@@ -40,9 +41,13 @@ class SocketStep:
         self.sock.connect(socket_path)
         self.lines = self.sock.makefile("rb")
 
-    def acquire(self, limit: str, occupy: int = 1) -> dict[str, Any]:
-        self.sock.sendall(encode({"op": "acquire", "limit": limit, "occupy": occupy}))
+    def send(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send one message; the broker's answer."""
+        self.sock.sendall(encode(message))
         return decode(self.lines.readline())
+
+    def acquire(self, limit: str, occupy: int = 1) -> dict[str, Any]:
+        return self.send({"op": "acquire", "limit": limit, "occupy": occupy})
 
     def release(self) -> dict[str, Any]:
         self.sock.sendall(encode({"op": "release"}))
@@ -100,3 +105,22 @@ def test_a_release_answered_500_after_it_landed_is_not_counted_back_twice(
         # The plain holder's slot is still counted: nothing was given back twice.
         assert active_slots(name) == 1
     assert active_slots(name) == 0
+
+
+def test_a_malformed_acquire_gets_one_line_and_no_traceback(
+    prefect_server: LocalPrefectServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect 9, in part: ``occupy: null`` surfaced as a TypeError traceback."""
+    worker = unique_worker()
+    name = f"gpu:{worker}"
+    create_limit(name, 1)
+    with BrokerThread(worker) as broker:
+        for occupy in (None, 1.5, True):
+            step = SocketStep(broker.socket_path)
+            answer = step.send({"op": "acquire", "limit": name, "occupy": occupy})
+            assert answer["event"] == "error"
+            assert answer["kind"] == "bad_request"
+            assert answer["message"].startswith("occupy must be a whole number of slots >= 1")
+        assert broker.stats(name)["held"] == 0
+    assert "Traceback" not in caplog.text
+    assert "request failed" not in caplog.text
