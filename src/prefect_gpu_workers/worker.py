@@ -169,10 +169,14 @@ def _process_worker_class() -> type[Any]:
 
         def _release_limit_slot(self, flow_run_id: Any) -> None:
             # Prefect frees a run's place here when its process has ended (or it
-            # was never started): from then on it is not in flight.
-            if self.in_flight.pop(flow_run_id, None) is not None:
-                self.journal.record(self.in_flight)
-            super()._release_limit_slot(flow_run_id)
+            # was never started): from then on it is not in flight. Prefect's
+            # own release comes whatever the journal does: skipping it would
+            # take one of this worker's flow-run places for good.
+            try:
+                if self.in_flight.pop(flow_run_id, None) is not None:
+                    self.journal.record(self.in_flight)
+            finally:
+                super()._release_limit_slot(flow_run_id)
 
     return GpuProcessWorker
 
