@@ -104,13 +104,18 @@ class FaultProxy(RecordingServer):
 
     upstream: str = ""
     failing: bool = False
+    failing_paths: str = ""  # fail(): only requests whose path holds this
     faulted: int = 0  # requests answered with the fault
     # fail_after_upstream: (path fragment, status, answers left)
     after_upstream: tuple[str, int, int] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def fail(self, status: int, body: str = '{"detail": "injected fault"}') -> None:
+    def fail(
+        self, status: int, body: str = '{"detail": "injected fault"}', path_fragment: str = ""
+    ) -> None:
+        """Answer ``status`` to every request (whose path holds ``path_fragment``)."""
         self.status, self.body, self.failing = status, body, True
+        self.failing_paths = path_fragment
 
     def fail_after_upstream(self, path_fragment: str, status: int, times: int = 1) -> None:
         """The next ``times`` requests whose path holds ``path_fragment`` reach the
@@ -123,7 +128,7 @@ class FaultProxy(RecordingServer):
         self.after_upstream = None
 
     def answer(self, hit: Hit, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        if self.failing:
+        if self.failing and self.failing_paths in hit.target:
             self.faulted += 1
             return super().answer(hit, body)
         forwarded = self._forward(hit, body)

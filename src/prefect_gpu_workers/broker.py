@@ -738,11 +738,14 @@ class SlotBroker:
     async def _maintain(self) -> None:
         while True:
             await asyncio.sleep(self.maintenance_s)
-            try:
-                await self._refresh_limits()
-                await self._renew_leases()
-            except Exception as exc:  # the server may be restarting: try again next tick
-                logger.debug("slot broker upkeep: %r", exc)
+            # Each on its own: a limit read that keeps failing (a 422 after a
+            # shrink, a proxy's 5xx) must not stop the renewals, or every lease
+            # expires while its step still runs.
+            for upkeep in (self._refresh_limits, self._renew_leases):
+                try:
+                    await upkeep()
+                except Exception as exc:  # the server may be restarting: next tick
+                    logger.debug("slot broker upkeep (%s): %r", upkeep.__name__, exc)
 
     async def _refresh_limits(self) -> None:
         for slots in list(self._limits.values()):
@@ -769,13 +772,32 @@ class SlotBroker:
 
     async def _renew_leases(self) -> None:
         now = self.clock()
-        for holder in list(self._holders.values()):
-            lease = holder.lease
-            if lease is None or holder.lost or now - holder.renewed_at < self.lease_duration / 4:
-                continue  # a lost lease cannot be renewed; its give-back repairs the count
-            state = await self.prefect.probe(lease.id, now - holder.renewed_at)
+        due = [
+            (holder, holder.lease)
+            for holder in self._holders.values()
+            # A lost lease cannot be renewed; its give-back repairs the count.
+            if holder.lease is not None
+            and not holder.lost
+            and now - holder.renewed_at >= self.lease_duration / 4
+        ]
+        # All at once, each bounded: one slow answer must not hold the others
+        # past their leases (the client's own timeout is a minute).
+        states = await asyncio.gather(
+            *(self._probe_bounded(lease, now - holder.renewed_at) for holder, lease in due)
+        )
+        for (holder, lease), state in zip(due, states, strict=True):
+            if holder.lease is not lease:
+                continue  # passed on or given back meanwhile: the answer is not its own
             if state is LeaseState.ALIVE:
                 holder.renewed_at = now
             elif state is LeaseState.LOST and not holder.lost:
                 holder.lost = True
                 logger.warning("Prefect lost the lease of a holder of %s", holder.limit)
+
+    async def _probe_bounded(self, lease: Lease, seconds_since_renewal: float) -> LeaseState:
+        """:meth:`PrefectSlots.probe`, UNKNOWN after an eighth of the lease's duration."""
+        try:
+            probe = self.prefect.probe(lease.id, seconds_since_renewal)
+            return await asyncio.wait_for(probe, timeout=self.lease_duration / 8)
+        except TimeoutError:
+            return LeaseState.UNKNOWN

@@ -1,6 +1,6 @@
-"""The broker gives a step's slots back exactly once, whatever Prefect answers.
+"""The slot broker under Prefect faults: slots given back exactly once, leases kept alive.
 
-Each test puts a :class:`FaultProxy` between the broker and a real Prefect
+Most tests put a :class:`FaultProxy` between the broker and a real Prefect
 server: the request reaches the server, which applies it, and the broker gets
 a fault back instead of the answer (a 500 after commit, as Prefect's server
 produces when it fails after decrementing). A plain ``concurrency()`` holder,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -124,3 +125,39 @@ def test_a_malformed_acquire_gets_one_line_and_no_traceback(
         assert broker.stats(name)["held"] == 0
     assert "Traceback" not in caplog.text
     assert "request failed" not in caplog.text
+
+
+def test_renewals_go_on_while_every_limit_read_fails(prefect_server: LocalPrefectServer) -> None:
+    """Defect 3, in part: the limit refresh and the renewals shared one ``try``, so
+    a limit read that kept failing stopped every renewal and the leases expired
+    under running steps."""
+    worker = unique_worker()
+    name = f"gpu:{worker}"
+    create_limit(name, 1)
+    proxy = FaultProxy(upstream=origin(prefect_server.api_url))
+    skew = [0.0]
+    with (
+        proxy.running(),
+        BrokerThread(
+            worker,
+            api_url=f"{proxy.url}/api",
+            maintenance_s=0.2,
+            clock=lambda: time.monotonic() + skew[0],
+        ) as broker,
+    ):
+        step = SocketStep(broker.socket_path)
+        assert step.acquire(name)["event"] == "granted"
+        proxy.fail(500, path_fragment=f"/v2/concurrency_limits/{name}")
+        wait_until(lambda: proxy.faulted >= 2, "the broker's limit reads fail")
+        renewals_before = renewals(proxy)
+        assert broker.broker is not None
+        skew[0] = broker.broker.lease_duration / 2  # a renewal is due
+        wait_until(lambda: renewals(proxy) > renewals_before, "a renewal despite the failing reads")
+        proxy.heal()
+        assert step.release()["event"] == "released"
+        wait_until(lambda: broker.describe()["give_backs_in_flight"] == 0, "the give-back")
+    assert active_slots(name) == 0
+
+
+def renewals(proxy: FaultProxy) -> int:
+    return sum(1 for hit in list(proxy.hits) if hit.target.endswith("/renew"))
