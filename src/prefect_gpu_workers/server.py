@@ -242,7 +242,7 @@ def stop_process_group(
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     if not wait_until(lambda: proc.poll() is not None, grace_s, hurry):
-        # The group may outlive its leader: SIGKILL it whatever the leader did.
+        # The leader outlived its grace (or the stop was hurried): the whole group goes.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

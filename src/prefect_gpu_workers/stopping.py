@@ -14,7 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
-# How often a wait looks again; short, because /proc reads are cheap.
+# How often a wait looks again, for cheap checks (a child's exit status, one
+# pid); a scan of every process in /proc passes a longer poll_s.
 POLL_S = 0.05
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -285,15 +285,19 @@ class LocalSession:
         A local worker has no drain time: it stops its flow runs at once, sets
         their states and gives their slots back (see :func:`worker_command`).
         """
-        workers, self.workers = self.workers, {}
-        for started in workers.values():
+        workers = self._sigterm_workers()
+        self._reap(workers, self.worker_stop_grace_s if grace_s is None else grace_s)
+
+    def _sigterm_workers(self) -> list[StartedProcess]:
+        """SIGTERM every worker's process group; the workers, now no longer the session's."""
+        workers, self.workers = list(self.workers.values()), {}
+        for started in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(started.proc.pid, signal.SIGTERM)
-        self._reap(workers.values(), self.worker_stop_grace_s if grace_s is None else grace_s)
+        return workers
 
-    def _reap(self, workers: Iterable[StartedProcess], grace_s: float) -> None:
+    def _reap(self, workers: Sequence[StartedProcess], grace_s: float) -> None:
         # One grace period for all of them, not one each; SIGKILL what outlives it.
-        workers = list(workers)
         wait_until(lambda: all(w.proc.poll() is not None for w in workers), grace_s, self.hurry)
         for started in workers:
             stop_process_group(started.proc, grace_s=0)
@@ -319,17 +323,14 @@ class LocalSession:
                     f"{' and the Prefect server' if self.server is not None else ''} "
                     "(Ctrl-C again kills them at once) ..."
                 )
-            workers, self.workers = self.workers, {}
-            for started in workers.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(started.proc.pid, signal.SIGTERM)
+            workers = self._sigterm_workers()
             # Flow runs live in sessions of their own: the marker finds them. The
             # workers (stopping meanwhile) and the server are spared here.
-            spared = {w.proc.pid for w in workers.values()}
+            spared = {w.proc.pid for w in workers}
             if self.server is not None and self.server.pid is not None:
                 spared.add(self.server.pid)
             stop_marked(self.marker, self.flow_run_stop_grace_s, self.hurry, spare_groups=spared)
-            self._reap(workers.values(), self.worker_stop_grace_s)
+            self._reap(workers, self.worker_stop_grace_s)
             if self.server is not None:
                 self.server.stop(hurry=self.hurry)
             # Anything still marked (a flow run that was starting): its last chance.
