@@ -118,30 +118,11 @@ def test_demo_on_the_embedded_postgres_reports_and_leaves_nothing_running(
     assert left_running(tmp_path) == []
 
 
-def test_sigterm_stops_the_demo_its_postgres_and_everything_else(
-    tmp_path: Path, demos: list[subprocess.Popen[str]]
-) -> None:
-    prefix = f"t{uuid.uuid4().hex[:6]}"
-    demo = subprocess.Popen(
-        [*CLI, "demo", "--workers", "1", "--runs", "3", "--worker-prefix", prefix,
-         "--workdir", str(tmp_path), "--simulate", "--gpu-seconds", "120", "--poll-seconds", "2"],
-        env=fresh_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    demos.append(demo)
-    wait_for_a_flow_run(demo, tmp_path)
-    assert pids_in_directory(tmp_path / "prefect" / "postgres" / "data"), "no postgres seen"
-    demo.send_signal(signal.SIGTERM)
-    output, _ = demo.communicate(timeout=180)
-    assert demo.returncode == 130, output
-    assert "interrupted" in output
-    assert left_running(tmp_path) == []
-
-
 def test_a_frozen_prefect_server_is_reported_and_the_demo_stops_within_its_bound(
     tmp_path: Path, demos: list[subprocess.Popen[str]]
 ) -> None:
     prefix = f"s{uuid.uuid4().hex[:6]}"
-    api_timeout_s = 30
+    api_timeout_s = 10
     demo = subprocess.Popen(
         [*CLI, "demo", "--workers", "1", "--runs", "3", "--worker-prefix", prefix,
          "--workdir", str(tmp_path), "--simulate", "--gpu-seconds", "120", "--poll-seconds", "2",

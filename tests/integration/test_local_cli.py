@@ -18,8 +18,9 @@ import time
 import uuid
 from pathlib import Path
 
+from prefect_gpu_workers.database import EmbeddedPostgresUnavailable, find_bin_dir
 from prefect_gpu_workers.gpu import detect_gpus
-from prefect_gpu_workers.procfs import pids_with_env
+from prefect_gpu_workers.procfs import pids_in_directory, pids_with_env
 from prefect_gpu_workers.server import LocalPrefectServer
 
 CLI = [sys.executable, "-m", "prefect_gpu_workers.cli"]
@@ -136,11 +137,15 @@ def test_ctrl_c_stops_server_workers_and_flow_runs(tmp_path: Path) -> None:
     )  # fmt: skip
     output = DemoOutput(demo)
     server_home = str(tmp_path / "prefect")
+    postgres_data = tmp_path / "prefect" / "postgres" / "data"
+    embedded_postgres = has_embedded_postgres()
     try:
         # Both slots held: two GPU steps (of an hour each) are running, one waits.
         output.wait_for(rf"GPU slots in use: gpu:{prefix}-1 2/2")
         assert pids_with_env("WORKER_ID", f"{prefix}-1"), "no worker or flow run process seen"
         assert pids_with_env("PREFECT_HOME", server_home), "the demo's own server is not running"
+        if embedded_postgres:
+            assert pids_in_directory(postgres_data), "the demo's PostgreSQL is not running"
         demo.send_signal(signal.SIGINT)
         output.wait_for(r"stopping 1 worker\(s\), their flow runs and the Prefect server "
                         r"\(Ctrl-C again kills them at once\)")  # fmt: skip
@@ -155,6 +160,15 @@ def test_ctrl_c_stops_server_workers_and_flow_runs(tmp_path: Path) -> None:
     assert text.rstrip().endswith("interrupted"), text
     assert wait_until_gone("WORKER_ID", f"{prefix}-1") == [], "worker or flow run left running"
     assert wait_until_gone("PREFECT_HOME", server_home) == [], "the demo's server was left running"
+    assert pids_in_directory(postgres_data) == [], "the demo's PostgreSQL was left running"
+
+
+def has_embedded_postgres() -> bool:
+    try:
+        find_bin_dir()
+    except EmbeddedPostgresUnavailable:
+        return False
+    return True
 
 
 def test_worker_entrypoint_fails_visibly_when_its_limit_never_appears(

@@ -30,7 +30,6 @@ from .operator_harness import (
     pool_spec,
     pool_text,
     ready_with_limits,
-    settle,
     start_pool,
     unique,
     wait_until,
@@ -205,11 +204,18 @@ def test_prefect_outage_is_a_condition_and_the_pool_recovers(
         ready = pools.condition("weathered", "Ready")
         assert ready is not None
         assert ready["status"] == "False"
-        warnings = [e for e in pools.events("weathered") if e.type == "Warning"]
-        assert any(e.reason == "PrefectUnreachable" for e in warnings)
+        assert unreachable_warnings(pools, "weathered")
 
-        pools.scale("weathered", 2)  # a change while Prefect is down
-        settle(60)  # about a minute of outage
+        # A change while Prefect is down wakes the pool: two more failed passes
+        # (each a Warning Event) show the operator keeps retrying through the outage
+        # without waiting a fixed time for it.
+        failed_before = len(unreachable_warnings(pools, "weathered"))
+        pools.scale("weathered", 2)
+        wait_until(
+            lambda: len(unreachable_warnings(pools, "weathered")) >= failed_before + 2,
+            "two more failed passes during the outage",
+            timeout=120,
+        )
         operator.assert_alive()
 
         server.start()
@@ -226,6 +232,13 @@ def test_prefect_outage_is_a_condition_and_the_pool_recovers(
         operator.stop()
         print(f"--- operator log ---\n{operator.log_tail(60)}")
         server.stop()
+
+
+def unreachable_warnings(pools: Pools, name: str) -> list[client.CoreV1Event]:
+    """The pool's PrefectUnreachable Warning Events (kopf posts one per failed pass)."""
+    return [
+        e for e in pools.events(name) if e.type == "Warning" and e.reason == "PrefectUnreachable"
+    ]
 
 
 # Issue 16: what a pool's API URL answers never reaches status or Events, and a URL
