@@ -50,6 +50,7 @@ def test_bench_json_is_one_object_with_every_phase(
     assert isinstance(report, dict)
     assert report.keys() >= REQUIRED_KEYS
     assert report["simulated"] is True
+    assert report["database"] == "external"  # PREFECT_API_URL set: that server, none started
     assert "simulated" in result.stderr
     assert report["limit_per_worker"] == {worker: 2}
     assert 1 <= report["max_gpu_overlap_per_worker"][worker] <= 2

@@ -9,6 +9,7 @@ working directory (the data directory), both read from /proc.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from prefect_gpu_workers.database import EmbeddedPostgresUnavailable, find_bin_dir
+from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.procfs import pids_in_directory, pids_with_env
 
 CLI = [sys.executable, "-m", "prefect_gpu_workers.cli"]
@@ -100,11 +102,14 @@ def demos(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
 def test_demo_on_the_embedded_postgres_reports_and_leaves_nothing_running(
     tmp_path: Path,
 ) -> None:
+    """The README's first command, as a newcomer runs it: its own server, two
+    workers, a report, the timeline pictures, and nothing left running."""
     prefix = f"p{uuid.uuid4().hex[:6]}"
     result = subprocess.run(
         [*CLI, "demo", "--workers", "2", "--runs", "4", "--worker-prefix", prefix,
          "--workdir", str(tmp_path), "--simulate", "--download-seconds", "1",
-         "--gpu-seconds", "1", "--save-seconds", "1", "--poll-seconds", "2"],
+         "--gpu-seconds", "1", "--save-seconds", "1", "--poll-seconds", "2",
+         "--timeline", str(tmp_path / "timeline.png"), "--timeline", str(tmp_path / "t.html")],
         env=fresh_env(), capture_output=True, text=True, timeout=DEMO_TIMEOUT_S,
     )  # fmt: skip
     output = result.stdout + result.stderr
@@ -112,10 +117,24 @@ def test_demo_on_the_embedded_postgres_reports_and_leaves_nothing_running(
     assert "starting a Prefect server on postgres" in output
     assert "database: PostgreSQL, embedded" in output
     assert str(tmp_path / "prefect" / "postgres" / "data") in output
-    assert "4 / 0" in output  # runs finished / failed
+    if detect_gpus().count == 0:
+        assert "no NVIDIA GPU found" in output
+        assert "1 GPU x 2 slot(s)" in output
+        assert "no GPU: telemetry off" in output
+    assert "Demo report" in output
+    assert re.search(r"runs finished / failed\W+4 / 0\b", output), output
+    for worker in (f"{prefix}-1", f"{prefix}-2"):
+        assert f"gpu:{worker}" in output
     assert "Prefect API latency (progress polls)" in output
     assert "all processes started by the demo have stopped" in output
     assert left_running(tmp_path) == []
+    # Every stage of every run left its record in the work dir.
+    assert len(list((tmp_path / "records").glob("*.jsonl"))) == 4
+    # The pictures, their paths printed at the end (the unit tests count their bars).
+    assert output.rstrip().endswith(f"timeline: {tmp_path / 't.html'}")
+    assert f"timeline: {tmp_path / 'timeline.png'}" in output
+    assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Plotly.newPlot" in (tmp_path / "t.html").read_text(encoding="utf-8")
 
 
 def test_a_frozen_prefect_server_is_reported_and_the_demo_stops_within_its_bound(

@@ -203,7 +203,7 @@ def test_cancelled_run_releases_its_slot(workers: Workers) -> None:
 def test_occupy_two_excludes_every_other_gpu_step_on_the_worker(workers: Workers) -> None:
     # The small steps first; the big run is submitted only while two of them hold
     # both slots, so it must wait for them: built in, not left to timing.
-    small_ids, record_dir = workers.submit("one", 4, download_s=0.0, gpu_s=15.0, save_s=0.0)
+    small_ids, record_dir = workers.submit("one", 4, download_s=0.0, gpu_s=8.0, save_s=0.0)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while sum(workers.slots("one").values()) < 2:
         assert time.monotonic() < deadline, "the small steps never held both slots"

@@ -19,16 +19,10 @@ import uuid
 from pathlib import Path
 
 from prefect_gpu_workers.database import EmbeddedPostgresUnavailable, find_bin_dir
-from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.procfs import pids_in_directory, pids_with_env
 from prefect_gpu_workers.server import LocalPrefectServer
 
 CLI = [sys.executable, "-m", "prefect_gpu_workers.cli"]
-# Short stages and a 2 s worker poll keep these tests to seconds of waiting.
-QUICK = [
-    "--simulate", "--download-seconds", "1", "--gpu-seconds", "1", "--save-seconds", "1",
-    "--poll-seconds", "2",
-]  # fmt: skip
 
 
 def wait_until_gone(name: str, value: str, timeout_s: float = 10.0) -> list[int]:
@@ -36,42 +30,6 @@ def wait_until_gone(name: str, value: str, timeout_s: float = 10.0) -> list[int]
     while (left := pids_with_env(name, value)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
-
-
-def test_demo_runs_reports_and_leaves_nothing_running(
-    prefect_server: LocalPrefectServer, tmp_path: Path
-) -> None:
-    prefix = f"d{uuid.uuid4().hex[:6]}"
-    result = subprocess.run(
-        [*CLI, "demo", "--workers", "2", "--runs", "6", "--worker-prefix", prefix,
-         "--pool", f"demo-{prefix}", "--workdir", str(tmp_path), *QUICK,
-         "--timeline", str(tmp_path / "timeline.png"), "--timeline", str(tmp_path / "t.html")],
-        env={**os.environ, "COLUMNS": "200"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )  # fmt: skip
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert f"using the Prefect API at {prefect_server.api_url}" in output
-    if detect_gpus().count == 0:
-        assert "no NVIDIA GPU found" in output
-        assert "1 GPU x 2 slot(s)" in output
-        assert "no GPU: telemetry off" in output
-    assert "Demo report" in output
-    assert re.search(r"runs finished / failed\W+6 / 0\b", output), output
-    for worker in (f"{prefix}-1", f"{prefix}-2"):
-        assert f"gpu:{worker}" in output
-    assert "all processes started by the demo have stopped" in output
-    assert pids_with_env("WORKER_ID", f"{prefix}-1") == []
-    assert pids_with_env("WORKER_ID", f"{prefix}-2") == []
-    # Every stage of every run left its record in the work dir.
-    assert len(list((tmp_path / "records").glob("*.jsonl"))) == 6
-    # The pictures, their paths printed at the end (the unit tests count their bars).
-    assert output.rstrip().endswith(f"timeline: {tmp_path / 't.html'}")
-    assert f"timeline: {tmp_path / 'timeline.png'}" in output
-    assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Plotly.newPlot" in (tmp_path / "t.html").read_text(encoding="utf-8")
 
 
 class DemoOutput:
