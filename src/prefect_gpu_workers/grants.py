@@ -121,7 +121,10 @@ class GrantQueue:
         if held is None or not self._waiting:
             return None
         head, occupy = next(iter(self._waiting.items()))
-        if occupy != held or occupy > self.free_slots + held:
+        # Room once ``ticket`` is gone, counted from the capacity: after a shrink
+        # the others may hold more than it, and a lease parked on a head that
+        # cannot be granted would hold Prefect's slot from everyone.
+        if occupy != held or occupy > self.capacity - (self.held_slots - held):
             return None
         return head
 

@@ -153,3 +153,20 @@ def test_the_heir_is_the_head_that_takes_exactly_the_leaving_slots() -> None:
     assert shrunk.grant() == [5]
     shrunk.resize(1)  # 6 can never fit now: dropped, nobody inherits
     assert shrunk.heir(5) is None
+
+
+def test_no_heir_while_the_others_still_hold_more_than_a_shrunk_capacity() -> None:
+    """Simulation seed 192 (issue 21): 3 slots shrunk to 1 while two held one each.
+    The leaving holder's lease went to the head, which could not be granted (the
+    other holder still filled the capacity), and the other holder waited for
+    Prefect's slot parked on that head: nobody ran again."""
+    queue = GrantQueue(3)
+    queue.request(1, 1)
+    queue.request(2, 1)
+    assert queue.grant() == [1, 2]
+    queue.resize(1)
+    queue.request(4, 1)
+    assert queue.heir(2) is None  # 1 still holds the one slot there is
+    queue.cancel(2)
+    assert queue.grant() == []
+    assert queue.heir(1) == 4  # the last one over: now it fits
