@@ -51,7 +51,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -81,6 +81,17 @@ from prefect_gpu_workers.naming import parse_limit_name
 logger = logging.getLogger("prefect_gpu_workers.broker")
 
 SOCKET_NAME = "slots.sock"
+# Answers that say the request did nothing: Prefect answers 503 for database
+# errors a client may retry (SQLite busy, a lost PostgreSQL connection) and the
+# transaction is rolled back (a connection lost during the commit itself is the
+# one case no client can tell); 429 is a refusal before any work.
+NOT_APPLIED = frozenset({429, 503})
+# A connection must say what it wants this soon: one that says nothing holds a
+# descriptor (a step sends its request as soon as it connects).
+FIRST_MESSAGE_S = 10.0
+# Connections served at once; one per GPU step waiting or running on this worker,
+# and a worker runs tens of flow runs at most.
+MAX_CONNECTIONS = 512
 
 
 def transient(exc: BaseException) -> bool:
@@ -92,7 +103,7 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
         return True
     return isinstance(exc, httpx.HTTPStatusError) and (
-        exc.response.status_code >= 500 or exc.response.status_code == 429
+        exc.response.status_code >= 500 or exc.response.status_code in NOT_APPLIED
     )
 
 
@@ -111,6 +122,15 @@ class LimitInfo:
 class Lease:
     id: UUID
     limit_id: UUID
+    duration: float  # seconds it was taken or last renewed for
+
+
+# A new lease is taken for Prefect's shortest duration, and renewed for the
+# broker's own at the first upkeep after a quarter of it. An increment whose
+# answer is lost (a timeout, a 500 after the commit) leaves a lease nobody
+# knows; Prefect's API has no way to find it, so it holds its slots until it
+# expires: a minute instead of five.
+FIRST_LEASE_S = 60.0
 
 
 def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
@@ -158,6 +178,10 @@ class PrefectSlots:
     ) -> Lease | float:
         """One attempt: the lease, or the seconds to wait before the next attempt.
 
+        The lease is taken for :data:`FIRST_LEASE_S` (or the broker's duration,
+        when shorter); renewals extend it to the broker's duration.
+
+
         Raises:
             LimitUnusable: the limit does not exist or cannot hold ``occupy``.
             httpx.TransportError: the server cannot be reached.
@@ -168,7 +192,7 @@ class PrefectSlots:
                     names=[name],
                     slots=occupy,
                     mode="concurrency",
-                    lease_duration=self.lease_duration,
+                    lease_duration=self.first_lease_duration,
                     holder=holder,
                 )
         except httpx.HTTPStatusError as exc:
@@ -182,16 +206,23 @@ class PrefectSlots:
         body = response.json()
         if not body.get("limits"):
             raise LimitUnusable(f"limit {name!r} does not exist")
-        return Lease(UUID(body["lease_id"]), UUID(body["limits"][0]["id"]))
+        return Lease(
+            UUID(body["lease_id"]), UUID(body["limits"][0]["id"]), self.first_lease_duration
+        )
 
-    async def probe(self, lease_id: UUID, seconds_since_renewal: float) -> LeaseState:
-        """Renew the lease; say whether the server still knows it."""
+    @property
+    def first_lease_duration(self) -> float:
+        return min(FIRST_LEASE_S, self.lease_duration)
+
+    async def probe(self, lease: Lease, seconds_since_renewal: float) -> LeaseState:
+        """Renew the lease (for the broker's full duration); say whether the server
+        still knows it."""
         try:
             with self._once():
-                await self.client.renew_concurrency_lease(lease_id, self.lease_duration)
+                await self.client.renew_concurrency_lease(lease.id, self.lease_duration)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 410:
-                return classify_gone_lease(seconds_since_renewal, self.lease_duration)
+                return classify_gone_lease(seconds_since_renewal, lease.duration)
             return LeaseState.UNKNOWN
         except httpx.TransportError:
             return LeaseState.UNKNOWN
@@ -231,6 +262,12 @@ class Holder:
     announced: bool = False  # the step was told it holds the slot
     pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
 
+    def take_lease(self, lease: Lease, renewed_at: float) -> None:
+        """Hold ``lease`` from now on: what was known of the one before goes with it
+        (a lost lease's re-count after a limit is recreated is a live one)."""
+        self.lease, self.renewed_at = lease, renewed_at
+        self.lost, self.sent = False, None
+
 
 @dataclass
 class LimitSlots:
@@ -263,6 +300,13 @@ class SlotBroker:
         busy_poll_s: longest sleep between Prefect attempts for a granted waiter
             while a holder outside the broker holds slots.
         maintenance_s: how often limits are re-read and leases renewed.
+        clock: monotonic seconds (the simulation's virtual clock in
+            ``tests/slot_simulation``).
+        request_timeout_s: the longest the broker waits for one Prefect answer
+            (the client's default is a minute: one lost answer would hold every
+            renewal and grant behind it that long).
+        httpx_settings: passed to Prefect's client (the simulation puts its
+            model of Prefect there as the transport).
     """
 
     def __init__(
@@ -274,8 +318,14 @@ class SlotBroker:
         busy_poll_s: float = 0.5,
         maintenance_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        request_timeout_s: float = 10.0,
+        httpx_settings: dict[str, Any] | None = None,
     ) -> None:
         self.worker_id = worker_id
+        self._httpx_settings = {
+            "timeout": httpx.Timeout(request_timeout_s),
+            **(httpx_settings or {}),
+        }
         self._own_dir: Path | None = None
         if socket_path is None:
             self._own_dir = Path(tempfile.mkdtemp(prefix="pgw-broker-"))
@@ -294,7 +344,6 @@ class SlotBroker:
         self._give_backs_in_flight = 0  # still retrying while the server is away
         self._client_cm: Any = None
         self._prefect: PrefectSlots | None = None
-        self._limit_lock = asyncio.Lock()
         self._connections: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -304,10 +353,18 @@ class SlotBroker:
         self.on_dispatch: Callable[[], None] | None = None
 
     # -- life cycle -------------------------------------------------------------
-    async def start(self) -> SlotBroker:
-        self._client_cm = get_client()
+    async def start(self, listen: bool = True) -> SlotBroker:
+        """Connect to Prefect, start the upkeep and (``listen``) serve the socket.
+
+        Without ``listen`` connections come only through :meth:`serve_connection`
+        (the simulation's in-memory ones).
+        """
+        self._client_cm = get_client(httpx_settings=self._httpx_settings)
         client = await self._client_cm.__aenter__()
         self._prefect = PrefectSlots(client, self.lease_duration, self.busy_poll_s)
+        self._upkeep = self._spawn(self._maintain())
+        if not listen:
+            return self
         self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
@@ -315,11 +372,12 @@ class SlotBroker:
         # flow runs may take slots.
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+            self._server = await asyncio.start_unix_server(
+                self.serve_connection, path=str(self.socket_path)
+            )
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)
-        self._upkeep = self._spawn(self._maintain())
         logger.info("slot broker for %s listening on %s", self.worker_id, self.socket_path)
         return self
 
@@ -380,7 +438,7 @@ class SlotBroker:
         Raises:
             LimitUnusable: missing or inactive.
         """
-        await self._limit_slots(limit)
+        await self._limit_slots(limit, attempts=10)
 
     async def settled(self, timeout_s: float) -> bool:
         """Wait until no step holds a slot here (a drained worker's runs are gone).
@@ -447,14 +505,33 @@ class SlotBroker:
         return slots is None or intake_open(slots.queue.capacity, slots.queue.waiting_slots)
 
     # -- one connection ---------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one connection (the socket's, or an in-memory one) until it ends."""
         ticket = next(self._tickets)
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
+        if len(self._connections) >= MAX_CONNECTIONS:
+            # Each connection holds a descriptor; the broker's own Prefect calls
+            # (its renewals among them) need some too.
+            with contextlib.suppress(ConnectionError):
+                message = f"the broker serves {MAX_CONNECTIONS} connections at most"
+                writer.write(encode({"event": "error", "kind": "busy", "message": message}))
+                await writer.drain()
+            writer.close()
+            if handler is not None:
+                self._handlers.discard(handler)
+            return
         self._connections.add(writer)
         try:
-            request = decode(await reader.readline())
+            try:
+                async with asyncio.timeout(FIRST_MESSAGE_S):
+                    line = await reader.readline()
+            except TimeoutError:
+                raise ValueError(f"no request within {FIRST_MESSAGE_S:g} s") from None
+            request = decode(line)
             if request.get("op") == "stats":
                 writer.write(encode({"event": "stats", **self.describe()}))
                 await writer.drain()
@@ -483,21 +560,32 @@ class SlotBroker:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _limit_slots(self, name: str) -> LimitSlots:
+    async def _limit_slots(self, name: str, attempts: int | None = None) -> LimitSlots:
+        """The limit's queue, reading the limit first if it is new here.
+
+        The read holds no lock: a slow answer for one limit must not hold up the
+        requests for every other. Two first requests may both read; the first
+        queue stored wins. A step's request retries a server that cannot answer
+        (a restart) for as long as the step waits: it would fail the same way
+        polling Prefect itself; ``attempts`` bounds it for the worker's own read.
+
+        Raises:
+            ValueError: not a limit of this worker.
+            LimitUnusable: missing or inactive.
+        """
         parsed = parse_limit_name(name)
         if parsed is None or parsed[1] != self.worker_id:
             raise ValueError(f"{name!r} is not a limit of worker {self.worker_id!r}")
-        async with self._limit_lock:
-            slots = self._limits.get(name)
-            if slots is None:
-                info = await self._read_limit_patiently(name)
-                if info is None or not info.active:
-                    raise LimitUnusable(f"limit {name!r} is missing or inactive")
-                slots = self._limits[name] = LimitSlots(name, info, GrantQueue(info.limit))
+        slots = self._limits.get(name)
+        if slots is not None:
             return slots
+        info = await self._read_limit_patiently(name, attempts)
+        if info is None or not info.active:
+            raise LimitUnusable(f"limit {name!r} is missing or inactive")
+        return self._limits.setdefault(name, LimitSlots(name, info, GrantQueue(info.limit)))
 
-    async def _read_limit_patiently(self, name: str, attempts: int = 10) -> LimitInfo | None:
-        for attempt in range(1, attempts + 1):
+    async def _read_limit_patiently(self, name: str, attempts: int | None) -> LimitInfo | None:
+        for attempt in itertools.count(1):
             try:
                 return await self.prefect.read_limit(name)
             except Exception as exc:
@@ -586,7 +674,7 @@ class SlotBroker:
                 await asyncio.sleep(min(0.25 * attempt, 2.0))
                 continue
             if isinstance(outcome, Lease):
-                holder.lease, holder.renewed_at = outcome, self.clock()
+                holder.take_lease(outcome, self.clock())
                 self._granted(holder, slots)
                 return
             await asyncio.sleep(outcome)
@@ -632,11 +720,16 @@ class SlotBroker:
         """
         if holder.lease is None or holder.lost or self._closing:
             return
+        if self.clock() - holder.renewed_at >= holder.lease.duration:
+            # Not renewed within its duration (the server was away): the
+            # repossessor may have taken it, and an heir on it would run
+            # uncounted. The heir takes a fresh lease instead.
+            return
         ticket = slots.queue.heir(holder.ticket)
         heir = self._holders.get(ticket) if ticket is not None else None
         if heir is None or heir.lease is not None:
             return
-        heir.lease, heir.renewed_at = holder.lease, holder.renewed_at
+        heir.take_lease(holder.lease, holder.renewed_at)
         holder.lease = None
         self.stats.leases_passed += 1
 
@@ -672,15 +765,21 @@ class SlotBroker:
             await asyncio.sleep(0.5)
 
     async def _send(self, holder: Holder, action: ReleaseAction, request: Awaitable[None]) -> None:
-        """Send a give-back request; remember it as sent unless it surely never left.
+        """Send a give-back request; remember it as sent unless it surely did nothing.
 
-        A refused connection sent nothing. Any other failure (a 5xx, a timeout, a
-        reset) may come after the server applied it: Prefect decrements before
-        it answers, and an answer can be lost on the way.
+        A refused connection sent nothing, and a 503 or 429 is Prefect refusing
+        the work (its database was busy: the transaction is rolled back). Any
+        other failure (a 500, a timeout, a reset) may come after the server
+        applied it: Prefect decrements before it answers, and an answer can be
+        lost on the way.
         """
         try:
             await request
         except httpx.ConnectError:
+            raise
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code not in NOT_APPLIED:
+                holder.sent = action
             raise
         except BaseException:
             holder.sent = action
@@ -704,7 +803,7 @@ class SlotBroker:
         if holder.lost:
             state = LeaseState.LOST
         else:
-            state = await self.prefect.probe(lease.id, now - holder.renewed_at)
+            state = await self.prefect.probe(lease, now - holder.renewed_at)
         same_limit = True
         if state is LeaseState.LOST:
             holder.lost = True
@@ -762,13 +861,28 @@ class SlotBroker:
                 logger.warning("limit %s was recreated: re-counting its holders", slots.name)
             slots.info = info
             for holder in list(self._holders.values()):
-                if holder.limit == slots.name and holder.lease and holder.lease.limit_id != info.id:
-                    outcome = await self.prefect.try_acquire(
-                        holder.limit, holder.occupy, holder.holder
-                    )
-                    if isinstance(outcome, Lease):
-                        now = self.clock()
-                        holder.lease, holder.renewed_at = outcome, now
+                old = holder.lease
+                if holder.limit != slots.name or old is None or old.limit_id == info.id:
+                    continue
+                outcome = await self.prefect.try_acquire(holder.limit, holder.occupy, holder.holder)
+                if not isinstance(outcome, Lease):
+                    continue  # no room now: the next refresh tries again
+                if self._holders.get(holder.ticket) is holder and holder.lease is old:
+                    holder.take_lease(outcome, self.clock())
+                    # The old lease names a limit that is gone: it counts nothing,
+                    # but would sit in Prefect's lease storage until it expires.
+                    self._spawn(self._release_quietly(old))
+                else:
+                    # It finished or passed its lease on while the lease was taken:
+                    # the new lease is nobody's (an heir is re-counted on its own).
+                    self._spawn(self._release_quietly(outcome))
+
+    async def _release_quietly(self, lease: Lease) -> None:
+        """Give back a lease no holder owns; if that fails it expires on its own."""
+        try:
+            await self.prefect.release_lease(lease.id)
+        except Exception as exc:
+            logger.warning("giving back an unowned lease of %s failed: %r", lease.limit_id, exc)
 
     async def _renew_leases(self) -> None:
         now = self.clock()
@@ -778,7 +892,7 @@ class SlotBroker:
             # A lost lease cannot be renewed; its give-back repairs the count.
             if holder.lease is not None
             and not holder.lost
-            and now - holder.renewed_at >= self.lease_duration / 4
+            and now - holder.renewed_at >= holder.lease.duration / 4
         ]
         # All at once, each bounded: one slow answer must not hold the others
         # past their leases (the client's own timeout is a minute).
@@ -790,6 +904,7 @@ class SlotBroker:
                 continue  # passed on or given back meanwhile: the answer is not its own
             if state is LeaseState.ALIVE:
                 holder.renewed_at = now
+                holder.lease = replace(lease, duration=self.lease_duration)
             elif state is LeaseState.LOST and not holder.lost:
                 holder.lost = True
                 logger.warning("Prefect lost the lease of a holder of %s", holder.limit)
@@ -797,7 +912,7 @@ class SlotBroker:
     async def _probe_bounded(self, lease: Lease, seconds_since_renewal: float) -> LeaseState:
         """:meth:`PrefectSlots.probe`, UNKNOWN after an eighth of the lease's duration."""
         try:
-            probe = self.prefect.probe(lease.id, seconds_since_renewal)
-            return await asyncio.wait_for(probe, timeout=self.lease_duration / 8)
+            probe = self.prefect.probe(lease, seconds_since_renewal)
+            return await asyncio.wait_for(probe, timeout=lease.duration / 8)
         except TimeoutError:
             return LeaseState.UNKNOWN

@@ -24,6 +24,7 @@ from broker_harness import (
 from prefect.concurrency.sync import concurrency
 
 from prefect_gpu_workers import limits
+from prefect_gpu_workers.broker import FIRST_LEASE_S
 from prefect_gpu_workers.limits import gpu_slot
 from prefect_gpu_workers.naming import SLOT_BROKER_ENV
 from prefect_gpu_workers.server import LocalPrefectServer
@@ -228,10 +229,12 @@ def test_count_is_repaired_after_a_server_restart_loses_the_leases(
             wait_until(lambda: active_slots(name, api) == 1, "early's slot is given back")
             repair_s = time.monotonic() - restarted_at
 
-            # A renewal finds late's lease lost (410 within its duration) ...
+            # A renewal finds late's lease lost (410 within its duration: late's
+            # lease is still the first one, of FIRST_LEASE_S, whose renewal is due
+            # after a quarter of it) ...
             assert broker.broker is not None
             lease_s = broker.broker.lease_duration
-            skew[0] = lease_s / 2
+            skew[0] = FIRST_LEASE_S / 2
             wait_until(
                 lambda: any(h["lease_lost"] for h in broker.describe()["holders"]),
                 "a renewal finds late's lease lost",

@@ -1,0 +1,1 @@
+"""Deterministic simulation of the slot broker against a model of Prefect (see simulate.py)."""

@@ -1,0 +1,122 @@
+"""``python -m slot_simulation`` (what ``hack/simulate`` runs): many seeds, a summary.
+
+hack/simulate [--seeds N] [--first S] [--json]   run seeds S .. S+N-1
+hack/simulate --seed S --trace            replay one seed, print its schedule and trace
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+
+from .schedule import draw_schedule
+from .simulate import Report, quiet_broker_logs, simulate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hack/simulate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seeds", type=int, default=1000, help="how many seeds (1000)")
+    parser.add_argument("--first", type=int, default=0, help="the first seed (0)")
+    parser.add_argument("--seed", type=int, help="replay this one seed")
+    parser.add_argument("--trace", action="store_true", help="print the replayed seed's trace")
+    parser.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    args = parser.parse_args(argv)
+    with quiet_broker_logs():
+        if args.seed is not None:
+            return replay(args.seed, args.trace)
+        return sweep(args.first, args.seeds, args.json)
+
+
+def replay(seed: int, trace: bool) -> int:
+    schedule = draw_schedule(seed)
+    report = simulate(schedule)
+    print(schedule.describe())
+    if trace:
+        print("\n".join(report.trace))
+    print(summary_line(report))
+    for violation in report.violations:
+        print(f"  VIOLATED {violation}")
+    return 0 if report.ok else 1
+
+
+def summary_line(report: Report) -> str:
+    return (f"seed {report.schedule.seed}: {'ok' if report.ok else 'FAILED'}, "
+            f"{report.requests} requests ({report.faults} faulted, {report.orphans} orphan "
+            f"lease(s){', one forgotten by a restart' if report.prefect_forgot_orphan else ''}), "
+            f"{report.grants} grants, "
+            f"{report.leases_passed} leases passed, {report.virtual_s:.0f} virtual s, "
+            f"digest {report.digest()}")  # fmt: skip
+
+
+INVARIANTS = ("within the limit", "counted", "no repossession", "no leak", "progress",
+              "no crash", "release answered")  # fmt: skip
+
+
+def sweep(first: int, count: int, as_json: bool = False) -> int:
+    started = time.perf_counter()
+    failed: dict[str, list[int]] = {}
+    totals: Counter[str] = Counter()
+    faults: Counter[str] = Counter()
+    events: Counter[str] = Counter()
+    for i, seed in enumerate(range(first, first + count), 1):
+        schedule = draw_schedule(seed)
+        report = simulate(schedule)
+        faults.update(report.fault_kinds)
+        events.update(e.kind.value for e in schedule.events)
+        totals.update(requests=report.requests, faults=report.faults, grants=report.grants,
+                      passed=report.leases_passed, virtual_s=int(report.virtual_s),
+                      orphans=report.orphans, forgot=int(report.prefect_forgot_orphan))  # fmt: skip
+        for violation in report.violations:
+            failed.setdefault(violation.invariant, []).append(seed)
+        if i % 100 == 0 or i == count:
+            elapsed = time.perf_counter() - started
+            violations = sum(len(s) for s in failed.values())
+            print(f"  {i}/{count} seeds, {elapsed:.1f} s, {violations} violation(s)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    elapsed = time.perf_counter() - started
+    if as_json:
+        print(json.dumps({
+            "seeds": [first, first + count - 1],
+            "seconds": round(elapsed, 1),
+            "virtual_hours": round(totals["virtual_s"] / 3600, 1),
+            "requests": totals["requests"],
+            "faults": dict(sorted(faults.items())),
+            "server_events": dict(sorted(events.items())),
+            "grants": totals["grants"],
+            "leases_passed": totals["passed"],
+            "orphan_leases": totals["orphans"],
+            "schedules_where_a_restart_forgot_an_orphan": totals["forgot"],
+            "violations": {k: len(failed.get(k, [])) for k in INVARIANTS},
+            "failing_seeds": {k: v[:20] for k, v in failed.items()},
+        }, indent=2))  # fmt: skip
+        return 1 if failed else 0
+    print(f"{count} schedules (seeds {first}..{first + count - 1}) in {elapsed:.1f} s: "
+          f"{totals['virtual_s'] / 3600:.1f} virtual hours, {totals['requests']} Prefect requests "
+          f"({totals['faults']} faulted), {totals['grants']} grants, "
+          f"{totals['passed']} leases passed")  # fmt: skip
+    print(
+        f"orphan leases (an increment's answer lost): {totals['orphans']}; schedules where "
+        f"a restart then forgot one (Prefect counts its slots for good): {totals['forgot']}"
+    )
+    print("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
+    print("server events: " + ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
+    print(f"{'invariant':<18} {'schedules':>9}  first seeds")
+    for invariant in INVARIANTS:
+        seeds = failed.get(invariant, [])
+        print(f"{invariant:<18} {len(seeds):>9}  {' '.join(map(str, seeds[:8]))}")
+    if failed:
+        worst = min(min(s) for s in failed.values())
+        print(f"replay: hack/simulate --seed {worst} --trace")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

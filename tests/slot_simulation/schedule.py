@@ -1,0 +1,132 @@
+"""What one simulation does, drawn from its seed: the steps, the server's events, the faults.
+
+A schedule is plain data, printed in a failure report, so that a failing seed
+says what happened before it is replayed.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+
+from prefect_gpu_workers.broker import FIRST_LEASE_S
+
+from .prefect_model import FaultRates
+
+MAX_OUTAGE_S = FIRST_LEASE_S / 4 - 1.0
+
+
+class Ending(enum.Enum):
+    """How a GPU step's connection ends."""
+
+    RELEASE = "release"  # asks for the release and waits for the answer
+    CRASH = "crash"  # the process dies holding the slot: the connection drops
+    GIVE_UP = "give up"  # stops waiting (timeout, cancellation) before its grant
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    name: str
+    arrives_at: float
+    occupy: int
+    hold_s: float
+    ending: Ending
+    patience_s: float  # GIVE_UP: how long it waits
+
+
+class EventKind(enum.Enum):
+    RESTART = "restart"  # the server is down for a while and forgets every lease
+    OUTAGE = "outage"  # the server is unreachable for a while, and keeps its leases
+    RESIZE = "resize"  # an administrator changes the limit
+    RECREATE = "recreate"  # an administrator deletes the limit and creates it again
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    at: float
+    kind: EventKind
+    value: float  # seconds down (RESTART, OUTAGE), the new limit (RESIZE), or 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    seed: int
+    capacity: int
+    lease_duration: float
+    steps: tuple[StepPlan, ...]
+    events: tuple[ServerEvent, ...]
+    faults: FaultRates
+
+    @property
+    def busy_until(self) -> float:
+        """When the last step arrives plus every step's hold: a bound on the work."""
+        last = max((s.arrives_at for s in self.steps), default=0.0)
+        return last + sum(s.hold_s for s in self.steps)
+
+    def describe(self) -> str:
+        lines = [
+            f"seed {self.seed}: limit {self.capacity}, leases of {self.lease_duration:.0f} s, "
+            f"{len(self.steps)} steps, faults {self.faults}",
+        ]
+        lines += [f"  t={e.at:7.2f} {e.kind.value} {e.value:g}" for e in self.events]
+        lines += [
+            f"  t={s.arrives_at:7.2f} {s.name} occupy={s.occupy} hold={s.hold_s:.2f} "
+            f"{s.ending.value}"
+            + (f" after {s.patience_s:.2f}" if s.ending is Ending.GIVE_UP else "")
+            for s in self.steps
+        ]
+        return "\n".join(lines)
+
+
+def draw_schedule(seed: int) -> Schedule:
+    """The schedule of ``seed``: small limits and bursts of steps, so they contend.
+
+    Outages stay shorter than a quarter of the shortest lease: a broker that
+    renews as it should never loses a live lease to the repossessor, so any
+    repossession of one is a defect, not bad luck.
+    """
+    rng = random.Random(seed)
+    capacity = rng.randint(1, 4)
+    lease_duration = rng.choice([60.0, 120.0, 300.0])
+    horizon = rng.uniform(20.0, 240.0)
+    steps = []
+    for i in range(rng.randint(2, 14)):
+        ending = rng.choices(list(Ending), weights=[6, 2, 2])[0]
+        steps.append(
+            StepPlan(
+                name=f"step-{i}",
+                arrives_at=round(rng.uniform(0.0, horizon), 3),
+                occupy=rng.choices(range(1, capacity + 1), weights=[4] + [1] * (capacity - 1))[0],
+                hold_s=round(rng.expovariate(1 / 20.0) + 0.01, 3),
+                ending=ending,
+                patience_s=round(rng.uniform(0.0, 30.0), 3),
+            )
+        )
+    events = []
+    for _ in range(rng.choice([0, 0, 1, 2, 3])):
+        kind = rng.choice(list(EventKind))
+        at = round(rng.uniform(0.0, horizon), 3)
+        if kind is EventKind.RESIZE:
+            value = float(rng.randint(1, 4))
+        elif kind is EventKind.RECREATE:
+            value = 0.0
+        else:  # shorter than a quarter of the shortest lease the broker takes
+            value = round(rng.uniform(0.5, MAX_OUTAGE_S), 3)
+        events.append(ServerEvent(at, kind, value))
+    level = rng.choice([0.0, 0.02, 0.08, 0.15])
+    faults = FaultRates(
+        refused=level / 2,
+        error_before=level / 2,
+        error_after=level,
+        lost_answer=level / 2,
+        slow=level / 2,
+    )
+    return Schedule(
+        seed,
+        capacity,
+        lease_duration,
+        tuple(sorted(steps, key=lambda s: s.arrives_at)),
+        tuple(sorted(events, key=lambda e: e.at)),
+        faults,
+    )

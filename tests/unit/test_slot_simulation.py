@@ -1,0 +1,184 @@
+"""The slot broker through simulated fault schedules (``tests/slot_simulation``).
+
+The broker itself runs, with Prefect's own client, on a virtual-time loop
+against a model of Prefect's limits and leases (its conformance to the real
+server: ``tests/integration/test_prefect_model_conformance.py``). Thousands of
+schedules: ``hack/simulate --seeds 5000``; the suite runs the first ones.
+Mutants of the broker (a defect put back on purpose) must fail here: that is
+what shows the invariants are not vacuous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from slot_simulation import loop as virtual
+from slot_simulation.schedule import draw_schedule
+from slot_simulation.simulate import Report, quiet_broker_logs, simulate
+
+from prefect_gpu_workers import broker as broker_module
+from prefect_gpu_workers.broker import SlotBroker
+from prefect_gpu_workers.grants import GrantQueue
+
+SEEDS = range(0, 120)
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    with quiet_broker_logs():
+        yield
+
+
+def sweep(seeds: range) -> dict[int, Report]:
+    return {seed: simulate(draw_schedule(seed)) for seed in seeds}
+
+
+def test_virtual_time_moves_only_when_every_task_waits() -> None:
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(300)
+        slept = loop.time() - start
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(5):
+                await asyncio.sleep(100)
+        return slept, loop.time() - start
+
+    assert virtual.run(main()) == (300.0, 305.0)
+
+
+def test_a_task_waiting_for_nothing_is_a_stall_not_a_hang() -> None:
+    async def main() -> None:
+        await asyncio.get_running_loop().create_future()  # nobody ever sets it
+
+    with pytest.raises(virtual.SimulationStalled):
+        virtual.run(main())
+
+
+def test_a_seed_replays_exactly() -> None:
+    first, again = simulate(draw_schedule(7)), simulate(draw_schedule(7))
+    assert first.trace
+    assert first.digest() == again.digest()
+    assert simulate(draw_schedule(8)).digest() != first.digest()
+
+
+def test_the_broker_keeps_its_promises_in_every_schedule() -> None:
+    reports = sweep(SEEDS)
+    failed = {seed: [str(v) for v in r.violations] for seed, r in reports.items() if not r.ok}
+    assert not failed, f"replay with hack/simulate --seed N --trace: {failed}"
+    # Not vacuous: the schedules did inject faults, restarts and contention.
+    assert sum(r.faults for r in reports.values()) > 1000
+    assert sum(r.grants for r in reports.values()) > 500
+    assert sum(r.leases_passed for r in reports.values()) > 50
+    assert sum(r.orphans for r in reports.values()) > 0
+
+
+# Seeds that found a defect (issue 21), kept as plain tests. Each names its
+# schedule's digest: if draw_schedule changes, the seed would test something
+# else, so the test says so instead of passing quietly (pin the old schedule).
+FOUND_DEFECTS = {
+    89: ("cc3bee3a3222", "after a limit was recreated the old leases stayed in Prefect"),
+    158: ("9b8ee57c3596", "a step's first request during a restart failed after 9 s, logged as "
+          "a broker error (and the limit lock was held across the read)"),
+    192: ("5f6b72ccd112", "after a shrink a lease was passed to a head that could not be "
+          "granted: the worker's GPU stopped for good"),
+    562: ("410faa9d9051", "a 503 to a hand decrement (Prefect's busy database: nothing "
+          "applied) was taken as 'may have landed' and never sent again: a slot counted for good"),
+    232: ("d51d472921ec", "a lost holder re-counted after a recreate was decremented by hand, "
+          "and its new lease expired: the count went one under"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", sorted(FOUND_DEFECTS))
+def test_a_seed_that_found_a_defect_stays_fixed(seed: int) -> None:
+    digest, defect = FOUND_DEFECTS[seed]
+    schedule = draw_schedule(seed)
+    assert hashlib.sha256(schedule.describe().encode()).hexdigest()[:12] == digest, (
+        "draw_schedule changed: pin this seed's old schedule as data"
+    )
+    report = simulate(schedule)
+    assert report.ok, f"{defect}: {[str(v) for v in report.violations]}"
+
+
+# Mutants: each puts a defect back; some early seed must catch it. ---------------
+
+
+def _first_failing(
+    invariant: str, seeds: range = range(0, 60), **broker_options: Any
+) -> int | None:
+    for seed in seeds:
+        report = simulate(draw_schedule(seed), **broker_options)
+        if any(v.invariant == invariant for v in report.violations):
+            return seed
+    return None
+
+
+def _patch(monkeypatch: pytest.MonkeyPatch, name: str, make: Callable[[Any], Any]) -> None:
+    monkeypatch.setattr(SlotBroker, name, make(getattr(SlotBroker, name)))
+
+
+def test_a_broker_that_never_renews_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_renewals(self: SlotBroker) -> None:
+        return None
+
+    monkeypatch.setattr(SlotBroker, "_renew_leases", no_renewals)
+    assert _first_failing("no repossession") is not None
+
+
+def test_a_broker_that_forgets_to_give_back_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def forget(self: SlotBroker, holder: Any, retry: bool) -> None:
+        holder.lease = None
+
+    monkeypatch.setattr(SlotBroker, "_give_back", forget)
+    assert _first_failing("no leak") is not None
+
+
+def test_a_broker_that_decrements_twice_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 1 put back: every give-back also decrements by hand."""
+
+    def make(original: Any) -> Any:
+        async def release_then_decrement(
+            self: SlotBroker, holder: Any, lease: Any, now: float
+        ) -> Any:
+            action = await original(self, holder, lease, now)
+            await self.prefect.decrement(holder.limit, holder.occupy, 1.0)
+            return action
+
+        return release_then_decrement
+
+    _patch(monkeypatch, "_release_once", make)
+    assert _first_failing("counted") is not None
+
+
+def test_an_heir_that_cannot_be_granted_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 5 put back (``GrantQueue.heir`` before seed 192): after a shrink a
+    lease parks on a head that cannot be granted, and the worker's GPU stops."""
+
+    def old_heir(self: GrantQueue, ticket: int) -> int | None:
+        held = self._held.get(ticket)
+        if held is None or not self._waiting:
+            return None
+        head, occupy = next(iter(self._waiting.items()))
+        if occupy != held or occupy > self.free_slots + held:
+            return None
+        return head
+
+    monkeypatch.setattr(GrantQueue, "heir", old_heir)
+    assert _first_failing("progress", range(192, 193)) == 192
+
+
+def test_one_lost_answer_does_not_hold_the_upkeep_for_a_minute() -> None:
+    """With Prefect's client timeout (60 s) one lost answer to a limit read holds
+    every renewal behind it a minute: first leases (60 s) expire under live steps."""
+    assert _first_failing("no repossession", range(0, 120), request_timeout_s=60.0) is not None
+
+
+def test_the_first_lease_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defect 4: with five-minute first leases, an orphan (its increment's answer
+    lost) holds its slots five minutes; the simulation bounds it at one."""
+    monkeypatch.setattr(broker_module, "FIRST_LEASE_S", 300.0)
+    assert _first_failing("no repossession", range(0, 120)) is not None
