@@ -107,6 +107,10 @@ def transient(exc: BaseException) -> bool:
     )
 
 
+class BrokerBusy(Exception):
+    """The broker serves :data:`MAX_CONNECTIONS` connections already."""
+
+
 class LimitUnusable(Exception):
     """The Prefect limit cannot gate a step (missing, inactive, too small)."""
 
@@ -180,7 +184,6 @@ class PrefectSlots:
 
         The lease is taken for :data:`FIRST_LEASE_S` (or the broker's duration,
         when shorter); renewals extend it to the broker's duration.
-
 
         Raises:
             LimitUnusable: the limit does not exist or cannot hold ``occupy``.
@@ -513,19 +516,12 @@ class SlotBroker:
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
-        if len(self._connections) >= MAX_CONNECTIONS:
-            # Each connection holds a descriptor; the broker's own Prefect calls
-            # (its renewals among them) need some too.
-            with contextlib.suppress(ConnectionError):
-                message = f"the broker serves {MAX_CONNECTIONS} connections at most"
-                writer.write(encode({"event": "error", "kind": "busy", "message": message}))
-                await writer.drain()
-            writer.close()
-            if handler is not None:
-                self._handlers.discard(handler)
-            return
-        self._connections.add(writer)
         try:
+            if len(self._connections) >= MAX_CONNECTIONS:
+                # Each connection holds a descriptor; the broker's own Prefect calls
+                # (its renewals among them) need some too.
+                raise BrokerBusy(f"the broker serves {MAX_CONNECTIONS} connections at most")
+            self._connections.add(writer)
             try:
                 async with asyncio.timeout(FIRST_MESSAGE_S):
                     line = await reader.readline()
@@ -542,7 +538,9 @@ class SlotBroker:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         except Exception as exc:
-            if isinstance(exc, LimitUnusable | Unserviceable):
+            if isinstance(exc, BrokerBusy):
+                kind = "busy"
+            elif isinstance(exc, LimitUnusable | Unserviceable):
                 kind = "limit_unusable"
             elif isinstance(exc, ValueError):
                 kind = "bad_request"
