@@ -10,13 +10,17 @@ not pay for it unless a test needs it.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
+    from worker_harness import DrainingWorker
+
     from prefect_gpu_workers.server import LocalPrefectServer
 
 TESTS = Path(__file__).resolve().parent
@@ -59,3 +63,65 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPr
 @pytest.fixture
 def repo_root() -> Path:
     return TESTS.parent
+
+
+@pytest.fixture
+def start_worker(
+    prefect_server: LocalPrefectServer, tmp_path: Path
+) -> Iterator[Callable[..., DrainingWorker]]:
+    """Start worker entrypoints (``python -m prefect_gpu_workers worker``) in child
+    processes, each with its own pool, limit and deployment; all stopped after the test."""
+    from broker_harness import unique_worker, wait_until
+    from prefect.client.orchestration import get_client
+    from worker_harness import DrainingWorker
+
+    from prefect_gpu_workers.local.prefect_ops import (
+        deploy_for_local_workers,
+        ensure_gpu_limit,
+        ensure_process_pool,
+    )
+    from prefect_gpu_workers.naming import WORKER_ID_ENV
+    from prefect_gpu_workers.server import stop_process_group
+
+    started: list[DrainingWorker] = []
+
+    def start(
+        drain_s: float,
+        flow_runs: int = 2,
+        like: DrainingWorker | None = None,
+        api_url: str | None = None,
+    ) -> DrainingWorker:
+        """A new worker, or (``like``) the next worker of that one's name, pool and limit;
+        ``api_url``: the Prefect API it talks to (a proxy in front of the server)."""
+        worker = like.worker if like else unique_worker()
+        pool, limit = f"drain-{worker}", f"gpu:{worker}"
+        if like is None:
+            with get_client(sync_client=True) as client:
+                ensure_process_pool(client, pool)
+                ensure_gpu_limit(client, limit, 2)
+            deployment_id = deploy_for_local_workers(pool, f"pipeline-{worker}")
+        else:
+            deployment_id = like.deployment_id
+        log_path = tmp_path / f"{worker}-{len(started)}.log"
+        env = {
+            **os.environ,
+            **prefect_server.env(),
+            WORKER_ID_ENV: worker,
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        }
+        if api_url is not None:
+            env["PREFECT_API_URL"] = api_url
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect_gpu_workers", "worker", "--pool", pool,
+                 "--flow-runs", str(flow_runs), "--drain-seconds", str(drain_s)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        handle = DrainingWorker(worker, limit, deployment_id, proc, log_path)
+        started.append(handle)
+        wait_until(lambda: "slot broker for" in handle.log(), "the worker is up", 180)
+        return handle
+
+    yield start
+    for handle in started:
+        stop_process_group(handle.proc, grace_s=30)

@@ -51,6 +51,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,10 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 from prefect_gpu_workers.grants import (
     GrantQueue,
     LeaseState,
+    Refusal,
     ReleaseAction,
     Unserviceable,
+    admission,
     classify_gone_lease,
     decode,
     encode,
@@ -76,7 +79,8 @@ from prefect_gpu_workers.grants import (
     release_action,
 )
 from prefect_gpu_workers.metrics import Histogram, render
-from prefect_gpu_workers.naming import parse_limit_name
+from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, parse_limit_name
+from prefect_gpu_workers.procfs import env_value
 
 logger = logging.getLogger("prefect_gpu_workers.broker")
 
@@ -115,6 +119,14 @@ class LimitUnusable(Exception):
     """The Prefect limit cannot gate a step (missing, inactive, too small)."""
 
 
+class Refused(Exception):
+    """The request may not queue here (:func:`grants.admission`)."""
+
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
 @dataclass(frozen=True)
 class LimitInfo:
     id: UUID
@@ -148,6 +160,14 @@ def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
     except OSError:
         return None
     return int(pid)
+
+
+def _holder_is_run(holder: ConcurrencyLeaseHolder | None, run_id: str) -> bool:
+    """Whether a step's own lease label may stand: its task run (a label only, which
+    the broker cannot check), or its flow run itself."""
+    if holder is None:
+        return False
+    return holder.type == "task_run" or str(holder.id) == run_id
 
 
 class PrefectSlots:
@@ -264,6 +284,7 @@ class Holder:
     sent: ReleaseAction | None = None
     announced: bool = False  # the step was told it holds the slot
     pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
+    run_id: str | None = None  # that process's flow run (its PREFECT__FLOW_RUN_ID)
 
     def take_lease(self, lease: Lease, renewed_at: float) -> None:
         """Hold ``lease`` from now on: what was known of the one before goes with it
@@ -354,6 +375,9 @@ class SlotBroker:
         # Called after each grant round (a GPU queue may have shrunk): the worker
         # hosting this broker reopens its intake then, not at its next poll.
         self.on_dispatch: Callable[[], None] | None = None
+        # The flow runs the hosting worker executes: only their processes are
+        # served (grants.admission). None: a broker alone serves any process.
+        self.runs_in_flight: Callable[[], AbstractSet[str]] | None = None
 
     # -- life cycle -------------------------------------------------------------
     async def start(self, listen: bool = True) -> SlotBroker:
@@ -384,8 +408,8 @@ class SlotBroker:
         logger.info("slot broker for %s listening on %s", self.worker_id, self.socket_path)
         return self
 
-    async def close(self) -> None:
-        """Stop serving and drop every connection.
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop serving and drop every connection; wait up to ``timeout_s`` for their handlers.
 
         Waiting steps see the connection close and fall back to polling Prefect.
         Steps that hold a slot keep their lease: giving it back while they run
@@ -398,12 +422,14 @@ class SlotBroker:
             self._server = None
         for writer in list(self._connections):
             writer.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         if self._handlers:
-            await asyncio.wait(set(self._handlers), timeout=10)
+            await asyncio.wait(set(self._handlers), timeout=timeout_s)
         if self._upkeep is not None:
             self._upkeep.cancel()
         if self._background:  # give-backs in flight finish, unless the server is away
-            await asyncio.wait(set(self._background), timeout=10)
+            await asyncio.wait(set(self._background), timeout=max(deadline - loop.time(), 0.1))
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -540,6 +566,8 @@ class SlotBroker:
         except Exception as exc:
             if isinstance(exc, BrokerBusy):
                 kind = "busy"
+            elif isinstance(exc, Refused):
+                kind = exc.refusal.value
             elif isinstance(exc, LimitUnusable | Unserviceable):
                 kind = "limit_unusable"
             elif isinstance(exc, ValueError):
@@ -608,9 +636,16 @@ class SlotBroker:
             # does not know leaves it unlabelled rather than refusing the step.
             with contextlib.suppress(ValueError):
                 holder_info = ConcurrencyLeaseHolder.model_validate(acquire.holder)
+        pid = _peer_pid(writer)
+        run_id = env_value(pid, FLOW_RUN_ID_ENV) if pid is not None else None
+        self._admit(pid, run_id, slots, occupy)
+        if run_id is not None and not _holder_is_run(holder_info, run_id):
+            # A flow run's lease is labelled with that run, not what its step says.
+            with contextlib.suppress(ValueError):
+                holder_info = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id))
         slots.queue.request(ticket, occupy)
         holder = Holder(ticket, slots.name, occupy, holder_info, self.clock())
-        holder.pid = _peer_pid(writer)
+        holder.pid, holder.run_id = pid, run_id
         self._holders[ticket] = holder
         # Anything the client sends or its disconnection ends the wait or the grant.
         client_done = asyncio.ensure_future(reader.readline())
@@ -656,6 +691,29 @@ class SlotBroker:
                 client_done.cancel()
             if ticket in self._holders:
                 await self._finish(holder, slots)
+
+    def _admit(self, pid: int | None, run_id: str | None, slots: LimitSlots, occupy: int) -> None:
+        """Raise :class:`Refused` unless the process may queue (:func:`grants.admission`)."""
+        runs = self.runs_in_flight() if self.runs_in_flight is not None else None
+        run_slots = sum(
+            held.occupy
+            for held in self._holders.values()
+            if held.run_id == run_id and held.limit == slots.name
+        )
+        refusal = admission(run_id, runs, run_slots, occupy, slots.queue.capacity)
+        if refusal is Refusal.STRANGER:
+            raise Refused(
+                refusal,
+                f"process {pid} is not a flow run that worker {self.worker_id} executes "
+                f"({FLOW_RUN_ID_ENV}={run_id}); GPU steps of other processes wait at "
+                "Prefect's limit",
+            )
+        if refusal is Refusal.RUN_CAP:
+            raise Refused(
+                refusal,
+                f"flow run {run_id} holds or waits for {run_slots} of {slots.name}'s "
+                f"{slots.queue.capacity} slots already; {occupy} more would exceed them",
+            )
 
     async def _acquire(self, holder: Holder, slots: LimitSlots) -> None:
         if holder.lease is not None:  # passed on by the step before it (_pass_lease)

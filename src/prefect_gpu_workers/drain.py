@@ -34,6 +34,9 @@ DEFAULT_DRAIN_S = 60.0
 FINAL_STATE_TYPES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 # Runs in these states have not started their flow: always safe to run again.
 NOT_STARTED_STATE_TYPES = frozenset({"SCHEDULED", "PENDING"})
+# Prefect's label on a flow run naming the worker that last claimed it (every
+# worker sets it as it submits a run).
+WORKER_NAME_LABEL = "prefect.worker.name"
 
 
 class RunOutcome(StrEnum):
@@ -44,6 +47,7 @@ class RunOutcome(StrEnum):
     RESCHEDULE = "reschedule"  # stopped, and Scheduled again for another worker
     CANCEL = "cancel"  # stopped while Cancelling: Cancelled, as asked
     CRASH = "crash"  # stopped, and Crashed with the reason
+    MOVED = "moved"  # left behind, but claimed since by another worker or back in the queue
 
 
 def wants_reschedule(job_env: Mapping[str, Any] | None, worker_env: Mapping[str, str]) -> bool:
@@ -85,6 +89,35 @@ def run_outcome(state_type: str | None, deadline_passed: bool, reschedule: bool)
     return RunOutcome.CRASH
 
 
+def left_behind_outcome(
+    state_type: str | None, claimed_by: str | None, worker_name: str, reschedule: bool
+) -> RunOutcome:
+    """What the next worker of ``worker_name`` does with a run an earlier one left in flight.
+
+    Only a run that is still this name's is settled: one claimed since by
+    another worker (Prefect's :data:`WORKER_NAME_LABEL` says whose it is), or
+    Scheduled again and waiting in the queue, belongs to someone else now and
+    is left alone. The rest are settled as a drain past its deadline would.
+
+    Args:
+        state_type: the run's Prefect state type now.
+        claimed_by: the run's :data:`WORKER_NAME_LABEL`, if it has one.
+        worker_name: the settling worker's name.
+        reschedule: whether the run allows a reschedule (:func:`wants_reschedule`).
+
+    Example:
+        >>> left_behind_outcome("RUNNING", "w1", "w1", False).value
+        'crash'
+        >>> left_behind_outcome("RUNNING", "w2", "w1", False).value
+        'moved'
+    """
+    if claimed_by is not None and claimed_by != worker_name:
+        return RunOutcome.MOVED
+    if (state_type or "").upper() == "SCHEDULED":
+        return RunOutcome.MOVED
+    return run_outcome(state_type, True, reschedule)
+
+
 def crash_message(worker_id: str, drain_s: float) -> str:
     """The Crashed state's message for a run the drain stopped."""
     return (
@@ -95,10 +128,10 @@ def crash_message(worker_id: str, drain_s: float) -> str:
 
 
 def left_behind_message(worker_id: str) -> str:
-    """The message for a run an earlier worker of this name left when it died."""
+    """The message for a run an earlier worker of this name left unsettled when it ended."""
     return (
-        f"worker {worker_id} ended without draining (killed, or its container restarted) "
-        "while this flow run was in flight; its process is gone"
+        f"worker {worker_id} ended without settling this flow run (killed, its container "
+        "restarted, or Prefect unreachable while it drained); its process is gone"
     )
 
 
@@ -107,10 +140,14 @@ class DrainReport:
     """What a drain did, by outcome (flow run ids as strings)."""
 
     waited_s: float = 0.0
+    # Of that, the time spent stopping runs after the wait ended (the margin's share).
+    stopping_s: float = 0.0
     finished: list[str] = field(default_factory=list)
     rescheduled: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     crashed: list[str] = field(default_factory=list)
+    # Left behind by an earlier worker, but another's now: left alone.
+    moved: list[str] = field(default_factory=list)
     # Stopped, but Prefect could not be told (unreachable): the server's own
     # heartbeat checks are then what ends them.
     unset: list[str] = field(default_factory=list)
@@ -122,6 +159,7 @@ class DrainReport:
             RunOutcome.RESCHEDULE: self.rescheduled,
             RunOutcome.CANCEL: self.cancelled,
             RunOutcome.CRASH: self.crashed,
+            RunOutcome.MOVED: self.moved,
         }.get(outcome)
         if bucket is not None:
             bucket.append(run_id)
@@ -138,6 +176,8 @@ class DrainReport:
             f"{len(self.rescheduled)} rescheduled, {len(self.cancelled)} cancelled, "
             f"{len(self.crashed)} crashed"
         )
+        if self.moved:
+            line += f", {len(self.moved)} claimed by another worker since (left alone)"
         if self.unset:
             line += f", {len(self.unset)} not set (Prefect unreachable)"
         return line

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -217,6 +218,51 @@ def intake_open(capacity: int, waiting_slots: int) -> bool:
     return waiting_slots < capacity
 
 
+class Refusal(Enum):
+    """Why the broker turns a step's request away before it queues."""
+
+    STRANGER = "stranger"  # not a process of a flow run this worker executes
+    RUN_CAP = "run_cap"  # its flow run holds or waits for the limit's every slot already
+
+
+def admission(
+    peer_run: str | None,
+    runs_in_flight: AbstractSet[str] | None,
+    run_slots: int,
+    occupy: int,
+    capacity: int,
+) -> Refusal | None:
+    """Whether a step's request may queue at the broker; the refusal if not.
+
+    The broker's socket is its worker user's; any process of that user can
+    reach it. When the worker says which flow runs it executes
+    (``runs_in_flight``), only their processes (and their children, which
+    inherit the run's id) are served. A run may hold and wait for at most the
+    limit's capacity at once, however many connections it opens: more would
+    only keep other runs' steps waiting.
+
+    Args:
+        peer_run: the requesting process's flow-run id (``None``: it has none).
+        runs_in_flight: the worker's runs; ``None``: no check (a broker alone).
+        run_slots: slots that run holds and waits for at this limit already.
+        occupy: slots asked for now.
+        capacity: the limit's slots.
+
+    Example:
+        >>> admission("r1", {"r1"}, 0, 1, 2) is None
+        True
+        >>> admission("r9", {"r1"}, 0, 1, 2).value
+        'stranger'
+        >>> admission("r1", {"r1"}, 2, 1, 2).value
+        'run_cap'
+    """
+    if runs_in_flight is not None and (peer_run is None or peer_run not in runs_in_flight):
+        return Refusal.STRANGER
+    if peer_run is not None and run_slots + occupy > capacity:
+        return Refusal.RUN_CAP
+    return None
+
+
 # Wire format: one JSON object per line, UTF-8, over a Unix stream socket.
 # client -> broker: {"op": "acquire", "limit": NAME, "occupy": N, "holder": {...} | null}
 #                   {"op": "release"}
@@ -224,6 +270,8 @@ def intake_open(capacity: int, waiting_slots: int) -> bool:
 # broker -> client: {"event": "granted", "lease_id": ID, "waited_s": S}
 #                   {"event": "released"}
 #                   {"event": "error", "kind": KIND, "message": TEXT}
+#   KIND: bad_request, limit_unusable, busy (connection cap), broker (its own
+#   failure), or a Refusal's value (stranger, run_cap)
 #                   {"event": "stats", ...}
 # The connection's lifetime is the grant's: closing it (or dying) releases.
 MAX_MESSAGE_BYTES = 4096

@@ -26,6 +26,8 @@ DEFAULT_LIMIT_PREFIX = "gpu"
 # The Unix socket of the worker's slot broker; the worker entrypoint sets it, and
 # its flow runs (child processes) inherit it as they inherit WORKER_ID.
 SLOT_BROKER_ENV = "PGW_SLOT_BROKER"
+# Prefect's process worker gives each flow-run process the run's id here.
+FLOW_RUN_ID_ENV = "PREFECT__FLOW_RUN_ID"
 
 # Pod names are RFC 1123 DNS subdomains; local worker ids follow the same rule
 # so that one name works in both worlds.

@@ -34,8 +34,9 @@ def _pids_where(test: Callable[[Path], bool]) -> list[int]:
     return sorted(found)
 
 
-def pids_with_env(name: str, value: str) -> list[int]:
-    """Pids of live processes (not this one) whose environment has ``name=value``.
+def pids_with_env(name: str, value: str, **also: str) -> list[int]:
+    """Pids of live processes (not this one) whose environment has ``name=value``
+    (and each ``also`` entry as well).
 
     A process that is just starting shows an empty environment for an instant
     (its parent's ``exec`` has returned, its new stack is not set up yet): it
@@ -44,13 +45,32 @@ def pids_with_env(name: str, value: str) -> list[int]:
     Args:
         name: the variable, e.g. ``PREFECT__FLOW_RUN_ID``.
         value: its exact value.
+        also: more variables the process must have, with these exact values
+            (``WORKER_ID="w1"``: only the flow-run processes of worker w1).
 
     Example:
         >>> pids_with_env("PGW_NO_SUCH_VARIABLE", "x")
         []
     """
-    needle = f"{name}={value}".encode()
-    return _pids_where(lambda entry: needle in (entry / "environ").read_bytes().split(b"\0"))
+    needles = {f"{key}={wanted}".encode() for key, wanted in {name: value, **also}.items()}
+    return _pids_where(lambda entry: needles <= set((entry / "environ").read_bytes().split(b"\0")))
+
+
+def env_value(pid: int, name: str) -> str | None:
+    """The value of ``name`` in process ``pid``'s environment (as it started); ``None``
+    when it has none, or the process is gone or not ours to read.
+
+    Example:
+        >>> env_value(os.getpid(), "PGW_NO_SUCH_VARIABLE") is None
+        True
+    """
+    prefix = f"{name}=".encode()
+    try:
+        entries = (PROC / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    found = next((entry[len(prefix) :] for entry in entries if entry.startswith(prefix)), None)
+    return found.decode(errors="replace") if found is not None else None
 
 
 def pids_in_directory(directory: Path) -> list[int]:
@@ -61,3 +81,24 @@ def pids_in_directory(directory: Path) -> list[int]:
     """
     target = str(directory.resolve())
     return _pids_where(lambda entry: os.readlink(entry / "cwd") == target)
+
+
+def owner_token(pid: int | None = None) -> str:
+    """``<pid>:<start time>`` of a process: unlike a pid, never reused for another process.
+
+    Raises:
+        OSError: no such process (or ``/proc`` is missing).
+    """
+    pid = os.getpid() if pid is None else pid
+    stat = (PROC / str(pid) / "stat").read_text()
+    # Field 22 (start time); the command name before it may contain spaces.
+    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def owner_alive(token: str) -> bool:
+    """Whether the process that ``token`` (:func:`owner_token`) names is still running."""
+    pid, _, _start = token.partition(":")
+    try:
+        return pid.isdigit() and owner_token(int(pid)) == token
+    except OSError:
+        return False

@@ -34,33 +34,53 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
+from prefect_gpu_workers.commands import DRAIN_MARGIN_S
 from prefect_gpu_workers.drain import (
     DEFAULT_DRAIN_S,
+    WORKER_NAME_LABEL,
     DrainReport,
     RunOutcome,
     crash_message,
     left_behind_message,
+    left_behind_outcome,
     run_outcome,
     wants_reschedule,
 )
-from prefect_gpu_workers.journal import InFlightJournal
+from prefect_gpu_workers.journal import InFlightJournal, LeftBehind
 from prefect_gpu_workers.limits import (
     GpuLimitUnavailable,
     GpuSlotRequest,
     read_limit,
 )
-from prefect_gpu_workers.naming import SLOT_BROKER_ENV, worker_id_from_env
+from prefect_gpu_workers.naming import (
+    FLOW_RUN_ID_ENV,
+    SLOT_BROKER_ENV,
+    WORKER_ID_ENV,
+    worker_id_from_env,
+)
 from prefect_gpu_workers.procfs import pids_with_env
 
 IntakeMode = Literal["gpu-queue", "flow-runs"]
-# Prefect's process worker gives each flow-run process the run's id here.
-FLOW_RUN_ID_ENV = "PREFECT__FLOW_RUN_ID"
 # A drain call to Prefect gives up after this: the grace period's end is a kill.
 API_CALL_TIMEOUT_S = 5.0
+# After the drain's deadline, stopping the runs (the Prefect worker, their
+# processes, their states, the broker's give-backs) fits in this much of the
+# grace period's margin, leaving the rest for closing and exiting.
+STOP_BUDGET_S = DRAIN_MARGIN_S - 5.0
+# The end of the margin: the process exits (the event loop and Python's own
+# teardown) in this much.
+EXIT_S = 2.0
+# Prefect's worker cancelled: its teardown gets this long.
+WORKER_STOP_S = 2.0
+# Pauses between tries of a submission's first write after a transient error.
+SUBMIT_RETRY_S = (1.0, 2.0, 4.0)
+# Pauses between tries to settle what an earlier worker of this name left, before
+# this one takes runs (then the journal files wait for the next start).
+SETTLE_RETRY_S = (2.0, 4.0)
 
 
 def wait_for_limit(
@@ -92,6 +112,25 @@ def wait_for_limit(
         time.sleep(poll_s)
 
 
+def submission_transient(exc: BaseException) -> bool:
+    """An error that may pass if the submission is tried again later.
+
+    The broker's transient API errors (no answer, 5xx, 429), and what a
+    network glitch does to the events websocket Prefect's process worker opens
+    before it starts a run: a refused or reset connection, a timeout, a
+    handshake a gateway garbled or answered with a 5xx. Never a process that
+    cannot start (a missing command is an ``OSError`` too, but no
+    ``ConnectionError``).
+    """
+    from websockets.exceptions import InvalidMessage, InvalidStatus
+
+    from prefect_gpu_workers.broker import transient
+
+    if transient(exc) or isinstance(exc, ConnectionError | TimeoutError | InvalidMessage):
+        return True
+    return isinstance(exc, InvalidStatus) and exc.response.status_code >= 500
+
+
 def _process_worker_class() -> type[Any]:
     """A Prefect ``ProcessWorker`` that drains, and whose intake follows its broker's GPU queue."""
     from prefect.workers.process import ProcessWorker
@@ -116,6 +155,9 @@ def _process_worker_class() -> type[Any]:
             self.draining = False
             # Flow runs this worker has taken and not yet seen end.
             self.in_flight: dict[Any, Any] = {}
+            # Runs the drain stopped and has not yet set a state for: they stay
+            # in the journal after Prefect's worker lets go of them.
+            self._kept: set[Any] = set()
             # Set when a poll left runs to others because the GPU queue was full:
             # the broker's next grant round then polls at once (see _intake_changed).
             self._intake_closed = False
@@ -164,8 +206,65 @@ def _process_worker_class() -> type[Any]:
             runs: list[Any] = await super()._submit_scheduled_flow_runs(flow_run_response)
             if runs:
                 self.in_flight.update((run.id, run) for run in runs)
-                self.journal.record(self.in_flight)
+                self._record()
             return runs
+
+        def _record(self) -> None:
+            self.journal.record(set(self.in_flight) | self._kept)
+
+        def keep_recorded(self, run_ids: Iterable[Any]) -> None:
+            """Keep ``run_ids`` in the journal until :meth:`forget_recorded` (drain)."""
+            self._kept.update(run_ids)
+            self._record()
+
+        def forget_recorded(self, run_id: Any) -> None:
+            """The drain has set this run's state: the next worker need not."""
+            self._kept.discard(run_id)
+            self._record()
+
+        async def _give_worker_labels_to_flow_run(self, flow_run_id: Any) -> None:
+            # The first write of a submission: a busy server (SQLite locked, a
+            # restart) fails it often, and Prefect's client retries no 500.
+            label = super()._give_worker_labels_to_flow_run
+            for pause_s in (*SUBMIT_RETRY_S, None):
+                try:
+                    await label(flow_run_id)
+                    return
+                except Exception as exc:
+                    if pause_s is None or self.draining or not submission_transient(exc):
+                        raise
+                    self._logger.info(
+                        "labelling flow run %s failed (%s); trying again in %.0f s",
+                        flow_run_id,
+                        exc,
+                        pause_s,
+                    )
+                    await asyncio.sleep(pause_s)
+
+        async def _propose_crashed_state(
+            self, flow_run: Any, message: str, client: Any = None
+        ) -> None:
+            # Prefect calls this while it handles the error that stopped a
+            # submission. A run whose submission met a transient API error never
+            # started: it goes back in the queue rather than being Crashed.
+            error = sys.exc_info()[1]
+            if error is None or not submission_transient(error):
+                await super()._propose_crashed_state(flow_run, message, client)
+                return
+            from prefect.states import Scheduled
+
+            why = f"{self.name} could not submit it (Prefect API: {error}); scheduled again"
+            api: Any = client or self.client
+            try:
+                setting = api.set_flow_run_state(
+                    flow_run.id, Scheduled(name="Rescheduled", message=why), force=True
+                )
+                await asyncio.wait_for(setting, API_CALL_TIMEOUT_S)
+                self._logger.warning("flow run %s: %s", flow_run.id, why)
+            except Exception as exc:  # the server's own checks end it, as Prefect's would
+                self._logger.error(
+                    "flow run %s: could not schedule it again after %s: %s", flow_run.id, error, exc
+                )
 
         def _release_limit_slot(self, flow_run_id: Any) -> None:
             # Prefect frees a run's place here when its process has ended (or it
@@ -174,7 +273,7 @@ def _process_worker_class() -> type[Any]:
             # take one of this worker's flow-run places for good.
             try:
                 if self.in_flight.pop(flow_run_id, None) is not None:
-                    self.journal.record(self.in_flight)
+                    self._record()
             finally:
                 super()._release_limit_slot(flow_run_id)
 
@@ -193,11 +292,15 @@ async def _read_states(client: Any, run_ids: list[Any]) -> dict[Any, Any]:
     return {run.id: run for run in runs}
 
 
-def _kill_flow_run_processes(run_ids: list[Any]) -> list[int]:
-    """SIGKILL what is left of these runs' processes (and their process groups)."""
+def _kill_flow_run_processes(run_ids: list[Any], worker_name: str) -> list[int]:
+    """SIGKILL what is left of these runs' processes (and their process groups).
+
+    Only the processes of ``worker_name``'s runs (their ``WORKER_ID``): a run
+    claimed again by another worker on this host runs under that worker's name.
+    """
     killed: list[int] = []
     for run_id in run_ids:
-        for pid in pids_with_env(FLOW_RUN_ID_ENV, str(run_id)):
+        for pid in pids_with_env(FLOW_RUN_ID_ENV, str(run_id), **{WORKER_ID_ENV: worker_name}):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if os.getpgid(pid) == pid and pid != os.getpgid(0):
                     os.killpg(pid, signal.SIGKILL)
@@ -207,54 +310,84 @@ def _kill_flow_run_processes(run_ids: list[Any]) -> list[int]:
     return killed
 
 
-async def settle_left_behind(worker: Any, report: Callable[[str], None]) -> DrainReport:
-    """End the runs an earlier worker of this name left in flight when it died.
-
-    A run listed in ``worker.journal`` that Prefect still shows Pending,
-    Running or Cancelling is settled as a drain past its deadline settles it
-    (Scheduled again, Cancelled or Crashed), never left Running. In a pod its
-    process died with the container; in local mode it may still run, cut off
-    from the dead worker that carried its output (it would stall at its next
-    log line), so what is left of it is stopped first. Prefect unreachable: the
-    journal is kept for the next start.
-    """
+async def _settle_entry(client: Any, worker: Any, entry: LeftBehind, result: DrainReport) -> None:
+    """Settle the runs of one left-behind journal file (:func:`drain.left_behind_outcome`)."""
     from uuid import UUID
 
-    from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Crashed, Scheduled
 
+    read = _read_states(client, [UUID(run_id) for run_id in entry.run_ids])
+    runs = await asyncio.wait_for(read, API_CALL_TIMEOUT_S)
+    for run_id, run in runs.items():
+        state_type = run.state_type.value if run.state_type else None
+        labels = getattr(run, "labels", None) or {}
+        claimed_by = labels.get(WORKER_NAME_LABEL)
+        reschedule = wants_reschedule(run.job_variables.get("env"), os.environ)
+        outcome = left_behind_outcome(state_type, claimed_by, worker.name, reschedule)
+        if outcome in (RunOutcome.RESCHEDULE, RunOutcome.CANCEL, RunOutcome.CRASH):
+            _kill_flow_run_processes([run_id], worker.name)
+            why = left_behind_message(worker.name)
+            state: Any = {
+                RunOutcome.RESCHEDULE: Scheduled(name="Rescheduled", message=why),
+                RunOutcome.CANCEL: Cancelled(message=why),
+                RunOutcome.CRASH: Crashed(message=why),
+            }[outcome]
+            setting = client.set_flow_run_state(run_id, state, force=True)
+            await asyncio.wait_for(setting, API_CALL_TIMEOUT_S)
+        result.add(outcome, str(run_id))
+
+
+async def settle_left_behind(
+    worker: Any, report: Callable[[str], None], retry_s: tuple[float, ...] = SETTLE_RETRY_S
+) -> DrainReport:
+    """End the runs earlier workers of this name left in flight when they died.
+
+    Each left-behind journal file (:meth:`InFlightJournal.left_behind`) is
+    settled as a drain past its deadline settles its runs (Scheduled again,
+    Cancelled or Crashed, never left Running), runs claimed since by another
+    worker excepted. In a pod a run's process died with the container; in
+    local mode it may still run, cut off from the dead worker that carried its
+    output (it would stall at its next log line), so what is left of it is
+    stopped first. A file is dropped once its runs are settled; with Prefect
+    away it is tried again after each of ``retry_s``, then kept for the next
+    start (this worker's own journal is another file: it never overwrites it).
+    """
+    from prefect.client.orchestration import get_client
+
     result = DrainReport()
-    recorded = worker.journal.read()
-    if not recorded:
-        return result
-    try:
-        async with get_client() as client:
-            runs = await _read_states(client, [UUID(run_id) for run_id in recorded])
-            for run_id, run in runs.items():
-                state_type = run.state_type.value if run.state_type else None
-                if run_outcome(state_type, False, False) is RunOutcome.FINISHED:
-                    continue
-                _kill_flow_run_processes([run_id])
-                reschedule = wants_reschedule(run.job_variables.get("env"), os.environ)
-                outcome = run_outcome(state_type, True, reschedule)
-                why = left_behind_message(worker.name)
-                state: Any = {
-                    RunOutcome.RESCHEDULE: Scheduled(name="Rescheduled", message=why),
-                    RunOutcome.CANCEL: Cancelled(message=why),
-                    RunOutcome.CRASH: Crashed(message=why),
-                }.get(outcome)
-                if state is not None:
-                    await client.set_flow_run_state(run_id, state, force=True)
-                result.add(outcome, str(run_id))
-    except Exception as exc:  # the next start tries again
-        report(f"could not settle the flow runs an earlier {worker.name} left: {exc}")
-        return result
-    worker.journal.clear()
-    if result.rescheduled or result.cancelled or result.crashed:
+    pending = worker.journal.left_behind()
+    for pause_s in (*retry_s, None):
+        if not pending:
+            break
+        failed: list[LeftBehind] = []
+        error = ""
+        try:
+            async with get_client() as client:
+                for entry in pending:
+                    try:
+                        await _settle_entry(client, worker, entry, result)
+                    except Exception as exc:  # this file waits for the next try
+                        error = f"{type(exc).__name__}: {exc}"
+                        failed.append(entry)
+                    else:
+                        worker.journal.forget(entry)
+        except Exception as exc:  # no client at all
+            error, failed = f"{type(exc).__name__}: {exc}", pending
+        pending = failed
+        if pending:
+            later = f"trying again in {pause_s:.0f} s" if pause_s else "kept for the next start"
+            report(
+                f"could not settle the flow runs an earlier {worker.name} left "
+                f"({len(pending)} journal file(s); {error}): {later}"
+            )
+            if pause_s:
+                await asyncio.sleep(pause_s)
+    if result.rescheduled or result.cancelled or result.crashed or result.moved:
         report(
             f"settled the flow runs an earlier {worker.name} left in flight: "
             f"{len(result.rescheduled)} rescheduled, {len(result.cancelled)} cancelled, "
-            f"{len(result.crashed)} crashed"
+            f"{len(result.crashed)} crashed, {len(result.moved)} claimed by another worker "
+            "since (left alone)"
         )
     return result
 
@@ -289,7 +422,9 @@ async def drain(
         while True:
             try:
                 read = _read_states(client, list(worker.in_flight))
-                runs = await asyncio.wait_for(read, API_CALL_TIMEOUT_S)
+                # Not past the deadline by much: the margin after it is the stop's.
+                bound_s = min(API_CALL_TIMEOUT_S, max(deadline - loop.time(), 1.0))
+                runs = await asyncio.wait_for(read, bound_s)
                 api_error = None
                 waiting = [
                     run_id
@@ -310,46 +445,69 @@ async def drain(
                 said_at = loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(hurry.wait(), timeout=min(1.0, left))
-        # What was still in flight is stopped with the Prefect worker.
+        # What was still in flight is stopped with the Prefect worker. It stays
+        # in the journal until its state is set: a SIGKILL from here on leaves
+        # it to the next worker of this name, never Running with no record.
         stopping = dict(worker.in_flight)
+        worker.keep_recorded(stopping)
         for run_id in at_start - set(stopping):
             result.add(RunOutcome.FINISHED, str(run_id))
+        # From here the grace period's margin runs: every step is bounded.
+        stop_by = loop.time() + STOP_BUDGET_S
         worker_task.cancel()
-        await asyncio.gather(worker_task, return_exceptions=True)
-        _kill_flow_run_processes(list(stopping))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                asyncio.gather(worker_task, return_exceptions=True), WORKER_STOP_S
+            )
+        _kill_flow_run_processes(list(stopping), worker.name)
+        after: dict[Any, Any] = {}
         try:
-            after = await asyncio.wait_for(_read_states(client, list(stopping)), API_CALL_TIMEOUT_S)
+            read = _read_states(client, list(stopping))
+            after = await asyncio.wait_for(read, max(min(API_CALL_TIMEOUT_S, _left(stop_by)), 1.0))
             api_error = None
-        except Exception:  # decide from what the worker last saw of each run
-            after = {}
-            api_error = api_error or "reading the runs failed"
+        except Exception as exc:  # decide from what the worker last saw of each run
+            api_error = api_error or f"reading the runs failed: {type(exc).__name__}: {exc}"
+
+        async def settle(run_id: Any, outcome: RunOutcome, state: Any) -> None:
+            try:
+                if api_error is not None:  # one failure already: do not spend the margin
+                    raise RuntimeError(f"Prefect API unreachable ({api_error})")
+                setting = client.set_flow_run_state(run_id, state, force=True)
+                await asyncio.wait_for(setting, max(_left(stop_by), 1.0))
+            except Exception as exc:
+                report(f"could not set flow run {run_id} {outcome.value}: {exc!r}")
+                result.unset.append(str(run_id))  # it stays in the journal
+                return
+            result.add(outcome, str(run_id))
+            worker.forget_recorded(run_id)
+
+        settling = []
         for run_id, flow_run in stopping.items():
             run: Any = after.get(run_id) or flow_run
             state_type = run.state_type.value if run.state_type else None
             outcome = run_outcome(
                 state_type, True, wants_reschedule(run.job_variables.get("env"), os.environ)
             )
-            state: Any = None
-            if outcome is RunOutcome.RESCHEDULE:
-                state = Scheduled(name="Rescheduled", message=f"drained from {worker.name}")
-            elif outcome is RunOutcome.CANCEL:
-                state = Cancelled(message=f"cancelled while {worker.name} drained")
-            elif outcome is RunOutcome.CRASH:
-                state = Crashed(message=crash_message(worker.name, drain_s))
-            if state is not None:
-                try:
-                    if api_error is not None:  # one failure already: do not spend the grace
-                        raise RuntimeError(f"Prefect API unreachable ({api_error})")
-                    setting = client.set_flow_run_state(run_id, state, force=True)
-                    await asyncio.wait_for(setting, API_CALL_TIMEOUT_S)
-                except Exception as exc:
-                    api_error = api_error or str(exc) or type(exc).__name__
-                    report(f"could not set flow run {run_id} {outcome.value}: {exc}")
-                    result.unset.append(str(run_id))
-                    continue
-            result.add(outcome, str(run_id))
-    result.waited_s = loop.time() - started
+            state: Any = {
+                RunOutcome.RESCHEDULE: Scheduled(
+                    name="Rescheduled", message=f"drained from {worker.name}"
+                ),
+                RunOutcome.CANCEL: Cancelled(message=f"cancelled while {worker.name} drained"),
+                RunOutcome.CRASH: Crashed(message=crash_message(worker.name, drain_s)),
+            }.get(outcome)
+            if state is None:
+                result.add(outcome, str(run_id))
+                worker.forget_recorded(run_id)
+            else:
+                settling.append(settle(run_id, outcome, state))
+        await asyncio.gather(*settling)  # at once: one slow answer must not hold the rest
+        result.stopping_s = loop.time() - (stop_by - STOP_BUDGET_S)
+        result.waited_s = loop.time() - started
     return result
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - asyncio.get_running_loop().time())
 
 
 async def run_until_stopped(
@@ -377,6 +535,9 @@ async def run_until_stopped(
             worker.draining = True
             stop.set()
 
+    def on_late_signal(signum: int) -> None:
+        print(f"{signal.Signals(signum).name}: already stopping", flush=True)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await settle_left_behind(worker, print_line)
@@ -391,13 +552,20 @@ async def run_until_stopped(
             return None
         report = await drain(worker, worker_task, drain_s, hurry, print_line)
         if broker is not None:
-            await broker.settled(timeout_s=10.0)
+            # The rest of the margin, less a little for exiting: the broker's
+            # give-backs, then its close.
+            left_s = DRAIN_MARGIN_S - EXIT_S - report.stopping_s
+            started_closing = loop.time()
+            await broker.settled(timeout_s=max(left_s / 2, 1.0))
+            await broker.close(timeout_s=max(left_s - (loop.time() - started_closing), 1.0))
         print_line(report.describe())
         return report
     finally:
         stopped.cancel()
+        # A signal from here on (the broker closing) must not kill the process
+        # with its default action: it is said and the close goes on.
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+            loop.add_signal_handler(signum, on_late_signal, signum)
 
 
 def print_line(line: str) -> None:
@@ -458,6 +626,8 @@ async def serve_worker(
             metrics_server = await serve_metrics(metrics_socket, broker.metrics_text)
             print(f"slot broker metrics on {metrics_socket}", flush=True)
         worker = _new_worker(pool, worker_id, flow_runs, broker, request.name, intake)
+        # Only the processes of this worker's runs wait at its broker.
+        broker.runs_in_flight = lambda: {str(run_id) for run_id in worker.in_flight}
         try:
             return await run_until_stopped(worker, with_healthcheck, drain_s, broker)
         finally:

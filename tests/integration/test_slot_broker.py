@@ -3,9 +3,14 @@ and no over-admission beside plain ``concurrency()`` holders."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -26,7 +31,7 @@ from prefect.concurrency.sync import concurrency
 from prefect_gpu_workers import limits
 from prefect_gpu_workers.broker import FIRST_LEASE_S
 from prefect_gpu_workers.limits import gpu_slot
-from prefect_gpu_workers.naming import SLOT_BROKER_ENV
+from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, SLOT_BROKER_ENV
 from prefect_gpu_workers.server import LocalPrefectServer
 
 
@@ -366,3 +371,60 @@ def test_no_over_admission_beside_plain_concurrency_holders(
     peak = _peak_occupancy([(start, end, occupy) for start, end, occupy, _ in intervals])
     assert peak <= 2, f"{peak} slots in use at once on a limit of 2"
     assert active_slots(name) == 0
+
+
+ASKER = """
+import socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+sock.sendall(b'{"op": "acquire", "limit": "%s", "occupy": 1}\\n' % sys.argv[2].encode())
+sock.settimeout(30)
+lines = sock.makefile("rb")
+print(lines.readline().decode().strip(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def ask(socket_path: str, limit: str, run_id: str | None) -> tuple[subprocess.Popen[str], str]:
+    """A process (of flow run ``run_id``) that asks the broker for a slot; its first answer."""
+    env = {k: v for k, v in os.environ.items() if k != FLOW_RUN_ID_ENV}
+    if run_id is not None:
+        env[FLOW_RUN_ID_ENV] = run_id
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ASKER, socket_path, limit],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def test_only_processes_of_the_worker_s_runs_are_served_each_run_up_to_the_capacity(
+    prefect_server: LocalPrefectServer,
+) -> None:
+    """Before: any process of the worker's user was served, and one run could fill the
+    queue with as many requests as it liked."""
+    worker = unique_worker()
+    name = f"gpu:{worker}"
+    create_limit(name, 2)
+    ours, other = str(uuid.uuid4()), str(uuid.uuid4())
+    asked: list[subprocess.Popen[str]] = []
+    with BrokerThread(worker) as broker:
+        assert broker.broker is not None
+        broker.broker.runs_in_flight = lambda: {ours}
+        try:
+            answers = []
+            for run_id in (ours, ours, ours, other, None):
+                proc, answer = ask(broker.socket_path, name, run_id)
+                asked.append(proc)
+                answers.append(json.loads(answer))
+        finally:
+            for proc in asked:
+                proc.kill()
+                proc.wait()
+    first, second, third, stranger, no_run = answers
+    assert first["event"] == second["event"] == "granted"
+    assert third["kind"] == "run_cap", third
+    assert f"flow run {ours} holds or waits for 2 of {name}'s 2 slots" in third["message"]
+    for refused in (stranger, no_run):
+        assert refused["kind"] == "stranger", refused
+        assert f"is not a flow run that worker {worker} executes" in refused["message"]

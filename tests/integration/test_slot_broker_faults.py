@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from broker_harness import (
@@ -28,7 +27,7 @@ from broker_harness import (
     wait_until,
 )
 from prefect.concurrency.sync import concurrency
-from recording_server import FaultProxy
+from recording_server import FaultProxy, origin
 
 from prefect_gpu_workers.grants import decode, encode
 from prefect_gpu_workers.server import LocalPrefectServer
@@ -74,11 +73,6 @@ def plain_holder(name: str) -> Iterator[None]:
     finally:
         done.set()
         thread.join(60)
-
-
-def origin(api_url: str) -> str:
-    parts = urlsplit(api_url)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def test_a_release_answered_500_after_it_landed_is_not_counted_back_twice(

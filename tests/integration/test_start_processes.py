@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from prefect_gpu_workers.procfs import owner_alive, owner_token
 from prefect_gpu_workers.service.plan import SERVICE_WORKER_ENV
 from prefect_gpu_workers.service.processes import (
     OWNER_ENV,
@@ -19,8 +20,6 @@ from prefect_gpu_workers.service.processes import (
     NameLocked,
     marked_pids,
     orphaned_pids,
-    owner_alive,
-    owner_token,
     stop_pids,
 )
 

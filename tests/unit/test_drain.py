@@ -10,6 +10,7 @@ from prefect_gpu_workers.drain import (
     DrainReport,
     RunOutcome,
     crash_message,
+    left_behind_outcome,
     run_outcome,
     wants_reschedule,
 )
@@ -96,3 +97,31 @@ def test_the_report_says_which_states_could_not_be_set() -> None:
         "drained in 1.0 s: 0 finished, 0 rescheduled, 0 cancelled, 1 crashed, "
         "2 not set (Prefect unreachable)"
     )
+
+
+@pytest.mark.parametrize(
+    ("state_type", "claimed_by", "reschedule", "expected"),
+    [
+        ("RUNNING", "w1", False, RunOutcome.CRASH),
+        ("RUNNING", None, False, RunOutcome.CRASH),  # no label: the journal is the word
+        ("RUNNING", "w1", True, RunOutcome.RESCHEDULE),
+        ("PENDING", "w1", False, RunOutcome.RESCHEDULE),
+        ("CANCELLING", "w1", False, RunOutcome.CANCEL),
+        ("COMPLETED", "w1", False, RunOutcome.FINISHED),
+        # Before: each of these was force-set Crashed or Scheduled by the next w1.
+        ("RUNNING", "w2", False, RunOutcome.MOVED),  # retried on another worker
+        ("PENDING", "w2", True, RunOutcome.MOVED),
+        ("SCHEDULED", "w1", False, RunOutcome.MOVED),  # back in the queue
+    ],
+)
+def test_only_runs_still_this_worker_s_are_settled_after_it_died(
+    state_type: str, claimed_by: str | None, reschedule: bool, expected: RunOutcome
+) -> None:
+    assert left_behind_outcome(state_type, claimed_by, "w1", reschedule) is expected
+
+
+def test_runs_left_alone_are_said_in_the_report() -> None:
+    report = DrainReport()
+    report.add(RunOutcome.MOVED, "a")
+    assert report.moved == ["a"]
+    assert report.describe().endswith("1 claimed by another worker since (left alone)")

@@ -7,8 +7,10 @@ import pytest
 from prefect_gpu_workers.grants import (
     GrantQueue,
     LeaseState,
+    Refusal,
     ReleaseAction,
     Unserviceable,
+    admission,
     classify_gone_lease,
     decode,
     encode,
@@ -170,3 +172,27 @@ def test_no_heir_while_the_others_still_hold_more_than_a_shrunk_capacity() -> No
     queue.cancel(2)
     assert queue.grant() == []
     assert queue.heir(1) == 4  # the last one over: now it fits
+
+
+@pytest.mark.parametrize(
+    ("peer_run", "runs", "run_slots", "occupy", "expected"),
+    [
+        ("r1", {"r1"}, 0, 2, None),
+        ("r1", {"r1"}, 1, 1, None),  # two steps of one run, one slot each: the capacity
+        ("r1", {"r1"}, 2, 1, Refusal.RUN_CAP),  # a third would only keep other runs waiting
+        ("r1", {"r1"}, 0, 3, Refusal.RUN_CAP),
+        ("r2", {"r1"}, 0, 1, Refusal.STRANGER),  # a run this worker does not execute
+        (None, {"r1"}, 0, 1, Refusal.STRANGER),  # a process of no flow run
+        (None, set(), 0, 1, Refusal.STRANGER),
+        (None, None, 0, 1, None),  # a broker alone: any process of its user
+        ("r1", None, 2, 1, Refusal.RUN_CAP),  # the cap holds without the worker's list
+    ],
+)
+def test_only_the_worker_s_runs_may_queue_and_each_up_to_the_capacity(
+    peer_run: str | None,
+    runs: set[str] | None,
+    run_slots: int,
+    occupy: int,
+    expected: Refusal | None,
+) -> None:
+    assert admission(peer_run, runs, run_slots, occupy, capacity=2) is expected

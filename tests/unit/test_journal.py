@@ -1,7 +1,9 @@
-"""The in-flight journal a worker leaves for the next worker of its name."""
+"""The in-flight journal a worker process leaves for the next worker of its name."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from uuid import uuid4
@@ -9,42 +11,86 @@ from uuid import uuid4
 import pytest
 
 from prefect_gpu_workers.journal import JOURNAL_DIR, InFlightJournal
+from prefect_gpu_workers.procfs import owner_token
 
 
-def test_recorded_runs_are_read_back_by_the_next_worker_of_the_name(tmp_path: Path) -> None:
+@pytest.fixture
+def dead_owner() -> str:
+    """The owner token of a process that has ended: an earlier worker."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    token = owner_token(proc.pid)
+    proc.kill()
+    proc.wait()
+    return token
+
+
+def test_a_dead_worker_s_runs_are_left_behind_for_the_next_worker_of_its_name(
+    tmp_path: Path, dead_owner: str
+) -> None:
     runs = [uuid4(), uuid4()]
-    InFlightJournal(tmp_path, "w1").record(runs)
-    # A new journal object, as a restarted worker makes it: same name, same file.
-    assert InFlightJournal(tmp_path, "w1").read() == sorted(str(r) for r in runs)
-    assert InFlightJournal(tmp_path, "w2").read() == []  # another worker's runs are not its own
-    assert (tmp_path / JOURNAL_DIR / "w1.json").exists()
+    InFlightJournal(tmp_path, "w1", owner=dead_owner).record(runs)
+    (entry,) = InFlightJournal(tmp_path, "w1").left_behind()
+    assert entry.owner == dead_owner
+    assert entry.run_ids == tuple(sorted(str(r) for r in runs))
+    assert InFlightJournal(tmp_path, "w2").left_behind() == []  # another name's are not its own
+    InFlightJournal(tmp_path, "w1").forget(entry)
+    assert InFlightJournal(tmp_path, "w1").left_behind() == []
 
 
-def test_each_record_replaces_the_last_and_clear_forgets_them(tmp_path: Path) -> None:
+def test_a_live_twin_s_runs_and_one_s_own_are_never_left_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two workers of one name on one PREFECT_HOME: each keeps a file of its own."""
+    twin = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        InFlightJournal(tmp_path, "w1", owner=owner_token(twin.pid)).record([uuid4()])
+        me = InFlightJournal(tmp_path, "w1")
+        me.record([uuid4()])
+        assert me.left_behind() == []
+        assert "is alive and holds the runs" in caplog.text
+    finally:
+        twin.kill()
+        twin.wait()
+
+
+def test_a_new_worker_s_writes_never_overwrite_what_an_earlier_one_left(
+    tmp_path: Path, dead_owner: str
+) -> None:
+    """Before: one file per name, so a start that could not settle (Prefect away) lost
+    the earlier runs at its first submission."""
+    left = uuid4()
+    InFlightJournal(tmp_path, "w1", owner=dead_owner).record([left])
+    new = InFlightJournal(tmp_path, "w1")
+    new.record([uuid4()])
+    new.record([uuid4(), uuid4()])
+    assert [entry.run_ids for entry in new.left_behind()] == [(str(left),)]
+
+
+def test_each_record_replaces_the_last_and_no_run_in_flight_leaves_no_file(
+    tmp_path: Path,
+) -> None:
     journal = InFlightJournal(tmp_path, "w1")
     first, second = uuid4(), uuid4()
     journal.record([first, second])
     journal.record([second])  # the first run ended
     assert journal.read() == [str(second)]
-    journal.record([])
+    assert journal.record([]) is True
     assert journal.read() == []
-    journal.record([first])
-    journal.clear()
-    assert journal.read() == []
-    journal.clear()  # nothing to clear is fine
+    assert not journal.path.exists()
+    assert journal.record([]) is True  # nothing to remove is fine
 
 
 def test_a_corrupt_journal_is_logged_and_moved_aside(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, dead_owner: str
 ) -> None:
-    journal = InFlightJournal(tmp_path, "w1")
-    journal.path.parent.mkdir(parents=True)
-    for text in ("{not json", '{"a": 1}'):  # not JSON; JSON but not a list of ids
+    journal = InFlightJournal(tmp_path, "w1", owner=dead_owner)
+    journal.folder.mkdir(parents=True)
+    for text in ("{not json", '["a"]', '{"owner": 1, "runs": []}'):
         journal.path.write_text(text)
-        assert journal.read() == []
+        assert InFlightJournal(tmp_path, "w1").left_behind() == []
         assert journal.path.with_suffix(".corrupt").read_text() == text
         assert not journal.path.exists()
-    assert caplog.text.count("is not a list of run ids") == 2
+    assert caplog.text.count("is not an owner and a list of run ids") == 3
 
 
 def test_a_failed_write_is_logged_and_reported_not_raised(
@@ -55,13 +101,13 @@ def test_a_failed_write_is_logged_and_reported_not_raised(
     assert "could not record the flow runs in flight" in caplog.text
 
 
-def test_two_workers_of_one_name_never_fail_or_leave_staging_files(tmp_path: Path) -> None:
+def test_concurrent_writes_leave_one_whole_file_and_no_staging_files(tmp_path: Path) -> None:
     """Before: one shared staging name, so one writer's rename found the file gone."""
     runs = [[str(uuid4())] for _ in range(2)]
     errors: list[BaseException] = []
+    journal = InFlightJournal(tmp_path, "w1")
 
     def write(ids: list[str]) -> None:
-        journal = InFlightJournal(tmp_path, "w1")
         try:
             for _ in range(200):
                 assert journal.record(ids)
@@ -74,5 +120,5 @@ def test_two_workers_of_one_name_never_fail_or_leave_staging_files(tmp_path: Pat
     for thread in threads:
         thread.join()
     assert errors == []
-    assert InFlightJournal(tmp_path, "w1").read() in runs  # one whole write, the last
-    assert sorted(p.name for p in (tmp_path / JOURNAL_DIR).iterdir()) == ["w1.json", "w1.lock"]
+    assert journal.read() in runs  # one whole write
+    assert [p.name for p in journal.folder.iterdir()] == [journal.path.name]

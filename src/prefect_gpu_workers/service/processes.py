@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from prefect_gpu_workers.procfs import owner_alive
 from prefect_gpu_workers.service.plan import SERVICE_WORKER_ENV
 
 _PR_SET_PDEATHSIG = 1
@@ -86,23 +87,6 @@ class NameLock:
             with contextlib.suppress(OSError):
                 self.path.unlink()
             handle.close()
-
-
-def owner_token(pid: int | None = None) -> str:
-    """``<pid>:<start time>`` of a process: unlike a pid, never reused for another process."""
-    pid = os.getpid() if pid is None else pid
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    # Field 22 (start time); the command name before it may contain spaces.
-    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
-
-
-def owner_alive(token: str) -> bool:
-    """Whether the process that ``token`` names is still running."""
-    pid, _, _start = token.partition(":")
-    try:
-        return pid.isdigit() and owner_token(int(pid)) == token
-    except OSError:
-        return False
 
 
 def _marked(worker_name: str) -> list[tuple[int, str]]:

@@ -46,6 +46,7 @@ from prefect_gpu_workers.commands import (
 )
 from prefect_gpu_workers.gpu import GpuInventory, detect_gpus
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, WorkerIdentityError
+from prefect_gpu_workers.procfs import owner_token
 from prefect_gpu_workers.service import prefect_ops
 from prefect_gpu_workers.service.identity import PER_GPU_SUFFIX_ROOM, resolve_worker_id
 from prefect_gpu_workers.service.plan import (
@@ -65,7 +66,6 @@ from prefect_gpu_workers.service.processes import (
     NameLocked,
     marked_pids,
     orphaned_pids,
-    owner_token,
     start_worker_process,
     state_dir,
     stop_pids,

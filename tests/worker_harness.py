@@ -1,0 +1,44 @@
+"""Helpers for the worker entrypoint's tests: a worker in a child process with its own
+pool, limit and deployment, and the states of its runs."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from uuid import UUID
+
+from prefect.client.orchestration import SyncPrefectClient
+
+from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.local.prefect_ops import read_runs
+
+
+@dataclass
+class DrainingWorker:
+    """A worker entrypoint in a child process, its pool, limit and deployment."""
+
+    worker: str
+    limit: str
+    deployment_id: UUID
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def submit(self, client: SyncPrefectClient, gpu_s: float, env: dict[str, str]) -> UUID:
+        params = PipelineParams(items=1, download_s=0.5, gpu_s=gpu_s, save_s=0.5, simulate=True)
+        run = client.create_flow_run_from_deployment(
+            self.deployment_id, parameters=params.as_parameters(), job_variables={"env": env}
+        )
+        return run.id
+
+
+def states(client: SyncPrefectClient, ids: list[UUID]) -> dict[UUID, tuple[str, str, str]]:
+    """Each run's state type, name and message."""
+    return {
+        run.id: (run.state.type.value, run.state.name or "", run.state.message or "")
+        for run in read_runs(client, ids)
+        if run.state is not None
+    }
