@@ -22,9 +22,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from prefect_gpu_workers.broker import SlotBroker
-from prefect_gpu_workers.grants import decode, encode
 from prefect_gpu_workers.naming import SLOT_BROKER_ENV, WORKER_ID_ENV
+from prefect_gpu_workers.slots.broker import SlotBroker
+from prefect_gpu_workers.slots.wire import decode, encode
 
 HOLDER_SCRIPT = Path(__file__).parent / "integration" / "slot_holder.py"
 

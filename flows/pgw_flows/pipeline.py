@@ -30,9 +30,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from pgw_flows.params import PipelineParams
-from prefect_gpu_workers.limits import gpu_slot
 from prefect_gpu_workers.naming import WORKER_ID_ENV, limit_prefix_from_env
 from prefect_gpu_workers.records import StageRecord, append_record, record_dir_from
+from prefect_gpu_workers.slots.client import gpu_slot
 
 FLOW_NAME = "gpu-pipeline"
 # The signature below takes its defaults from here: the parameters are defined once.
@@ -63,7 +63,7 @@ class Inference:
 
 
 def _worker_id() -> str:
-    # Records only; the GPU step itself insists on a valid WORKER_ID (limits.py).
+    # Records only; the GPU step itself insists on a valid WORKER_ID (slots/client.py).
     return os.environ.get(WORKER_ID_ENV, "")
 
 

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# Public name -> the submodule that defines it. Only `limits` imports Prefect.
+# Public name -> the submodule that defines it. Only `slots.client` imports Prefect.
 _EXPORTS: dict[str, str] = {
     # the GPU step (Prefect)
-    "gpu_slot": "limits",
-    "agpu_slot": "limits",
-    "GpuLimitUnavailable": "limits",
-    "GpuSlotRequest": "limits",
+    "gpu_slot": "slots.client",
+    "agpu_slot": "slots.client",
+    "GpuLimitUnavailable": "slots.client",
+    "GpuSlotRequest": "slots.client",
     # names (stdlib only)
     "DEFAULT_LIMIT_PREFIX": "naming",
     "LIMIT_PREFIX_ENV": "naming",
@@ -77,12 +77,6 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real objects; nothing runs h
         detect_gpus,
         resolve_capacity,
     )
-    from prefect_gpu_workers.limits import (
-        GpuLimitUnavailable,
-        GpuSlotRequest,
-        agpu_slot,
-        gpu_slot,
-    )
     from prefect_gpu_workers.naming import (
         DEFAULT_LIMIT_PREFIX,
         LIMIT_PREFIX_ENV,
@@ -94,6 +88,12 @@ if TYPE_CHECKING:  # type checkers and IDEs see the real objects; nothing runs h
         validate_limit_prefix,
         validate_worker_id,
         worker_id_from_env,
+    )
+    from prefect_gpu_workers.slots.client import (
+        GpuLimitUnavailable,
+        GpuSlotRequest,
+        agpu_slot,
+        gpu_slot,
     )
 
 

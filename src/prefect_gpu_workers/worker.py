@@ -7,14 +7,14 @@ timeout that fails visibly (non-zero exit, the reason on stderr).
 
 Then one process, one event loop, hosts:
 
-- the slot broker (``broker.py``) on a Unix socket in a private directory, whose
+- the slot broker (``slots/broker.py``) on a Unix socket in a private directory, whose
   path reaches flow runs through ``PGW_SLOT_BROKER`` (flow-run processes inherit
   the worker's environment, as they inherit ``WORKER_ID``);
 - Prefect's process worker, in-process, configured as ``prefect worker start
   --type process --name $WORKER_ID --limit <flow runs> [--with-healthcheck]``
   would configure it (the same class and options, so the same behaviour), whose intake
   follows the GPU: a poll takes new flow runs only while the GPU queue at the
-  broker is shorter than the worker's slots (``grants.intake_open``).
+  broker is shorter than the worker's slots (``slots.grants.intake_open``).
 
 SIGTERM or Ctrl-C drains the worker (``drain.py`` decides, :func:`drain` acts):
 no new flow runs from that moment; the runs in flight may finish until the
@@ -51,11 +51,6 @@ from prefect_gpu_workers.drain import (
     wants_reschedule,
 )
 from prefect_gpu_workers.journal import InFlightJournal, LeftBehind
-from prefect_gpu_workers.limits import (
-    GpuLimitUnavailable,
-    GpuSlotRequest,
-    read_limit,
-)
 from prefect_gpu_workers.naming import (
     FLOW_RUN_ID_ENV,
     SLOT_BROKER_ENV,
@@ -63,6 +58,11 @@ from prefect_gpu_workers.naming import (
     worker_id_from_env,
 )
 from prefect_gpu_workers.procfs import pids_with_env
+from prefect_gpu_workers.slots.client import (
+    GpuLimitUnavailable,
+    GpuSlotRequest,
+    read_limit,
+)
 
 IntakeMode = Literal["gpu-queue", "flow-runs"]
 # A drain call to Prefect gives up after this: the grace period's end is a kill.
@@ -124,7 +124,7 @@ def submission_transient(exc: BaseException) -> bool:
     """
     from websockets.exceptions import InvalidMessage, InvalidStatus
 
-    from prefect_gpu_workers.broker import transient
+    from prefect_gpu_workers.slots.prefect_io import transient
 
     if transient(exc) or isinstance(exc, ConnectionError | TimeoutError | InvalidMessage):
         return True
@@ -135,7 +135,7 @@ def _process_worker_class() -> type[Any]:
     """A Prefect ``ProcessWorker`` that drains, and whose intake follows its broker's GPU queue."""
     from prefect.workers.process import ProcessWorker
 
-    from prefect_gpu_workers.broker import SlotBroker
+    from prefect_gpu_workers.slots.broker import SlotBroker
 
     class GpuProcessWorker(ProcessWorker):
         def __init__(
@@ -613,7 +613,7 @@ async def serve_worker(
     drain_s: float = DEFAULT_DRAIN_S,
 ) -> DrainReport | None:
     """Run the slot broker and the Prefect process worker in this event loop until drained."""
-    from prefect_gpu_workers.broker import SlotBroker
+    from prefect_gpu_workers.slots.broker import SlotBroker
 
     async with SlotBroker(worker_id, socket_path) as broker:
         await broker.watch(request.name)
@@ -621,7 +621,7 @@ async def serve_worker(
         print(f"slot broker for {request.name} on {broker.socket_path}", flush=True)
         metrics_server = None
         if metrics_socket is not None:
-            from prefect_gpu_workers.metrics import serve_metrics
+            from prefect_gpu_workers.slots.metrics import serve_metrics
 
             metrics_server = await serve_metrics(metrics_socket, broker.metrics_text)
             print(f"slot broker metrics on {metrics_socket}", flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from prefect_gpu_workers.limits import gpu_slot
+from prefect_gpu_workers.slots.client import gpu_slot
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
 from pgw_flows.model import classify, synthetic_tokens
 from pgw_flows.pipeline import gpu_pipeline
-from prefect_gpu_workers.limits import GpuLimitUnavailable
 from prefect_gpu_workers.naming import limit_prefix_from_env
 from prefect_gpu_workers.records import read_records
+from prefect_gpu_workers.slots.client import GpuLimitUnavailable
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -10,8 +10,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-from prefect_gpu_workers.limits import GpuLimitUnavailable, agpu_slot, gpu_slot
 from prefect_gpu_workers.server import LocalPrefectServer
+from prefect_gpu_workers.slots.client import GpuLimitUnavailable, agpu_slot, gpu_slot
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

@@ -28,11 +28,11 @@ from broker_harness import (
 )
 from prefect.concurrency.sync import concurrency
 
-from prefect_gpu_workers import limits
-from prefect_gpu_workers.broker import FIRST_LEASE_S
-from prefect_gpu_workers.limits import gpu_slot
 from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, SLOT_BROKER_ENV
 from prefect_gpu_workers.server import LocalPrefectServer
+from prefect_gpu_workers.slots import client as limits
+from prefect_gpu_workers.slots.client import gpu_slot
+from prefect_gpu_workers.slots.prefect_io import FIRST_LEASE_S
 
 
 class Steps:
@@ -275,7 +275,7 @@ def test_without_a_broker_steps_poll_prefect_and_say_so_once(
     create_limit(name, 1)
     # A socket path nobody listens on: the worker's broker is gone.
     monkeypatch.setenv(SLOT_BROKER_ENV, str(tmp_path / "gone.sock"))
-    with caplog.at_level(logging.WARNING, logger="prefect_gpu_workers.limits"):
+    with caplog.at_level(logging.WARNING, logger="prefect_gpu_workers.slots.client"):
         for _ in range(2):
             with gpu_slot(worker_id=worker):
                 assert active_slots(name) == 1

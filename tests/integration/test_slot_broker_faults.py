@@ -29,8 +29,8 @@ from broker_harness import (
 from prefect.concurrency.sync import concurrency
 from recording_server import FaultProxy, origin
 
-from prefect_gpu_workers.grants import decode, encode
 from prefect_gpu_workers.server import LocalPrefectServer
+from prefect_gpu_workers.slots.wire import decode, encode
 
 
 class SocketStep:

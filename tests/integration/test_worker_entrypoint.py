@@ -14,7 +14,6 @@ from broker_harness import active_slots, unique_worker, wait_until
 from prefect.client.orchestration import get_client
 
 from pgw_flows.params import PipelineParams
-from prefect_gpu_workers.grants import decode, encode
 from prefect_gpu_workers.local.prefect_ops import (
     deploy_for_local_workers,
     ensure_gpu_limit,
@@ -26,6 +25,7 @@ from prefect_gpu_workers.naming import WORKER_ID_ENV
 from prefect_gpu_workers.records import read_records
 from prefect_gpu_workers.report import gpu_overlap_per_worker
 from prefect_gpu_workers.server import LocalPrefectServer, stop_process_group
+from prefect_gpu_workers.slots.wire import decode, encode
 
 BROKER_LINE = re.compile(r"slot broker for (\S+) on (\S+)")
 

@@ -10,7 +10,7 @@ import enum
 import random
 from dataclasses import dataclass
 
-from prefect_gpu_workers.broker import FIRST_LEASE_S
+from prefect_gpu_workers.slots.prefect_io import FIRST_LEASE_S
 
 from .prefect_model import FaultRates
 

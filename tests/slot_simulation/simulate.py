@@ -1,6 +1,6 @@
 """Run the real slot broker through one schedule on virtual time and check its promises.
 
-The broker under test is ``prefect_gpu_workers.broker.SlotBroker`` itself, with
+The broker under test is ``prefect_gpu_workers.slots.broker.SlotBroker`` itself, with
 Prefect's real client; only the server behind the client is a model
 (:mod:`.prefect_model`) and only the steps' connections are in memory
 (:mod:`.pipes`). Invariants, checked whenever their inputs change:
@@ -47,8 +47,9 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from prefect_gpu_workers.broker import FIRST_LEASE_S, SlotBroker
-from prefect_gpu_workers.grants import decode, encode
+from prefect_gpu_workers.slots.broker import SlotBroker
+from prefect_gpu_workers.slots.prefect_io import FIRST_LEASE_S
+from prefect_gpu_workers.slots.wire import decode, encode
 
 from . import loop as virtual
 from .pipes import MemoryWriter, connection
@@ -342,7 +343,7 @@ class Simulation:
 
         transport = ModelTransport(model, self.rng, schedule.faults, observe=observe)
         errors = _ErrorLog()
-        broker_log = logging.getLogger("prefect_gpu_workers.broker")
+        broker_log = logging.getLogger("prefect_gpu_workers.slots.broker")
         broker_log.addHandler(errors)
         options = {"lease_duration": schedule.lease_duration, **self.broker_options}
         try:
@@ -491,7 +492,7 @@ def simulate(schedule: Schedule, **broker_options: Any) -> Report:
 @contextlib.contextmanager
 def quiet_broker_logs() -> Any:
     """The broker warns about every fault the simulation injects: not for the screen."""
-    broker_log = logging.getLogger("prefect_gpu_workers.broker")
+    broker_log = logging.getLogger("prefect_gpu_workers.slots.broker")
     level, propagate = broker_log.level, broker_log.propagate
     broker_log.setLevel(logging.WARNING)
     broker_log.propagate = False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect_gpu_workers.metrics import Histogram, render
+from prefect_gpu_workers.slots.metrics import Histogram, render
 
 
 def test_histogram_is_cumulative_and_bounded() -> None:

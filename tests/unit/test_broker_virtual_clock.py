@@ -13,9 +13,9 @@ from slot_simulation import loop as virtual
 from slot_simulation.prefect_model import FaultRates, ModelTransport, PrefectModel, seeded_ids
 from slot_simulation.simulate import LIMIT, broker_on_model, connect
 
-from prefect_gpu_workers import broker as broker_module
-from prefect_gpu_workers.broker import FIRST_MESSAGE_S, SlotBroker
-from prefect_gpu_workers.grants import decode, encode
+from prefect_gpu_workers.slots import broker as broker_module
+from prefect_gpu_workers.slots.broker import FIRST_MESSAGE_S, SlotBroker
+from prefect_gpu_workers.slots.wire import decode, encode
 
 T = TypeVar("T")
 

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from prefect_gpu_workers.grants import (
+from prefect_gpu_workers.slots.grants import (
     GrantQueue,
-    LeaseState,
     Refusal,
-    ReleaseAction,
     Unserviceable,
     admission,
-    classify_gone_lease,
-    decode,
-    encode,
     intake_open,
+)
+from prefect_gpu_workers.slots.leases import (
+    LeaseState,
+    ReleaseAction,
+    classify_gone_lease,
     release_action,
 )
+from prefect_gpu_workers.slots.wire import decode, encode
 
 
 def test_grants_in_arrival_order_up_to_capacity() -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from prefect_gpu_workers.gpu import GpuDevice, GpuInventory, resolve_capacity
-from prefect_gpu_workers.limits import GpuSlotRequest
 from prefect_gpu_workers.naming import (
     WorkerIdentityError,
     limit_name,
     parse_limit_name,
     worker_id_from_env,
 )
+from prefect_gpu_workers.slots.client import GpuSlotRequest
 
 
 def test_worker_id_comes_from_env() -> None:

@@ -20,9 +20,9 @@ from slot_simulation import loop as virtual
 from slot_simulation.schedule import draw_schedule
 from slot_simulation.simulate import Report, quiet_broker_logs, simulate
 
-from prefect_gpu_workers import broker as broker_module
-from prefect_gpu_workers.broker import SlotBroker
-from prefect_gpu_workers.grants import GrantQueue
+from prefect_gpu_workers.slots import prefect_io
+from prefect_gpu_workers.slots.broker import SlotBroker
+from prefect_gpu_workers.slots.grants import GrantQueue
 
 SEEDS = range(0, 120)
 
@@ -180,5 +180,5 @@ def test_one_lost_answer_does_not_hold_the_upkeep_for_a_minute() -> None:
 def test_the_first_lease_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defect 4: with five-minute first leases, an orphan (its increment's answer
     lost) holds its slots five minutes; the simulation bounds it at one."""
-    monkeypatch.setattr(broker_module, "FIRST_LEASE_S", 300.0)
+    monkeypatch.setattr(prefect_io, "FIRST_LEASE_S", 300.0)
     assert _first_failing("no repossession", range(0, 120)) is not None

@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 
-from prefect_gpu_workers import grants
-from prefect_gpu_workers.grants import AcquireRequest, parse_acquire
+from prefect_gpu_workers.slots import grants, leases, wire
+from prefect_gpu_workers.slots.wire import AcquireRequest, parse_acquire
 
 
-def test_the_module_s_examples_hold() -> None:
-    assert doctest.testmod(grants).failed == 0
+@pytest.mark.parametrize("module", [grants, leases, wire], ids=lambda m: m.__name__)
+def test_the_pure_modules_examples_hold(module: Any) -> None:
+    assert doctest.testmod(module).failed == 0
 
 
 def test_a_well_formed_acquire_is_read_as_it_is() -> None:

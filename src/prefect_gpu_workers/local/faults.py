@@ -31,7 +31,6 @@ from rich.console import Console
 
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
-from prefect_gpu_workers.grants import decode, encode
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
 from prefect_gpu_workers.local.bench import BenchOptions
 from prefect_gpu_workers.local.demo import make_workdir
@@ -46,6 +45,7 @@ from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.views import ProgressView, plain_printer
 from prefect_gpu_workers.report import PhaseMetrics, over_admissions
+from prefect_gpu_workers.slots.wire import decode, encode
 
 BROKER_LINE = re.compile(r"slot broker for \S+ on (\S+)")
 

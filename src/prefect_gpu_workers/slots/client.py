@@ -38,15 +38,15 @@ from prefect.concurrency.asyncio import concurrency as async_concurrency
 from prefect.concurrency.sync import concurrency as sync_concurrency
 from prefect.exceptions import ObjectNotFound
 
-from prefect_gpu_workers.grants import decode, encode
 from prefect_gpu_workers.naming import (
     DEFAULT_LIMIT_PREFIX,
     SLOT_BROKER_ENV,
     limit_name,
     worker_id_from_env,
 )
+from prefect_gpu_workers.slots.wire import decode, encode
 
-logger = logging.getLogger("prefect_gpu_workers.limits")
+logger = logging.getLogger(__name__)
 _fallback_said = False
 
 

@@ -10,7 +10,7 @@ from someone else's flow is still counted by Prefect alone.
 One connection per GPU step; the connection's lifetime is the grant's:
 
 1. the step connects and asks for ``occupy`` slots of its limit;
-2. the broker queues it (:class:`~prefect_gpu_workers.grants.GrantQueue`: FIFO,
+2. the broker queues it (:class:`~prefect_gpu_workers.slots.grants.GrantQueue`: FIFO,
    never past a waiting head), and when its turn comes takes a lease of the
    Prefect limit on its behalf (strict: a missing limit is an error), which
    succeeds at once unless a holder outside the broker holds slots (then the
@@ -58,65 +58,47 @@ from typing import Any
 from uuid import UUID
 
 import httpx
-from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.context import SettingsContext, get_settings_context
-from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
-from prefect_gpu_workers.grants import (
-    GrantQueue,
-    LeaseState,
-    Refusal,
-    ReleaseAction,
-    Unserviceable,
-    admission,
-    classify_gone_lease,
-    decode,
-    encode,
-    intake_open,
-    parse_acquire,
-    release_action,
-)
-from prefect_gpu_workers.metrics import Histogram, render
 from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, parse_limit_name
 from prefect_gpu_workers.procfs import env_value
+from prefect_gpu_workers.slots.grants import (
+    GrantQueue,
+    Refusal,
+    Unserviceable,
+    admission,
+    intake_open,
+)
+from prefect_gpu_workers.slots.leases import Lease, LeaseState, ReleaseAction, release_action
+from prefect_gpu_workers.slots.metrics import Histogram, render
+from prefect_gpu_workers.slots.prefect_io import (
+    NOT_APPLIED,
+    LimitInfo,
+    LimitUnusable,
+    PrefectSlots,
+    transient,
+)
+from prefect_gpu_workers.slots.wire import decode, encode, parse_acquire
 
-logger = logging.getLogger("prefect_gpu_workers.broker")
+logger = logging.getLogger(__name__)
+
 
 SOCKET_NAME = "slots.sock"
-# Answers that say the request did nothing: Prefect answers 503 for database
-# errors a client may retry (SQLite busy, a lost PostgreSQL connection) and the
-# transaction is rolled back (a connection lost during the commit itself is the
-# one case no client can tell); 429 is a refusal before any work.
-NOT_APPLIED = frozenset({429, 503})
+
+
 # A connection must say what it wants this soon: one that says nothing holds a
 # descriptor (a step sends its request as soon as it connects).
 FIRST_MESSAGE_S = 10.0
+
+
 # Connections served at once; one per GPU step waiting or running on this worker,
 # and a worker runs tens of flow runs at most.
 MAX_CONNECTIONS = 512
 
 
-def transient(exc: BaseException) -> bool:
-    """An error worth another try: no answer, or the server said it could not serve now.
-
-    Prefect answers 503 when its database is busy (SQLite locked) and rolls the
-    transaction back, so the request did nothing and may be sent again.
-    """
-    if isinstance(exc, httpx.TransportError):
-        return True
-    return isinstance(exc, httpx.HTTPStatusError) and (
-        exc.response.status_code >= 500 or exc.response.status_code in NOT_APPLIED
-    )
-
-
 class BrokerBusy(Exception):
     """The broker serves :data:`MAX_CONNECTIONS` connections already."""
-
-
-class LimitUnusable(Exception):
-    """The Prefect limit cannot gate a step (missing, inactive, too small)."""
 
 
 class Refused(Exception):
@@ -125,28 +107,6 @@ class Refused(Exception):
     def __init__(self, refusal: Refusal, message: str) -> None:
         super().__init__(message)
         self.refusal = refusal
-
-
-@dataclass(frozen=True)
-class LimitInfo:
-    id: UUID
-    limit: int
-    active: bool
-
-
-@dataclass(frozen=True)
-class Lease:
-    id: UUID
-    limit_id: UUID
-    duration: float  # seconds it was taken or last renewed for
-
-
-# A new lease is taken for Prefect's shortest duration, and renewed for the
-# broker's own at the first upkeep after a quarter of it. An increment whose
-# answer is lost (a timeout, a 500 after the commit) leaves a lease nobody
-# knows; Prefect's API has no way to find it, so it holds its slots until it
-# expires: a minute instead of five.
-FIRST_LEASE_S = 60.0
 
 
 def _peer_pid(writer: asyncio.StreamWriter) -> int | None:
@@ -168,98 +128,6 @@ def _holder_is_run(holder: ConcurrencyLeaseHolder | None, run_id: str) -> bool:
     if holder is None:
         return False
     return holder.type == "task_run" or str(holder.id) == run_id
-
-
-class PrefectSlots:
-    """The broker's Prefect calls: read the limit, take, renew and give back leases.
-
-    Each call is made once, without the Prefect client's own retries (which back
-    off up to a minute while a server restarts): the broker retries on its own
-    schedule, and only where a retry cannot count a slot twice.
-    """
-
-    def __init__(self, client: PrefectClient, lease_duration: float, busy_poll_s: float) -> None:
-        self.client = client
-        self.lease_duration = lease_duration
-        self.busy_poll_s = busy_poll_s
-        context = get_settings_context()
-        self._profile = context.profile
-        self._settings = context.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
-
-    def _once(self) -> SettingsContext:
-        return SettingsContext(profile=self._profile, settings=self._settings)
-
-    async def read_limit(self, name: str) -> LimitInfo | None:
-        try:
-            with self._once():
-                limit = await self.client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            return None
-        return LimitInfo(limit.id, limit.limit, limit.active)
-
-    async def try_acquire(
-        self, name: str, occupy: int, holder: ConcurrencyLeaseHolder | None
-    ) -> Lease | float:
-        """One attempt: the lease, or the seconds to wait before the next attempt.
-
-        The lease is taken for :data:`FIRST_LEASE_S` (or the broker's duration,
-        when shorter); renewals extend it to the broker's duration.
-
-        Raises:
-            LimitUnusable: the limit does not exist or cannot hold ``occupy``.
-            httpx.TransportError: the server cannot be reached.
-        """
-        try:
-            with self._once():
-                response = await self.client.increment_concurrency_slots_with_lease(
-                    names=[name],
-                    slots=occupy,
-                    mode="concurrency",
-                    lease_duration=self.first_lease_duration,
-                    holder=holder,
-                )
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 423:
-                # Someone outside the broker holds slots: only this waiter polls.
-                retry_after = float(exc.response.headers.get("Retry-After", self.busy_poll_s))
-                return min(retry_after, self.busy_poll_s)
-            if exc.response.status_code == 422:
-                raise LimitUnusable(f"limit {name!r} cannot hold {occupy} slot(s)") from exc
-            raise
-        body = response.json()
-        if not body.get("limits"):
-            raise LimitUnusable(f"limit {name!r} does not exist")
-        return Lease(
-            UUID(body["lease_id"]), UUID(body["limits"][0]["id"]), self.first_lease_duration
-        )
-
-    @property
-    def first_lease_duration(self) -> float:
-        return min(FIRST_LEASE_S, self.lease_duration)
-
-    async def probe(self, lease: Lease, seconds_since_renewal: float) -> LeaseState:
-        """Renew the lease (for the broker's full duration); say whether the server
-        still knows it."""
-        try:
-            with self._once():
-                await self.client.renew_concurrency_lease(lease.id, self.lease_duration)
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 410:
-                return classify_gone_lease(seconds_since_renewal, lease.duration)
-            return LeaseState.UNKNOWN
-        except httpx.TransportError:
-            return LeaseState.UNKNOWN
-        return LeaseState.ALIVE
-
-    async def release_lease(self, lease_id: UUID) -> None:
-        with self._once():
-            await self.client.release_concurrency_slots_with_lease(lease_id)
-
-    async def decrement(self, name: str, occupy: int, held_s: float) -> None:
-        with self._once():
-            await self.client.release_concurrency_slots(
-                names=[name], slots=occupy, occupancy_seconds=max(held_s, 0.001)
-            )
 
 
 @dataclass
@@ -513,7 +381,7 @@ class SlotBroker:
         }
 
     def metrics_text(self) -> str:
-        """Prometheus exposition text (see ``metrics.py``)."""
+        """Prometheus exposition text (see ``slots/metrics.py``)."""
         return render(
             self.snapshot(),
             {

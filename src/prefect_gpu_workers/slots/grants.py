@@ -1,6 +1,6 @@
 """The slot broker's decisions, with the standard library only: who gets a slot next.
 
-A worker's slot broker (see ``broker.py``) serves the GPU steps of that worker's
+A worker's slot broker (``broker.py``) serves the GPU steps of that worker's
 flow runs. This module holds its pure logic, so that it is tested without
 sockets or a Prefect server:
 
@@ -9,11 +9,9 @@ sockets or a Prefect server:
   granted, so an ``occupy=2`` step is not starved by a stream of ``occupy=1``
   steps (head-of-line blocking is the price, and a bounded one: the head is
   granted as soon as the steps ahead of it finish).
-- :func:`release_action`: how a holder's Prefect lease is given back, given
-  what a probe of the lease said (the server may have lost it in a restart).
 - :func:`intake_open`: whether the worker takes new flow runs at a poll, given
   its GPU queue.
-- the wire format of the broker's Unix socket (one JSON object per line).
+- :func:`admission`: which processes may queue, and how much one flow run may ask.
 
 Example:
     >>> queue = GrantQueue(capacity=2)
@@ -28,12 +26,10 @@ Example:
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 
 class Unserviceable(ValueError):
@@ -154,56 +150,6 @@ class GrantQueue:
         return dropped
 
 
-class LeaseState(Enum):
-    """What renewing a Prefect lease just said about it."""
-
-    ALIVE = "alive"  # the server knows it: releasing it decrements the limit
-    LOST = "lost"  # 410 although renewed within its duration: a server restart forgot it
-    EXPIRED = "expired"  # 410 after its duration without renewal: the server took it back
-    UNKNOWN = "unknown"  # no answer (server down): ask again later
-
-
-class ReleaseAction(Enum):
-    RELEASE_LEASE = "release-lease"  # decrement-with-lease
-    DECREMENT = "decrement"  # bare decrement of the holder's slots, by limit name
-    NOTHING = "nothing"  # the slots are not counted in this limit any more
-    RETRY = "retry"  # the server cannot be asked now
-
-
-def release_action(state: LeaseState, same_limit: bool) -> ReleaseAction:
-    """How to give a finished holder's slots back to Prefect.
-
-    A lease the server lost (in-memory lease storage, server restarted) still
-    counts in the limit's ``active_slots``, which live in the database, and
-    releasing it is a silent no-op: the broker decrements by hand exactly the
-    slots that holder held. It never decrements slots it did not grant, so a
-    plain ``concurrency()`` holder is never uncounted by a repair. If the limit
-    was deleted and recreated meanwhile (a new id), the old slots are not in it.
-
-    Args:
-        state: the lease probe's answer.
-        same_limit: the limit still has the id the lease was taken on.
-    """
-    if state is LeaseState.UNKNOWN:
-        return ReleaseAction.RETRY
-    if state is LeaseState.ALIVE:
-        return ReleaseAction.RELEASE_LEASE
-    if state is LeaseState.EXPIRED:
-        # The server's repossessor decrements expired leases itself.
-        return ReleaseAction.NOTHING
-    return ReleaseAction.DECREMENT if same_limit else ReleaseAction.NOTHING
-
-
-def classify_gone_lease(seconds_since_renewal: float, lease_duration: float) -> LeaseState:
-    """A lease the server answers 410 for: lost (restart) or expired (repossessed).
-
-    A lease renewed less than its duration ago cannot have expired, so the server
-    forgot it; one not renewed for longer was (or will be) decremented by the
-    server's repossessor, and decrementing it again would uncount someone else.
-    """
-    return LeaseState.LOST if seconds_since_renewal < lease_duration else LeaseState.EXPIRED
-
-
 def intake_open(capacity: int, waiting_slots: int) -> bool:
     """Whether a worker takes new flow runs at this poll, given its GPU queue.
 
@@ -261,73 +207,3 @@ def admission(
     if peer_run is not None and run_slots + occupy > capacity:
         return Refusal.RUN_CAP
     return None
-
-
-# Wire format: one JSON object per line, UTF-8, over a Unix stream socket.
-# client -> broker: {"op": "acquire", "limit": NAME, "occupy": N, "holder": {...} | null}
-#                   {"op": "release"}
-#                   {"op": "stats"}
-# broker -> client: {"event": "granted", "lease_id": ID, "waited_s": S}
-#                   {"event": "released"}
-#                   {"event": "error", "kind": KIND, "message": TEXT}
-#   KIND: bad_request, limit_unusable, busy (connection cap), broker (its own
-#   failure), or a Refusal's value (stranger, run_cap)
-#                   {"event": "stats", ...}
-# The connection's lifetime is the grant's: closing it (or dying) releases.
-MAX_MESSAGE_BYTES = 4096
-
-
-@dataclass(frozen=True)
-class AcquireRequest:
-    """An ``acquire`` message, checked field by field."""
-
-    limit: str
-    occupy: int
-    holder: dict[str, Any] | None
-
-
-def parse_acquire(message: dict[str, Any]) -> AcquireRequest:
-    """Check an ``acquire`` message; a bad field is a one-line error naming it.
-
-    Raises:
-        ValueError: ``limit`` is not a non-empty string, ``occupy`` not a whole
-            number of at least 1 (``true``, ``1.5`` and ``null`` are refused,
-            not rounded), or ``holder`` neither an object nor null.
-
-    Example:
-        >>> parse_acquire({"op": "acquire", "limit": "gpu:w", "occupy": 2}).occupy
-        2
-        >>> parse_acquire({"limit": "gpu:w", "occupy": True})
-        Traceback (most recent call last):
-        ...
-        ValueError: occupy must be a whole number of slots >= 1, got true
-    """
-    limit = message.get("limit")
-    if not isinstance(limit, str) or not limit:
-        raise ValueError(f"limit must be a limit's name, got {json.dumps(limit)}")
-    occupy = message.get("occupy", 1)
-    if isinstance(occupy, bool) or not isinstance(occupy, int) or occupy < 1:
-        raise ValueError(f"occupy must be a whole number of slots >= 1, got {json.dumps(occupy)}")
-    holder = message.get("holder")
-    if holder is not None and not isinstance(holder, dict):
-        raise ValueError(f"holder must be an object or null, got {json.dumps(holder)}")
-    return AcquireRequest(limit, occupy, holder)
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    """One protocol message as a line of JSON."""
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def decode(line: bytes) -> dict[str, Any]:
-    """Parse one protocol line.
-
-    Raises:
-        ValueError: not a JSON object, or too long.
-    """
-    if len(line) > MAX_MESSAGE_BYTES:
-        raise ValueError("message too long")
-    message = json.loads(line)
-    if not isinstance(message, dict):
-        raise ValueError("message is not a JSON object")
-    return message

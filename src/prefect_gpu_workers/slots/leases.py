@@ -1,0 +1,71 @@
+"""A Prefect lease as the broker knows it, and what to do with it: pure decisions.
+
+Standard library only. :func:`release_action` decides how a finished holder's
+slots go back to Prefect from what a probe of its lease said (the server may
+have lost it in a restart, or taken it back when it expired); nothing here
+guesses from elapsed time alone except :func:`classify_gone_lease`, which a
+410 answer asks for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from uuid import UUID
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: UUID
+    limit_id: UUID
+    duration: float  # seconds it was taken or last renewed for
+
+
+class LeaseState(Enum):
+    """What renewing a Prefect lease just said about it."""
+
+    ALIVE = "alive"  # the server knows it: releasing it decrements the limit
+    LOST = "lost"  # 410 although renewed within its duration: a server restart forgot it
+    EXPIRED = "expired"  # 410 after its duration without renewal: the server took it back
+    UNKNOWN = "unknown"  # no answer (server down): ask again later
+
+
+class ReleaseAction(Enum):
+    RELEASE_LEASE = "release-lease"  # decrement-with-lease
+    DECREMENT = "decrement"  # bare decrement of the holder's slots, by limit name
+    NOTHING = "nothing"  # the slots are not counted in this limit any more
+    RETRY = "retry"  # the server cannot be asked now
+
+
+def release_action(state: LeaseState, same_limit: bool) -> ReleaseAction:
+    """How to give a finished holder's slots back to Prefect.
+
+    A lease the server lost (in-memory lease storage, server restarted) still
+    counts in the limit's ``active_slots``, which live in the database, and
+    releasing it is a silent no-op: the broker decrements by hand exactly the
+    slots that holder held. It never decrements slots it did not grant, so a
+    plain ``concurrency()`` holder is never uncounted by a repair. If the limit
+    was deleted and recreated meanwhile (a new id), the old slots are not in it.
+
+    Args:
+        state: the lease probe's answer.
+        same_limit: the limit still has the id the lease was taken on.
+    """
+    if state is LeaseState.UNKNOWN:
+        return ReleaseAction.RETRY
+    if state is LeaseState.ALIVE:
+        return ReleaseAction.RELEASE_LEASE
+    if state is LeaseState.EXPIRED:
+        # The server's repossessor decrements expired leases itself.
+        return ReleaseAction.NOTHING
+    return ReleaseAction.DECREMENT if same_limit else ReleaseAction.NOTHING
+
+
+def classify_gone_lease(seconds_since_renewal: float, lease_duration: float) -> LeaseState:
+    """A lease the server answers 410 for: lost (restart) or expired (repossessed).
+
+    A lease renewed less than its duration ago cannot have expired, so the server
+    forgot it; one not renewed for longer was (or will be) decremented by the
+    server's repossessor, and decrementing it again would uncount someone else.
+    """
+    return LeaseState.LOST if seconds_since_renewal < lease_duration else LeaseState.EXPIRED

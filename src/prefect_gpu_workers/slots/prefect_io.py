@@ -1,0 +1,149 @@
+"""The broker's calls to Prefect: read a limit, take, renew and give back leases.
+
+Each call is made once, bounded, without the Prefect client's own retries:
+the broker decides what may be sent again (``leases.release_action``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.context import SettingsContext, get_settings_context
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+
+from prefect_gpu_workers.slots.leases import Lease, LeaseState, classify_gone_lease
+
+# Answers that say the request did nothing: Prefect answers 503 for database
+# errors a client may retry (SQLite busy, a lost PostgreSQL connection) and the
+# transaction is rolled back (a connection lost during the commit itself is the
+# one case no client can tell); 429 is a refusal before any work.
+NOT_APPLIED = frozenset({429, 503})
+
+
+# A new lease is taken for Prefect's shortest duration, and renewed for the
+# broker's own at the first upkeep after a quarter of it. An increment whose
+# answer is lost (a timeout, a 500 after the commit) leaves a lease nobody
+# knows; Prefect's API has no way to find it, so it holds its slots until it
+# expires: a minute instead of five.
+FIRST_LEASE_S = 60.0
+
+
+def transient(exc: BaseException) -> bool:
+    """An error worth another try: no answer, or the server said it could not serve now.
+
+    Prefect answers 503 when its database is busy (SQLite locked) and rolls the
+    transaction back, so the request did nothing and may be sent again.
+    """
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) and (
+        exc.response.status_code >= 500 or exc.response.status_code in NOT_APPLIED
+    )
+
+
+class LimitUnusable(Exception):
+    """The Prefect limit cannot gate a step (missing, inactive, too small)."""
+
+
+@dataclass(frozen=True)
+class LimitInfo:
+    id: UUID
+    limit: int
+    active: bool
+
+
+class PrefectSlots:
+    """The broker's Prefect calls: read the limit, take, renew and give back leases.
+
+    Each call is made once, without the Prefect client's own retries (which back
+    off up to a minute while a server restarts): the broker retries on its own
+    schedule, and only where a retry cannot count a slot twice.
+    """
+
+    def __init__(self, client: PrefectClient, lease_duration: float, busy_poll_s: float) -> None:
+        self.client = client
+        self.lease_duration = lease_duration
+        self.busy_poll_s = busy_poll_s
+        context = get_settings_context()
+        self._profile = context.profile
+        self._settings = context.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+
+    def _once(self) -> SettingsContext:
+        return SettingsContext(profile=self._profile, settings=self._settings)
+
+    async def read_limit(self, name: str) -> LimitInfo | None:
+        try:
+            with self._once():
+                limit = await self.client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            return None
+        return LimitInfo(limit.id, limit.limit, limit.active)
+
+    async def try_acquire(
+        self, name: str, occupy: int, holder: ConcurrencyLeaseHolder | None
+    ) -> Lease | float:
+        """One attempt: the lease, or the seconds to wait before the next attempt.
+
+        The lease is taken for :data:`FIRST_LEASE_S` (or the broker's duration,
+        when shorter); renewals extend it to the broker's duration.
+
+        Raises:
+            LimitUnusable: the limit does not exist or cannot hold ``occupy``.
+            httpx.TransportError: the server cannot be reached.
+        """
+        try:
+            with self._once():
+                response = await self.client.increment_concurrency_slots_with_lease(
+                    names=[name],
+                    slots=occupy,
+                    mode="concurrency",
+                    lease_duration=self.first_lease_duration,
+                    holder=holder,
+                )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:
+                # Someone outside the broker holds slots: only this waiter polls.
+                retry_after = float(exc.response.headers.get("Retry-After", self.busy_poll_s))
+                return min(retry_after, self.busy_poll_s)
+            if exc.response.status_code == 422:
+                raise LimitUnusable(f"limit {name!r} cannot hold {occupy} slot(s)") from exc
+            raise
+        body = response.json()
+        if not body.get("limits"):
+            raise LimitUnusable(f"limit {name!r} does not exist")
+        return Lease(
+            UUID(body["lease_id"]), UUID(body["limits"][0]["id"]), self.first_lease_duration
+        )
+
+    @property
+    def first_lease_duration(self) -> float:
+        return min(FIRST_LEASE_S, self.lease_duration)
+
+    async def probe(self, lease: Lease, seconds_since_renewal: float) -> LeaseState:
+        """Renew the lease (for the broker's full duration); say whether the server
+        still knows it."""
+        try:
+            with self._once():
+                await self.client.renew_concurrency_lease(lease.id, self.lease_duration)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 410:
+                return classify_gone_lease(seconds_since_renewal, lease.duration)
+            return LeaseState.UNKNOWN
+        except httpx.TransportError:
+            return LeaseState.UNKNOWN
+        return LeaseState.ALIVE
+
+    async def release_lease(self, lease_id: UUID) -> None:
+        with self._once():
+            await self.client.release_concurrency_slots_with_lease(lease_id)
+
+    async def decrement(self, name: str, occupy: int, held_s: float) -> None:
+        with self._once():
+            await self.client.release_concurrency_slots(
+                names=[name], slots=occupy, occupancy_seconds=max(held_s, 0.001)
+            )
