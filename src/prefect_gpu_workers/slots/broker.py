@@ -53,6 +53,7 @@ import time
 from collections.abc import Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -70,7 +71,14 @@ from prefect_gpu_workers.slots.grants import (
     admission,
     intake_open,
 )
-from prefect_gpu_workers.slots.leases import Lease, LeaseState, ReleaseAction, release_action
+from prefect_gpu_workers.slots.leases import (
+    Lease,
+    LeaseHold,
+    LeaseState,
+    ReleaseAction,
+    release_action,
+    unclear_send,
+)
 from prefect_gpu_workers.slots.metrics import Histogram, render
 from prefect_gpu_workers.slots.prefect_io import (
     NOT_APPLIED,
@@ -130,35 +138,52 @@ def _holder_is_run(holder: ConcurrencyLeaseHolder | None, run_id: str) -> bool:
     return holder.type == "task_run" or str(holder.id) == run_id
 
 
+class Phase(Enum):
+    """Where a step's request is."""
+
+    WAITING = "waiting"  # queued
+    GRANTED = "granted"  # its turn came; the Prefect lease is being taken
+    REFUSED = "refused"  # never grantable: told so
+    ANNOUNCED = "announced"  # leased and told: the step runs
+
+
 @dataclass
 class Holder:
-    """One connection's request, then grant."""
+    """One connection's request, then grant.
+
+    Two explicit states: ``phase`` (where the step's request is) and ``hold``
+    (what is known of its Prefect lease, which decides the give-back).
+    """
 
     ticket: int
     limit: str
     occupy: int
     holder: ConcurrencyLeaseHolder | None
     queued_at: float
-    granted: asyncio.Event = field(default_factory=asyncio.Event)
-    refused: str | None = None
+    phase: Phase = Phase.WAITING
+    decided: asyncio.Event = field(default_factory=asyncio.Event)  # granted or refused
+    refusal: str = ""
     lease: Lease | None = None
+    hold: LeaseHold = LeaseHold.ALIVE
     leased_at: float = 0.0
     renewed_at: float = 0.0
-    lost: bool = False
-    # The give-back request (release or decrement) that was sent and may have
-    # landed: its answer was an error or never came. Only a lease release may
-    # be sent again (Prefect ignores a lease it no longer knows); anything else
-    # could count the slots back twice.
-    sent: ReleaseAction | None = None
-    announced: bool = False  # the step was told it holds the slot
     pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
     run_id: str | None = None  # that process's flow run (its PREFECT__FLOW_RUN_ID)
+
+    def grant(self) -> None:
+        """Its turn came: the broker takes its lease now."""
+        self.phase = Phase.GRANTED
+        self.decided.set()
+
+    def refuse(self, why: str) -> None:
+        """It can never be granted (the limit shrank below what it asks)."""
+        self.phase, self.refusal = Phase.REFUSED, why
+        self.decided.set()
 
     def take_lease(self, lease: Lease, renewed_at: float) -> None:
         """Hold ``lease`` from now on: what was known of the one before goes with it
         (a lost lease's re-count after a limit is recreated is a live one)."""
-        self.lease, self.renewed_at = lease, renewed_at
-        self.lost, self.sent = False, None
+        self.lease, self.renewed_at, self.hold = lease, renewed_at, LeaseHold.ALIVE
 
 
 @dataclass
@@ -367,9 +392,14 @@ class SlotBroker:
         return {
             "limits": self.snapshot(),
             "holders": [
-                {"limit": h.limit, "occupy": h.occupy, "pid": h.pid, "lease_lost": h.lost}
+                {
+                    "limit": h.limit,
+                    "occupy": h.occupy,
+                    "pid": h.pid,
+                    "lease_lost": h.hold in (LeaseHold.LOST, LeaseHold.DECREMENT_SENT),
+                }
                 for h in self._holders.values()
-                if h.announced
+                if h.phase is Phase.ANNOUNCED
             ],
             "handoffs": self.stats.handoff_seconds.count,
             "handoff_seconds_sum": round(self.stats.handoff_seconds.total, 6),
@@ -519,12 +549,12 @@ class SlotBroker:
         client_done = asyncio.ensure_future(reader.readline())
         try:
             self._dispatch(slots)
-            granted = asyncio.ensure_future(holder.granted.wait())
-            await asyncio.wait({granted, client_done}, return_when=asyncio.FIRST_COMPLETED)
-            granted.cancel()
-            if holder.refused is not None:
-                raise LimitUnusable(holder.refused)
-            if not holder.granted.is_set() or client_done.done():
+            decided = asyncio.ensure_future(holder.decided.wait())
+            await asyncio.wait({decided, client_done}, return_when=asyncio.FIRST_COMPLETED)
+            decided.cancel()
+            if holder.phase is Phase.REFUSED:
+                raise LimitUnusable(holder.refusal)
+            if holder.phase is not Phase.GRANTED or client_done.done():
                 return  # gave up while waiting (cancelled, timed out, died), or closing
             # Granted locally: the Prefect lease is taken to completion even if the
             # client leaves meanwhile (an abandoned increment would leak a slot).
@@ -546,7 +576,7 @@ class SlotBroker:
                 )
             )
             await writer.drain()
-            holder.announced = True
+            holder.phase = Phase.ANNOUNCED
             line = await client_done
             await self._finish(holder, slots)
             if not line:  # died or left without a release: its slots are back now
@@ -622,7 +652,7 @@ class SlotBroker:
             # The handoff gap runs from here to the next waiter's lease.
             slots.released_with_waiters_at = self.clock()
         self._pass_lease(holder, slots)
-        if holder.lease is not None and self._closing and holder.announced:
+        if holder.lease is not None and self._closing and holder.phase is Phase.ANNOUNCED:
             pass  # the step still runs and releases its own lease (see close)
         elif holder.lease is not None:
             task = self._spawn(self._give_back(holder, retry=True))
@@ -642,7 +672,7 @@ class SlotBroker:
         release. Prefect keeps naming the lease's first holder. A lease that
         Prefect lost is not passed (its give-back repairs the count).
         """
-        if holder.lease is None or holder.lost or self._closing:
+        if holder.lease is None or holder.hold is not LeaseHold.ALIVE or self._closing:
             return
         if self.clock() - holder.renewed_at >= holder.lease.duration:
             # Not renewed within its duration (the server was away): the
@@ -675,7 +705,7 @@ class SlotBroker:
                 if not transient(exc):
                     logger.exception("giving back %s failed", holder.limit)
                     action = ReleaseAction.NOTHING
-                elif holder.sent is ReleaseAction.DECREMENT:
+                elif holder.hold is LeaseHold.DECREMENT_SENT:
                     # A bare decrement that may have landed is never sent again: a
                     # second one could uncount another holder. The broker errs
                     # towards a slot counted too long.
@@ -703,10 +733,10 @@ class SlotBroker:
             raise
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code not in NOT_APPLIED:
-                holder.sent = action
+                holder.hold = unclear_send(action)
             raise
         except BaseException:
-            holder.sent = action
+            holder.hold = unclear_send(action)
             raise
 
     async def _release_once(self, holder: Holder, lease: Lease, now: float) -> ReleaseAction:
@@ -716,7 +746,7 @@ class SlotBroker:
         lease of a release that landed is gone, and a probe's 410 would read as
         "lost by a restart" and lead to a second, bare decrement.
         """
-        if holder.sent is ReleaseAction.RELEASE_LEASE:
+        if holder.hold is LeaseHold.RELEASE_SENT:
             await self._send(
                 holder, ReleaseAction.RELEASE_LEASE, self.prefect.release_lease(lease.id)
             )
@@ -724,13 +754,13 @@ class SlotBroker:
         # A lease the server lost stays lost: probing it again would, a lease
         # duration after its last renewal, read the same 410 as "expired" and
         # give nothing back, and the server's repossessor does not know it.
-        if holder.lost:
+        if holder.hold is LeaseHold.LOST:
             state = LeaseState.LOST
         else:
             state = await self.prefect.probe(lease, now - holder.renewed_at)
         same_limit = True
         if state is LeaseState.LOST:
-            holder.lost = True
+            holder.hold = LeaseHold.LOST
             info = await self.prefect.read_limit(holder.limit)  # transient errors: retry
             same_limit = info is not None and info.id == lease.limit_id
         action = release_action(state, same_limit)
@@ -753,7 +783,7 @@ class SlotBroker:
         if self._closing:
             return  # waiters are being sent away to poll Prefect: grant nobody
         for ticket in slots.queue.grant():
-            self._holders[ticket].granted.set()
+            self._holders[ticket].grant()
         if self.on_dispatch is not None:
             self.on_dispatch()
 
@@ -777,9 +807,8 @@ class SlotBroker:
                 continue  # deleted: leases die with it; a recreated one is re-counted below
             if info.limit != slots.queue.capacity and info.limit >= 1:
                 for ticket in slots.queue.resize(info.limit):
-                    holder = self._holders[ticket]
-                    holder.refused = f"limit {slots.name!r} shrank to {info.limit} slot(s)"
-                    holder.granted.set()
+                    why = f"limit {slots.name!r} shrank to {info.limit} slot(s)"
+                    self._holders[ticket].refuse(why)
                 self._dispatch(slots)
             if info.id != slots.info.id:
                 logger.warning("limit %s was recreated: re-counting its holders", slots.name)
@@ -815,7 +844,7 @@ class SlotBroker:
             for holder in self._holders.values()
             # A lost lease cannot be renewed; its give-back repairs the count.
             if holder.lease is not None
-            and not holder.lost
+            and holder.hold is LeaseHold.ALIVE
             and now - holder.renewed_at >= holder.lease.duration / 4
         ]
         # All at once, each bounded: one slow answer must not hold the others
@@ -829,8 +858,8 @@ class SlotBroker:
             if state is LeaseState.ALIVE:
                 holder.renewed_at = now
                 holder.lease = replace(lease, duration=self.lease_duration)
-            elif state is LeaseState.LOST and not holder.lost:
-                holder.lost = True
+            elif state is LeaseState.LOST and holder.hold is LeaseHold.ALIVE:
+                holder.hold = LeaseHold.LOST
                 logger.warning("Prefect lost the lease of a holder of %s", holder.limit)
 
     async def _probe_bounded(self, lease: Lease, seconds_since_renewal: float) -> LeaseState:

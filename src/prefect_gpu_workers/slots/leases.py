@@ -69,3 +69,32 @@ def classify_gone_lease(seconds_since_renewal: float, lease_duration: float) -> 
     server's repossessor, and decrementing it again would uncount someone else.
     """
     return LeaseState.LOST if seconds_since_renewal < lease_duration else LeaseState.EXPIRED
+
+
+class LeaseHold(Enum):
+    """What the broker knows of a holder's Prefect lease; its give-back follows from it.
+
+    ``ALIVE -> LOST`` when a renewal or probe meets a 410 within the lease's
+    duration; ``ALIVE -> RELEASE_SENT`` and ``LOST -> DECREMENT_SENT`` when a
+    give-back's answer was an error or never came (it may have landed). A new
+    lease (a handoff, a re-count) starts ``ALIVE`` again.
+    """
+
+    ALIVE = "alive"  # renewed as far as the broker knows: renew it, pass it on, probe then release
+    LOST = "lost"  # a restart forgot it: never probed again; given back by a hand decrement
+    RELEASE_SENT = "release-sent"  # a release may have landed: only a release is sent again
+    DECREMENT_SENT = "decrement-sent"  # a decrement may have landed: nothing is sent again
+
+
+def unclear_send(action: ReleaseAction) -> LeaseHold:
+    """The hold after a give-back ``action`` whose answer did not say it did nothing.
+
+    Example:
+        >>> unclear_send(ReleaseAction.DECREMENT).value
+        'decrement-sent'
+    """
+    if action is ReleaseAction.RELEASE_LEASE:
+        return LeaseHold.RELEASE_SENT
+    if action is ReleaseAction.DECREMENT:
+        return LeaseHold.DECREMENT_SENT
+    raise ValueError(f"{action} sends nothing")
