@@ -194,37 +194,48 @@ class _BrokerGrant:
                 client.release_concurrency_slots_with_lease(self.lease_id)
 
 
-def _broker_acquire(request: GpuSlotRequest, timeout_seconds: float | None) -> _BrokerGrant | None:
-    """Wait at the broker; ``None`` means: no broker, poll Prefect instead."""
+def _broker_path() -> str | None:
+    """The worker's broker socket; ``None`` (said once) when there is none."""
     path = os.environ.get(SLOT_BROKER_ENV)
     if not path:
         _say_fallback(f"{SLOT_BROKER_ENV} is not set")
+    return path or None
+
+
+def _first_answer(request: GpuSlotRequest, path: str, line: bytes) -> UUID | None:
+    """The broker's first answer read: the granted lease, or ``None`` (said once):
+    poll Prefect instead.
+
+    Raises:
+        GpuLimitUnavailable: the broker says the limit cannot gate the step.
+    """
+    if not line:
+        _say_fallback(f"{path} closed the connection")
+        return None
+    return _granted_lease(request, decode(line))
+
+
+def _broker_acquire(request: GpuSlotRequest, timeout_seconds: float | None) -> _BrokerGrant | None:
+    """Wait at the broker; ``None`` means: no broker, poll Prefect instead."""
+    path = _broker_path()
+    if path is None:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     lines = sock.makefile("rb")
+    lease_id: UUID | None = None
     try:
         sock.connect(path)
         sock.sendall(_acquire_message(request))
         sock.settimeout(timeout_seconds)
-        line = lines.readline()
+        lease_id = _first_answer(request, path, lines.readline())
     except TimeoutError:
-        sock.close()  # the broker drops the request when the connection closes
-        raise _timeout_error(timeout_seconds) from None
+        raise _timeout_error(timeout_seconds) from None  # closing drops the request
     except OSError as exc:
-        sock.close()
         _say_fallback(f"{path}: {exc}")
-        return None
-    if not line:
-        sock.close()
-        _say_fallback(f"{path} closed the connection")
-        return None
-    try:
-        lease_id = _granted_lease(request, decode(line))
-    except BaseException:
-        sock.close()
-        raise
+    finally:
+        if lease_id is None:
+            sock.close()
     if lease_id is None:
-        sock.close()
         return None
     sock.settimeout(None)
     return _BrokerGrant(sock, lines, lease_id)
@@ -271,39 +282,31 @@ def gpu_slot(
 async def _abroker_acquire(
     request: GpuSlotRequest, timeout_seconds: float | None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, UUID] | None:
-    path = os.environ.get(SLOT_BROKER_ENV)
-    if not path:
-        _say_fallback(f"{SLOT_BROKER_ENV} is not set")
+    """Async twin of :func:`_broker_acquire`: the same answers, read the same way."""
+    path = _broker_path()
+    if path is None:
         return None
     try:
         reader, writer = await asyncio.open_unix_connection(path)
     except OSError as exc:
         _say_fallback(f"{path}: {exc}")
         return None
+    lease_id: UUID | None = None
     try:
         writer.write(_acquire_message(request))
         await writer.drain()
         async with asyncio.timeout(timeout_seconds):
-            line = await reader.readline()
-        if not line:
-            _say_fallback(f"{path} closed the connection")
-            writer.close()
-            return None
-        lease_id = _granted_lease(request, decode(line))
+            lease_id = _first_answer(request, path, await reader.readline())
+    except TimeoutError:
+        raise _timeout_error(timeout_seconds) from None  # closing drops the request
+    except OSError as exc:
+        _say_fallback(f"{path}: {exc}")
+    finally:  # also when cancelled while waiting: closing drops the request
         if lease_id is None:
             writer.close()
-            return None
-        return reader, writer, lease_id
-    except TimeoutError:
-        writer.close()
-        raise _timeout_error(timeout_seconds) from None
-    except OSError as exc:
-        writer.close()
-        _say_fallback(f"{path}: {exc}")
+    if lease_id is None:
         return None
-    except BaseException:  # cancelled while waiting: closing drops the request
-        writer.close()
-        raise
+    return reader, writer, lease_id
 
 
 @asynccontextmanager
