@@ -14,7 +14,7 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.context import SettingsContext, get_settings_context
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, Settings
 
 from prefect_gpu_workers.slots.leases import Lease, LeaseState, classify_gone_lease
 
@@ -57,6 +57,23 @@ class LimitInfo:
     active: bool
 
 
+# Settings -> the same without the client's retries. Copying Prefect's settings
+# validates every field (about a tenth of a second): done once per settings
+# object, not once per broker (the simulation starts thousands).
+_NO_RETRIES: dict[int, tuple[Settings, Settings]] = {}
+
+
+def _without_retries(settings: Settings) -> Settings:
+    cached = _NO_RETRIES.get(id(settings))
+    if cached is not None and cached[0] is settings:
+        return cached[1]
+    copy = settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+    if len(_NO_RETRIES) >= 8:  # a few settings objects live at once; keep no more
+        _NO_RETRIES.clear()
+    _NO_RETRIES[id(settings)] = (settings, copy)  # the source kept: its id is not reused
+    return copy
+
+
 class PrefectSlots:
     """The broker's Prefect calls: read the limit, take, renew and give back leases.
 
@@ -71,7 +88,7 @@ class PrefectSlots:
         self.busy_poll_s = busy_poll_s
         context = get_settings_context()
         self._profile = context.profile
-        self._settings = context.settings.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+        self._settings = _without_retries(context.settings)
 
     def _once(self) -> SettingsContext:
         return SettingsContext(profile=self._profile, settings=self._settings)
