@@ -26,6 +26,9 @@ DEFAULT_LIMIT_PREFIX = "gpu"
 # The Unix socket of the worker's slot broker; the worker entrypoint sets it, and
 # its flow runs (child processes) inherit it as they inherit WORKER_ID.
 SLOT_BROKER_ENV = "PGW_SLOT_BROKER"
+# The slot broker's Prefect lease duration in seconds (default 300; Prefect's
+# shortest is 60). A knob for drills (bench --faults), not for production.
+BROKER_LEASE_ENV = "PGW_BROKER_LEASE_SECONDS"
 # Prefect's process worker gives each flow-run process the run's id here.
 FLOW_RUN_ID_ENV = "PREFECT__FLOW_RUN_ID"
 

@@ -52,6 +52,7 @@ from prefect_gpu_workers.drain import (
 )
 from prefect_gpu_workers.journal import InFlightJournal, LeftBehind
 from prefect_gpu_workers.naming import (
+    BROKER_LEASE_ENV,
     FLOW_RUN_ID_ENV,
     SLOT_BROKER_ENV,
     WORKER_ID_ENV,
@@ -76,6 +77,9 @@ STOP_BUDGET_S = DRAIN_MARGIN_S - 5.0
 EXIT_S = 2.0
 # Prefect's worker cancelled: its teardown gets this long.
 WORKER_STOP_S = 2.0
+# The broker's Prefect lease, and Prefect's shortest.
+DEFAULT_LEASE_S = 300.0
+MIN_LEASE_S = 60.0
 # Pauses between tries of a submission's first write after a transient error.
 SUBMIT_RETRY_S = (1.0, 2.0, 4.0)
 # Pauses between tries to settle what an earlier worker of this name left, before
@@ -615,7 +619,10 @@ async def serve_worker(
     """Run the slot broker and the Prefect process worker in this event loop until drained."""
     from prefect_gpu_workers.slots.broker import SlotBroker
 
-    async with SlotBroker(worker_id, socket_path) as broker:
+    lease_s = float(os.environ.get(BROKER_LEASE_ENV) or DEFAULT_LEASE_S)
+    if lease_s < MIN_LEASE_S:
+        raise ValueError(f"{BROKER_LEASE_ENV}={lease_s:g}: Prefect's shortest lease is 60 s")
+    async with SlotBroker(worker_id, socket_path, lease_duration=lease_s) as broker:
         await broker.watch(request.name)
         os.environ[SLOT_BROKER_ENV] = str(broker.socket_path)
         print(f"slot broker for {request.name} on {broker.socket_path}", flush=True)

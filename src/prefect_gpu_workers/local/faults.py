@@ -14,6 +14,14 @@ Afterwards, from the recorded GPU-step intervals and the limits:
 ``over_admissions`` (GPU-step starts at which a worker held more slots than its
 limit), ``slots_leaked_after_server_restart`` (slots still counted once every run
 is over), ``runs_failed`` (the killed run is one of them: ``runs_killed``).
+
+Then the long-step case: the workers' brokers take 60 s leases (Prefect's
+shortest, ``PGW_BROKER_LEASE_SECONDS``), one more run's GPU step lasts 90 s,
+and the server restarts (in-memory leases: its lease is forgotten) while the
+step holds its slot. The step ends more than a lease's duration after its last
+good renewal, which is when a broker that guessed from elapsed time took the
+lease for expired and gave nothing back: ``slots_leaked_after_long_step_restart``
+counts what its limit still holds once the run is over.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from uuid import UUID
 
 from rich.console import Console
 
@@ -41,9 +51,11 @@ from prefect_gpu_workers.local.plan import (
     plan_workers,
     worker_ids,
 )
+from prefect_gpu_workers.local.prefect_ops import active_slots, read_runs, submit_runs
 from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.views import ProgressView, plain_printer
+from prefect_gpu_workers.naming import BROKER_LEASE_ENV
 from prefect_gpu_workers.report import PhaseMetrics, over_admissions
 from prefect_gpu_workers.slots.wire import decode, encode
 
@@ -60,11 +72,18 @@ class Drill:
     notes: list[str] = field(default_factory=list)
 
 
+# The workers' broker lease in the drill (Prefect's shortest), and how much
+# longer than it the long step runs.
+DRILL_LEASE_S = 60
+LONG_STEP_EXTRA_S = 30
+
+
 @dataclass(frozen=True)
 class FaultResult:
     over_admissions: int
     slot_reclaim_after_kill_s: float | None
     slots_leaked_after_server_restart: int
+    slots_leaked_after_long_step_restart: int | None
     runs_failed: int
     runs_killed: int
     server_restart_s: float | None
@@ -76,6 +95,7 @@ class FaultResult:
         return (
             self.over_admissions == 0
             and self.slots_leaked_after_server_restart == 0
+            and self.slots_leaked_after_long_step_restart == 0
             and self.runs_failed <= self.runs_killed
             and self.slot_reclaim_after_kill_s is not None
             and self.server_restart_s is not None
@@ -88,6 +108,7 @@ class FaultResult:
             "over_admissions": self.over_admissions,
             "slot_reclaim_after_kill_s": self.slot_reclaim_after_kill_s,
             "slots_leaked_after_server_restart": self.slots_leaked_after_server_restart,
+            "slots_leaked_after_long_step_restart": self.slots_leaked_after_long_step_restart,
             "runs_failed": self.runs_failed,
             "runs_killed": self.runs_killed,
             "server_restart_s": self.server_restart_s,
@@ -171,6 +192,43 @@ def _drill_steps(session: LocalSession, plan: WorkerPlan, drill: Drill, timeout_
     drill.server_restart_s = round(time.monotonic() - stopped_at, 2)
 
 
+def _long_step_case(
+    session: LocalSession,
+    deployment_id: UUID,
+    plans: Sequence[WorkerPlan],
+    drill: Drill,
+    timeout_s: float,
+) -> int | None:
+    """A GPU step that outlives its lease across a server restart; the slots its
+    limits still hold once its run is over (``None``: the case could not run)."""
+    server = session.server
+    if server is None:
+        drill.notes.append("long step: an external Prefect server cannot be restarted")
+        return None
+    gpu_s = DRILL_LEASE_S + LONG_STEP_EXTRA_S
+    params = PipelineParams(items=1, download_s=0.1, gpu_s=gpu_s, save_s=0.1, simulate=True)
+    names = [plan.limit_name for plan in plans]
+    with session.client() as client:
+        (run_id,) = submit_runs(client, deployment_id, 1, params.as_parameters())
+        if not _wait(lambda: sum(active_slots(client, names).values()) > 0, timeout_s, 0.2):
+            drill.notes.append("long step: its GPU step never held a slot")
+            return None
+    server.stop()
+    server.start(timeout_s=300)
+    with session.client() as client:
+
+        def ended() -> bool:
+            (run,) = read_runs(client, [run_id])
+            return run.state is not None and run.state.is_final()
+
+        if not _wait(ended, gpu_s + timeout_s, 1.0):
+            drill.notes.append("long step: its run did not end")
+            return None
+        # The give-back follows the step's end at once; allow a few seconds.
+        _wait(lambda: sum(active_slots(client, names).values()) == 0, 10, 0.2)
+        return sum(active_slots(client, names).values())
+
+
 def run_faults(options: BenchOptions, console: Console) -> FaultResult:
     """Run one task-level batch of ``options`` with the drill; progress goes to ``console``.
 
@@ -192,11 +250,9 @@ def run_faults(options: BenchOptions, console: Console) -> FaultResult:
     batch_runs = options.runs or 5 * slots * options.workers
     workdir_path, _ = make_workdir(options.workdir, "pgw-faults-")
     console.print(f"work directory (logs, records): {workdir_path}")
-    worker_env = (
-        {WORKER_QUERY_SECONDS_ENV: str(options.worker_query_seconds)}
-        if options.worker_query_seconds
-        else {}
-    )
+    worker_env = {BROKER_LEASE_ENV: str(DRILL_LEASE_S)}
+    if options.worker_query_seconds:
+        worker_env[WORKER_QUERY_SECONDS_ENV] = str(options.worker_query_seconds)
     drill = Drill()
     # The restart must lose the leases, as a default Prefect server does.
     with LocalSession(
@@ -225,6 +281,13 @@ def run_faults(options: BenchOptions, console: Console) -> FaultResult:
                     options.timeout_s,
                 )
             thread.join(60)
+            console.print(
+                f"long step: a {DRILL_LEASE_S + LONG_STEP_EXTRA_S} s GPU step on "
+                f"{DRILL_LEASE_S} s leases, the server restarted while it holds its slot"
+            )
+            long_step_leaked = _long_step_case(
+                session, deployment_id, plans, drill, options.timeout_s
+            )
         finally:
             session.stop_workers()
     limits = {plan.worker_id: plan.slots for plan in plans}
@@ -232,6 +295,7 @@ def run_faults(options: BenchOptions, console: Console) -> FaultResult:
         over_admissions=over_admissions(batch.records, limits),
         slot_reclaim_after_kill_s=drill.slot_reclaim_after_kill_s,
         slots_leaked_after_server_restart=sum(batch.slots_held_after.values()),
+        slots_leaked_after_long_step_restart=long_step_leaked,
         runs_failed=batch.metrics.runs_failed,
         runs_killed=1 if drill.killed_pid else 0,
         server_restart_s=drill.server_restart_s,
@@ -245,6 +309,7 @@ def render_faults(result: FaultResult, console: Console) -> None:
         f"over_admissions {result.over_admissions}, "
         f"slot_reclaim_after_kill_s {result.slot_reclaim_after_kill_s}, "
         f"slots_leaked_after_server_restart {result.slots_leaked_after_server_restart}, "
+        f"slots_leaked_after_long_step_restart {result.slots_leaked_after_long_step_restart}, "
         f"runs_failed {result.runs_failed} (killed on purpose: {result.runs_killed}), "
         f"server restart took {result.server_restart_s} s"
     )
