@@ -23,6 +23,7 @@ import pytest
 import urllib3
 from kubernetes import client, watch
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pgw_flows.deploy import deploy_pipeline
@@ -222,6 +223,17 @@ def test_worker_pods_on_a_real_node_hold_their_limits_and_leave_no_slot_held(
     deployment_id = deploy_pipeline(work_pool, name=unique("node-e2e"), parameters=params)
     runs = wait_until_final(prefect, submit_runs(prefect, deployment_id, 10, params))
     assert [r.state.type.value for r in runs if r.state] == ["COMPLETED"] * 10
+    # Every GPU step waited at its pod's broker, which serves only its worker's
+    # runs (the peer's PREFECT__FLOW_RUN_ID, read from /proc in the container):
+    # none fell back to polling Prefect, which it says in the run's log.
+    warnings = prefect.read_logs(
+        log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs]),
+            level=LogFilterLevel(ge_=30),
+        ),
+        limit=200,
+    )
+    assert not [w.message for w in warnings if "no slot broker" in w.message]
     # Prefect's own list: one worker per pod, named after it.
     assert {w.name for w in prefect.read_workers_for_work_pool(work_pool)} == set(pods)
     # No slot left held: each pod's limit, read from Prefect, is free.
