@@ -137,6 +137,10 @@ class Report:
         return hashlib.sha256("\n".join(self.trace).encode()).hexdigest()[:16]
 
 
+# The slot authority's loggers (broker, give-backs) all log below this one.
+SLOTS_LOGGER = "prefect_gpu_workers.slots"
+
+
 class _ErrorLog(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
@@ -346,7 +350,7 @@ class Simulation:
 
         transport = ModelTransport(model, self.rng, schedule.faults, observe=observe)
         errors = _ErrorLog()
-        broker_log = logging.getLogger("prefect_gpu_workers.slots.broker")
+        broker_log = logging.getLogger(SLOTS_LOGGER)
         broker_log.addHandler(errors)
         options = {"lease_duration": schedule.lease_duration, **self.broker_options}
         try:
@@ -513,7 +517,7 @@ def simulate(schedule: Schedule, **broker_options: Any) -> Report:
 @contextlib.contextmanager
 def quiet_broker_logs() -> Any:
     """The broker warns about every fault the simulation injects: not for the screen."""
-    broker_log = logging.getLogger("prefect_gpu_workers.slots.broker")
+    broker_log = logging.getLogger(SLOTS_LOGGER)
     level, propagate = broker_log.level, broker_log.propagate
     broker_log.setLevel(logging.WARNING)
     broker_log.propagate = False

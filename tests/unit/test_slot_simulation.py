@@ -22,6 +22,7 @@ from slot_simulation.simulate import Report, quiet_broker_logs, simulate
 
 from prefect_gpu_workers.slots import prefect_io
 from prefect_gpu_workers.slots.broker import SlotBroker
+from prefect_gpu_workers.slots.give_back import GiveBacks
 from prefect_gpu_workers.slots.grants import GrantQueue
 
 SEEDS = range(0, 120)
@@ -117,8 +118,10 @@ def _first_failing(
     return None
 
 
-def _patch(monkeypatch: pytest.MonkeyPatch, name: str, make: Callable[[Any], Any]) -> None:
-    monkeypatch.setattr(SlotBroker, name, make(getattr(SlotBroker, name)))
+def _patch(
+    monkeypatch: pytest.MonkeyPatch, owner: type, name: str, make: Callable[[Any], Any]
+) -> None:
+    monkeypatch.setattr(owner, name, make(getattr(owner, name)))
 
 
 def test_a_broker_that_never_renews_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,10 +133,10 @@ def test_a_broker_that_never_renews_is_caught(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_a_broker_that_forgets_to_give_back_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def forget(self: SlotBroker, holder: Any, retry: bool) -> None:
+    async def forget(self: GiveBacks, holder: Any, retry: bool) -> None:
         holder.lease = None
 
-    monkeypatch.setattr(SlotBroker, "_give_back", forget)
+    monkeypatch.setattr(GiveBacks, "give_back", forget)
     assert _first_failing("no leak") is not None
 
 
@@ -142,15 +145,15 @@ def test_a_broker_that_decrements_twice_is_caught(monkeypatch: pytest.MonkeyPatc
 
     def make(original: Any) -> Any:
         async def release_then_decrement(
-            self: SlotBroker, holder: Any, lease: Any, now: float
+            self: GiveBacks, holder: Any, lease: Any, now: float
         ) -> Any:
             action = await original(self, holder, lease, now)
-            await self.prefect.decrement(holder.limit, holder.occupy, 1.0)
+            await self.prefect().decrement(holder.limit, holder.occupy, 1.0)
             return action
 
         return release_then_decrement
 
-    _patch(monkeypatch, "_release_once", make)
+    _patch(monkeypatch, GiveBacks, "release_once", make)
     assert _first_failing("counted") is not None
 
 

@@ -11,6 +11,8 @@ socket, FIFO and in milliseconds, holding a Prefect lease for every grant.
 | ``leases`` | stdlib, pure: a lease as the broker knows it; how its slots go back |
 | ``metrics`` | stdlib: the broker's Prometheus text, bounded histograms |
 | ``prefect_io`` | the broker's Prefect calls, each once and bounded |
-| ``broker`` | ``SlotBroker``: sessions (one connection per step), dispatch, upkeep, give-backs |
+| ``holders`` | a step's request as the broker holds it: ``Phase`` and ``LeaseHold`` |
+| ``give_back`` | ``GiveBacks``: a finished holder's slots back to Prefect, whatever it answers |
+| ``broker`` | ``SlotBroker``: sessions (one connection per step), dispatch, upkeep |
 | ``client`` | the step's side: ``gpu_slot`` / ``agpu_slot`` and the limit contract they check |
 """

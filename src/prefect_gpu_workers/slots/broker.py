@@ -50,10 +50,9 @@ import socket
 import struct
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -64,6 +63,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
 from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, parse_limit_name
 from prefect_gpu_workers.procfs import env_value
+from prefect_gpu_workers.slots.give_back import GiveBacks
 from prefect_gpu_workers.slots.grants import (
     GrantQueue,
     Refusal,
@@ -71,17 +71,14 @@ from prefect_gpu_workers.slots.grants import (
     admission,
     intake_open,
 )
+from prefect_gpu_workers.slots.holders import BrokerStats, Holder, LimitSlots, Phase
 from prefect_gpu_workers.slots.leases import (
     Lease,
     LeaseHold,
     LeaseState,
-    ReleaseAction,
-    release_action,
-    unclear_send,
 )
-from prefect_gpu_workers.slots.metrics import Histogram, render
+from prefect_gpu_workers.slots.metrics import render
 from prefect_gpu_workers.slots.prefect_io import (
-    NOT_APPLIED,
     LimitInfo,
     LimitUnusable,
     PrefectSlots,
@@ -138,74 +135,6 @@ def _holder_is_run(holder: ConcurrencyLeaseHolder | None, run_id: str) -> bool:
     return holder.type == "task_run" or str(holder.id) == run_id
 
 
-class Phase(Enum):
-    """Where a step's request is."""
-
-    WAITING = "waiting"  # queued
-    GRANTED = "granted"  # its turn came; the Prefect lease is being taken
-    REFUSED = "refused"  # never grantable: told so
-    ANNOUNCED = "announced"  # leased and told: the step runs
-
-
-@dataclass
-class Holder:
-    """One connection's request, then grant.
-
-    Two explicit states: ``phase`` (where the step's request is) and ``hold``
-    (what is known of its Prefect lease, which decides the give-back).
-    """
-
-    ticket: int
-    limit: str
-    occupy: int
-    holder: ConcurrencyLeaseHolder | None
-    queued_at: float
-    phase: Phase = Phase.WAITING
-    decided: asyncio.Event = field(default_factory=asyncio.Event)  # granted or refused
-    refusal: str = ""
-    lease: Lease | None = None
-    hold: LeaseHold = LeaseHold.ALIVE
-    leased_at: float = 0.0
-    renewed_at: float = 0.0
-    pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
-    run_id: str | None = None  # that process's flow run (its PREFECT__FLOW_RUN_ID)
-
-    def grant(self) -> None:
-        """Its turn came: the broker takes its lease now."""
-        self.phase = Phase.GRANTED
-        self.decided.set()
-
-    def refuse(self, why: str) -> None:
-        """It can never be granted (the limit shrank below what it asks)."""
-        self.phase, self.refusal = Phase.REFUSED, why
-        self.decided.set()
-
-    def take_lease(self, lease: Lease, renewed_at: float) -> None:
-        """Hold ``lease`` from now on: what was known of the one before goes with it
-        (a lost lease's re-count after a limit is recreated is a live one)."""
-        self.lease, self.renewed_at, self.hold = lease, renewed_at, LeaseHold.ALIVE
-
-
-@dataclass
-class LimitSlots:
-    name: str
-    info: LimitInfo
-    queue: GrantQueue
-    released_with_waiters_at: float | None = None
-
-
-@dataclass
-class BrokerStats:
-    """Counters and histograms since start (seconds), for metrics and benchmarks."""
-
-    grants: int = 0
-    reclaimed_on_disconnect: int = 0
-    lost_leases_repaired: int = 0
-    leases_passed: int = 0  # handoffs that passed a lease on, with no Prefect request
-    wait_seconds: Histogram = field(default_factory=Histogram)
-    handoff_seconds: Histogram = field(default_factory=Histogram)
-
-
 class SlotBroker:
     """Serve ``worker_id``'s limits on a Unix socket; see the module docstring.
 
@@ -258,7 +187,7 @@ class SlotBroker:
         self._tickets = itertools.count(1)
         self._server: asyncio.AbstractServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._give_backs_in_flight = 0  # still retrying while the server is away
+        self._give_backs = GiveBacks(lambda: self.prefect, self.clock, self.stats)
         self._client_cm: Any = None
         self._prefect: PrefectSlots | None = None
         self._connections: set[asyncio.StreamWriter] = set()
@@ -407,7 +336,7 @@ class SlotBroker:
             "reclaimed_on_disconnect": self.stats.reclaimed_on_disconnect,
             "lost_leases_repaired": self.stats.lost_leases_repaired,
             "leases_passed": self.stats.leases_passed,
-            "give_backs_in_flight": self._give_backs_in_flight,
+            "give_backs_in_flight": self._give_backs.in_flight,
         }
 
     def metrics_text(self) -> str:
@@ -655,7 +584,7 @@ class SlotBroker:
         if holder.lease is not None and self._closing and holder.phase is Phase.ANNOUNCED:
             pass  # the step still runs and releases its own lease (see close)
         elif holder.lease is not None:
-            task = self._spawn(self._give_back(holder, retry=True))
+            task = self._spawn(self._give_backs.give_back(holder, retry=True))
             # A server that is down must not hold the step's exit: the give-back
             # goes on in the background, and Prefect refuses the next waiter's
             # lease until it lands, so nothing runs past the limit meanwhile.
@@ -686,98 +615,6 @@ class SlotBroker:
         heir.take_lease(holder.lease, holder.renewed_at)
         holder.lease = None
         self.stats.leases_passed += 1
-
-    async def _give_back(self, holder: Holder, retry: bool) -> None:
-        self._give_backs_in_flight += 1
-        try:
-            await self._give_back_until_done(holder, retry)
-        finally:
-            self._give_backs_in_flight -= 1
-
-    async def _give_back_until_done(self, holder: Holder, retry: bool) -> None:
-        lease = holder.lease
-        assert lease is not None
-        while True:
-            now = self.clock()
-            try:
-                action = await self._release_once(holder, lease, now)
-            except Exception as exc:
-                if not transient(exc):
-                    logger.exception("giving back %s failed", holder.limit)
-                    action = ReleaseAction.NOTHING
-                elif holder.hold is LeaseHold.DECREMENT_SENT:
-                    # A bare decrement that may have landed is never sent again: a
-                    # second one could uncount another holder. The broker errs
-                    # towards a slot counted too long.
-                    logger.warning("giving back %s: answer lost (%r)", holder.limit, exc)
-                    action = ReleaseAction.NOTHING
-                else:
-                    action = ReleaseAction.RETRY  # a release is safe to send again
-            if action is not ReleaseAction.RETRY or not retry:
-                holder.lease = None
-                return
-            await asyncio.sleep(0.5)
-
-    async def _send(self, holder: Holder, action: ReleaseAction, request: Awaitable[None]) -> None:
-        """Send a give-back request; remember it as sent unless it surely did nothing.
-
-        A refused connection sent nothing, and a 503 or 429 is Prefect refusing
-        the work (its database was busy: the transaction is rolled back). Any
-        other failure (a 500, a timeout, a reset) may come after the server
-        applied it: Prefect decrements before it answers, and an answer can be
-        lost on the way.
-        """
-        try:
-            await request
-        except httpx.ConnectError:
-            raise
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code not in NOT_APPLIED:
-                holder.hold = unclear_send(action)
-            raise
-        except BaseException:
-            holder.hold = unclear_send(action)
-            raise
-
-    async def _release_once(self, holder: Holder, lease: Lease, now: float) -> ReleaseAction:
-        """Probe the lease, then release it or decrement by hand (see release_action).
-
-        Once a release was sent it is only ever sent again, without a probe: the
-        lease of a release that landed is gone, and a probe's 410 would read as
-        "lost by a restart" and lead to a second, bare decrement.
-        """
-        if holder.hold is LeaseHold.RELEASE_SENT:
-            await self._send(
-                holder, ReleaseAction.RELEASE_LEASE, self.prefect.release_lease(lease.id)
-            )
-            return ReleaseAction.RELEASE_LEASE
-        # A lease the server lost stays lost: probing it again would, a lease
-        # duration after its last renewal, read the same 410 as "expired" and
-        # give nothing back, and the server's repossessor does not know it.
-        if holder.hold is LeaseHold.LOST:
-            state = LeaseState.LOST
-        else:
-            state = await self.prefect.probe(lease, now - holder.renewed_at)
-        same_limit = True
-        if state is LeaseState.LOST:
-            holder.hold = LeaseHold.LOST
-            info = await self.prefect.read_limit(holder.limit)  # transient errors: retry
-            same_limit = info is not None and info.id == lease.limit_id
-        action = release_action(state, same_limit)
-        if action is ReleaseAction.RELEASE_LEASE:
-            await self._send(holder, action, self.prefect.release_lease(lease.id))
-        elif action is ReleaseAction.DECREMENT:
-            held_s = now - holder.leased_at
-            await self._send(
-                holder, action, self.prefect.decrement(holder.limit, holder.occupy, held_s)
-            )
-            self.stats.lost_leases_repaired += 1
-            logger.warning(
-                "Prefect lost the lease of %d slot(s) of %s (server restart?): decremented by hand",
-                holder.occupy,
-                holder.limit,
-            )
-        return action
 
     def _dispatch(self, slots: LimitSlots) -> None:
         if self._closing:
