@@ -136,6 +136,7 @@ def test_renewals_go_on_while_every_limit_read_fails(prefect_server: LocalPrefec
             worker,
             api_url=f"{proxy.url}/api",
             maintenance_s=0.2,
+            limit_refresh_s=0.2,
             clock=lambda: time.monotonic() + skew[0],
         ) as broker,
     ):

@@ -91,6 +91,11 @@ FOUND_DEFECTS = {
           "applied) was taken as 'may have landed' and never sent again: a slot counted for good"),
     232: ("d51d472921ec", "a lost holder re-counted after a recreate was decremented by hand, "
           "and its new lease expired: the count went one under"),
+    # Found while the re-count moved to every tick (limits re-read every 10 s):
+    107: ("e5fafc438857", "a lease taken after a recreate the broker had not read yet was "
+          "re-counted against its old idea of the limit: Prefect counted the step twice"),
+    2274: ("08e9ffd1f3af", "two recreates 9 s apart: a lease of the middle limit, which the "
+           "broker never read, was never re-counted and its heirs ran uncounted"),
 }  # fmt: skip
 
 
@@ -185,3 +190,14 @@ def test_the_first_lease_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
     lost) holds its slots five minutes; the simulation bounds it at one."""
     monkeypatch.setattr(prefect_io, "FIRST_LEASE_S", 300.0)
     assert _first_failing("no repossession", range(0, 120)) is not None
+
+
+def test_a_broker_that_never_recounts_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a limit is deleted and recreated, steps on the old leases count
+    nothing; a broker that never takes new leases for them runs them uncounted."""
+
+    async def no_recount(self: SlotBroker) -> None:
+        return None
+
+    monkeypatch.setattr(SlotBroker, "_recount", no_recount)
+    assert _first_failing("counted") is not None

@@ -76,6 +76,7 @@ from prefect_gpu_workers.slots.leases import (
     Lease,
     LeaseHold,
     LeaseState,
+    counts_nothing,
 )
 from prefect_gpu_workers.slots.metrics import render
 from prefect_gpu_workers.slots.prefect_io import (
@@ -145,7 +146,11 @@ class SlotBroker:
         lease_duration: seconds of each Prefect lease (renewed by the broker).
         busy_poll_s: longest sleep between Prefect attempts for a granted waiter
             while a holder outside the broker holds slots.
-        maintenance_s: how often limits are re-read and leases renewed.
+        maintenance_s: how often renewals and give-backs are looked after.
+        limit_refresh_s: how often each limit is re-read (a resize or a
+            recreated limit is noticed within this). A read per limit per
+            worker: every two seconds, a thousand workers would send Prefect
+            five hundred reads a second to learn that nothing changed.
         clock: monotonic seconds (the simulation's virtual clock in
             ``tests/slot_simulation``).
         request_timeout_s: the longest the broker waits for one Prefect answer
@@ -163,6 +168,7 @@ class SlotBroker:
         lease_duration: float = 300.0,
         busy_poll_s: float = 0.5,
         maintenance_s: float = 2.0,
+        limit_refresh_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         request_timeout_s: float = 10.0,
         httpx_settings: dict[str, Any] | None = None,
@@ -180,6 +186,7 @@ class SlotBroker:
         self.lease_duration = lease_duration
         self.busy_poll_s = busy_poll_s
         self.maintenance_s = maintenance_s
+        self.limit_refresh_s = limit_refresh_s
         self.clock = clock
         self.stats = BrokerStats()
         self._limits: dict[str, LimitSlots] = {}
@@ -210,7 +217,7 @@ class SlotBroker:
         """
         self._client_cm = get_client(httpx_settings=self._httpx_settings)
         client = await self._client_cm.__aenter__()
-        self._prefect = PrefectSlots(client, self.lease_duration, self.busy_poll_s)
+        self._prefect = PrefectSlots(client, self.lease_duration, self.busy_poll_s, self.clock)
         self._upkeep = self._spawn(self._maintain())
         if not listen:
             return self
@@ -626,22 +633,28 @@ class SlotBroker:
 
     # -- upkeep -----------------------------------------------------------------
     async def _maintain(self) -> None:
+        read_at = self.clock()
         while True:
             await asyncio.sleep(self.maintenance_s)
+            upkeeps = [self._recount, self._renew_leases]
+            if self.clock() - read_at >= self.limit_refresh_s:
+                read_at = self.clock()
+                upkeeps.insert(0, self._refresh_limits)
             # Each on its own: a limit read that keeps failing (a 422 after a
             # shrink, a proxy's 5xx) must not stop the renewals, or every lease
             # expires while its step still runs.
-            for upkeep in (self._refresh_limits, self._renew_leases):
+            for upkeep in upkeeps:
                 try:
                     await upkeep()
                 except Exception as exc:  # the server may be restarting: next tick
                     logger.debug("slot broker upkeep (%s): %r", upkeep.__name__, exc)
 
     async def _refresh_limits(self) -> None:
+        """Re-read each limit: apply a resize; note a recreated one (:meth:`_recount`)."""
         for slots in list(self._limits.values()):
             info = await self.prefect.read_limit(slots.name)
             if info is None:
-                continue  # deleted: leases die with it; a recreated one is re-counted below
+                continue  # deleted: leases die with it; a recreated one is re-counted
             if info.limit != slots.queue.capacity and info.limit >= 1:
                 for ticket in slots.queue.resize(info.limit):
                     why = f"limit {slots.name!r} shrank to {info.limit} slot(s)"
@@ -650,22 +663,33 @@ class SlotBroker:
             if info.id != slots.info.id:
                 logger.warning("limit %s was recreated: re-counting its holders", slots.name)
             slots.info = info
-            for holder in list(self._holders.values()):
-                old = holder.lease
-                if holder.limit != slots.name or old is None or old.limit_id == info.id:
-                    continue
-                outcome = await self.prefect.try_acquire(holder.limit, holder.occupy, holder.holder)
-                if not isinstance(outcome, Lease):
-                    continue  # no room now: the next refresh tries again
-                if self._holders.get(holder.ticket) is holder and holder.lease is old:
-                    holder.take_lease(outcome, self.clock())
-                    # The old lease names a limit that is gone: it counts nothing,
-                    # but would sit in Prefect's lease storage until it expires.
-                    self._spawn(self._release_quietly(old))
-                else:
-                    # It finished or passed its lease on while the lease was taken:
-                    # the new lease is nobody's (an heir is re-counted on its own).
-                    self._spawn(self._release_quietly(outcome))
+
+    async def _recount(self) -> None:
+        """Take a lease of the limit as it is now for each holder whose lease names
+        a limit that was deleted (it counts nothing: Prefect would admit others
+        beside the step). Every tick until it lands, not only when the limit is
+        re-read: a step runs uncounted meanwhile."""
+        for holder in list(self._holders.values()):
+            slots = self._limits.get(holder.limit)
+            old = holder.lease
+            if (
+                slots is None
+                or old is None
+                or not counts_nothing(old, slots.info.id, slots.info.read_at)
+            ):
+                continue
+            outcome = await self.prefect.try_acquire(holder.limit, holder.occupy, holder.holder)
+            if not isinstance(outcome, Lease):
+                continue  # no room now: the next tick tries again
+            if self._holders.get(holder.ticket) is holder and holder.lease is old:
+                holder.take_lease(outcome, self.clock())
+                # The old lease names a limit that is gone: it counts nothing,
+                # but would sit in Prefect's lease storage until it expires.
+                self._spawn(self._release_quietly(old))
+            else:
+                # It finished or passed its lease on while the lease was taken:
+                # the new lease is nobody's (an heir is re-counted on its own).
+                self._spawn(self._release_quietly(outcome))
 
     async def _release_quietly(self, lease: Lease) -> None:
         """Give back a lease no holder owns; if that fails it expires on its own."""

@@ -19,6 +19,9 @@ class Lease:
     id: UUID
     limit_id: UUID
     duration: float  # seconds it was taken or last renewed for
+    # The broker's clock when the increment's answer came (the server took it
+    # before): a limit read sent after this shows the limit the lease counts in.
+    taken_at: float = 0.0
 
 
 class LeaseState(Enum):
@@ -59,6 +62,25 @@ def release_action(state: LeaseState, same_limit: bool) -> ReleaseAction:
         # The server's repossessor decrements expired leases itself.
         return ReleaseAction.NOTHING
     return ReleaseAction.DECREMENT if same_limit else ReleaseAction.NOTHING
+
+
+def counts_nothing(lease: Lease, limit_id: UUID, read_at: float) -> bool:
+    """Whether ``lease`` names a limit since deleted (its name now has ``limit_id``,
+    read by a request sent at ``read_at``): it counts nothing, and its holder must
+    take a lease of the limit as it is now.
+
+    A lease taken after that read may name a newer limit than the read saw: it is
+    judged by the next read, not this one.
+
+    Example:
+        >>> from uuid import UUID
+        >>> old, new = UUID(int=1), UUID(int=2)
+        >>> counts_nothing(Lease(UUID(int=9), old, 60.0, taken_at=5.0), new, read_at=10.0)
+        True
+        >>> counts_nothing(Lease(UUID(int=9), old, 60.0, taken_at=12.0), new, read_at=10.0)
+        False
+    """
+    return lease.limit_id != limit_id and lease.taken_at < read_at
 
 
 def classify_gone_lease(seconds_since_renewal: float, lease_duration: float) -> LeaseState:

@@ -6,6 +6,8 @@ the broker decides what may be sent again (``leases.release_action``).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -55,6 +57,7 @@ class LimitInfo:
     id: UUID
     limit: int
     active: bool
+    read_at: float = 0.0  # the clock when the read was sent: it shows no older state
 
 
 # Settings -> the same without the client's retries. Copying Prefect's settings
@@ -82,8 +85,15 @@ class PrefectSlots:
     schedule, and only where a retry cannot count a slot twice.
     """
 
-    def __init__(self, client: PrefectClient, lease_duration: float, busy_poll_s: float) -> None:
+    def __init__(
+        self,
+        client: PrefectClient,
+        lease_duration: float,
+        busy_poll_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.client = client
+        self.clock = clock
         self.lease_duration = lease_duration
         self.busy_poll_s = busy_poll_s
         context = get_settings_context()
@@ -91,15 +101,18 @@ class PrefectSlots:
         self._settings = _without_retries(context.settings)
 
     def _once(self) -> SettingsContext:
-        return SettingsContext(profile=self._profile, settings=self._settings)
+        # Both fields are validated already: constructing without validation
+        # spares each request a quarter of a millisecond (thousands per sweep).
+        return SettingsContext.model_construct(profile=self._profile, settings=self._settings)
 
     async def read_limit(self, name: str) -> LimitInfo | None:
+        sent_at = self.clock()
         try:
             with self._once():
                 limit = await self.client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             return None
-        return LimitInfo(limit.id, limit.limit, limit.active)
+        return LimitInfo(limit.id, limit.limit, limit.active, sent_at)
 
     async def try_acquire(
         self, name: str, occupy: int, holder: ConcurrencyLeaseHolder | None
@@ -134,7 +147,10 @@ class PrefectSlots:
         if not body.get("limits"):
             raise LimitUnusable(f"limit {name!r} does not exist")
         return Lease(
-            UUID(body["lease_id"]), UUID(body["limits"][0]["id"]), self.first_lease_duration
+            UUID(body["lease_id"]),
+            UUID(body["limits"][0]["id"]),
+            self.first_lease_duration,
+            taken_at=self.clock(),
         )
 
     @property
