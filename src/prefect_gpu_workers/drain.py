@@ -168,7 +168,7 @@ class DrainReport:
         """One line for the worker's log.
 
         Example:
-            >>> DrainReport(3.0, ["a"], ["b"]).describe()
+            >>> DrainReport(3.0, finished=["a"], rescheduled=["b"]).describe()
             'drained in 3.0 s: 1 finished, 1 rescheduled, 0 cancelled, 0 crashed'
         """
         line = (
