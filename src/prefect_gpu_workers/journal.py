@@ -25,9 +25,10 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect_gpu_workers.procfs import owner_alive, owner_token
 
@@ -57,6 +58,8 @@ class InFlightJournal:
         worker_name: the worker's name (its pod's name in a pod).
         owner: this process's owner token (:func:`procfs.owner_token`); tests
             pass another to play an earlier process.
+        alive: whether an owner token's process lives (:func:`procfs.owner_alive`;
+            the simulation passes its own).
 
     Example:
         >>> journal = InFlightJournal(tmp_path, "w1")  # doctest: +SKIP
@@ -64,9 +67,16 @@ class InFlightJournal:
         ['0b6c...']
     """
 
-    def __init__(self, home: Path, worker_name: str, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        worker_name: str,
+        owner: str | None = None,
+        alive: Callable[[str], bool] = owner_alive,
+    ) -> None:
         self.folder = home / JOURNAL_DIR / worker_name
         self.owner = owner_token() if owner is None else owner
+        self._alive = alive
         self.path = self.folder / f"{self.owner.replace(':', '-')}.json"
 
     def record(self, run_ids: Iterable[object]) -> bool:
@@ -119,7 +129,7 @@ class InFlightJournal:
             entry = _read_entry(path)
             if entry is None or entry.owner == self.owner:
                 continue
-            if owner_alive(entry.owner):
+            if self._alive(entry.owner):
                 logger.warning(
                     "worker process %s of this name is alive and holds the runs in %s: "
                     "not settling them",
@@ -133,6 +143,44 @@ class InFlightJournal:
     def forget(self, entry: LeftBehind) -> None:
         """Drop a left-behind file once its runs are settled."""
         entry.path.unlink(missing_ok=True)
+
+
+class RunsInFlight:
+    """The flow runs one worker process holds, written to its journal on every change.
+
+    A run is held from its submission until its process has ended; a run the
+    drain stopped is kept after that until the drain has set its state
+    (:meth:`keep`, :meth:`settled`): a SIGKILL in between leaves it to the next
+    worker of this name, never Running with no record.
+    """
+
+    def __init__(self, journal: InFlightJournal) -> None:
+        self.journal = journal
+        self.runs: dict[Any, Any] = {}  # flow run id -> the FlowRun as submitted
+        self._kept: set[Any] = set()
+
+    def started(self, runs: Iterable[Any]) -> None:
+        """Hold these submitted flow runs (objects with an ``id``)."""
+        self.runs.update((run.id, run) for run in runs)
+        self._record()
+
+    def ended(self, run_id: Any) -> None:
+        """``run_id``'s process has ended (or never started)."""
+        if self.runs.pop(run_id, None) is not None:
+            self._record()
+
+    def keep(self, run_ids: Iterable[Any]) -> None:
+        """Keep ``run_ids`` in the journal until :meth:`settled` (the drain)."""
+        self._kept.update(run_ids)
+        self._record()
+
+    def settled(self, run_id: Any) -> None:
+        """The drain has set this run's state: the next worker need not."""
+        self._kept.discard(run_id)
+        self._record()
+
+    def _record(self) -> None:
+        self.journal.record(set(self.runs) | self._kept)
 
 
 def _read_entry(path: Path) -> LeftBehind | None:

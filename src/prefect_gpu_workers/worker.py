@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,7 +50,7 @@ from prefect_gpu_workers.drain import (
     run_outcome,
     wants_reschedule,
 )
-from prefect_gpu_workers.journal import InFlightJournal, LeftBehind
+from prefect_gpu_workers.journal import InFlightJournal, LeftBehind, RunsInFlight
 from prefect_gpu_workers.naming import (
     BROKER_LEASE_ENV,
     FLOW_RUN_ID_ENV,
@@ -153,15 +153,12 @@ def _process_worker_class() -> type[Any]:
         ) -> None:
             super().__init__(*args, **kwargs)
             self.journal = journal
+            # Flow runs this worker has taken and not yet seen end, in its journal.
+            self.runs = RunsInFlight(journal)
             self._broker = broker
             self._gpu_limit = gpu_limit
             self._intake: IntakeMode = intake
             self.draining = False
-            # Flow runs this worker has taken and not yet seen end.
-            self.in_flight: dict[Any, Any] = {}
-            # Runs the drain stopped and has not yet set a state for: they stay
-            # in the journal after Prefect's worker lets go of them.
-            self._kept: set[Any] = set()
             # Set when a poll left runs to others because the GPU queue was full:
             # the broker's next grant round then polls at once (see _intake_changed).
             self._intake_closed = False
@@ -209,22 +206,8 @@ def _process_worker_class() -> type[Any]:
                 return []
             runs: list[Any] = await super()._submit_scheduled_flow_runs(flow_run_response)
             if runs:
-                self.in_flight.update((run.id, run) for run in runs)
-                self._record()
+                self.runs.started(runs)
             return runs
-
-        def _record(self) -> None:
-            self.journal.record(set(self.in_flight) | self._kept)
-
-        def keep_recorded(self, run_ids: Iterable[Any]) -> None:
-            """Keep ``run_ids`` in the journal until :meth:`forget_recorded` (drain)."""
-            self._kept.update(run_ids)
-            self._record()
-
-        def forget_recorded(self, run_id: Any) -> None:
-            """The drain has set this run's state: the next worker need not."""
-            self._kept.discard(run_id)
-            self._record()
 
         async def _give_worker_labels_to_flow_run(self, flow_run_id: Any) -> None:
             # The first write of a submission: a busy server (SQLite locked, a
@@ -276,8 +259,7 @@ def _process_worker_class() -> type[Any]:
             # own release comes whatever the journal does: skipping it would
             # take one of this worker's flow-run places for good.
             try:
-                if self.in_flight.pop(flow_run_id, None) is not None:
-                    self._record()
+                self.runs.ended(flow_run_id)
             finally:
                 super()._release_limit_slot(flow_run_id)
 
@@ -342,7 +324,10 @@ async def _settle_entry(client: Any, worker: Any, entry: LeftBehind, result: Dra
 
 
 async def settle_left_behind(
-    worker: Any, report: Callable[[str], None], retry_s: tuple[float, ...] = SETTLE_RETRY_S
+    worker: Any,
+    report: Callable[[str], None],
+    retry_s: tuple[float, ...] = SETTLE_RETRY_S,
+    connect: Callable[[], Any] | None = None,
 ) -> DrainReport:
     """End the runs earlier workers of this name left in flight when they died.
 
@@ -355,9 +340,12 @@ async def settle_left_behind(
     stopped first. A file is dropped once its runs are settled; with Prefect
     away it is tried again after each of ``retry_s``, then kept for the next
     start (this worker's own journal is another file: it never overwrites it).
+    ``connect`` opens the Prefect client (default: ``get_client``; the simulation's
+    talks to its model).
     """
     from prefect.client.orchestration import get_client
 
+    connect = connect or get_client
     result = DrainReport()
     pending = worker.journal.left_behind()
     for pause_s in (*retry_s, None):
@@ -366,7 +354,7 @@ async def settle_left_behind(
         failed: list[LeftBehind] = []
         error = ""
         try:
-            async with get_client() as client:
+            async with connect() as client:
                 for entry in pending:
                     try:
                         await _settle_entry(client, worker, entry, result)
@@ -402,6 +390,7 @@ async def drain(
     drain_s: float,
     hurry: asyncio.Event,
     report: Callable[[str], None],
+    connect: Callable[[], Any] | None = None,
 ) -> DrainReport:
     """Drain ``worker`` (a draining ``GpuProcessWorker`` whose ``start`` runs in ``worker_task``).
 
@@ -411,21 +400,24 @@ async def drain(
 
     An unreachable Prefect API does not stop the drain: the wait follows the
     runs' processes, and a state that cannot be set is counted as unset.
+    ``connect`` opens the Prefect client (as in :func:`settle_left_behind`).
     """
     from prefect.client.orchestration import get_client
+
+    connect = connect or get_client
     from prefect.states import Cancelled, Crashed, Scheduled
 
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + drain_s
     result = DrainReport()
-    at_start = set(worker.in_flight)
-    async with get_client() as client:
+    at_start = set(worker.runs.runs)
+    async with connect() as client:
         said_at = -1.0
         api_error: str | None = None
         while True:
             try:
-                read = _read_states(client, list(worker.in_flight))
+                read = _read_states(client, list(worker.runs.runs))
                 # Not past the deadline by much: the margin after it is the stop's.
                 bound_s = min(API_CALL_TIMEOUT_S, max(deadline - loop.time(), 1.0))
                 runs = await asyncio.wait_for(read, bound_s)
@@ -440,7 +432,7 @@ async def drain(
                 if api_error is None:  # once per outage
                     report(f"draining without the Prefect API ({type(exc).__name__}: {exc})")
                 api_error = str(exc) or type(exc).__name__
-                waiting = list(worker.in_flight)
+                waiting = list(worker.runs.runs)
             left = deadline - loop.time()
             if not waiting or left <= 0 or hurry.is_set() or worker_task.done():
                 break
@@ -452,8 +444,8 @@ async def drain(
         # What was still in flight is stopped with the Prefect worker. It stays
         # in the journal until its state is set: a SIGKILL from here on leaves
         # it to the next worker of this name, never Running with no record.
-        stopping = dict(worker.in_flight)
-        worker.keep_recorded(stopping)
+        stopping = dict(worker.runs.runs)
+        worker.runs.keep(stopping)
         for run_id in at_start - set(stopping):
             result.add(RunOutcome.FINISHED, str(run_id))
         # From here the grace period's margin runs: every step is bounded.
@@ -483,7 +475,7 @@ async def drain(
                 result.unset.append(str(run_id))  # it stays in the journal
                 return
             result.add(outcome, str(run_id))
-            worker.forget_recorded(run_id)
+            worker.runs.settled(run_id)
 
         settling = []
         for run_id, flow_run in stopping.items():
@@ -501,7 +493,7 @@ async def drain(
             }.get(outcome)
             if state is None:
                 result.add(outcome, str(run_id))
-                worker.forget_recorded(run_id)
+                worker.runs.settled(run_id)
             else:
                 settling.append(settle(run_id, outcome, state))
         await asyncio.gather(*settling)  # at once: one slow answer must not hold the rest
@@ -634,7 +626,7 @@ async def serve_worker(
             print(f"slot broker metrics on {metrics_socket}", flush=True)
         worker = _new_worker(pool, worker_id, flow_runs, broker, request.name, intake)
         # Only the processes of this worker's runs wait at its broker.
-        broker.runs_in_flight = lambda: {str(run_id) for run_id in worker.in_flight}
+        broker.runs_in_flight = lambda: {str(run_id) for run_id in worker.runs.runs}
         try:
             return await run_until_stopped(worker, with_healthcheck, drain_s, broker)
         finally:

@@ -2,6 +2,8 @@
 
 hack/simulate [--seeds N] [--first S] [--json]   run seeds S .. S+N-1
 hack/simulate --seed S --trace            replay one seed, print its schedule and trace
+hack/simulate --workers [...]             the same for the workers' drain and journal
+                                          (workers.py) instead of the slot broker
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import Counter
 
 from .schedule import draw_schedule
 from .simulate import Report, quiet_broker_logs, simulate
+from .workers import draw_worker_schedule, quiet_worker_logs, simulate_workers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="replay this one seed")
     parser.add_argument("--trace", action="store_true", help="print the replayed seed's trace")
     parser.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    parser.add_argument(
+        "--workers", action="store_true", help="simulate workers drained, killed, restarted"
+    )
     args = parser.parse_args(argv)
-    with quiet_broker_logs():
+    with quiet_broker_logs(), quiet_worker_logs():
+        if args.workers and args.seed is not None:
+            return replay_workers(args.seed, args.trace)
+        if args.workers:
+            return sweep_workers(args.first, args.seeds, args.json)
         if args.seed is not None:
             return replay(args.seed, args.trace)
         return sweep(args.first, args.seeds, args.json)
@@ -44,6 +54,67 @@ def replay(seed: int, trace: bool) -> int:
     for violation in report.violations:
         print(f"  VIOLATED {violation}")
     return 0 if report.ok else 1
+
+
+def replay_workers(seed: int, trace: bool) -> int:
+    report = simulate_workers(draw_worker_schedule(seed))
+    print(report.schedule.describe())
+    if trace:
+        print("\n".join(report.trace))
+    print(
+        f"seed {seed}: {'ok' if report.ok else 'FAILED'}, {report.requests} requests "
+        f"({report.faults} faulted), runs end {report.outcomes}, digest {report.digest()}"
+    )
+    for violation in report.violations:
+        print(f"  VIOLATED {violation}")
+    return 0 if report.ok else 1
+
+
+WORKER_INVARIANTS = ("no run left Running", "recorded until settled", "others' runs left alone",
+                     "drain within its margin")  # fmt: skip
+
+
+def sweep_workers(first: int, count: int, as_json: bool = False) -> int:
+    started = time.perf_counter()
+    failed: dict[str, list[int]] = {}
+    totals: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
+    for i, seed in enumerate(range(first, first + count), 1):
+        schedule = draw_worker_schedule(seed)
+        report = simulate_workers(schedule)
+        outcomes.update(report.outcomes)
+        totals.update(requests=report.requests, faults=report.faults, killed=int(report.killed),
+                      outages=int(schedule.outage is not None), twins=int(schedule.twin_runs > 0),
+                      moved=int(schedule.moved is not None), runs=len(schedule.runs))  # fmt: skip
+        for violation in report.violations:
+            failed.setdefault(violation.invariant, []).append(seed)
+        if i % 500 == 0 or i == count:
+            print(f"  {i}/{count} worker schedules, {time.perf_counter() - started:.1f} s, "
+                  f"{sum(len(s) for s in failed.values())} violation(s)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+    summary = {
+        "seeds": [first, first + count - 1],
+        "seconds": round(time.perf_counter() - started, 1),
+        "flow_runs": totals["runs"],
+        "runs_ended": dict(sorted(outcomes.items())),
+        "requests": totals["requests"],
+        "faulted_requests": totals["faults"],
+        "killed_mid_drain": totals["killed"],
+        "prefect_outages": totals["outages"],
+        "with_a_live_twin": totals["twins"],
+        "with_a_run_moved": totals["moved"],
+        "violations": {k: len(failed.get(k, [])) for k in WORKER_INVARIANTS},
+        "failing_seeds": {k: v[:20] for k, v in failed.items()},
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:<18} {value}")
+        if failed:
+            worst = min(min(s) for s in failed.values())
+            print(f"replay: hack/simulate --workers --seed {worst} --trace")
+    return 1 if failed else 0
 
 
 def summary_line(report: Report) -> str:

@@ -16,6 +16,13 @@ api/concurrency_limits_v2.py``, the memory lease storage and the repossessor):
 - a restart forgets every lease (memory storage); the counts live in the
   database and survive it. The repossessor decrements and revokes expired leases.
 
+And what a draining worker calls (``worker.drain``, ``settle_left_behind``):
+
+- ``flow_runs/filter`` by ids: the runs the server has (unknown ids left out),
+  with their state, labels and job variables;
+- ``flow_runs/{id}/set_state`` with ``force``: the state is taken as given
+  (201, ``ACCEPT``); 404 for an unknown run.
+
 The real server runs the same sequences in ``tests/integration/
 test_prefect_model_conformance.py``; where they differ, the model is wrong.
 
@@ -42,6 +49,8 @@ from uuid import UUID
 import httpx
 
 BASE = "/api/v2/concurrency_limits"
+FLOW_RUNS = "/api/flow_runs"
+_SET_STATE = re.compile(rf"^{FLOW_RUNS}/([0-9a-f-]+)/set_state$")
 SLOW_ANSWER_S = 10.0  # the longest a slow answer takes
 _RENEW = re.compile(rf"^{BASE}/leases/([0-9a-f-]+)/renew$")
 
@@ -61,6 +70,34 @@ class ModelLease:
     limit_ids: tuple[UUID, ...]
     slots: int
     expires_at: float
+
+
+@dataclass
+class ModelFlowRun:
+    id: UUID
+    state_type: str  # Prefect's StateType value: RUNNING, CRASHED, ...
+    state_name: str
+    message: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # its job variables' env
+    set_by_api: int = 0  # states set through the API (a drain's, a settle's)
+
+    def as_json(self) -> dict[str, Any]:
+        """The run as the API returns it (Prefect's own schema fills the rest)."""
+        from prefect.client.schemas.objects import FlowRun, State, StateType
+
+        state = State(type=StateType(self.state_type), name=self.state_name, message=self.message)
+        run = FlowRun(
+            id=self.id,
+            flow_id=UUID(int=1),
+            name=f"run-{self.id.hex[:6]}",
+            state=state,
+            state_type=state.type,  # the server fills both from the state
+            state_name=state.name,
+            labels=dict(self.labels),
+            job_variables={"env": dict(self.env)},
+        )
+        return run.model_dump(mode="json")
 
 
 @dataclass(frozen=True)
@@ -101,6 +138,7 @@ class PrefectModel:
         self.limits: dict[str, ModelLimit] = {}
         self.leases: dict[UUID, ModelLease] = {}
         self.ended: dict[UUID, Ended] = {}
+        self.flow_runs: dict[UUID, ModelFlowRun] = {}
         self.up = True
 
     # -- what an administrator does ------------------------------------------
@@ -148,6 +186,10 @@ class PrefectModel:
             return self._read(path.removeprefix(f"{BASE}/"))
         if method != "POST":
             return Answer(405, {"detail": "Method Not Allowed"})
+        if path == f"{FLOW_RUNS}/filter":
+            return self._read_flow_runs(body)
+        if match := _SET_STATE.match(path):
+            return self._set_state(UUID(match.group(1)), body)
         if path == f"{BASE}/increment-with-lease":
             return self._increment(body, with_lease=True)
         if path == f"{BASE}/increment":
@@ -159,6 +201,23 @@ class PrefectModel:
         if match := _RENEW.match(path):
             return self._renew(UUID(match.group(1)), body)
         return Answer(404, {"detail": "Not Found"})
+
+    def _read_flow_runs(self, body: dict[str, Any]) -> Answer:
+        wanted = (((body or {}).get("flow_runs") or {}).get("id") or {}).get("any_") or []
+        runs = [self.flow_runs[UUID(i)] for i in wanted if UUID(i) in self.flow_runs]
+        return Answer(200, [run.as_json() for run in runs][: body.get("limit") or None])
+
+    def _set_state(self, run_id: UUID, body: dict[str, Any]) -> Answer:
+        run = self.flow_runs.get(run_id)
+        if run is None:
+            return Answer(404, {"detail": "Flow run not found"})
+        state = body["state"]
+        run.state_type, run.state_name = state["type"], state.get("name") or state["type"]
+        run.message = state.get("message")
+        run.set_by_api += 1
+        return Answer(
+            201, {"status": "ACCEPT", "state": state, "details": {"type": "accept_details"}}
+        )
 
     def _read(self, name_or_id: str) -> Answer:
         limit = self.limits.get(name_or_id) or next(

@@ -122,3 +122,25 @@ def test_concurrent_writes_leave_one_whole_file_and_no_staging_files(tmp_path: P
     assert errors == []
     assert journal.read() in runs  # one whole write
     assert [p.name for p in journal.folder.iterdir()] == [journal.path.name]
+
+
+def test_runs_in_flight_stay_in_the_journal_until_their_state_is_set(tmp_path: Path) -> None:
+    """A run the drain stopped stays recorded after its process ended, until the
+    drain has set its state: a SIGKILL between the two leaves it to the next worker."""
+    from types import SimpleNamespace
+
+    from prefect_gpu_workers.journal import RunsInFlight
+
+    journal = InFlightJournal(tmp_path, "w1", owner="me:1")
+    runs = RunsInFlight(journal)
+    first, second = SimpleNamespace(id=uuid4()), SimpleNamespace(id=uuid4())
+    runs.started([first, second])
+    assert sorted(journal.read()) == sorted([str(first.id), str(second.id)])
+    runs.ended(first.id)  # finished on its own
+    assert journal.read() == [str(second.id)]
+    runs.keep([second.id])  # the drain stops it ...
+    runs.ended(second.id)  # ... its process ends ...
+    assert journal.read() == [str(second.id)]  # ... and it is still recorded
+    runs.settled(second.id)  # its state is set
+    assert journal.read() == []
+    assert not journal.path.exists()
