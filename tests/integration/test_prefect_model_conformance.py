@@ -16,6 +16,7 @@ import itertools
 import random
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -74,9 +75,15 @@ def _strip(body: Any, names: dict[str, str]) -> Any:
 
 
 class RealSide(Side):
-    def __init__(self, api_url: str) -> None:
+    def __init__(self, api_url: str, server: LocalPrefectServer | None = None) -> None:
         super().__init__()
+        self.server = server
         self.http = httpx.Client(base_url=f"{api_url}/v2/concurrency_limits", timeout=30)
+
+    def restart(self) -> None:
+        assert self.server is not None, "a server of the test's own (the session's is shared)"
+        self.server.stop()
+        self.server.start(timeout_s=300)
 
     def call(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         response = self.http.request(method, path, json=body)
@@ -93,9 +100,12 @@ class RealSide(Side):
 
 
 class ModelSide(Side):
-    def __init__(self) -> None:
+    def __init__(self, lease_storage: str = "memory") -> None:
         super().__init__()
-        self.model = PrefectModel(lambda: 0.0, seeded_ids(random.Random(0)))
+        self.model = PrefectModel(lambda: 0.0, seeded_ids(random.Random(0)), lease_storage)
+
+    def restart(self) -> None:
+        self.model.restart()
 
     def call(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         answer = self.model.handle(method, f"{BASE}{path}", body)
@@ -207,3 +217,28 @@ def test_inactive_and_recreated_limits_count_as_on_the_real_server(
         ("call", "POST", "/decrement-with-lease", {"lease_id": "{B}"}),  # inactive: not decremented
         ("call", "GET", f"/{name}", None),
     ])  # fmt: skip
+
+
+def test_a_restart_keeps_the_file_storages_leases(tmp_path: Path) -> None:
+    """Prefect's filesystem lease storage (the local server's default) keeps every
+    lease across a restart: renewed after it, released by it. The memory storage
+    forgets them all (renew: 410), which ``test_slot_broker``'s restart test and
+    ``bench --faults`` drive against the real server."""
+    server = LocalPrefectServer(home=tmp_path / "prefect", lease_storage="filesystem")
+    server.start(timeout_s=300)  # a server of its own: the session's is shared
+    real = RealSide(server.api_url, server)
+    try:
+        name = f"gpu:conf-{uuid.uuid4().hex[:8]}"
+        take = {"names": [name], "slots": 1, "mode": "concurrency", "lease_duration": 60}
+        run_sequence((real, ModelSide(lease_storage="file")), [
+            ("admin", "create_limit", name, 2),
+            ("call", "POST", "/increment-with-lease", take, "A"),
+            ("admin", "restart"),
+            ("call", "GET", f"/{name}", None),  # the count survives in the database
+            ("call", "POST", "/leases/{A}/renew", {"lease_duration": 300}),  # kept: 204
+            ("call", "POST", "/decrement-with-lease", {"lease_id": "{A}"}),
+            ("call", "GET", f"/{name}", None),
+        ])  # fmt: skip
+    finally:
+        real.http.close()
+        server.stop()

@@ -141,6 +141,9 @@ def sweep(first: int, count: int, as_json: bool = False) -> int:
         report = simulate(schedule)
         faults.update(report.fault_kinds)
         events.update(e.kind.value for e in schedule.events)
+        if schedule.lease_storage == "file":
+            events.update(f"{e.kind.value} (file lease storage)" for e in schedule.events
+                          if e.kind.value == "restart")  # fmt: skip
         totals.update(requests=report.requests, faults=report.faults, grants=report.grants,
                       passed=report.leases_passed, virtual_s=int(report.virtual_s),
                       orphans=report.orphans, forgot=int(report.prefect_forgot_orphan))  # fmt: skip

@@ -13,8 +13,9 @@ api/concurrency_limits_v2.py``, the memory lease storage and the repossessor):
 - ``decrement-with-lease`` decrements the lease's active limits (never below 0)
   and revokes the lease; an unknown lease is a 204 that does nothing.
 - ``decrement`` by name, never below 0.
-- a restart forgets every lease (memory storage); the counts live in the
-  database and survive it. The repossessor decrements and revokes expired leases.
+- a restart forgets every lease with the memory lease storage and keeps them
+  with the file one; the counts live in the database and survive it. The
+  repossessor decrements and revokes expired leases.
 
 And what a draining worker calls (``worker.drain``, ``settle_left_behind``):
 
@@ -130,10 +131,14 @@ class PrefectModel:
     Args:
         clock: the server's clock (the simulation's virtual time).
         new_id: where ids come from (seeded, so that a run replays exactly).
+        lease_storage: ``memory`` (a restart forgets every lease) or ``file``.
     """
 
-    def __init__(self, clock: Callable[[], float], new_id: Callable[[], UUID]) -> None:
+    def __init__(
+        self, clock: Callable[[], float], new_id: Callable[[], UUID], lease_storage: str = "memory"
+    ) -> None:
         self.clock = clock
+        self.lease_storage = lease_storage
         self.new_id = new_id
         self.limits: dict[str, ModelLimit] = {}
         self.leases: dict[UUID, ModelLease] = {}
@@ -159,7 +164,10 @@ class PrefectModel:
         return any(limit_id in ids for limit_id in lease.limit_ids)
 
     def restart(self) -> None:
-        """The memory lease storage starts empty; the database keeps the counts."""
+        """The memory lease storage starts empty; the file one and the database's
+        counts are kept."""
+        if self.lease_storage == "file":
+            return
         now = self.clock()
         for lease in self.leases.values():
             self.ended[lease.id] = Ended(LeaseFate.FORGOTTEN, now, lease)

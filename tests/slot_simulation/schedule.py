@@ -36,7 +36,7 @@ class StepPlan:
 
 
 class EventKind(enum.Enum):
-    RESTART = "restart"  # the server is down for a while and forgets every lease
+    RESTART = "restart"  # the server is down for a while; memory lease storage forgets all
     OUTAGE = "outage"  # the server is unreachable for a while, and keeps its leases
     RESIZE = "resize"  # an administrator changes the limit
     RECREATE = "recreate"  # an administrator deletes the limit and creates it again
@@ -57,6 +57,9 @@ class Schedule:
     steps: tuple[StepPlan, ...]
     events: tuple[ServerEvent, ...]
     faults: FaultRates
+    # Prefect's lease storage: "memory" forgets every lease in a restart, "file"
+    # keeps them (PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE).
+    lease_storage: str = "memory"
 
     @property
     def busy_until(self) -> float:
@@ -65,9 +68,11 @@ class Schedule:
         return last + sum(s.hold_s for s in self.steps)
 
     def describe(self) -> str:
+        restarts = any(e.kind is EventKind.RESTART for e in self.events)
+        storage = ", file lease storage" if restarts and self.lease_storage == "file" else ""
         lines = [
             f"seed {self.seed}: limit {self.capacity}, leases of {self.lease_duration:.0f} s, "
-            f"{len(self.steps)} steps, faults {self.faults}",
+            f"{len(self.steps)} steps, faults {self.faults}{storage}",
         ]
         lines += [f"  t={e.at:7.2f} {e.kind.value} {e.value:g}" for e in self.events]
         lines += [
@@ -122,6 +127,9 @@ def draw_schedule(seed: int) -> Schedule:
         lost_answer=level / 2,
         slow=level / 2,
     )
+    # From a source of its own: the draws above, and so every earlier seed's
+    # schedule, stay as they were.
+    storage = "file" if random.Random(seed ^ 0xF11E).random() < 0.3 else "memory"
     return Schedule(
         seed,
         capacity,
@@ -129,4 +137,5 @@ def draw_schedule(seed: int) -> Schedule:
         tuple(sorted(steps, key=lambda s: s.arrives_at)),
         tuple(sorted(events, key=lambda e: e.at)),
         faults,
+        storage,
     )

@@ -377,7 +377,7 @@ class Simulation:
     async def run(self) -> Report:
         loop = asyncio.get_running_loop()
         schedule = self.schedule
-        model = self.model = PrefectModel(loop.time, seeded_ids(self.rng))
+        model = self.model = PrefectModel(loop.time, seeded_ids(self.rng), schedule.lease_storage)
         model.create_limit(LIMIT, schedule.capacity)
 
         def observe(record: RequestRecord) -> None:
