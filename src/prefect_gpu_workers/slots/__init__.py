@@ -13,6 +13,7 @@ socket, FIFO and in milliseconds, holding a Prefect lease for every grant.
 | ``prefect_io`` | the broker's Prefect calls, each once and bounded |
 | ``holders`` | a step's request as the broker holds it: ``Phase`` and ``LeaseHold`` |
 | ``give_back`` | ``GiveBacks``: a finished holder's slots back to Prefect, whatever it answers |
-| ``broker`` | ``SlotBroker``: sessions (one connection per step), dispatch, upkeep |
+| ``upkeep`` | ``Upkeep``: limits re-read, holders of a recreated limit re-counted, renewals |
+| ``broker`` | ``SlotBroker``: sessions (one connection per step), dispatch, lease passing |
 | ``client`` | the step's side: ``gpu_slot`` / ``agpu_slot`` and the limit contract they check |
 """

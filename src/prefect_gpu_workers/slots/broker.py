@@ -52,7 +52,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -75,8 +74,6 @@ from prefect_gpu_workers.slots.holders import BrokerStats, Holder, LimitSlots, P
 from prefect_gpu_workers.slots.leases import (
     Lease,
     LeaseHold,
-    LeaseState,
-    counts_nothing,
 )
 from prefect_gpu_workers.slots.metrics import render
 from prefect_gpu_workers.slots.prefect_io import (
@@ -85,6 +82,7 @@ from prefect_gpu_workers.slots.prefect_io import (
     PrefectSlots,
     transient,
 )
+from prefect_gpu_workers.slots.upkeep import Upkeep
 from prefect_gpu_workers.slots.wire import decode, encode, parse_acquire
 
 logger = logging.getLogger(__name__)
@@ -185,8 +183,6 @@ class SlotBroker:
         self.socket_path = socket_path
         self.lease_duration = lease_duration
         self.busy_poll_s = busy_poll_s
-        self.maintenance_s = maintenance_s
-        self.limit_refresh_s = limit_refresh_s
         self.clock = clock
         self.stats = BrokerStats()
         self._limits: dict[str, LimitSlots] = {}
@@ -195,6 +191,17 @@ class SlotBroker:
         self._server: asyncio.AbstractServer | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._give_backs = GiveBacks(lambda: self.prefect, self.clock, self.stats)
+        self.upkeep = Upkeep(
+            self._limits,
+            self._holders,
+            lambda: self.prefect,
+            self.clock,
+            self._dispatch,
+            self._spawn,
+            lease_duration,
+            maintenance_s,
+            limit_refresh_s,
+        )
         self._client_cm: Any = None
         self._prefect: PrefectSlots | None = None
         self._connections: set[asyncio.StreamWriter] = set()
@@ -218,7 +225,7 @@ class SlotBroker:
         self._client_cm = get_client(httpx_settings=self._httpx_settings)
         client = await self._client_cm.__aenter__()
         self._prefect = PrefectSlots(client, self.lease_duration, self.busy_poll_s, self.clock)
-        self._upkeep = self._spawn(self._maintain())
+        self._upkeep = self._spawn(self.upkeep.run())
         if not listen:
             return self
         self.socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -630,103 +637,3 @@ class SlotBroker:
             self._holders[ticket].grant()
         if self.on_dispatch is not None:
             self.on_dispatch()
-
-    # -- upkeep -----------------------------------------------------------------
-    async def _maintain(self) -> None:
-        read_at = self.clock()
-        while True:
-            await asyncio.sleep(self.maintenance_s)
-            upkeeps = [self._recount, self._renew_leases]
-            if self.clock() - read_at >= self.limit_refresh_s:
-                read_at = self.clock()
-                upkeeps.insert(0, self._refresh_limits)
-            # Each on its own: a limit read that keeps failing (a 422 after a
-            # shrink, a proxy's 5xx) must not stop the renewals, or every lease
-            # expires while its step still runs.
-            for upkeep in upkeeps:
-                try:
-                    await upkeep()
-                except Exception as exc:  # the server may be restarting: next tick
-                    logger.debug("slot broker upkeep (%s): %r", upkeep.__name__, exc)
-
-    async def _refresh_limits(self) -> None:
-        """Re-read each limit: apply a resize; note a recreated one (:meth:`_recount`)."""
-        for slots in list(self._limits.values()):
-            info = await self.prefect.read_limit(slots.name)
-            if info is None:
-                continue  # deleted: leases die with it; a recreated one is re-counted
-            if info.limit != slots.queue.capacity and info.limit >= 1:
-                for ticket in slots.queue.resize(info.limit):
-                    why = f"limit {slots.name!r} shrank to {info.limit} slot(s)"
-                    self._holders[ticket].refuse(why)
-                self._dispatch(slots)
-            if info.id != slots.info.id:
-                logger.warning("limit %s was recreated: re-counting its holders", slots.name)
-            slots.info = info
-
-    async def _recount(self) -> None:
-        """Take a lease of the limit as it is now for each holder whose lease names
-        a limit that was deleted (it counts nothing: Prefect would admit others
-        beside the step). Every tick until it lands, not only when the limit is
-        re-read: a step runs uncounted meanwhile."""
-        for holder in list(self._holders.values()):
-            slots = self._limits.get(holder.limit)
-            old = holder.lease
-            if (
-                slots is None
-                or old is None
-                or not counts_nothing(old, slots.info.id, slots.info.read_at)
-            ):
-                continue
-            outcome = await self.prefect.try_acquire(holder.limit, holder.occupy, holder.holder)
-            if not isinstance(outcome, Lease):
-                continue  # no room now: the next tick tries again
-            if self._holders.get(holder.ticket) is holder and holder.lease is old:
-                holder.take_lease(outcome, self.clock())
-                # The old lease names a limit that is gone: it counts nothing,
-                # but would sit in Prefect's lease storage until it expires.
-                self._spawn(self._release_quietly(old))
-            else:
-                # It finished or passed its lease on while the lease was taken:
-                # the new lease is nobody's (an heir is re-counted on its own).
-                self._spawn(self._release_quietly(outcome))
-
-    async def _release_quietly(self, lease: Lease) -> None:
-        """Give back a lease no holder owns; if that fails it expires on its own."""
-        try:
-            await self.prefect.release_lease(lease.id)
-        except Exception as exc:
-            logger.warning("giving back an unowned lease of %s failed: %r", lease.limit_id, exc)
-
-    async def _renew_leases(self) -> None:
-        now = self.clock()
-        due = [
-            (holder, holder.lease)
-            for holder in self._holders.values()
-            # A lost lease cannot be renewed; its give-back repairs the count.
-            if holder.lease is not None
-            and holder.hold is LeaseHold.ALIVE
-            and now - holder.renewed_at >= holder.lease.duration / 4
-        ]
-        # All at once, each bounded: one slow answer must not hold the others
-        # past their leases (the client's own timeout is a minute).
-        states = await asyncio.gather(
-            *(self._probe_bounded(lease, now - holder.renewed_at) for holder, lease in due)
-        )
-        for (holder, lease), state in zip(due, states, strict=True):
-            if holder.lease is not lease:
-                continue  # passed on or given back meanwhile: the answer is not its own
-            if state is LeaseState.ALIVE:
-                holder.renewed_at = now
-                holder.lease = replace(lease, duration=self.lease_duration)
-            elif state is LeaseState.LOST and holder.hold is LeaseHold.ALIVE:
-                holder.hold = LeaseHold.LOST
-                logger.warning("Prefect lost the lease of a holder of %s", holder.limit)
-
-    async def _probe_bounded(self, lease: Lease, seconds_since_renewal: float) -> LeaseState:
-        """:meth:`PrefectSlots.probe`, UNKNOWN after an eighth of the lease's duration."""
-        try:
-            probe = self.prefect.probe(lease, seconds_since_renewal)
-            return await asyncio.wait_for(probe, timeout=lease.duration / 8)
-        except TimeoutError:
-            return LeaseState.UNKNOWN
