@@ -127,6 +127,20 @@ def crash_message(worker_id: str, drain_s: float) -> str:
     )
 
 
+def stopped_message(outcome: RunOutcome, worker_id: str, drain_s: float) -> str:
+    """The state message for a run the drain stopped (``outcome``: what it becomes).
+
+    Example:
+        >>> stopped_message(RunOutcome.RESCHEDULE, "w1", 60.0)
+        'drained from w1'
+    """
+    if outcome is RunOutcome.RESCHEDULE:
+        return f"drained from {worker_id}"
+    if outcome is RunOutcome.CANCEL:
+        return f"cancelled while {worker_id} drained"
+    return crash_message(worker_id, drain_s)
+
+
 def left_behind_message(worker_id: str) -> str:
     """The message for a run an earlier worker of this name left unsettled when it ended."""
     return (

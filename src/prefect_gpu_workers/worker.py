@@ -44,10 +44,10 @@ from prefect_gpu_workers.drain import (
     WORKER_NAME_LABEL,
     DrainReport,
     RunOutcome,
-    crash_message,
     left_behind_message,
     left_behind_outcome,
     run_outcome,
+    stopped_message,
     wants_reschedule,
 )
 from prefect_gpu_workers.journal import InFlightJournal, LeftBehind, RunsInFlight
@@ -300,8 +300,6 @@ async def _settle_entry(client: Any, worker: Any, entry: LeftBehind, result: Dra
     """Settle the runs of one left-behind journal file (:func:`drain.left_behind_outcome`)."""
     from uuid import UUID
 
-    from prefect.states import Cancelled, Crashed, Scheduled
-
     read = _read_states(client, [UUID(run_id) for run_id in entry.run_ids])
     runs = await asyncio.wait_for(read, API_CALL_TIMEOUT_S)
     for run_id, run in runs.items():
@@ -310,17 +308,26 @@ async def _settle_entry(client: Any, worker: Any, entry: LeftBehind, result: Dra
         claimed_by = labels.get(WORKER_NAME_LABEL)
         reschedule = wants_reschedule(run.job_variables.get("env"), os.environ)
         outcome = left_behind_outcome(state_type, claimed_by, worker.name, reschedule)
-        if outcome in (RunOutcome.RESCHEDULE, RunOutcome.CANCEL, RunOutcome.CRASH):
+        state = _stopped_state(outcome, left_behind_message(worker.name))
+        if state is not None:
             _kill_flow_run_processes([run_id], worker.name)
-            why = left_behind_message(worker.name)
-            state: Any = {
-                RunOutcome.RESCHEDULE: Scheduled(name="Rescheduled", message=why),
-                RunOutcome.CANCEL: Cancelled(message=why),
-                RunOutcome.CRASH: Crashed(message=why),
-            }[outcome]
             setting = client.set_flow_run_state(run_id, state, force=True)
             await asyncio.wait_for(setting, API_CALL_TIMEOUT_S)
         result.add(outcome, str(run_id))
+
+
+def _stopped_state(outcome: RunOutcome, message: str) -> Any | None:
+    """The Prefect state a stopped run is set to, with ``message``; ``None``: none
+    (it finished, or is another worker's now)."""
+    from prefect.states import Cancelled, Crashed, Scheduled
+
+    if outcome is RunOutcome.RESCHEDULE:
+        return Scheduled(name="Rescheduled", message=message)
+    if outcome is RunOutcome.CANCEL:
+        return Cancelled(message=message)
+    if outcome is RunOutcome.CRASH:
+        return Crashed(message=message)
+    return None
 
 
 async def settle_left_behind(
@@ -405,7 +412,6 @@ async def drain(
     from prefect.client.orchestration import get_client
 
     connect = connect or get_client
-    from prefect.states import Cancelled, Crashed, Scheduled
 
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -449,7 +455,8 @@ async def drain(
         for run_id in at_start - set(stopping):
             result.add(RunOutcome.FINISHED, str(run_id))
         # From here the grace period's margin runs: every step is bounded.
-        stop_by = loop.time() + STOP_BUDGET_S
+        stop_started = loop.time()
+        stop_by = stop_started + STOP_BUDGET_S
         worker_task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(
@@ -484,20 +491,14 @@ async def drain(
             outcome = run_outcome(
                 state_type, True, wants_reschedule(run.job_variables.get("env"), os.environ)
             )
-            state: Any = {
-                RunOutcome.RESCHEDULE: Scheduled(
-                    name="Rescheduled", message=f"drained from {worker.name}"
-                ),
-                RunOutcome.CANCEL: Cancelled(message=f"cancelled while {worker.name} drained"),
-                RunOutcome.CRASH: Crashed(message=crash_message(worker.name, drain_s)),
-            }.get(outcome)
+            state = _stopped_state(outcome, stopped_message(outcome, worker.name, drain_s))
             if state is None:
                 result.add(outcome, str(run_id))
                 worker.runs.settled(run_id)
             else:
                 settling.append(settle(run_id, outcome, state))
         await asyncio.gather(*settling)  # at once: one slow answer must not hold the rest
-        result.stopping_s = loop.time() - (stop_by - STOP_BUDGET_S)
+        result.stopping_s = loop.time() - stop_started
         result.waited_s = loop.time() - started
     return result
 

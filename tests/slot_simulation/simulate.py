@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import hashlib
 import logging
 import random
@@ -491,24 +492,19 @@ class Simulation:
 
 
 _NO_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-_SIM_SETTINGS: list[Settings] = []
 
 
+@functools.cache
 def _sim_settings() -> Settings:
     """Prefect's settings pointed at the model: built once (a copy validates every
     field, a tenth of a second, which thousands of schedules would pay each)."""
-    if not _SIM_SETTINGS:
-        # No TLS (the model is in memory): a client would otherwise load the CA
-        # bundle for each broker, 27 ms each.
-        settings = get_current_settings().copy_with_update(
-            updates={
-                PREFECT_API_URL: "http://prefect.sim/api",
-                PREFECT_CLIENT_CSRF_SUPPORT_ENABLED: False,
-                PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True,
-            }
-        )
-        _SIM_SETTINGS.append(settings)
-    return _SIM_SETTINGS[0]
+    return get_current_settings().copy_with_update(
+        updates={
+            PREFECT_API_URL: "http://prefect.sim/api",
+            PREFECT_CLIENT_CSRF_SUPPORT_ENABLED: False,
+            PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True,
+        }
+    )
 
 
 @contextlib.asynccontextmanager

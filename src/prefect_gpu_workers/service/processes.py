@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from prefect_gpu_workers.procfs import owner_alive
+from prefect_gpu_workers.procfs import env_value, owner_alive, pids_with_env
 from prefect_gpu_workers.service.plan import SERVICE_WORKER_ENV
 
 _PR_SET_PDEATHSIG = 1
@@ -91,22 +91,10 @@ class NameLock:
 
 def _marked(worker_name: str) -> list[tuple[int, str]]:
     """(pid, owner token) of this user's processes marked with ``worker_name``."""
-    needle = f"{SERVICE_WORKER_ENV}={worker_name}".encode()
-    owner_prefix = f"{OWNER_ENV}=".encode()
-    found: list[tuple[int, str]] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:  # gone, or not ours to read
-            continue
-        if needle in environ:
-            owner = next(
-                (v[len(owner_prefix) :] for v in environ if v.startswith(owner_prefix)), b""
-            )
-            found.append((int(entry.name), owner.decode()))
-    return sorted(found)
+    return [
+        (pid, env_value(pid, OWNER_ENV) or "")
+        for pid in pids_with_env(SERVICE_WORKER_ENV, worker_name)
+    ]
 
 
 def marked_pids(worker_name: str, owner: str | None = None) -> list[int]:
