@@ -19,6 +19,7 @@ name can become a query, a fragment or another host.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import string
 from collections.abc import Iterable
@@ -113,13 +114,17 @@ def parse_api_url(url: str) -> ApiUrl:
         raise _invalid("must not have . or .. path segments")
     if _ENCODED_SEPARATOR.search(url):
         raise _invalid("must not percent-encode / \\ ? # or . (%2F %5C %3F %23 %2E)")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # a bracketed host that is no IPv6 address
+        raise _invalid("must name a host: a bracketed one must be an IPv6 address") from exc
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0 or not parts.hostname:
         raise _invalid("must name a host and, if any, a port from 1 to 65535")
+    _check_host(parts.hostname.lower())
     return ApiUrl(
         scheme=scheme,
         netloc=parts.netloc,
@@ -127,6 +132,32 @@ def parse_api_url(url: str) -> ApiUrl:
         port=port or DEFAULT_PORTS[scheme],
         path=parts.path.rstrip("/"),
     )
+
+
+def _check_host(host: str) -> None:
+    """IP addresses only as themselves: a host that other spellings would turn into
+    an address (``2130706433``, ``0x7f.1``, ``::ffff:a00:1``) could pass an
+    allowlist or a reader as a name and reach the address; and never link-local,
+    where cloud metadata services answer (``169.254.169.254``). Beyond the CRD's
+    CEL rules: the operator's own check."""
+    if ":" in host:  # an IPv6 literal (urlsplit checked it)
+        address = ipaddress.IPv6Address(host.split("%")[0])
+        if address.ipv4_mapped is not None or address.sixtofour is not None:
+            raise _invalid("must write an IPv4 address as a.b.c.d, not inside an IPv6 one")
+        if address.is_link_local:
+            raise _invalid("must not name a link-local address (where cloud metadata answers)")
+        return
+    last = host.rstrip(".").rsplit(".", 1)[-1]
+    if not (last.isdigit() or last.startswith("0x")):
+        return  # a DNS name
+    labels = host.split(".")
+    canonical = len(labels) == 4 and all(
+        label.isdigit() and str(int(label)) == label and int(label) <= 255 for label in labels
+    )
+    if not canonical:
+        raise _invalid("must write an IP address as four decimal numbers a.b.c.d")
+    if ipaddress.IPv4Address(host).is_link_local:
+        raise _invalid("must not name a link-local address (where cloud metadata answers)")
 
 
 def _within(path: str, prefix: str) -> bool:

@@ -10,6 +10,12 @@ picks the URL), only this module's log.
 Every request URL is built by :meth:`ApiUrl.request_url` from the pool's
 validated URL and redirects are never followed, so requests, and the API key,
 go to the pool's own URL only.
+
+The URL is the pool owner's choice, so its answers are read as a stranger's:
+each call has a total deadline (httpx's timeout is per phase: a byte every few
+seconds would hold a pass for ever), an answer is read only up to
+:data:`MAX_BODY_BYTES` (never whole first), uncompressed, and a listing stops
+after :data:`MAX_PAGES` pages.
 """
 
 from __future__ import annotations
@@ -43,6 +49,37 @@ REASONS = frozenset({
 })  # fmt: skip
 LOGGED_BODY_CHARS = 200  # at WARNING; the rest, up to DEBUG_BODY_CHARS, at DEBUG
 DEBUG_BODY_CHARS = 4000
+# Prefect's largest answer the operator reads is a page of 200 limits (about
+# 60 kB) or a work pool with its base job template: a few MB is far past both.
+MAX_BODY_BYTES = 4 * 1024 * 1024
+# A page of 200 limits each: 20,000 limits, twenty times a 1000-pod fleet's.
+MAX_PAGES = 100
+# The longest one call may take, connect to last byte.
+CALL_DEADLINE_S = 30.0
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    """The answer's body, or :class:`_TooLarge` as soon as it passes ``cap`` bytes."""
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        raise _TooLarge
+    encoding = response.headers.get("content-encoding", "identity").lower()
+    if encoding not in ("", "identity"):
+        # Asked for none: a compressed answer could inflate far past the cap
+        # from one small chunk.
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        size += len(chunk)
+        if size > cap:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def gather_bounded(calls: Iterable[Awaitable[T]], parallel: int = 8) -> list[T]:
@@ -75,11 +112,25 @@ class PrefectApi:
     Args:
         base: the pool's URL, checked by :meth:`AllowedApiUrls.check`.
         api_key: sent as a bearer token, to ``base`` only.
+        timeout_s: httpx's bound on each phase (connect, each read, ...).
+        deadline_s: the bound on a whole call, connect to last byte.
+        max_body_bytes: the largest answer read; a larger one is a bad response.
     """
 
-    def __init__(self, base: ApiUrl, api_key: str | None = None, timeout_s: float = 10.0) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    def __init__(
+        self,
+        base: ApiUrl,
+        api_key: str | None = None,
+        timeout_s: float = 10.0,
+        deadline_s: float = CALL_DEADLINE_S,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        headers = {"Accept-Encoding": "identity"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         self.base = base
+        self.deadline_s = deadline_s
+        self.max_body_bytes = max_body_bytes
         # No base_url (whose merging re-reads the path) and no redirects.
         self._http = httpx.AsyncClient(headers=headers, timeout=timeout_s, follow_redirects=False)
 
@@ -100,7 +151,26 @@ class PrefectApi:
         """Send one request; any status but 2xx and ``ok`` raises a PrefectError."""
         path = "/" + "/".join(segments)  # the operator's own path, for messages
         try:
-            response = await self._http.request(method, self._url(segments), json=json)
+            async with asyncio.timeout(self.deadline_s):
+                url = self._url(segments)
+                async with self._http.stream(method, url, json=json) as streamed:
+                    body = await _read_capped(streamed, self.max_body_bytes)
+            response = httpx.Response(streamed.status_code, headers=streamed.headers, content=body)
+        except TimeoutError as exc:
+            log.warning("Prefect API %s %s%s: no whole answer within %g s",
+                        method, self.base, path, self.deadline_s)  # fmt: skip
+            raise PrefectError(
+                "PrefectUnreachable",
+                f"Prefect API {method} {path}: no whole answer within {self.deadline_s:g} s",
+            ) from exc
+        except _TooLarge as exc:
+            log.warning("Prefect API %s %s%s: answer over %d bytes (or compressed), not read",
+                        method, self.base, path, self.max_body_bytes)  # fmt: skip
+            raise PrefectError(
+                "PrefectBadResponse",
+                f"Prefect API {method} {path}: the answer is larger than "
+                f"{self.max_body_bytes} bytes; not a Prefect API response",
+            ) from exc
         except httpx.TransportError as exc:
             log.warning("Prefect API %s %s%s unreachable: %r", method, self.base, path, exc)
             raise PrefectError(
@@ -149,7 +219,9 @@ class PrefectApi:
         found: dict[str, PrefectLimit] = {}
         offset = 0
         segments = ("v2", "concurrency_limits", "filter")
-        while names:
+        for _ in range(MAX_PAGES):
+            if not names:
+                break
             response = await self._request(
                 "POST", *segments, json={"offset": offset, "limit": page}
             )
@@ -163,9 +235,16 @@ class PrefectApi:
             except (ValueError, KeyError, TypeError) as exc:
                 raise self._bad_response("POST", "/" + "/".join(segments), response) from exc
             if len(items) < page:
-                break
+                return found
             offset += page
-        return found
+        if not names:
+            return found
+        log.warning("Prefect API %s: still full pages after %d; not read on", self.base, MAX_PAGES)
+        raise PrefectError(
+            "PrefectBadResponse",
+            f"Prefect API POST /{'/'.join(segments)}: more than {MAX_PAGES} pages of "
+            f"{page} limits; not read on",
+        )
 
     async def create_limit(self, name: str, size: int) -> None:
         body = {"name": name, "limit": size, "active": True}

@@ -32,10 +32,40 @@ REJECTED = [
     ("http://prefect:0/api", "port"),
 ]
 
+# Beyond the CRD's CEL rules: the operator's own check (issue 22), a condition
+# naming the rule, never a crash or a request.
+REJECTED_BY_THE_OPERATOR = [
+    ("http://[abc]/api", "bracketed one must be an IPv6 address"),
+    ("http://2130706433/api", "four decimal numbers"),
+    ("http://0x7f.1/api", "four decimal numbers"),
+    ("http://0177.0.0.1/api", "four decimal numbers"),
+    ("http://127.1/api", "four decimal numbers"),
+    ("http://[::ffff:a00:1]/api", "not inside an IPv6 one"),
+    ("http://[::ffff:127.0.0.1]:4200/api", "not inside an IPv6 one"),
+    ("http://169.254.169.254/latest/meta-data", "link-local"),
+    ("http://[fe80::1]/api", "link-local"),
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "rule"), REJECTED_BY_THE_OPERATOR, ids=[u for u, _ in REJECTED_BY_THE_OPERATOR]
+)
+def test_other_spellings_of_an_address_and_link_local_ones_are_rejected(
+    url: str, rule: str
+) -> None:
+    with pytest.raises(ApiUrlRejected) as info:
+        parse_api_url(url)
+    assert info.value.reason == "ApiUrlInvalid"
+    assert rule in str(info.value)
+    assert str(info.value).startswith("spec.prefect.apiUrl ")
+
+
 ACCEPTED = [
     "http://prefect-server.prefect.svc.cluster.local:4200/api",
     "https://api.prefect.cloud/api/accounts/1b2c/workspaces/3d4e",
     "http://127.0.0.1:4200/api",
+    "http://10.0.0.7:4200/api",
+    "http://123.example:4200/api",
     "http://[::1]:4200/api/",
     "HTTP://Prefect:4200/api".lower(),
 ]
@@ -107,7 +137,7 @@ def test_allowlist_compares_scheme_host_port_and_whole_path_segments(
 
 def test_url_outside_the_allowlist_is_refused_naming_field_and_rule() -> None:
     with pytest.raises(ApiUrlRejected) as info:
-        ALLOWED.check("http://169.254.169.254/latest/meta-data")
+        ALLOWED.check("http://10.0.0.1:8080/internal/admin")
     assert info.value.reason == "ApiUrlNotAllowed"
     assert "spec.prefect.apiUrl" in str(info.value)
     assert "--allowed-api-url" in str(info.value)
