@@ -120,7 +120,8 @@ def sweep_workers(first: int, count: int, as_json: bool = False) -> int:
 def summary_line(report: Report) -> str:
     return (f"seed {report.schedule.seed}: {'ok' if report.ok else 'FAILED'}, "
             f"{report.requests} requests ({report.faults} faulted, {report.orphans} orphan "
-            f"lease(s){', one forgotten by a restart' if report.prefect_forgot_orphan else ''}), "
+            f"lease(s){', one forgotten by a restart' if report.prefect_forgot_orphan else ''}"
+            f"{', ' + report.crossed if report.crossed else ''}), "
             f"{report.grants} grants, "
             f"{report.leases_passed} leases passed, {report.virtual_s:.0f} virtual s, "
             f"digest {report.digest()}")  # fmt: skip
@@ -136,6 +137,7 @@ def sweep(first: int, count: int, as_json: bool = False) -> int:
     totals: Counter[str] = Counter()
     faults: Counter[str] = Counter()
     events: Counter[str] = Counter()
+    crossings: Counter[str] = Counter()
     for i, seed in enumerate(range(first, first + count), 1):
         schedule = draw_schedule(seed)
         report = simulate(schedule)
@@ -146,7 +148,10 @@ def sweep(first: int, count: int, as_json: bool = False) -> int:
                           if e.kind.value == "restart")  # fmt: skip
         totals.update(requests=report.requests, faults=report.faults, grants=report.grants,
                       passed=report.leases_passed, virtual_s=int(report.virtual_s),
-                      orphans=report.orphans, forgot=int(report.prefect_forgot_orphan))  # fmt: skip
+                      orphans=report.orphans, forgot=int(report.prefect_forgot_orphan),
+                      crossed=int(report.crossed is not None))  # fmt: skip
+        if report.crossed is not None:
+            crossings[report.crossed] += 1
         for violation in report.violations:
             failed.setdefault(violation.invariant, []).append(seed)
         if i % 100 == 0 or i == count:
@@ -167,6 +172,7 @@ def sweep(first: int, count: int, as_json: bool = False) -> int:
             "leases_passed": totals["passed"],
             "orphan_leases": totals["orphans"],
             "schedules_where_a_restart_forgot_an_orphan": totals["forgot"],
+            "schedules_where_a_delayed_request_crossed": dict(crossings),
             "violations": {k: len(failed.get(k, [])) for k in INVARIANTS},
             "failing_seeds": {k: v[:20] for k, v in failed.items()},
         }, indent=2))  # fmt: skip
@@ -179,6 +185,8 @@ def sweep(first: int, count: int, as_json: bool = False) -> int:
         f"orphan leases (an increment's answer lost): {totals['orphans']}; schedules where "
         f"a restart then forgot one (Prefect counts its slots for good): {totals['forgot']}"
     )
+    print("schedules where a delayed request met what no client can tell apart: "
+          + (", ".join(f"{k} {v}" for k, v in sorted(crossings.items())) or "none"))  # fmt: skip
     print("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
     print("server events: " + ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
     print(f"{'invariant':<18} {'schedules':>9}  first seeds")

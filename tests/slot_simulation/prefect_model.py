@@ -144,6 +144,7 @@ class PrefectModel:
         self.leases: dict[UUID, ModelLease] = {}
         self.ended: dict[UUID, Ended] = {}
         self.flow_runs: dict[UUID, ModelFlowRun] = {}
+        self.recreated_at: list[float] = []
         self.up = True
 
     # -- what an administrator does ------------------------------------------
@@ -158,6 +159,7 @@ class PrefectModel:
         """Deleted and created again: a new id, nothing counted; the old leases
         name a limit that no longer exists and count nothing."""
         self.create_limit(name, self.limits[name].limit)
+        self.recreated_at.append(self.clock())
 
     def counts_anything(self, lease: ModelLease) -> bool:
         ids = {limit.id for limit in self.limits.values()}
@@ -341,6 +343,10 @@ class RequestRecord:
     status: int | None
     lease_id: UUID | None = None  # the lease an increment created
     slow: bool = False  # answered in seconds, not milliseconds
+    sent_at: float = 0.0  # ``at`` is when the server handled it, after any delay
+    # What no client can tell apart, met by this request in flight (see
+    # ModelTransport.crossing), or None.
+    crossed: str | None = None
 
     @property
     def ambiguous(self) -> bool:
@@ -377,11 +383,14 @@ class ModelTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         rng = self.rng
+        sent_at = asyncio.get_running_loop().time()
         fault = self.rates.draw(rng) if self.faults_on else Fault.NONE
         slow = self.faults_on and rng.random() < self.rates.slow
         await asyncio.sleep(rng.uniform(1.0, SLOW_ANSWER_S) if slow else rng.uniform(0.001, 0.02))
-        record = RequestRecord(asyncio.get_running_loop().time(), request.method,
-                               request.url.path, fault, None, slow=slow)  # fmt: skip
+        record = RequestRecord(
+            asyncio.get_running_loop().time(), request.method, request.url.path, fault, None,
+            slow=slow, sent_at=sent_at,
+        )  # fmt: skip
         self.log.append(record)
         if not self.model.up or fault is Fault.REFUSED:
             record.fault = Fault.REFUSED
@@ -392,6 +401,7 @@ class ModelTransport(httpx.AsyncBaseTransport):
             self._observed(record)
             return httpx.Response(503, json={"detail": "busy"}, request=request)
         body = json.loads(request.content) if request.content else None
+        record.crossed = self.crossing(record, body)
         answer = self.model.handle(request.method, request.url.path, body)
         record.status = answer.status
         if isinstance(answer.body, dict) and "lease_id" in answer.body:
@@ -409,6 +419,27 @@ class ModelTransport(httpx.AsyncBaseTransport):
         return httpx.Response(
             answer.status, json=answer.body, headers=answer.headers, request=request
         )
+
+    def crossing(self, record: RequestRecord, body: Any) -> str | None:
+        """What this request, delayed in flight, meets that no client can tell apart
+        from the ordinary: a lease release after a restart forgot the lease (a 204
+        either way; Prefect counts its slots for good), or a decrement by name after
+        the limit was deleted and created again (it lowers the new limit's count)."""
+        model = self.model
+        if record.path == f"{BASE}/decrement-with-lease" and body:
+            ended = model.ended.get(UUID(body["lease_id"]))
+            if (
+                ended is not None
+                and ended.fate is LeaseFate.FORGOTTEN
+                and ended.at > record.sent_at
+                and model.counts_anything(ended.lease)
+            ):
+                return "a release that crossed a restart"  # fmt: skip
+        if record.path == f"{BASE}/decrement" and any(
+            record.sent_at < at <= record.at for at in model.recreated_at
+        ):
+            return "a decrement by name that crossed a recreate"
+        return None
 
     def _observed(self, record: RequestRecord) -> None:
         if self.observe is not None:

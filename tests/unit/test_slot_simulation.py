@@ -122,6 +122,11 @@ FOUND_DEFECTS = {
     4286: ("e9e56b861317", "a re-count's new lease whose holder had finished meanwhile was "
            "given up after one refused release: it held a slot of a 2-slot limit "
            "until the repossessor came a minute later"),
+    8650: ("7763eaccb328", "after a restart, a limit read and a re-count each waiting out a "
+           "lost answer held the renewals in the same tick: a lease's first minute passed "
+           "unrenewed, its 410 read as expired, not lost, and its slot was counted for good"),
+    10303: ("83c2675966f4", "the same (found by the 20,000-seed sweep on the code before "
+            "this issue's last changes too): two slots counted for good"),
 }  # fmt: skip
 
 
@@ -205,10 +210,11 @@ def test_an_heir_that_cannot_be_granted_is_caught(monkeypatch: pytest.MonkeyPatc
     assert _first_failing("progress", range(192, 193)) == 192
 
 
-def test_one_lost_answer_does_not_hold_the_upkeep_for_a_minute() -> None:
-    """With Prefect's client timeout (60 s) one lost answer to a limit read holds
-    every renewal behind it a minute: first leases (60 s) expire under live steps."""
-    assert _first_failing("no repossession", range(0, 120), request_timeout_s=60.0) is not None
+def test_one_lost_answer_does_not_hold_the_broker_for_a_minute() -> None:
+    """With Prefect's client timeout (60 s), one lost answer holds what waits on it
+    a minute: a give-back then ends long after its step (and, before the renewals
+    had a loop of their own, every renewal behind a lost limit read)."""
+    assert _first_failing("no leak", range(0, 120), request_timeout_s=60.0) is not None
 
 
 def test_the_first_lease_is_short(monkeypatch: pytest.MonkeyPatch) -> None:

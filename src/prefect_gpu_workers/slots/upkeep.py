@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -54,23 +54,33 @@ class Upkeep:
         self.clock, self.dispatch, self.spawn = clock, dispatch, spawn
         self.lease_duration = lease_duration
         self.maintenance_s, self.limit_refresh_s = maintenance_s, limit_refresh_s
+        self._read_at = clock()
 
     async def run(self) -> None:
-        read_at = self.clock()
+        """The renewals and the limit upkeep, each in a loop of its own: a limit
+        read or a re-count waiting out a lost answer must not hold the renewals
+        (seed 8650: two such waits in a row let a lease's first minute pass
+        unrenewed after a restart, and its 410 then read as expired, not lost)."""
+        await asyncio.gather(self._every_tick(self.renew_leases), self._every_tick(self._limits))
+
+    async def _limits(self) -> None:
+        if self.clock() - self._read_at >= self.limit_refresh_s:
+            self._read_at = self.clock()
+            await self._quietly(self.refresh_limits)
+        await self._quietly(self.recount)
+
+    async def _every_tick(self, upkeep: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(self.maintenance_s)
-            upkeeps = [self.recount, self.renew_leases]
-            if self.clock() - read_at >= self.limit_refresh_s:
-                read_at = self.clock()
-                upkeeps.insert(0, self.refresh_limits)
-            # Each on its own: a limit read that keeps failing (a 422 after a
-            # shrink, a proxy's 5xx) must not stop the renewals, or every lease
-            # expires while its step still runs.
-            for upkeep in upkeeps:
-                try:
-                    await upkeep()
-                except Exception as exc:  # the server may be restarting: next tick
-                    logger.debug("slot broker upkeep (%s): %r", upkeep.__name__, exc)
+            await self._quietly(upkeep)
+
+    async def _quietly(self, upkeep: Callable[[], Awaitable[None]]) -> None:
+        # Each on its own: a limit read that keeps failing (a 422 after a
+        # shrink, a proxy's 5xx) must not stop the re-count or the renewals.
+        try:
+            await upkeep()
+        except Exception as exc:  # the server may be restarting: next tick
+            logger.debug("slot broker upkeep (%s): %r", upkeep.__name__, exc)
 
     async def refresh_limits(self) -> None:
         """Re-read each limit: apply a resize; note a recreated one (:meth:`recount`)."""
