@@ -101,20 +101,20 @@ def measured(call: Callable[[], Awaitable[Any]]) -> tuple[PrefectError, float, i
     return info.value, took, peak
 
 
+async def _read_limits(url: str) -> None:
+    api = PrefectApi(parse_api_url(url))
+    try:
+        await api.read_limits({"gpu:mine"})
+    finally:
+        await api.aclose()
+
+
 @pytest.mark.parametrize("mode", ["huge", "huge-unsized"])
 def test_a_600_mb_answer_is_not_read(
     mode: str, record_property: Callable[[str, object], None]
 ) -> None:
     with hostile(mode) as (url, seen):
-        api = PrefectApi(parse_api_url(url))
-
-        async def read() -> None:
-            try:
-                await api.read_limits({"gpu:mine"})
-            finally:
-                await api.aclose()
-
-        error, took, peak = measured(read)
+        error, took, peak = measured(lambda: _read_limits(url))
     assert error.reason == "PrefectBadResponse"
     assert f"larger than {MAX_BODY_BYTES} bytes" in str(error)
     assert len(seen) == 1
@@ -128,15 +128,7 @@ def test_pages_that_never_end_stop_at_the_page_cap(
     record_property: Callable[[str, object], None],
 ) -> None:
     with hostile("pages") as (url, seen):
-        api = PrefectApi(parse_api_url(url))
-
-        async def read() -> None:
-            try:
-                await api.read_limits({"gpu:mine"})
-            finally:
-                await api.aclose()
-
-        error, took, peak = measured(read)
+        error, took, peak = measured(lambda: _read_limits(url))
     assert error.reason == "PrefectBadResponse"
     assert f"more than {MAX_PAGES} pages" in str(error)
     assert len(seen) == MAX_PAGES

@@ -56,6 +56,16 @@ def replay(seed: int, trace: bool) -> int:
     return 0 if report.ok else 1
 
 
+def progress(
+    i: int, count: int, started: float, failed: dict[str, list[int]], what: str, every: int
+) -> None:
+    """A sweep's progress line on stderr, every ``every`` schedules and at the end."""
+    if i % every == 0 or i == count:
+        violations = sum(len(seeds) for seeds in failed.values())
+        print(f"  {i}/{count} {what}, {time.perf_counter() - started:.1f} s, "
+              f"{violations} violation(s)", file=sys.stderr, flush=True)  # fmt: skip
+
+
 def replay_workers(seed: int, trace: bool) -> int:
     report = simulate_workers(draw_worker_schedule(seed))
     print(report.schedule.describe())
@@ -88,10 +98,7 @@ def sweep_workers(first: int, count: int, as_json: bool = False) -> int:
                       moved=int(schedule.moved is not None), runs=len(schedule.runs))  # fmt: skip
         for violation in report.violations:
             failed.setdefault(violation.invariant, []).append(seed)
-        if i % 500 == 0 or i == count:
-            print(f"  {i}/{count} worker schedules, {time.perf_counter() - started:.1f} s, "
-                  f"{sum(len(s) for s in failed.values())} violation(s)", file=sys.stderr,
-                  flush=True)  # fmt: skip
+        progress(i, count, started, failed, "worker schedules", every=500)
     summary = {
         "seeds": [first, first + count - 1],
         "seconds": round(time.perf_counter() - started, 1),
@@ -154,11 +161,7 @@ def sweep(first: int, count: int, as_json: bool = False) -> int:
             crossings[report.crossed] += 1
         for violation in report.violations:
             failed.setdefault(violation.invariant, []).append(seed)
-        if i % 100 == 0 or i == count:
-            elapsed = time.perf_counter() - started
-            violations = sum(len(s) for s in failed.values())
-            print(f"  {i}/{count} seeds, {elapsed:.1f} s, {violations} violation(s)",
-                  file=sys.stderr, flush=True)  # fmt: skip
+        progress(i, count, started, failed, "seeds", every=100)
     elapsed = time.perf_counter() - started
     if as_json:
         print(json.dumps({

@@ -66,7 +66,7 @@ from .prefect_model import (
     RequestRecord,
     seeded_ids,
 )
-from .simulate import _sim_settings
+from .simulate import Violation, _sim_settings
 
 WORKER = "sim-worker"
 OTHER = "other-worker"
@@ -141,20 +141,10 @@ def draw_worker_schedule(seed: int) -> WorkerSchedule:
                           moved)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class WorkerViolation:
-    at: float
-    invariant: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"t={self.at:.3f} {self.invariant}: {self.detail}"
-
-
 @dataclass
 class WorkerReport:
     schedule: WorkerSchedule
-    violations: list[WorkerViolation] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
     trace: list[str] = field(default_factory=list)
     requests: int = 0
     faults: int = 0
@@ -250,7 +240,7 @@ class WorkerSimulation:
 
     def violate(self, invariant: str, detail: str) -> None:
         if all(v.invariant != invariant for v in self.report.violations):
-            self.report.violations.append(WorkerViolation(self.now(), invariant, detail))
+            self.report.violations.append(Violation(self.now(), invariant, detail))
 
     def run_of(self, plan: RunPlan) -> ModelFlowRun:
         assert self.model is not None
