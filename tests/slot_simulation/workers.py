@@ -36,7 +36,6 @@ import hashlib
 import logging
 import random
 import shutil
-import ssl
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,13 +65,12 @@ from .prefect_model import (
     RequestRecord,
     seeded_ids,
 )
-from .simulate import Violation, _sim_settings
+from .simulate import _NO_TLS, Violation, _sim_settings
 
 WORKER = "sim-worker"
 OTHER = "other-worker"
 # Beyond the stop budget: reads bounded at 1 s at least, the process kills.
 DRAIN_SLACK_S = 2.0
-_NO_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """What the slot broker does between requests: re-read its limits, re-count the
 holders of a limit deleted and created again, renew the leases it holds.
 
-Each tick (``maintenance_s``) runs the re-count and the renewals; every
-``limit_refresh_s`` the limit reads run first. Each part on its own: one that
-keeps failing (a 422 after a shrink, a proxy's 5xx) must not stop the others,
-or every lease expires while its step still runs.
+Two loops, each ticking every ``maintenance_s``: the renewals, and the limit
+upkeep (the limit reads every ``limit_refresh_s``, then the re-count). Each
+part on its own: one that keeps failing or waits out a lost answer (a 422
+after a shrink, a proxy's 5xx) must not stop the others, or every lease
+expires while its step still runs.
 """
 
 from __future__ import annotations
@@ -61,9 +62,11 @@ class Upkeep:
         read or a re-count waiting out a lost answer must not hold the renewals
         (seed 8650: two such waits in a row let a lease's first minute pass
         unrenewed after a restart, and its 410 then read as expired, not lost)."""
-        await asyncio.gather(self._every_tick(self.renew_leases), self._every_tick(self._limits))
+        await asyncio.gather(
+            self._every_tick(self.renew_leases), self._every_tick(self._limit_upkeep)
+        )
 
-    async def _limits(self) -> None:
+    async def _limit_upkeep(self) -> None:
         if self.clock() - self._read_at >= self.limit_refresh_s:
             self._read_at = self.clock()
             await self._quietly(self.refresh_limits)
