@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from slot_simulation.prefect_model import BASE, PrefectModel, seeded_ids
 
 from prefect_gpu_workers.server import LocalPrefectServer
 
+RETRY_503_S = 30.0  # how long a 503 (rolled back, retry) is sent again
 Step = tuple[str, str, Any]  # method, path below /v2/concurrency_limits, body
 
 
@@ -85,18 +87,33 @@ class RealSide(Side):
         self.server.stop()
         self.server.start(timeout_s=300)
 
+    def send(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        """One request, sent again while the server answers 503.
+
+        Prefect answers 503 for errors it has rolled back and that a client may
+        retry (on SQLite, ``database is locked`` while its own services write,
+        most often in the seconds after a start), and Prefect's client retries
+        them. The model has no such answer, so only the answer to the retried
+        request is compared."""
+        deadline = time.monotonic() + RETRY_503_S
+        while True:
+            response = self.http.request(method, path, json=body)
+            if response.status_code != 503 or time.monotonic() > deadline:
+                return response
+            time.sleep(0.2)
+
     def call(self, method: str, path: str, body: Any) -> tuple[int, Any]:
-        response = self.http.request(method, path, json=body)
+        response = self.send(method, path, body)
         return response.status_code, response.json() if response.content else None
 
     def create_limit(self, name: str, limit: int) -> None:
-        self.http.post("/", json={"name": name, "limit": limit}).raise_for_status()
+        self.send("POST", "/", {"name": name, "limit": limit}).raise_for_status()
 
     def deactivate(self, name: str) -> None:
-        self.http.patch(f"/{name}", json={"active": False}).raise_for_status()
+        self.send("PATCH", f"/{name}", {"active": False}).raise_for_status()
 
     def delete_limit(self, name: str) -> None:
-        self.http.delete(f"/{name}").raise_for_status()
+        self.send("DELETE", f"/{name}").raise_for_status()
 
 
 class ModelSide(Side):
