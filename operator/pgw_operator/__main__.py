@@ -7,6 +7,7 @@ standalone, without peering objects.
 from __future__ import annotations
 
 import argparse
+import logging
 
 import kopf
 
@@ -15,6 +16,8 @@ from pgw_operator import (
     metrics,
 )
 from pgw_operator.api_url import AllowedApiUrls, ApiUrlRejected
+
+LOG = logging.getLogger("pgw_operator")
 
 
 def _allowed_api_url(entry: str) -> str:
@@ -44,10 +47,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="json: one object per line with the pool's namespace/name (for log pipelines)",
     )  # fmt: skip
     parser.add_argument(
-        "--allowed-api-url", action="append", default=[], type=_allowed_api_url, metavar="URL",
+        "--allowed-api-url", action="append", default=[], type=_allowed_api_url,
+        metavar="[NAMESPACE=]URL",
         help="the only Prefect API URLs pools may name (repeatable): a URL prefix compared by "
-        "scheme, host, port and whole path segments, e.g. http://prefect.prefect.svc:4200/api; "
-        "a pool under none gets no request at all. Default: every http(s) URL (no tenant boundary)",
+        "scheme, host, port and whole path segments, for pools of NAMESPACE (none or *: every "
+        "namespace), e.g. team-a=https://prefect.team-a.svc/api; a pool under none gets no "
+        "request at all. Default: none, so no pool is served without --allow-any-api-url",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-any-api-url", action="store_true",
+        help="allow every http(s) URL to every namespace: no tenant boundary (trusted tenants)",
     )  # fmt: skip
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser.parse_args(argv)
@@ -62,12 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.metrics:
         metrics.serve(args.metrics)
+    allowed = AllowedApiUrls.parse(args.allowed_api_url, allow_any=args.allow_any_api_url)
+    if allowed.allow_any:
+        LOG.warning("--allow-any-api-url: pools may send this operator to any URL")
+    elif not allowed.entries:
+        LOG.warning("no --allowed-api-url: every pool stays Degraded (ApiUrlNotAllowed)")
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(allowed_api_urls=AllowedApiUrls.parse(args.allowed_api_url)),
+        memo=kopf.Memo(allowed_api_urls=allowed),
     )
 
 

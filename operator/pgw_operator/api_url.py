@@ -7,10 +7,12 @@ before any request the URL is checked twice:
 - its form (:func:`parse_api_url`): the CRD's CEL rules, repeated here for pools
   admitted before those rules existed;
 - the operator's allowlist (:class:`AllowedApiUrls`, ``--allowed-api-url``):
-  the tenant boundary. Entries are URL prefixes compared part by part (scheme,
-  host, port, then the path at a ``/`` boundary), never as strings or regexes:
-  ``http://prefect:4200/api`` allows ``http://prefect:4200/api/x`` but neither
-  ``http://prefect:4200/apix`` nor ``http://prefect:4200.evil.example/api``.
+  the tenant boundary. Each entry scopes a URL prefix to one namespace or to
+  all; with none, nothing is allowed unless ``--allow-any-api-url`` says so.
+  Prefixes are compared part by part (scheme, host, port, then the path at a
+  ``/`` boundary), never as strings or regexes: ``http://prefect:4200/api``
+  allows ``http://prefect:4200/api/x`` but neither ``http://prefect:4200/apix``
+  nor ``http://prefect:4200.evil.example/api``, and no https entry allows http.
 
 Request URLs are the pool's URL plus the operator's own path, each segment
 percent-encoded (:meth:`ApiUrl.request_url`): nothing in the pool's URL or in a
@@ -36,6 +38,7 @@ _DOT_SEGMENT = re.compile(r"/(\.|%2e){1,2}(/|$)", re.IGNORECASE)
 # Percent-encoded / \ ? # . : a server or proxy that decodes them would read
 # the path differently from the allowlist check.
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c|3f|23|2e)", re.IGNORECASE)
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class ApiUrlRejected(ValueError):
@@ -164,46 +167,95 @@ def _within(path: str, prefix: str) -> bool:
     return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
+ALL_NAMESPACES = "*"
+ALLOWLIST_HINT = "--allowed-api-url, chart value prefect.allowedApiUrls"
+
+
+@dataclass(frozen=True)
+class AllowedEntry:
+    """One allowlist entry: pools of ``namespace`` (``*``: of every namespace) may
+    name URLs under ``prefix``."""
+
+    namespace: str
+    prefix: ApiUrl
+
+    @classmethod
+    def parse(cls, entry: str) -> AllowedEntry:
+        """``[NAMESPACE=]URL``; without a namespace the entry covers every namespace.
+
+        Raises:
+            ApiUrlRejected: the URL is not itself a valid API URL.
+
+        Example:
+            >>> AllowedEntry.parse("team-a=https://prefect.team-a.svc/api").namespace
+            'team-a'
+        """
+        namespace, sep, url = entry.partition("=")
+        if not sep or "://" in namespace:
+            namespace, url = ALL_NAMESPACES, entry
+        if namespace != ALL_NAMESPACES and not _NAMESPACE.fullmatch(namespace):
+            raise ApiUrlRejected(
+                "ApiUrlInvalid", f"entry {entry!r}: {namespace!r} is neither a namespace nor *"
+            )
+        return cls(namespace, parse_api_url(url))
+
+    def permits(self, namespace: str, url: ApiUrl) -> bool:
+        p = self.prefix
+        return (
+            self.namespace in (ALL_NAMESPACES, namespace)
+            and (url.scheme, url.host, url.port) == (p.scheme, p.host, p.port)
+            and _within(url.path, p.path)
+        )
+
+
 @dataclass(frozen=True)
 class AllowedApiUrls:
-    """The operator's allowlist of Prefect API URLs; empty allows every valid URL.
+    """The operator's allowlist of Prefect API URLs, per namespace.
+
+    Fails closed: with no entry nothing is allowed, unless ``allow_any`` was said
+    out loud (``--allow-any-api-url``). The scheme is part of each entry, so
+    plain http is allowed only where an entry names it.
 
     Example:
-        >>> allowed = AllowedApiUrls.parse(["http://prefect.prefect.svc:4200/api"])
-        >>> allowed.permits(parse_api_url("http://prefect.prefect.svc:4200/api"))
+        >>> allowed = AllowedApiUrls.parse(["team-a=https://prefect.team-a.svc/api"])
+        >>> allowed.permits("team-a", parse_api_url("https://prefect.team-a.svc/api"))
         True
-        >>> allowed.permits(parse_api_url("http://prefect.prefect.svc:4200/apix"))
+        >>> allowed.permits("team-b", parse_api_url("https://prefect.team-a.svc/api"))
+        False
+        >>> allowed.permits("team-a", parse_api_url("http://prefect.team-a.svc/api"))
         False
     """
 
-    prefixes: tuple[ApiUrl, ...] = ()
+    entries: tuple[AllowedEntry, ...] = ()
+    allow_any: bool = False
 
     @classmethod
-    def parse(cls, entries: Iterable[str]) -> AllowedApiUrls:
+    def parse(cls, entries: Iterable[str], allow_any: bool = False) -> AllowedApiUrls:
         """Raises ApiUrlRejected for an entry that is not itself a valid API URL."""
-        return cls(tuple(parse_api_url(entry) for entry in entries))
+        return cls(tuple(AllowedEntry.parse(entry) for entry in entries), allow_any)
 
-    def permits(self, url: ApiUrl) -> bool:
-        if not self.prefixes:
-            return True
-        return any(
-            (url.scheme, url.host, url.port) == (p.scheme, p.host, p.port)
-            and _within(url.path, p.path)
-            for p in self.prefixes
-        )
+    def permits(self, namespace: str, url: ApiUrl) -> bool:
+        return self.allow_any or any(entry.permits(namespace, url) for entry in self.entries)
 
-    def check(self, url: str) -> ApiUrl:
+    def check(self, url: str, namespace: str) -> ApiUrl:
         """The pool's URL, parsed, if the operator may send it requests.
+
+        Args:
+            url: ``spec.prefect.apiUrl``.
+            namespace: the pool's namespace.
 
         Raises:
             ApiUrlRejected: ``ApiUrlInvalid`` for a malformed URL,
-                ``ApiUrlNotAllowed`` for one outside the allowlist.
+                ``ApiUrlNotAllowed`` for one outside the allowlist of the namespace.
         """
         parsed = parse_api_url(url)
-        if not self.permits(parsed):
-            raise ApiUrlRejected(
-                "ApiUrlNotAllowed",
-                "is not allowed: it is under none of the operator's allowed API URLs "
-                "(--allowed-api-url, chart value prefect.allowedApiUrls)",
-            )
+        if not self.permits(namespace, parsed):
+            if not self.entries:
+                rule = f"is not allowed: the operator allows no API URL yet ({ALLOWLIST_HINT})"
+            else:
+                rule = (
+                    f"is not allowed: it is under none of the API URLs the operator allows "
+                    f"for namespace {namespace} ({ALLOWLIST_HINT})"
+                )
+            raise ApiUrlRejected("ApiUrlNotAllowed", rule)
         return parsed

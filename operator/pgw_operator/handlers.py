@@ -40,7 +40,7 @@ POOLS = PoolRegistry()
 
 
 def allowed_api_urls(memo: kopf.Memo) -> AllowedApiUrls:
-    """The operator's allowlist, passed by ``__main__`` in kopf's memo; none allows all."""
+    """The operator's allowlist, passed by ``__main__`` in kopf's memo; none allows nothing."""
     allowed = memo.get("allowed_api_urls")
     return allowed if isinstance(allowed, AllowedApiUrls) else AllowedApiUrls()
 
@@ -233,7 +233,7 @@ async def _delete_limits(
     key: PoolKey, spec: PoolSpec, names: list[str], allowed: AllowedApiUrls, logger: Logger
 ) -> None:
     try:
-        checked_api_url(spec, allowed)
+        checked_api_url(key[0], spec, allowed)
     except ReconcileError as exc:
         # No request to a refused URL, not even to clean up: the pool goes and
         # its limits stay (the operator cannot have created them there unless

@@ -70,14 +70,14 @@ class PoolRef:
     status: Mapping[str, Any]
 
 
-def checked_api_url(spec: PoolSpec, allowed: AllowedApiUrls) -> ApiUrl:
+def checked_api_url(namespace: str, spec: PoolSpec, allowed: AllowedApiUrls) -> ApiUrl:
     """The pool's Prefect API URL if the operator may send it requests.
 
     Raises:
         ReconcileError: ``ApiUrlInvalid`` or ``ApiUrlNotAllowed``, naming the field and rule.
     """
     try:
-        return allowed.check(spec.api_url)
+        return allowed.check(spec.api_url, namespace)
     except ApiUrlRejected as exc:
         raise ReconcileError(exc.reason, str(exc)) from exc
 
@@ -88,7 +88,7 @@ async def prefect_api_for(namespace: str, spec: PoolSpec, allowed: AllowedApiUrl
     The URL is checked first: a pool whose URL is refused gets no request, and
     its key is not even read.
     """
-    url = checked_api_url(spec, allowed)
+    url = checked_api_url(namespace, spec, allowed)
     if spec.api_key is None:
         return PrefectApi(url)
     ref = spec.api_key
@@ -173,7 +173,8 @@ async def reconcile_pool(
 ) -> None:
     """One pass. Raises ReconcileError when it cannot finish (status then says why)."""
     spec = PoolSpec.from_dict(dict(pool.spec))
-    checked_api_url(spec, allowed)  # before anything: a refused URL gets no worker either
+    # Before anything: a refused URL gets no worker either.
+    checked_api_url(pool.namespace, spec, allowed)
     await asyncio.to_thread(
         kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
     )

@@ -132,25 +132,56 @@ ALLOWED = AllowedApiUrls.parse(["http://prefect.prefect.svc:4200/api", "https://
 def test_allowlist_compares_scheme_host_port_and_whole_path_segments(
     url: str, permitted: bool
 ) -> None:
-    assert ALLOWED.permits(parse_api_url(url)) is permitted
+    assert ALLOWED.permits("any-namespace", parse_api_url(url)) is permitted
 
 
 def test_url_outside_the_allowlist_is_refused_naming_field_and_rule() -> None:
     with pytest.raises(ApiUrlRejected) as info:
-        ALLOWED.check("http://10.0.0.1:8080/internal/admin")
+        ALLOWED.check("http://10.0.0.1:8080/internal/admin", "team-a")
     assert info.value.reason == "ApiUrlNotAllowed"
     assert "spec.prefect.apiUrl" in str(info.value)
     assert "--allowed-api-url" in str(info.value)
+    assert "namespace team-a" in str(info.value)
 
 
-def test_empty_allowlist_allows_every_valid_url_but_no_malformed_one() -> None:
-    everything = AllowedApiUrls()
-    assert everything.check("http://anything.example:1/x").host == "anything.example"
+def test_an_entry_with_a_namespace_serves_only_that_namespace() -> None:
+    """Team A's server is not team B's to point at."""
+    allowed = AllowedApiUrls.parse([
+        "team-a=https://prefect.team-a.svc/api",
+        "*=https://api.prefect.cloud/api",
+        "team-b=http://prefect.team-b.svc:4200/api",  # http only where an entry says so
+    ])  # fmt: skip
+    team_a = parse_api_url("https://prefect.team-a.svc/api/x")
+    assert allowed.permits("team-a", team_a)
+    assert not allowed.permits("team-b", team_a)
+    cloud = parse_api_url("https://api.prefect.cloud/api/accounts/a")
+    assert allowed.permits("team-a", cloud)
+    assert allowed.permits("team-b", cloud)
+    assert allowed.permits("team-b", parse_api_url("http://prefect.team-b.svc:4200/api"))
+    assert not allowed.permits("team-b", parse_api_url("http://api.prefect.cloud/api"))
+    assert [e.namespace for e in allowed.entries] == ["team-a", "*", "team-b"]
+
+
+def test_no_entry_allows_nothing_unless_any_url_is_allowed_out_loud() -> None:
     with pytest.raises(ApiUrlRejected) as info:
-        everything.check("http://x/?y")
+        AllowedApiUrls().check("https://prefect.example/api", "team-a")
+    assert info.value.reason == "ApiUrlNotAllowed"
+    assert "allows no API URL" in str(info.value)
+    everything = AllowedApiUrls(allow_any=True)
+    assert everything.check("http://anything.example:1/x", "team-a").host == "anything.example"
+    with pytest.raises(ApiUrlRejected) as info:
+        everything.check("http://x/?y", "team-a")
     assert info.value.reason == "ApiUrlInvalid"
 
 
-def test_allowlist_entries_must_be_valid_urls_themselves() -> None:
+@pytest.mark.parametrize(
+    "entry", ["http://prefect/api?x", "Team_A=https://prefect/api", "=https://prefect/api"]
+)
+def test_allowlist_entries_must_be_valid_themselves(entry: str) -> None:
     with pytest.raises(ApiUrlRejected):
-        AllowedApiUrls.parse(["http://prefect/api?x"])
+        AllowedApiUrls.parse([entry])
+
+
+def test_an_entry_whose_url_holds_an_equals_sign_is_not_read_as_a_namespace() -> None:
+    (entry,) = AllowedApiUrls.parse(["https://prefect/api/a=b"]).entries
+    assert (entry.namespace, entry.prefix.path) == ("*", "/api/a=b")

@@ -57,23 +57,43 @@ class Helm:
         include_crds: bool = False,
         tmp_dir: Path,
     ) -> str:
-        """``helm template`` with ``values`` (written to a file), as text."""
+        """``helm template`` with ``values`` (written to a file), as text.
+
+        Values that name no API URL policy get ``prefect.allowAnyApiUrl`` (the
+        chart renders nothing without one): see :func:`with_api_url_policy`.
+        """
         args = ["template", release, str(CHART), "--namespace", namespace]
         if include_crds:
             args.append("--include-crds")
+        values = with_api_url_policy(values or {})
         if values:
             values_file = tmp_dir / f"values-{abs(hash(json.dumps(values, sort_keys=True)))}.json"
             values_file.write_text(json.dumps(values))
             args += ["--values", str(values_file)]
         return self(*args).stdout
 
-    def render_error(self, values: Mapping[str, Any], *, tmp_dir: Path) -> str:
-        """Render values that must fail; return helm's error output."""
+    def render_error(self, values: Mapping[str, Any], *, tmp_dir: Path, policy: bool = True) -> str:
+        """Render values that must fail; return helm's error output.
+
+        ``policy=False`` leaves out the API URL policy :meth:`render` adds."""
         values_file = tmp_dir / "bad-values.json"
-        values_file.write_text(json.dumps(values))
+        values_file.write_text(json.dumps(with_api_url_policy(values) if policy else values))
         proc = self("template", "pgw", str(CHART), "--values", str(values_file), check=False)
         assert proc.returncode != 0, f"helm accepted values it should reject: {values}"
         return proc.stderr
+
+
+ANY_API_URL = "prefect.allowAnyApiUrl=true"  # for ``helm install --set``
+
+
+def with_api_url_policy(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``prefect.allowAnyApiUrl: true`` unless they set an allowlist
+    or the flag themselves: the chart refuses to render with neither, and most
+    tests are about something else."""
+    prefect = dict(values.get("prefect") or {})
+    if prefect.get("allowedApiUrls") or "allowAnyApiUrl" in prefect:
+        return dict(values)
+    return {**values, "prefect": {**prefect, "allowAnyApiUrl": True}}
 
 
 def parse_manifests(text: str) -> list[Manifest]:

@@ -31,7 +31,7 @@ from k8s.real_node import Image, RealNode
 
 from prefect_gpu_workers.server import LocalPrefectServer
 
-from .conftest import CHART, Helm, by_kind, parse_manifests
+from .conftest import ANY_API_URL, CHART, Helm, by_kind, parse_manifests
 from .test_chart_render import VALUE_SETS
 from builders import pool_manifest, pool_spec_dict
 
@@ -244,6 +244,8 @@ def release(
             f"watchNamespaces={{{rel.pools_namespace}}}",
             "--set",
             f"prefect.apiKeySecret.name={API_KEY_SECRET}",
+            "--set",
+            ANY_API_URL,
             "--set",
             f"image.repository={repository}",
             "--set",
@@ -608,7 +610,7 @@ def test_default_install_grants_cluster_wide_what_it_grants_per_namespace_otherw
     create_namespace(dev_cluster, elsewhere)
     user = f"system:serviceaccount:{ns}:{name}-prefect-gpu-workers"
     try:
-        cluster_helm("install", name, str(CHART), "--namespace", ns,
+        cluster_helm("install", name, str(CHART), "--namespace", ns, "--set", ANY_API_URL,
                      "--set", f"prefect.apiKeySecret.name={API_KEY_SECRET}")  # fmt: skip
         allowed = [
             ("list", "gpuworkerpools.gpuworkers.dev", None),  # all namespaces at once

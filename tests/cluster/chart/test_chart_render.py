@@ -16,7 +16,15 @@ from k8s.cluster import REPO_ROOT
 
 from pgw_operator.__main__ import parse_args
 
-from .conftest import CHART, Helm, Manifest, by_kind, one, parse_manifests
+from .conftest import (
+    CHART,
+    Helm,
+    Manifest,
+    by_kind,
+    one,
+    parse_manifests,
+    with_api_url_policy,
+)
 
 RELEASE, NAMESPACE = "pgw", "pgw-system"
 FULLNAME = "pgw-prefect-gpu-workers"
@@ -46,7 +54,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "apiKeySecret": {"name": "prefect-api-key", "key": "token"},
             "allowedApiUrls": [
                 "http://prefect-server.prefect.svc.cluster.local:4200/api",
-                "https://api.prefect.cloud/api/accounts/a1/workspaces/w1",
+                "team-a=https://api.prefect.cloud/api/accounts/a1/workspaces/w1",
             ],
         },
         "samplePool": {
@@ -182,6 +190,10 @@ def test_helm_lint_strict_is_clean(helm: Helm, tmp_path: Path, name: str) -> Non
         ({"prefect": {"apiKeySecret": {"name": "Prefect Key"}}}, "at '/prefect/apiKeySecret/name'"),
         ({"prefect": {"allowedApiUrls": ["http://p/api?x="]}}, "at '/prefect/allowedApiUrls/0'"),
         ({"prefect": {"allowedApiUrls": ["http://u@p/api"]}}, "at '/prefect/allowedApiUrls/0'"),
+        (
+            {"prefect": {"allowedApiUrls": ["Team_A=https://p/api"]}},
+            "at '/prefect/allowedApiUrls/0'",
+        ),
         ({"metrics": {"port": 70000}}, "at '/metrics/port'"),
         ({"logFormat": "yaml"}, "at '/logFormat'"),
         (
@@ -493,7 +505,16 @@ def test_operator_accepts_the_arguments_the_chart_passes(
     assert args.metrics == (f"0.0.0.0:{metrics['port']}" if metrics.get("enabled") else "")
     assert args.log_format == values.get("logFormat", "full")
     assert args.verbose is values.get("verbose", False)
-    assert args.allowed_api_url == values.get("prefect", {}).get("allowedApiUrls", [])
+    prefect = with_api_url_policy(values)["prefect"]
+    assert args.allowed_api_url == prefect.get("allowedApiUrls", [])
+    assert args.allow_any_api_url is prefect.get("allowAnyApiUrl", False)
+
+
+def test_the_chart_renders_nothing_without_an_api_url_policy(helm: Helm, tmp_path: Path) -> None:
+    """No allowlist and no ``allowAnyApiUrl``: a tenant boundary is chosen, not defaulted."""
+    error = helm.render_error({}, tmp_dir=tmp_path, policy=False)
+    assert "prefect.allowedApiUrls is empty" in error
+    assert "prefect.allowAnyApiUrl=true" in error
 
 
 def test_image_digest_wins_over_tag(helm: Helm, tmp_path: Path) -> None:

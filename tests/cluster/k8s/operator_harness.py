@@ -56,7 +56,9 @@ class OperatorProcess:
     # --log-format json: one record per line, which denied_api_calls() reads by field.
     log_format: str = "json"
     metrics_port: int | None = None  # serve /metrics on 127.0.0.1:PORT when set
-    extra_args: tuple[str, ...] = ()  # e.g. ("--allowed-api-url", URL)
+    # The tests' Prefect servers are on 127.0.0.1 over http: allowed out loud,
+    # unless a test gives its own (e.g. ("--allowed-api-url", URL)).
+    extra_args: tuple[str, ...] = ("--allow-any-api-url",)
     _proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
