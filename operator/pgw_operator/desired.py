@@ -354,3 +354,33 @@ def disabled_pdb_patch() -> dict[str, Any]:
         "metadata": {"annotations": {f"{GROUP}/disruption-budget": note}},
         "spec": {"maxUnavailable": "100%"},
     }
+
+
+def foreign_controller(owner_references: list[dict[str, Any]], uid: str) -> str | None:
+    """Who controls an existing object of the pool's name, if not the pool.
+
+    The operator applies its Deployment and PodDisruptionBudget under the pool's
+    own name; one made by someone else must not be taken over (server-side apply
+    would add the pool as its owner, and the pool's deletion would then remove
+    it), only reported.
+
+    Args:
+        owner_references: the existing object's ``metadata.ownerReferences``.
+        uid: the pool's uid.
+
+    Returns:
+        None when the pool is its controller, else a description for the message.
+
+    Example:
+        >>> foreign_controller([{"kind": "GpuWorkerPool", "name": "a", "uid": "u",
+        ...                      "controller": True}], "u") is None
+        True
+        >>> foreign_controller([], "u")
+        'no controller'
+    """
+    for ref in owner_references:
+        if ref.get("controller"):
+            if ref.get("uid") == uid:
+                return None
+            return f"controller {ref.get('kind')}/{ref.get('name')} (uid {ref.get('uid')})"
+    return "no controller"

@@ -95,6 +95,33 @@ def _server_side_apply(
     )
 
 
+def owner_references(kind: str, namespace: str, name: str) -> list[dict[str, Any]] | None:
+    """``metadata.ownerReferences`` of the pool's Deployment or PodDisruptionBudget as
+    plain dicts, or None when there is no object of that name.
+
+    Raises:
+        KubernetesError: any failure but 404.
+    """
+    read = {
+        "Deployment": lambda: kubernetes.client.AppsV1Api().read_namespaced_deployment(
+            name, namespace
+        ),
+        "PodDisruptionBudget": lambda: (
+            kubernetes.client.PolicyV1Api().read_namespaced_pod_disruption_budget(name, namespace)
+        ),
+    }[kind]
+    try:
+        found: Any = _call(f"{kind} {namespace}/{name}", read)
+    except KubernetesError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return [
+        {"kind": ref.kind, "name": ref.name, "uid": ref.uid, "controller": ref.controller}
+        for ref in found.metadata.owner_references or []
+    ]
+
+
 def apply_deployment(manifest: dict[str, Any]) -> None:
     """Server-side apply a worker Deployment.
 

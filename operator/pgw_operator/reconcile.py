@@ -20,7 +20,13 @@ from pgw_operator import kube, metrics
 from pgw_operator.api_url import AllowedApiUrls, ApiUrl, ApiUrlRejected
 from pgw_operator.autoscale import autoscaling_of
 from pgw_operator.conditions import PoolHealth
-from pgw_operator.desired import desired_deployment
+from pgw_operator.desired import (
+    desired_deployment,
+    desired_pdb,
+    disabled_pdb_patch,
+    disruption_of,
+    foreign_controller,
+)
 from pgw_operator.errors import KubernetesError, PrefectError, ReconcileError
 from pgw_operator.facts import DELETION_COST_ANNOTATION, NodeFacts, PodFacts
 from pgw_operator.plan import (
@@ -37,7 +43,6 @@ from pgw_operator.scaling import (
     autoscale,
     autoscaling_status_of,
     current_backlog,
-    ensure_disruption_budget,
     record_backlog,
 )
 from pgw_operator.spec import PoolSpec
@@ -58,6 +63,7 @@ class PoolState:
     written_status: dict[str, Any] | None = None  # skip patches that would change nothing
     scaling: ScalingState = field(default_factory=ScalingState)
     next_pass_s: float | None = None  # sooner than the resync, for autoscaling
+    budget_off_generation: int | None = None  # generation whose unset budget was turned off
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,55 @@ async def prefect_api_for(namespace: str, spec: PoolSpec, allowed: AllowedApiUrl
             exc.status,
         ) from exc  # fmt: skip
     return PrefectApi(url, key)
+
+
+async def ensure_not_foreign(kind: str, pool: PoolRef, reason: str) -> bool:
+    """Whether an object of ``kind`` and the pool's name exists (and is the pool's).
+
+    Raises:
+        ReconcileError: ``reason`` when one exists that the pool does not control:
+            the operator never applies over, patches or adopts it.
+    """
+    refs = await asyncio.to_thread(kube.owner_references, kind, pool.namespace, pool.name)
+    if refs is None:
+        return False
+    who = foreign_controller(refs, pool.uid)
+    if who is not None:
+        raise ReconcileError(
+            reason,
+            f"{kind} {pool.namespace}/{pool.name} exists and is not this pool's ({who}); "
+            "the operator leaves it alone: rename the pool, or delete that object",
+        )
+    return True
+
+
+async def ensure_disruption_budget(pool: PoolRef, state: PoolState) -> None:
+    """Apply the pool's PodDisruptionBudget, or turn off one left from an unset
+    ``spec.disruption``; a budget of the pool's name that is not the pool's is
+    never applied over or patched.
+
+    Raises:
+        ReconcileError: ``DisruptionBudgetNotOwned`` when the pool asks for a budget
+            and one of its name is someone else's; ``DisruptionBudgetRejected`` when
+            the API server refuses it.
+    """
+    manifest = desired_pdb(pool.name, pool.namespace, pool.uid, disruption_of(pool.spec))
+    if manifest is not None:
+        await ensure_not_foreign("PodDisruptionBudget", pool, "DisruptionBudgetNotOwned")
+        await asyncio.to_thread(kube.apply_pdb, manifest)
+        state.budget_off_generation = None
+    elif state.budget_off_generation != pool.generation:
+        # Once per spec change (and after a restart): usually none, nothing to do.
+        # Someone else's budget of this name was never the pool's to turn off.
+        try:
+            ours = await ensure_not_foreign("PodDisruptionBudget", pool, "DisruptionBudgetNotOwned")
+        except ReconcileError:
+            ours = False
+        if ours:
+            await asyncio.to_thread(
+                kube.patch_pdb_if_present, pool.namespace, pool.name, disabled_pdb_patch()
+            )
+        state.budget_off_generation = pool.generation
 
 
 async def _write_status(pool: PoolRef, state: PoolState, status: dict[str, Any]) -> None:
@@ -175,12 +230,11 @@ async def reconcile_pool(
     spec = PoolSpec.from_dict(dict(pool.spec))
     # Before anything: a refused URL gets no worker either.
     checked_api_url(pool.namespace, spec, allowed)
+    await ensure_not_foreign("Deployment", pool, "DeploymentNotOwned")
     await asyncio.to_thread(
         kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
     )
-    await ensure_disruption_budget(
-        pool.namespace, pool.name, pool.uid, pool.generation, pool.spec, state.scaling
-    )
+    await ensure_disruption_budget(pool, state)
     live_pods = {name: pod for name, pod in pods.items() if not pod.finished}
     api = await prefect_api_for(pool.namespace, spec, allowed)
     try:

@@ -1,4 +1,4 @@
-"""Backlog autoscaling and the disruption budget, carried out within a pool's pass.
+"""Backlog autoscaling, carried out within a pool's pass.
 
 Orchestration like reconcile.py: the decisions are pure (autoscale.py,
 desired.py); this module reads the backlog, patches the pool's own scale
@@ -25,7 +25,6 @@ from pgw_operator.autoscale import (
     runs_per_worker,
 )
 from pgw_operator.conditions import now_rfc3339
-from pgw_operator.desired import desired_pdb, disabled_pdb_patch, disruption_of
 from pgw_operator.errors import KubernetesError, PrefectError
 from pgw_operator.plan import Ledger
 from pgw_operator.prefect_api import PrefectApi
@@ -42,7 +41,6 @@ class ScalingState:
 
     autoscaler: Autoscaler = field(default_factory=Autoscaler)
     last_scale_time: str | None = None  # RFC 3339, for status.autoscaling.lastScaleTime
-    budget_off_generation: int | None = None  # generation whose unset budget was turned off
     backlog: Backlog | None = None  # the last one read ...
     backlog_read_at: float = 0.0  # ... at this time.monotonic()
 
@@ -150,27 +148,3 @@ def autoscaling_status_of(
     if last:
         body["lastScaleTime"] = last
     return body
-
-
-async def ensure_disruption_budget(
-    namespace: str,
-    name: str,
-    uid: str,
-    generation: int,
-    pool_spec: Mapping[str, Any],
-    state: ScalingState,
-) -> None:
-    """Apply the pool's PodDisruptionBudget, or turn off one left from an unset spec.disruption.
-
-    Raises:
-        KubernetesError: ``DisruptionBudgetRejected`` when the API server refuses it.
-    """
-    max_unavailable = disruption_of(pool_spec)
-    manifest = desired_pdb(name, namespace, uid, max_unavailable)
-    if manifest is not None:
-        await asyncio.to_thread(kube.apply_pdb, manifest)
-        state.budget_off_generation = None
-    elif state.budget_off_generation != generation:
-        # Once per spec change (and after a restart): usually a 404, nothing to do.
-        await asyncio.to_thread(kube.patch_pdb_if_present, namespace, name, disabled_pdb_patch())
-        state.budget_off_generation = generation

@@ -98,8 +98,9 @@ remove Deployments and pods.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   # spec.disruption: one server-side-applied PDB per pool (never deleted by the
-  # operator: unsetting the field applies an inert budget, maxUnavailable 100%)
-  verbs: [create, patch]
+  # operator: unsetting the field applies an inert budget, maxUnavailable 100%);
+  # get: its owner is read first, so that no one else's budget is taken over
+  verbs: [get, create, patch]
 {{- $secrets := include "pgw.secretNames" . | fromJsonArray }}
 {{- if $secrets }}
 - apiGroups: [""]

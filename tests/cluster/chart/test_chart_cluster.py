@@ -322,6 +322,7 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("patch", "gpuworkerpools.gpuworkers.dev", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev/status", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev/scale", pools),  # spec.autoscaling
+        ("get", "poddisruptionbudgets.policy", pools),  # whose is it
         ("create", "poddisruptionbudgets.policy", pools),  # spec.disruption
         ("patch", "poddisruptionbudgets.policy", pools),
         ("create", "deployments.apps", pools),

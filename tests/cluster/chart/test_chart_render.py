@@ -114,7 +114,7 @@ NAMESPACED_GRANTS = {
     *(("apps", "deployments", v, ()) for v in ("get", "list", "watch", "create", "patch")),
     *(("", "pods", v, ()) for v in ("get", "list", "watch", "patch")),
     ("", "events", "create", ()),
-    *(("policy", "poddisruptionbudgets", v, ()) for v in ("create", "patch")),
+    *(("policy", "poddisruptionbudgets", v, ()) for v in ("get", "create", "patch")),
 }
 CLUSTER_READ_GRANTS = {
     *(("", "nodes", v, ()) for v in ("get", "list", "watch")),

@@ -21,6 +21,7 @@ from recording_server import FaultProxy
 
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
+from .cluster import DevCluster
 from .operator_harness import (
     OperatorProcess,
     Pools,
@@ -227,3 +228,73 @@ def test_a_pool_deleted_while_prefect_is_down_waits_and_then_removes_its_limits(
         operator.assert_alive()
     finally:
         server.stop()
+
+
+def test_a_deployment_or_budget_of_the_pools_name_made_by_someone_else_is_left_alone(
+    operator: OperatorProcess,
+    dev_cluster: DevCluster,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    limits: PrefectLimits,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    """A tenant cannot make the operator take over, rewrite or (through the pool's
+    deletion) garbage-collect an object it did not create: a name clash is named
+    on the pool, and the object stays as its owner made it."""
+    policy = client.PolicyV1Api(dev_cluster.api_client())
+    theirs = {"app": "theirs"}
+    deployment = client.V1Deployment(
+        metadata=client.V1ObjectMeta(name="clash"),
+        spec=client.V1DeploymentSpec(
+            replicas=0,
+            selector=client.V1LabelSelector(match_labels=theirs),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels=theirs),
+                spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="theirs")]),
+            ),
+        ),
+    )
+    pools.apps.create_namespaced_deployment(namespace, deployment)
+    for name in ("clash", "budgeted"):
+        budget = client.V1PodDisruptionBudget(
+            metadata=client.V1ObjectMeta(name=name),
+            spec=client.V1PodDisruptionBudgetSpec(
+                max_unavailable=0, selector=client.V1LabelSelector(match_labels=theirs)
+            ),
+        )
+        policy.create_namespaced_pod_disruption_budget(namespace, budget)
+
+    def untouched() -> None:
+        found = pools.apps.read_namespaced_deployment("clash", namespace)
+        assert found.metadata.owner_references is None
+        assert found.spec.template.spec.containers[0].image == "theirs"
+        for name in ("clash", "budgeted"):
+            pdb = policy.read_namespaced_pod_disruption_budget(name, namespace)
+            assert pdb.metadata.owner_references is None
+            assert pdb.spec.max_unavailable == 0
+            assert pdb.spec.selector.match_labels == theirs
+
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
+    pools.create("clash", spec)
+    condition = assert_failure_is_visible(operator, pools, namespace, "clash", "DeploymentNotOwned")
+    assert f"Deployment {namespace}/clash exists and is not this pool's" in condition["message"]
+    assert "no controller" in condition["message"]
+
+    # A pool without spec.disruption leaves a budget of its name alone (it would
+    # otherwise be turned off, 100%); one with spec.disruption is refused.
+    start_pool(pools, limits, "budgeted", spec)
+    pools.patch_spec("budgeted", {"disruption": {"maxUnavailable": 1}})
+    condition = assert_failure_is_visible(
+        operator, pools, namespace, "budgeted", "DisruptionBudgetNotOwned"
+    )
+    assert f"PodDisruptionBudget {namespace}/budgeted exists" in condition["message"]
+    untouched()
+
+    # The pools' deletion takes nothing of theirs with it.
+    pools.delete("clash")
+    pools.delete("budgeted")
+    wait_until(lambda: not pools.exists("clash") and not pools.exists("budgeted"), "pools gone")
+    settle(3)  # the garbage collector would act on an owner reference now
+    untouched()
+    operator.assert_alive()
