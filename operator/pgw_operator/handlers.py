@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -19,8 +20,9 @@ from pgw_operator import kube, metrics
 from pgw_operator.api_url import AllowedApiUrls
 from pgw_operator.errors import ReconcileError
 from pgw_operator.facts import NodeFacts, PodFacts
-from pgw_operator.plan import ledger_from_status
+from pgw_operator.plan import cleanup_deadline, ledger_from_status
 from pgw_operator.reconcile import (
+    EventFn,
     Logger,
     PoolRef,
     PoolState,
@@ -207,30 +209,55 @@ async def _wait(event: asyncio.Event, stopped: kopf.DaemonStopped, delay_s: floa
 async def pool_deleted(body: kopf.Body, logger: Logger, memo: kopf.Memo, **_: Any) -> None:
     """Delete every limit in the pool's ledger before the pool goes (finalizer).
 
-    Retried with backoff while Prefect is unreachable; removing the finalizer
-    by hand lets the pool go and leaves its limits behind.
+    Retried while Prefect cannot delete them, for ``spec.prefect.finalizerTimeoutSeconds``
+    after the deletion began; then the pool goes and an Event names what was left.
     """
-    await delete_pool(body, logger, allowed_api_urls(memo))
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    await delete_pool(body, logger, allowed_api_urls(memo), emit)
 
 
-async def delete_pool(body: kopf.Body, logger: Logger, allowed: AllowedApiUrls) -> None:
+def _no_events(kind: str, reason: str, message: str) -> None:
+    pass
+
+
+async def delete_pool(
+    body: kopf.Body, logger: Logger, allowed: AllowedApiUrls, emit: EventFn = _no_events
+) -> None:
     """What ``pool_deleted`` does: delete the ledger's limits, then forget the pool.
 
     Raises:
-        kopf.TemporaryError: Prefect could not delete a limit; kopf retries.
+        kopf.TemporaryError: Prefect could not delete a limit and the pool's
+            cleanup deadline has not passed; kopf retries.
     """
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
     spec = PoolSpec.from_dict(dict(body.spec))
+    deadline = cleanup_deadline(body.metadata.get("deletionTimestamp"), spec.finalizer_timeout_s)
     async with POOLS.lock(key):
         ledger = ledger_from_status(body.status)
         if ledger:
-            await _delete_limits(key, spec, sorted(ledger), allowed, logger)
+            await _delete_limits(key, spec, sorted(ledger), allowed, logger, emit, deadline)
     POOLS.forget(key)
     metrics.forget_pool(*key)
 
 
+def _left_behind(logger: Logger, emit: EventFn, reason: str, why: str, names: list[str]) -> None:
+    """The pool goes with limits still in Prefect: say which, where users look."""
+    message = f"{why}; limits left in Prefect: {', '.join(names)}"
+    logger.warning("%s: %s", reason, message, extra={"reason": reason})
+    emit("Warning", "LimitsLeftInPrefect", f"{reason}: {message}"[:1000])
+
+
 async def _delete_limits(
-    key: PoolKey, spec: PoolSpec, names: list[str], allowed: AllowedApiUrls, logger: Logger
+    key: PoolKey,
+    spec: PoolSpec,
+    names: list[str],
+    allowed: AllowedApiUrls,
+    logger: Logger,
+    emit: EventFn,
+    deadline: datetime,
 ) -> None:
     try:
         checked_api_url(key[0], spec, allowed)
@@ -238,18 +265,23 @@ async def _delete_limits(
         # No request to a refused URL, not even to clean up: the pool goes and
         # its limits stay (the operator cannot have created them there unless
         # the allowlist changed since).
-        logger.warning(
-            "%s: %s; limits left in Prefect: %s", exc.reason, exc, ", ".join(names),
-            extra={"reason": exc.reason},
-        )  # fmt: skip
+        _left_behind(logger, emit, exc.reason, str(exc), names)
         return
+    left = list(names)
     try:
         api = await prefect_api_for(key[0], spec, allowed)
         try:
-            for name in names:
-                await api.delete_limit(name)
-                logger.info("deleted limit %s with its pool", name)
+            while left:
+                await api.delete_limit(left[0])
+                logger.info("deleted limit %s with its pool", left.pop(0))
         finally:
             await api.aclose()
     except ReconcileError as exc:
-        raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=30) from exc
+        remaining_s = (deadline - datetime.now(UTC)).total_seconds()
+        if remaining_s <= 0:
+            why = f"gave up after spec.prefect.finalizerTimeoutSeconds={spec.finalizer_timeout_s}"
+            _left_behind(logger, emit, exc.reason, f"{why}: {exc}", left)
+            return
+        emit("Warning", exc.reason, f"cannot delete the pool's limits yet (gives up at "
+             f"{deadline.isoformat(timespec='seconds')}): {exc}"[:1000])  # fmt: skip
+        raise kopf.TemporaryError(f"{exc.reason}: {exc}", delay=min(30.0, remaining_s)) from exc

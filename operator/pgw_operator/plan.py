@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pgw_operator.facts import NodeFacts, PodFacts
@@ -216,3 +217,15 @@ def deletion_costs(ledger: Ledger, pods: Mapping[str, PodFacts]) -> dict[str, in
         if (pod.deletion_cost or 0) != entry.active_slots:
             costs[pod.name] = entry.active_slots
     return costs
+
+
+def cleanup_deadline(deletion_timestamp: str | None, timeout_s: int) -> datetime:
+    """When the finalizer stops waiting for Prefect: ``spec.prefect.finalizerTimeoutSeconds``
+    after the pool's ``deletionTimestamp`` (after now, for a pool without one).
+
+    Example:
+        >>> cleanup_deadline("2026-12-05T10:00:00Z", 600).isoformat()
+        '2026-12-05T10:10:00+00:00'
+    """
+    start = datetime.fromisoformat(deletion_timestamp) if deletion_timestamp else datetime.now(UTC)
+    return start + timedelta(seconds=timeout_s)

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "workPool.create": True,
     "workPool.flowRunsPerWorker": 10,
     "prefect.apiKeySecretRef.key": "api-key",
+    "prefect.finalizerTimeoutSeconds": 600,
     "gpu.resourceName": "nvidia.com/gpu",
     "gpu.wholeNode": False,
     "gpu.slotsPerGpu": 1,
@@ -87,6 +88,7 @@ class PoolSpec:
     # spec.gpu.memoryPerSlot, a Kubernetes quantity ("20Gi"): slots per GPU
     # from the node's GPU memory label instead of slots_per_gpu.
     memory_per_slot: str | None
+    finalizer_timeout_s: int = int(DEFAULTS["prefect.finalizerTimeoutSeconds"])
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> PoolSpec:
@@ -114,4 +116,5 @@ class PoolSpec:
             drain_grace_period_s=int(spec_value(spec, "worker.drainGracePeriodSeconds")),
             pod_template=dict(spec["worker"].get("podTemplate") or {}),
             memory_per_slot=(spec.get("gpu") or {}).get("memoryPerSlot"),
+            finalizer_timeout_s=int(spec_value(spec, "prefect.finalizerTimeoutSeconds")),
         )

@@ -11,6 +11,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 import kopf
 import pytest
@@ -117,25 +118,79 @@ def test_names_are_path_segments_never_queries(prefect_server: LocalPrefectServe
     asyncio.run(scenario())
 
 
+def deleted_pool(api_url: str, deleted_at: str, timeout_s: int = 600) -> kopf.Body:
+    """A pool being deleted since ``deleted_at``, with two limits in its ledger."""
+    workers = [{"limitName": f"gpu:{pod}", "pod": pod, "state": "Ready"} for pod in ("a", "b")]
+    return kopf.Body(
+        {
+            "metadata": {
+                "namespace": "ns",
+                "name": f"p-{uuid.uuid4().hex[:6]}",
+                "deletionTimestamp": deleted_at,
+            },
+            "spec": {
+                "workPool": {"name": "p"},
+                "prefect": {"apiUrl": api_url, "finalizerTimeoutSeconds": timeout_s},
+                "gpu": {"perWorker": 1},
+                "worker": {"image": "i"},
+            },
+            "status": {"workers": workers},
+        }
+    )
+
+
+def rfc3339(seconds_ago: float) -> str:
+    moment = datetime.now(UTC) - timedelta(seconds=seconds_ago)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class Events(list[tuple[str, str, str]]):
+    def __call__(self, kind: str, reason: str, message: str) -> None:
+        self.append((kind, reason, message))
+
+
 def test_deleting_a_pool_whose_url_is_not_allowed_sends_no_request(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    events = Events()
     with RecordingServer(204, "").running() as server:
-        body = kopf.Body(
-            {
-                "metadata": {"namespace": "ns", "name": f"p-{uuid.uuid4().hex[:6]}"},
-                "spec": {
-                    "workPool": {"name": "p"},
-                    "prefect": {"apiUrl": f"{server.url}/api"},
-                    "gpu": {"perWorker": 1},
-                    "worker": {"image": "i"},
-                },
-                "status": {"workers": [{"limitName": "gpu:a", "pod": "a", "state": "Ready"}]},
-            }
-        )
+        body = deleted_pool(f"{server.url}/api", rfc3339(0))
         allowed = AllowedApiUrls.parse(["http://prefect.prefect.svc:4200/api"])
         with caplog.at_level(logging.WARNING, logger="test"):
-            asyncio.run(handlers.delete_pool(body, logging.getLogger("test"), allowed))
+            asyncio.run(handlers.delete_pool(body, logging.getLogger("test"), allowed, events))
     assert server.hits == []
     assert "ApiUrlNotAllowed" in caplog.text
     assert "gpu:a" in caplog.text  # the limits left behind are named
+    ((kind, reason, message),) = events
+    assert (kind, reason) == ("Warning", "LimitsLeftInPrefect")
+    assert "ApiUrlNotAllowed" in message
+    assert "gpu:a, gpu:b" in message
+
+
+def test_a_pool_whose_limits_cannot_be_deleted_waits_until_its_finalizer_timeout_then_goes() -> (
+    None
+):
+    """A Prefect that fails every delete holds the pool for
+    ``finalizerTimeoutSeconds`` after the deletion began, not for ever: then the
+    pool goes (no exception for kopf to retry) and an Event names what was left."""
+    with RecordingServer(503, "").running() as server:
+        url = f"{server.url}/api"
+        allowed = AllowedApiUrls(allow_any=True)
+        events = Events()
+        early = deleted_pool(url, rfc3339(10), timeout_s=60)
+        with pytest.raises(kopf.TemporaryError) as info:
+            asyncio.run(handlers.delete_pool(early, logging.getLogger("test"), allowed, events))
+        assert info.value.delay is not None
+        assert 0 < info.value.delay <= 30
+        ((kind, reason, message),) = events
+        assert (kind, reason) == ("Warning", "PrefectServerError")
+        assert "gives up at" in message
+
+        events.clear()
+        late = deleted_pool(url, rfc3339(61), timeout_s=60)
+        asyncio.run(handlers.delete_pool(late, logging.getLogger("test"), allowed, events))
+        ((kind, reason, message),) = events
+        assert (kind, reason) == ("Warning", "LimitsLeftInPrefect")
+        assert "finalizerTimeoutSeconds=60" in message
+        assert "gpu:a, gpu:b" in message
+    assert all(hit.method == "DELETE" for hit in server.hits)

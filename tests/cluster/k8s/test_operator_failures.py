@@ -298,3 +298,30 @@ def test_a_deployment_or_budget_of_the_pools_name_made_by_someone_else_is_left_a
     settle(3)  # the garbage collector would act on an owner reference now
     untouched()
     operator.assert_alive()
+
+
+def test_a_pool_whose_prefect_is_gone_for_good_is_let_go_after_its_finalizer_timeout(
+    operator: OperatorProcess,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    tmp_path: Path,
+) -> None:
+    """``kubectl delete namespace`` must not hang on a Prefect that never comes back:
+    after ``spec.prefect.finalizerTimeoutSeconds`` the pool goes, and an Event
+    names the limits it left in Prefect."""
+    server = LocalPrefectServer(home=tmp_path / "prefect", port=free_port()).start()
+    try:
+        spec = pool_spec(server.api_url, node_group, "gpu8", {"perWorker": 1}, 1)
+        spec["prefect"]["finalizerTimeoutSeconds"] = 5
+        (pod,) = start_pool(pools, PrefectLimits(server.api_url), "abandoned", spec)
+    finally:
+        server.stop()
+    pools.delete("abandoned")
+    wait_until(lambda: not pools.exists("abandoned"), "the pool to go", timeout=60)
+    left = wait_until(
+        lambda: warned(pools, "abandoned", "LimitsLeftInPrefect"), "a LimitsLeftInPrefect Event"
+    )
+    assert f"gpu:{pod}" in left[0]
+    assert "finalizerTimeoutSeconds=5" in left[0]
+    operator.assert_alive()
