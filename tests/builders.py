@@ -7,6 +7,7 @@ state only what they are about.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from pgw_operator.facts import NodeFacts, PodFacts
@@ -86,3 +87,91 @@ def prefect_limit(name: str, limit: int = 1, active: bool = True, slots: int = 0
 
 def by_name(*limits: PrefectLimit) -> dict[str, PrefectLimit]:
     return {limit.name: limit for limit in limits}
+
+
+POD_TEMPLATE = "spec.worker.podTemplate"
+
+
+@dataclass(frozen=True)
+class PodEscalation:
+    """Something a tenant could put in a pool's pod template to get more than its
+    namespace allows, and where each check names it."""
+
+    name: str
+    template: dict[str, Any]
+    field: str  # named by the operator's check (pgw_operator.pod_rules)
+    # Named by the API server (the CRD's CEL rules); None: an admin's list, which
+    # the operator (and the chart's admission policy) checks, not the CRD.
+    crd_field: str | None = ""
+
+    @property
+    def crd(self) -> str | None:
+        return self.field if self.crd_field == "" else self.crd_field
+
+
+def _volume(**source: Any) -> dict[str, Any]:
+    return {"volumes": [{"name": "v", **source}]}
+
+
+T = POD_TEMPLATE
+POD_ESCALATIONS = [
+    PodEscalation("nfs volume", _volume(nfs={"server": "s", "path": "/"}), f"{T}.volumes[0].nfs"),
+    PodEscalation("hostPath volume", _volume(hostPath={"path": "/"}), f"{T}.volumes[0].hostPath"),
+    PodEscalation("gitRepo volume", _volume(gitRepo={"repository": "r"}),
+                  f"{T}.volumes[0].gitRepo"),
+    PodEscalation("iscsi volume", _volume(iscsi={"targetPortal": "t", "iqn": "i", "lun": 0}),
+                  f"{T}.volumes[0].iscsi"),
+    PodEscalation("cephfs volume", _volume(cephfs={"monitors": ["m"]}), f"{T}.volumes[0].cephfs"),
+    PodEscalation("rbd volume", _volume(rbd={"monitors": ["m"], "image": "i"}),
+                  f"{T}.volumes[0].rbd"),
+    PodEscalation("flexVolume", _volume(flexVolume={"driver": "d"}), f"{T}.volumes[0].flexVolume"),
+    PodEscalation("projected token",
+                  _volume(projected={"sources": [{"configMap": {"name": "c"}},
+                                                 {"serviceAccountToken": {"path": "t"}}]}),
+                  f"{T}.volumes[0].projected.sources[1].serviceAccountToken"),
+    PodEscalation("seLinux user", {"securityContext": {"seLinuxOptions": {"user": "system_u"}}},
+                  f"{T}.securityContext.seLinuxOptions"),
+    PodEscalation("seLinux type",
+                  {"containerSecurityContext": {"seLinuxOptions": {"type": "spc_t"}}},
+                  f"{T}.containerSecurityContext.seLinuxOptions.type"),
+    PodEscalation("sysctls",
+                  {"securityContext": {"sysctls": [{"name": "kernel.msgmax", "value": "1"}]}},
+                  f"{T}.securityContext.sysctls"),
+    PodEscalation("root group", {"securityContext": {"runAsGroup": 0}},
+                  f"{T}.securityContext.runAsGroup"),
+    PodEscalation("root fsGroup", {"securityContext": {"fsGroup": 0}},
+                  f"{T}.securityContext.fsGroup"),
+    PodEscalation("root supplemental group", {"securityContext": {"supplementalGroups": [5, 0]}},
+                  f"{T}.securityContext.supplementalGroups"),
+    PodEscalation("container root group", {"containerSecurityContext": {"runAsGroup": 0}},
+                  f"{T}.containerSecurityContext.runAsGroup"),
+    PodEscalation("procMount", {"containerSecurityContext": {"procMount": "Unmasked"}},
+                  f"{T}.containerSecurityContext.procMount"),
+    PodEscalation("windowsOptions",
+                  {"securityContext": {"windowsOptions": {"hostProcess": True}}},
+                  f"{T}.securityContext.windowsOptions"),
+    PodEscalation("privileged", {"containerSecurityContext": {"privileged": True}},
+                  f"{T}.containerSecurityContext.privileged"),
+    PodEscalation("run as root", {"securityContext": {"runAsUser": 0}},
+                  f"{T}.securityContext.runAsUser"),
+    PodEscalation("capabilities",
+                  {"containerSecurityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}},
+                  f"{T}.containerSecurityContext.capabilities.add"),
+    PodEscalation("seccomp off", {"securityContext": {"seccompProfile": {"type": "Unconfined"}}},
+                  f"{T}.securityContext.seccompProfile.type"),
+    PodEscalation("AppArmor annotation",
+                  {"annotations": {"container.apparmor.security.beta.kubernetes.io/worker":
+                                   "unconfined"}},
+                  f"{T}.annotations[container.apparmor.security.beta.kubernetes.io/worker]",
+                  crd_field=f"{T}.annotations"),
+    PodEscalation("any service account", {"serviceAccountName": "deployer"},
+                  f"{T}.serviceAccountName", crd_field=None),
+    PodEscalation("tolerate every taint", {"tolerations": [{"operator": "Exists"}]},
+                  f"{T}.tolerations[0].key", crd_field=None),
+    PodEscalation("tolerate a control-plane taint",
+                  {"tolerations": [{"key": "node-role.kubernetes.io/control-plane",
+                                    "operator": "Exists"}]},
+                  f"{T}.tolerations[0].key", crd_field=None),
+    PodEscalation("system priority", {"priorityClassName": "system-node-critical"},
+                  f"{T}.priorityClassName", crd_field=None),
+]  # fmt: skip

@@ -16,6 +16,7 @@ from pgw_operator import (
     metrics,
 )
 from pgw_operator.api_url import AllowedApiUrls, ApiUrlRejected
+from pgw_operator.pod_rules import DEFAULT_MAX_DRAIN_GRACE_S, DEFAULT_TOLERATION_KEYS, PodPolicy
 
 LOG = logging.getLogger("pgw_operator")
 
@@ -26,6 +27,15 @@ def _allowed_api_url(entry: str) -> str:
     except ApiUrlRejected as exc:
         raise argparse.ArgumentTypeError(f"{entry!r}: {exc.rule}") from exc
     return entry
+
+
+def pod_policy_of(args: argparse.Namespace) -> PodPolicy:
+    return PodPolicy(
+        service_accounts=frozenset(args.allowed_service_account),
+        toleration_keys=frozenset(args.allowed_toleration_key or DEFAULT_TOLERATION_KEYS),
+        priority_classes=frozenset(args.allowed_priority_class),
+        max_drain_grace_s=args.max_drain_grace_seconds,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +68,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--allow-any-api-url", action="store_true",
         help="allow every http(s) URL to every namespace: no tenant boundary (trusted tenants)",
     )  # fmt: skip
+    parser.add_argument(
+        "--allowed-service-account", action="append", default=[], metavar="NAME",
+        help="a serviceAccountName pools' pods may name (repeatable); default: none, so "
+        "worker pods run as their namespace's default service account, with no token",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allowed-toleration-key", action="append", default=[], metavar="KEY",
+        help="a taint key pools' pods may tolerate (repeatable); default: "
+        f"{', '.join(DEFAULT_TOLERATION_KEYS)}. A toleration without a key is never allowed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allowed-priority-class", action="append", default=[], metavar="NAME",
+        help="a priorityClassName pools' pods may name (repeatable); default: none",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-drain-grace-seconds", type=int, default=DEFAULT_MAX_DRAIN_GRACE_S, metavar="S",
+        help="the longest spec.worker.drainGracePeriodSeconds a pool may ask "
+        f"(default {DEFAULT_MAX_DRAIN_GRACE_S}): a worker's grace holds node drains",
+    )  # fmt: skip
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -81,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(allowed_api_urls=allowed),
+        memo=kopf.Memo(allowed_api_urls=allowed, pod_policy=pod_policy_of(args)),
     )
 
 

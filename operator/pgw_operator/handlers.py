@@ -21,6 +21,7 @@ from pgw_operator.api_url import AllowedApiUrls
 from pgw_operator.errors import ReconcileError
 from pgw_operator.facts import NodeFacts, PodFacts
 from pgw_operator.plan import cleanup_deadline, ledger_from_status
+from pgw_operator.pod_rules import PodPolicy
 from pgw_operator.reconcile import (
     EventFn,
     Logger,
@@ -45,6 +46,12 @@ def allowed_api_urls(memo: kopf.Memo) -> AllowedApiUrls:
     """The operator's allowlist, passed by ``__main__`` in kopf's memo; none allows nothing."""
     allowed = memo.get("allowed_api_urls")
     return allowed if isinstance(allowed, AllowedApiUrls) else AllowedApiUrls()
+
+
+def pod_policy(memo: kopf.Memo) -> PodPolicy:
+    """What the admin allows pools' pods beyond the fixed rules (``__main__``'s flags)."""
+    policy = memo.get("pod_policy")
+    return policy if isinstance(policy, PodPolicy) else PodPolicy()
 
 
 def backoff_delay(failures: int) -> float:
@@ -136,6 +143,7 @@ async def pool_reconciler(
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
     event = POOLS.wakeup(key)
     allowed = allowed_api_urls(memo)
+    policy = pod_policy(memo)
     state = PoolState(ledger=ledger_from_status(body.status))
     failures = 0
 
@@ -158,6 +166,7 @@ async def pool_reconciler(
                         emit,
                         logger,
                         allowed,
+                        policy,
                     )
             if failures:
                 emit("Normal", "Recovered", "reconcile succeeded again")

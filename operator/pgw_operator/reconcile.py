@@ -37,6 +37,7 @@ from pgw_operator.plan import (
     plan_limits,
     settle,
 )
+from pgw_operator.pod_rules import PodPolicy, first_violations, violations
 from pgw_operator.prefect_api import PrefectApi, gather_bounded
 from pgw_operator.scaling import (
     ScalingState,
@@ -225,11 +226,16 @@ async def reconcile_pool(
     emit: EventFn,
     log: Logger,
     allowed: AllowedApiUrls,
+    pod_policy: PodPolicy,
 ) -> None:
     """One pass. Raises ReconcileError when it cannot finish (status then says why)."""
     spec = PoolSpec.from_dict(dict(pool.spec))
-    # Before anything: a refused URL gets no worker either.
+    # Before anything: a refused URL gets no worker either, nor does a pod template
+    # that breaks a rule (a pool admitted before the rule, or without the policy).
     checked_api_url(pool.namespace, spec, allowed)
+    found = violations(pool.spec, pod_policy)
+    if found:
+        raise ReconcileError("PodTemplateNotAllowed", "; ".join(first_violations(found)))
     await ensure_not_foreign("Deployment", pool, "DeploymentNotOwned")
     await asyncio.to_thread(
         kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)

@@ -25,12 +25,15 @@ from kubernetes import client
 from prefect_gpu_workers.server import free_port, stop_process_group
 
 from .cluster import REPO_ROOT, DevCluster, wait_for
+from .real_node import TAINT_KEY
 
 CRD = REPO_ROOT / "crds" / "gpuworkerpools.gpuworkers.dev.yaml"
 GROUP, VERSION, PLURAL = "gpuworkers.dev", "v1alpha1", "gpuworkerpools"
 POOL_LABEL = "gpuworkers.dev/pool"
 # Fake nodes of one test module carry its group (label and taint) and a kind.
 GROUP_LABEL = "pgw-test/group"
+# Taints of the tests' nodes (the node group's, the real node's) and the GPU one.
+TEST_TAINT_KEYS = (GROUP_LABEL, TAINT_KEY, "nvidia.com/gpu")
 KIND_LABEL = "pgw-test/kind"
 
 
@@ -57,8 +60,12 @@ class OperatorProcess:
     log_format: str = "json"
     metrics_port: int | None = None  # serve /metrics on 127.0.0.1:PORT when set
     # The tests' Prefect servers are on 127.0.0.1 over http: allowed out loud,
-    # unless a test gives its own (e.g. ("--allowed-api-url", URL)).
-    extra_args: tuple[str, ...] = ("--allow-any-api-url",)
+    # unless a test gives its own (e.g. ("--allowed-api-url", URL)); and the
+    # taints of the tests' nodes may be tolerated.
+    extra_args: tuple[str, ...] = (
+        "--allow-any-api-url",
+        *(f"--allowed-toleration-key={key}" for key in TEST_TAINT_KEYS),
+    )
     _proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:

@@ -23,6 +23,7 @@ from prefect_gpu_workers.server import LocalPrefectServer, free_port
 from .cluster import DevCluster
 from .operator_harness import (
     CRD,
+    TEST_TAINT_KEYS,
     OperatorProcess,
     Pools,
     PrefectLimits,
@@ -302,7 +303,10 @@ def test_a_url_outside_the_allowlist_is_never_contacted(
             {"status": {"workers": [{"limitName": "gpu:outside-x", "pod": "outside-x",
                                      "state": "Ready"}]}},
         )  # fmt: skip
-        allowed = ("--allowed-api-url", prefect_server.api_url)
+        allowed = (
+            "--allowed-api-url", prefect_server.api_url,
+            *(f"--allowed-toleration-key={key}" for key in TEST_TAINT_KEYS),
+        )  # fmt: skip
         operator = OperatorProcess(
             dev_cluster.kubeconfig, namespace, tmp_path / "operator.log", extra_args=allowed
         ).start()

@@ -265,15 +265,19 @@ def test_a_deployment_or_budget_of_the_pools_name_made_by_someone_else_is_left_a
         )
         policy.create_namespaced_pod_disruption_budget(namespace, budget)
 
+    def as_dict(obj: object) -> dict[str, Any]:
+        body: dict[str, Any] = policy.api_client.sanitize_for_serialization(obj)
+        return body
+
     def untouched() -> None:
-        found = pools.apps.read_namespaced_deployment("clash", namespace)
-        assert found.metadata.owner_references is None
-        assert found.spec.template.spec.containers[0].image == "theirs"
+        found = as_dict(pools.apps.read_namespaced_deployment("clash", namespace))
+        assert "ownerReferences" not in found["metadata"]
+        assert found["spec"]["template"]["spec"]["containers"][0]["image"] == "theirs"
         for name in ("clash", "budgeted"):
-            pdb = policy.read_namespaced_pod_disruption_budget(name, namespace)
-            assert pdb.metadata.owner_references is None
-            assert pdb.spec.max_unavailable == 0
-            assert pdb.spec.selector.match_labels == theirs
+            pdb = as_dict(policy.read_namespaced_pod_disruption_budget(name, namespace))
+            assert "ownerReferences" not in pdb["metadata"]
+            assert pdb["spec"]["maxUnavailable"] == 0
+            assert pdb["spec"]["selector"] == {"matchLabels": theirs}
 
     spec = pool_spec(prefect_server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
     pools.create("clash", spec)

@@ -13,6 +13,7 @@ from kubernetes import client
 
 from .cluster import DevCluster
 from .operator_harness import Pools, install_crd
+from builders import POD_ESCALATIONS
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,12 @@ HOSTILE_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.disruption.maxUnavailable", "percentage"),
     ("negative budget", {"disruption": {"maxUnavailable": -1}},
      "spec.disruption.maxUnavailable", "count"),
+    ("budget that blocks drains", {"disruption": {"maxUnavailable": 0}},
+     "spec.disruption.maxUnavailable", "block every node drain"),
+    ("zero percent budget", {"disruption": {"maxUnavailable": "0%"}},
+     "spec.disruption.maxUnavailable", "block every node drain"),
+    *((f"pod escalation: {e.name}", template(**e.template), e.crd, "")
+      for e in POD_ESCALATIONS if e.crd is not None),
 ]  # fmt: skip
 
 
