@@ -169,12 +169,14 @@ def denied_api_calls(log: str) -> list[str]:
 
 
 class Pools:
-    """GpuWorkerPool objects of one namespace, through the admin API client."""
+    """GpuWorkerPool objects of one namespace, through the admin API client (or another)."""
 
-    def __init__(self, cluster: DevCluster, namespace: str) -> None:
+    def __init__(
+        self, cluster: DevCluster, namespace: str, api_client: client.ApiClient | None = None
+    ) -> None:
         self.cluster = cluster
         self.namespace = namespace
-        api_client = cluster.api_client()
+        api_client = api_client or cluster.api_client()  # the admin unless given
         self.custom = client.CustomObjectsApi(api_client)
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
