@@ -419,6 +419,13 @@ REJECTED_API_URLS: list[tuple[str, str, str]] = [
     ("encoded dots", "http://prefect/api/%2e%2e/admin", ". or .. path segments"),
     ("encoded slash", "http://prefect/api%2F..%2Fadmin", "percent-encode"),
     ("bad port", "http://prefect:99999/api", "port"),
+    ("decimal address", "http://2130706433:4200/api", "four decimal numbers"),
+    ("hex address", "http://0x7f.1:4200/api", "four decimal numbers"),
+    ("octal address", "http://0177.0.0.1:4200/api", "four decimal numbers"),
+    ("mapped address", "http://[::ffff:a00:1]:4200/api", "not inside an IPv6 one"),
+    ("6to4 address", "http://[2002:a00:1::1]/api", "not inside an IPv6 one"),
+    ("metadata address", "http://169.254.169.254/latest", "link-local"),
+    ("link-local v6", "http://[fe80::1]/api", "link-local"),
 ]
 INVALID_SPECS += [
     (f"api url {name}", {"prefect": {"apiUrl": url}}, "spec.prefect.apiUrl")
@@ -489,6 +496,8 @@ def test_api_urls_are_rejected_at_admission_naming_the_field_and_rule(
         "https://api.prefect.cloud/api/accounts/1b2c/workspaces/3d4e",
         "http://127.0.0.1:4200/api/",
         "http://[::1]:4200/api",
+        "http://10.0.0.7:4200/api",
+        "http://prefect-1.example/api",  # a name whose last label is not a number
     ],
 )
 def test_plain_api_urls_are_admitted(
