@@ -47,16 +47,17 @@ COPY flows ./flows
 RUN uv pip install --no-deps .
 
 FROM ${BASE_IMAGE}
-# Non-root, numeric uid (runAsNonRoot can verify it); the chart runs it as 1000.
-RUN groupadd --gid 1000 pgw-operator \
- && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pgw-operator
+# Non-root, numeric uid (runAsNonRoot can verify it), >= 10000 so that it is no user of
+# the node's own; the chart runs it as 10001.
+RUN groupadd --gid 10001 pgw-operator \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pgw-operator
 COPY --from=build /opt/venv /opt/venv
 # The root filesystem is read-only in the chart; /tmp is an emptyDir there.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PREFECT_HOME=/tmp/prefect
-USER 1000:1000
+USER 10001:10001
 # kopf's liveness endpoint (/healthz) and, with --metrics, Prometheus metrics.
 EXPOSE 8080 9090
 ENTRYPOINT ["python", "-m", "pgw_operator"]

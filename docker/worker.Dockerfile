@@ -3,7 +3,7 @@
 # `prefect-gpu-workers` entrypoint, installed with the `worker` extra from
 # uv.lock. The operator starts it as
 #   prefect-gpu-workers worker --pool P --flow-runs N --limit-prefix X --wait-timeout S --with-healthcheck
-# (waits for its limit, then execs `prefect worker start`), as uid 1000 with a
+# (waits for its limit, then execs `prefect worker start`), as uid 10001 with a
 # read-only root filesystem, PREFECT_HOME=/var/run/prefect and /tmp as emptyDirs.
 #
 #   docker build -f docker/worker.Dockerfile -t REGISTRY/prefect-gpu-workers-worker:0.1.0 .
@@ -45,9 +45,9 @@ COPY flows ./flows
 RUN uv sync --frozen --no-default-groups ${UV_EXTRAS} --no-editable
 
 FROM ${BASE_IMAGE}
-RUN groupadd --gid 1000 pgw-worker \
- && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pgw-worker \
- && install -d -o 1000 -g 1000 /var/run/prefect
+RUN groupadd --gid 10001 pgw-worker \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin pgw-worker \
+ && install -d -o 10001 -g 10001 /var/run/prefect
 COPY --from=build /opt/venv /opt/venv
 # Everything writable lives on the pod's emptyDirs (/var/run/prefect, /tmp).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -58,7 +58,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TORCH_HOME=/tmp/.cache/torch \
     TRITON_CACHE_DIR=/tmp/.cache/triton \
     MPLCONFIGDIR=/tmp/.cache/matplotlib
-USER 1000:1000
+USER 10001:10001
 # The Prefect worker's health server (--with-healthcheck).
 EXPOSE 8080
 ENTRYPOINT ["prefect-gpu-workers"]

@@ -49,7 +49,7 @@ from prefect_gpu_workers.commands import worker_command as entrypoint_command
 # The worker process keeps Prefect's home here; the root filesystem is read-only.
 PREFECT_HOME = "/var/run/prefect"
 WORKER_HEALTH_PORT = 8080
-WORKER_UID = 1000
+WORKER_UID = 10001  # >= 10000: clear of the uids of the node's own users
 # What the operator owns in the pod: a pod template cannot replace these.
 OPERATOR_ENV = frozenset(
     {"WORKER_ID", "PGW_LIMIT_PREFIX", "PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_HOME",
@@ -137,6 +137,7 @@ def pod_security_context(spec: PoolSpec) -> dict[str, Any]:
     merged: dict[str, Any] = {
         "runAsNonRoot": True,
         "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
         "fsGroup": WORKER_UID,
         "seccompProfile": {"type": "RuntimeDefault"},
         **dict(spec.pod_template.get("securityContext") or {}),
@@ -199,10 +200,32 @@ def worker_command(spec: PoolSpec) -> list[str]:
     )
 
 
+# What a worker gets where its pod template says nothing: enough to schedule
+# beside others, and a ceiling so that one runaway worker cannot starve a node.
+DEFAULT_RESOURCES = {
+    "requests": {"cpu": "250m", "memory": "512Mi"},
+    "limits": {"cpu": "4", "memory": "16Gi"},
+}
+
+
 def worker_resources(spec: PoolSpec) -> dict[str, Any]:
+    """The template's ``resources``, each of cpu and memory defaulted where unset
+    (:data:`DEFAULT_RESOURCES`), and the GPU limit.
+
+    Example:
+        >>> from pgw_operator.spec import PoolSpec
+        >>> spec = PoolSpec.from_dict({"workPool": {"name": "p"}, "prefect": {"apiUrl": "x"},
+        ...     "gpu": {"perWorker": 2}, "worker": {"image": "i", "podTemplate": {
+        ...     "resources": {"limits": {"memory": "64Gi"}}}}})
+        >>> worker_resources(spec)["limits"]
+        {'memory': '64Gi', 'nvidia.com/gpu': '2', 'cpu': '4'}
+    """
     resources: dict[str, Any] = {
         k: dict(v) for k, v in (spec.pod_template.get("resources") or {}).items()
     }
+    for kind, defaults in DEFAULT_RESOURCES.items():
+        for name, value in defaults.items():
+            resources.setdefault(kind, {}).setdefault(name, value)
     if spec.gpus_per_worker is not None:
         # The container's GPU limit is what its limit is sized from; the device
         # plugin requires requests == limits for extended resources.
@@ -242,6 +265,12 @@ def desired_deployment(pool: str, namespace: str, uid: str, spec: PoolSpec) -> d
             "httpGet": {"path": "/health", "port": "health"},
             "initialDelaySeconds": 10,
             "periodSeconds": 30,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            # Ready: polling Prefect for flow runs (the worker's own health check).
+            "httpGet": {"path": "/health", "port": "health"},
+            "periodSeconds": 10,
             "failureThreshold": 3,
         },
         "startupProbe": {

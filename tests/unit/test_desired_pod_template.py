@@ -10,6 +10,7 @@ import yaml
 
 from pgw_operator.desired import (
     OPERATOR_ENV,
+    WORKER_UID,
     desired_deployment,
     desired_pdb,
     disabled_pdb_patch,
@@ -153,10 +154,12 @@ def test_defaults_are_restricted() -> None:
     pod, container = pod_of({})
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "fsGroup": 1000,
+        "runAsUser": WORKER_UID,
+        "runAsGroup": WORKER_UID,
+        "fsGroup": WORKER_UID,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+    assert WORKER_UID >= 10000  # clear of the node's own users
     assert container["securityContext"] == {
         "runAsNonRoot": True,
         "allowPrivilegeEscalation": False,
@@ -204,7 +207,7 @@ def test_security_contexts_merge_and_may_only_be_tightened() -> None:
     ("template", "where", "key", "expected"),
     [
         ({"securityContext": {"runAsNonRoot": False}}, "pod", "runAsNonRoot", True),
-        ({"securityContext": {"runAsUser": 0}}, "pod", "runAsUser", 1000),
+        ({"securityContext": {"runAsUser": 0}}, "pod", "runAsUser", WORKER_UID),
         ({"securityContext": {"seccompProfile": {"type": "Unconfined"}}}, "pod",
          "seccompProfile", {"type": "RuntimeDefault"}),
         ({"containerSecurityContext": {"privileged": True}}, "container", "privileged", False),
@@ -214,7 +217,7 @@ def test_security_contexts_merge_and_may_only_be_tightened() -> None:
          "capabilities", {"drop": ["ALL"]}),
         ({"containerSecurityContext": {"runAsNonRoot": False, "runAsUser": 0}}, "container",
          "runAsNonRoot", True),
-        ({"containerSecurityContext": {"runAsUser": 0}}, "container", "runAsUser", 1000),
+        ({"containerSecurityContext": {"runAsUser": 0}}, "container", "runAsUser", WORKER_UID),
         ({"containerSecurityContext": {"appArmorProfile": {"type": "Unconfined"}}}, "container",
          "appArmorProfile", {"type": "RuntimeDefault"}),
     ],

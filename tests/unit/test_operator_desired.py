@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgw_operator.desired import desired_deployment
+from pgw_operator.desired import DEFAULT_RESOURCES, desired_deployment
 from pgw_operator.spec import POOL_LABEL
 
 from builders import make_spec, pool_spec
@@ -60,7 +60,10 @@ def test_pod_template_overrides_merge_but_cannot_drop_the_gpu_limit() -> None:
     container = pod_spec["containers"][0]
     assert pod_spec["nodeSelector"] == {"pool": "a100"}
     assert pod_spec["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert container["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": "1"}
+    # The template's memory limit, the default cpu limit, and the GPU limit from spec.gpu.
+    assert container["resources"]["limits"] == {"memory": "8Gi", "nvidia.com/gpu": "1", "cpu": "4"}
+    assert container["resources"]["requests"] == DEFAULT_RESOURCES["requests"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "health"}
     assert {"name": "HF_HOME", "value": "/cache"} in container["env"]
     assert template["metadata"]["labels"]["team"] == "vision"
     assert template["metadata"]["labels"][POOL_LABEL] == "p"
