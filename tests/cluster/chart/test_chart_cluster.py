@@ -27,7 +27,8 @@ from k8s.operator_harness import (
     parse_metrics,
     unique,
 )
-from k8s.real_node import Image, RealNode
+from k8s.real_node import TAINT_KEY, Image, RealNode
+from kubernetes import client
 
 from prefect_gpu_workers.server import LocalPrefectServer
 
@@ -246,6 +247,8 @@ def release(
             f"prefect.apiKeySecret.name={API_KEY_SECRET}",
             "--set",
             ANY_API_URL,
+            "--set-json",  # pools may tolerate the real node's taint (and the GPU one)
+            f"pools.allowedTolerationKeys={json.dumps([TAINT_KEY, 'nvidia.com/gpu'])}",
             "--set",
             f"image.repository={repository}",
             "--set",
@@ -434,6 +437,43 @@ def operator_pod(cluster: DevCluster, release: Release) -> OperatorPod:
         "-l", f"app.kubernetes.io/instance={release.name}",
     )  # fmt: skip
     return OperatorPod(cluster, release.namespace, pod["metadata"]["name"], pod["status"]["podIP"])
+
+
+def test_the_chart_s_admission_policy_refuses_a_pool_outside_the_admin_s_lists(
+    dev_cluster: DevCluster, release: Release
+) -> None:
+    """What the CRD cannot know (the admin's lists, chart values ``pools.*``) is
+    refused at admission too, naming the field; the operator checks it again."""
+    custom = client.CustomObjectsApi(dev_cluster.api_client())
+    cases = {
+        "serviceAccountName": {"serviceAccountName": "deployer"},
+        "priorityClassName": {"priorityClassName": "system-node-critical"},
+        "tolerations": {"tolerations": [{"operator": "Exists"}]},
+    }
+    for field, template in cases.items():
+        spec = pool_spec_dict(worker={"image": "i", "podTemplate": template})
+        with pytest.raises(client.ApiException) as info:
+            custom.create_namespaced_custom_object(
+                "gpuworkers.dev", "v1alpha1", release.pools_namespace, "gpuworkerpools",
+                pool_manifest("refused", spec, release.pools_namespace), dry_run="All",
+            )  # fmt: skip
+        assert info.value.status in (403, 422), info.value.body
+        assert f"spec.worker.podTemplate.{field}" in str(info.value.body)
+        assert "ValidatingAdmissionPolicy" in str(info.value.body)
+    long_grace = pool_spec_dict(worker={"image": "i", "drainGracePeriodSeconds": 7200})
+    with pytest.raises(client.ApiException) as info:
+        custom.create_namespaced_custom_object(
+            "gpuworkers.dev", "v1alpha1", release.pools_namespace, "gpuworkerpools",
+            pool_manifest("refused", long_grace, release.pools_namespace), dry_run="All",
+        )  # fmt: skip
+    assert "spec.worker.drainGracePeriodSeconds must be at most 3600" in str(info.value.body)
+    # The real node's taint is on the release's list: admitted.
+    allowed = pool_spec_dict(worker={"image": "i", "podTemplate": {
+        "tolerations": [{"key": TAINT_KEY, "operator": "Exists"}]}})  # fmt: skip
+    custom.create_namespaced_custom_object(
+        "gpuworkers.dev", "v1alpha1", release.pools_namespace, "gpuworkerpools",
+        pool_manifest("admitted", allowed, release.pools_namespace), dry_run="All",
+    )  # fmt: skip
 
 
 def test_the_chart_s_operator_pod_creates_scales_and_deletes_a_pool(

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from k8s.cluster import REPO_ROOT
 
-from pgw_operator.__main__ import parse_args
+from pgw_operator.__main__ import parse_args, pod_policy_of
+from pgw_operator.pod_rules import PodPolicy
 
 from .conftest import (
     CHART,
@@ -62,6 +63,21 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "replicas": 2,
             "workPool": "gpu-demo",
             "gpu": {"perWorker": 2, "slotsPerGpu": 4},
+        },
+    },
+    "pool-policy": {
+        "pools": {
+            "allowedServiceAccounts": ["model-reader"],
+            "allowedTolerationKeys": ["nvidia.com/gpu", "example.com/dedicated"],
+            "allowedPriorityClasses": ["gpu-batch"],
+            "maxDrainGraceSeconds": 7200,
+        },
+        "metrics": {"enabled": True},
+        "networkPolicy": {
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}],
+            "apiServerTo": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+            "prefectTo": [{"namespaceSelector": {"matchLabels": {"name": "prefect"}}}],
+            "prefectPorts": [4200],
         },
     },
     "custom-security-and-resources": {
@@ -271,7 +287,10 @@ def test_defaults_render_the_operator_and_cluster_wide_rbac_only(
         ("ClusterRoleBinding", f"{NAMESPACE}-{FULLNAME}"),
         ("ClusterRoleBinding", f"{NAMESPACE}-{FULLNAME}-read"),
         ("Deployment", FULLNAME),
+        ("NetworkPolicy", FULLNAME),
         ("ServiceAccount", FULLNAME),
+        ("ValidatingAdmissionPolicy", f"{NAMESPACE}-{FULLNAME}-pools"),
+        ("ValidatingAdmissionPolicyBinding", f"{NAMESPACE}-{FULLNAME}-pools"),
     ]
     for m in manifests:
         labels = m["metadata"]["labels"]
@@ -279,7 +298,8 @@ def test_defaults_render_the_operator_and_cluster_wide_rbac_only(
         assert labels["app.kubernetes.io/instance"] == RELEASE
         assert labels["app.kubernetes.io/version"] == "0.1.0"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
-        assert labels["app.kubernetes.io/component"] == "operator"
+        admission = m["kind"].startswith("ValidatingAdmissionPolicy")
+        assert labels["app.kubernetes.io/component"] == ("admission" if admission else "operator")
         assert labels["helm.sh/chart"] == "prefect-gpu-workers-0.1.0"
         if m["kind"] in ("Deployment", "ServiceAccount"):
             assert m["metadata"]["namespace"] == NAMESPACE
@@ -299,17 +319,24 @@ def test_operator_deployment_is_one_recreated_hardened_replica(helm: Helm, tmp_p
     assert one(manifests, "ServiceAccount")["automountServiceAccountToken"] is False
     assert pod["securityContext"] == {
         "runAsNonRoot": True,
-        "runAsUser": 1000,
-        "runAsGroup": 1000,
-        "fsGroup": 1000,
+        "runAsUser": 10001,
+        "runAsGroup": 10001,
+        "fsGroup": 10001,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
 
     container = operator_container(manifests)
     assert container["image"] == "ghcr.io/prefect-gpu-workers/operator:0.1.0"
     assert container["command"] == ["python", "-m", "pgw_operator"]
-    # No --namespace: all namespaces; no --metrics: nothing else listens.
-    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--log-format=full"]
+    # No --namespace: all namespaces; no --metrics: nothing else listens. The pod
+    # policy's defaults are said out loud.
+    assert container["args"] == [
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--allow-any-api-url",  # what with_api_url_policy adds
+        "--allowed-toleration-key=nvidia.com/gpu",
+        "--max-drain-grace-seconds=3600",
+        "--log-format=full",
+    ]
     assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -382,6 +409,9 @@ def test_watch_namespaces_render_one_role_per_namespace(helm: Helm, tmp_path: Pa
         "--liveness=http://0.0.0.0:8080/healthz",
         "--namespace=team-a",
         "--namespace=team-b",
+        "--allow-any-api-url",
+        "--allowed-toleration-key=nvidia.com/gpu",
+        "--max-drain-grace-seconds=3600",
         "--log-format=full",
     ]
     roles = by_kind(manifests, "Role")
@@ -501,13 +531,55 @@ def test_operator_accepts_the_arguments_the_chart_passes(
     args = parse_args(container["args"])
     assert args.namespace == values.get("watchNamespaces", [])
     assert args.liveness == "http://0.0.0.0:8080/healthz"
-    metrics = values.get("metrics", {})
+    metrics = {"port": 9090, **values.get("metrics", {})}
     assert args.metrics == (f"0.0.0.0:{metrics['port']}" if metrics.get("enabled") else "")
     assert args.log_format == values.get("logFormat", "full")
     assert args.verbose is values.get("verbose", False)
     prefect = with_api_url_policy(values)["prefect"]
     assert args.allowed_api_url == prefect.get("allowedApiUrls", [])
     assert args.allow_any_api_url is prefect.get("allowAnyApiUrl", False)
+    chart_defaults = yaml.safe_load((CHART / "values.yaml").read_text())["pools"]
+    pools = {**chart_defaults, **values.get("pools", {})}
+    assert pod_policy_of(args) == PodPolicy(
+        service_accounts=frozenset(pools["allowedServiceAccounts"]),
+        toleration_keys=frozenset(pools["allowedTolerationKeys"]),
+        priority_classes=frozenset(pools["allowedPriorityClasses"]),
+        max_drain_grace_s=pools["maxDrainGraceSeconds"],
+    )
+
+
+def test_the_network_policy_lets_in_only_probes_and_metrics_and_out_only_dns_api_and_prefect(
+    helm: Helm, tmp_path: Path
+) -> None:
+    values = VALUE_SETS["pool-policy"]
+    policy = one(render(helm, tmp_path, values), "NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert [rule["ports"][0]["port"] for rule in policy["ingress"]] == [8080, 9090]
+    assert policy["ingress"][1]["from"] == values["networkPolicy"]["metricsFrom"]
+    dns, api_server, prefect = policy["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert [p["port"] for p in api_server["ports"]] == [443, 6443]
+    assert api_server["to"] == values["networkPolicy"]["apiServerTo"]
+    assert [p["port"] for p in prefect["ports"]] == [4200]
+    assert prefect["to"] == values["networkPolicy"]["prefectTo"]
+    off = render(helm, tmp_path, {"networkPolicy": {"enabled": False}})
+    assert not by_kind(off, "NetworkPolicy")
+
+
+def test_the_admission_policy_states_the_admin_s_lists(helm: Helm, tmp_path: Path) -> None:
+    manifests = render(helm, tmp_path, VALUE_SETS["pool-policy"])
+    policy = one(manifests, "ValidatingAdmissionPolicy")["spec"]
+    expressions = " ".join(v["expression"] for v in policy["validations"])
+    assert '["model-reader"]' in expressions
+    assert '["nvidia.com/gpu","example.com/dedicated"]' in expressions
+    assert '["gpu-batch"]' in expressions
+    assert "<= 7200" in expressions
+    binding = one(manifests, "ValidatingAdmissionPolicyBinding")["spec"]
+    assert binding["validationActions"] == ["Deny"]
+    assert "matchResources" not in binding  # every namespace: the operator serves them all
+    off = render(helm, tmp_path, {"pools": {"admissionPolicy": False}})
+    assert not by_kind(off, "ValidatingAdmissionPolicy")
 
 
 def test_the_chart_renders_nothing_without_an_api_url_policy(helm: Helm, tmp_path: Path) -> None:
