@@ -476,6 +476,61 @@ def test_the_chart_s_admission_policy_refuses_a_pool_outside_the_admin_s_lists(
     )  # fmt: skip
 
 
+def test_the_operator_s_account_may_change_only_pools_objects_and_the_deletion_cost(
+    dev_cluster: DevCluster, release: Release
+) -> None:
+    """RBAC lets the operator patch any pod and apply any Deployment in a watched
+    namespace; the chart's operator admission policy narrows that to what it does:
+    a pool's pods, in their deletion-cost annotation only, and pools' objects."""
+    ns = release.pools_namespace
+    token = dev_cluster.kubectl(
+        "-n", release.namespace, "create", "token", release.service_account, "--duration=10m"
+    ).stdout.strip()
+    as_operator = dev_cluster.api_client(token)
+    core, apps = client.CoreV1Api(as_operator), client.AppsV1Api(as_operator)
+    admin = client.CoreV1Api(dev_cluster.api_client())
+    pods = {"of-a-pool": {"gpuworkers.dev/pool": "p"}, "not-a-pools": {"app": "theirs"}}
+    for name, labels in pods.items():  # never scheduled: no node has the label
+        admin.create_namespaced_pod(ns, client.V1Pod(
+            metadata=client.V1ObjectMeta(name=name, labels=labels),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="x")],
+                                  node_selector={"pgw-test/nowhere": "true"}),
+        ))  # fmt: skip
+    try:
+        cost = {"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "5"}}}
+        core.patch_namespaced_pod("of-a-pool", ns, cost)  # what it does: allowed
+        only_cost, pools_only = "deletion-cost annotation", "of a GpuWorkerPool"
+        refused: list[tuple[str, dict[str, Any], str]] = [
+            ("not-a-pools", cost, pools_only),
+            ("of-a-pool", {"metadata": {"labels": {"gpuworkers.dev/pool": "q"}}}, pools_only),
+            ("of-a-pool", {"metadata": {"labels": {"extra": "x"}}}, only_cost),
+            ("of-a-pool", {"metadata": {"annotations": {"other": "x"}}}, only_cost),
+            ("of-a-pool", {"spec": {"activeDeadlineSeconds": 1}}, only_cost),
+        ]
+        for name, patch, words in refused:
+            with pytest.raises(client.ApiException) as info:
+                core.patch_namespaced_pod(name, ns, patch)
+            assert info.value.status == 403, (patch, info.value.body)
+            assert words in str(info.value.body), info.value.body
+        foreign = client.V1Deployment(
+            metadata=client.V1ObjectMeta(name="not-a-pools"),
+            spec=client.V1DeploymentSpec(
+                selector=client.V1LabelSelector(match_labels={"app": "theirs"}),
+                template=client.V1PodTemplateSpec(
+                    metadata=client.V1ObjectMeta(labels={"app": "theirs"}),
+                    spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="x")]),
+                ),
+            ),
+        )
+        with pytest.raises(client.ApiException) as info:
+            apps.create_namespaced_deployment(ns, foreign, dry_run="All")
+        assert info.value.status == 403
+        assert "of a GpuWorkerPool" in str(info.value.body)
+    finally:
+        for name in pods:
+            admin.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+
+
 def test_the_chart_s_operator_pod_creates_scales_and_deletes_a_pool(
     dev_cluster: DevCluster,
     release: Release,

@@ -289,7 +289,9 @@ def test_defaults_render_the_operator_and_cluster_wide_rbac_only(
         ("Deployment", FULLNAME),
         ("NetworkPolicy", FULLNAME),
         ("ServiceAccount", FULLNAME),
+        ("ValidatingAdmissionPolicy", f"{NAMESPACE}-{FULLNAME}-operator"),
         ("ValidatingAdmissionPolicy", f"{NAMESPACE}-{FULLNAME}-pools"),
+        ("ValidatingAdmissionPolicyBinding", f"{NAMESPACE}-{FULLNAME}-operator"),
         ("ValidatingAdmissionPolicyBinding", f"{NAMESPACE}-{FULLNAME}-pools"),
     ]
     for m in manifests:
@@ -569,17 +571,36 @@ def test_the_network_policy_lets_in_only_probes_and_metrics_and_out_only_dns_api
 
 def test_the_admission_policy_states_the_admin_s_lists(helm: Helm, tmp_path: Path) -> None:
     manifests = render(helm, tmp_path, VALUE_SETS["pool-policy"])
-    policy = one(manifests, "ValidatingAdmissionPolicy")["spec"]
+    policy = one(manifests, "ValidatingAdmissionPolicy", f"{NAMESPACE}-{FULLNAME}-pools")["spec"]
     expressions = " ".join(v["expression"] for v in policy["validations"])
     assert '["model-reader"]' in expressions
     assert '["nvidia.com/gpu","example.com/dedicated"]' in expressions
     assert '["gpu-batch"]' in expressions
     assert "<= 7200" in expressions
-    binding = one(manifests, "ValidatingAdmissionPolicyBinding")["spec"]
+    binding = one(manifests, "ValidatingAdmissionPolicyBinding", f"{NAMESPACE}-{FULLNAME}-pools")[
+        "spec"
+    ]
     assert binding["validationActions"] == ["Deny"]
     assert "matchResources" not in binding  # every namespace: the operator serves them all
     off = render(helm, tmp_path, {"pools": {"admissionPolicy": False}})
-    assert not by_kind(off, "ValidatingAdmissionPolicy")
+    assert [m["metadata"]["name"] for m in by_kind(off, "ValidatingAdmissionPolicy")] == [
+        f"{NAMESPACE}-{FULLNAME}-operator"
+    ]
+
+
+def test_the_operator_s_admission_policy_binds_its_own_account_only(
+    helm: Helm, tmp_path: Path
+) -> None:
+    manifests = render(helm, tmp_path)
+    name = f"{NAMESPACE}-{FULLNAME}-operator"
+    policy = one(manifests, "ValidatingAdmissionPolicy", name)["spec"]
+    (condition,) = policy["matchConditions"]
+    account = f"system:serviceaccount:{NAMESPACE}:{FULLNAME}"
+    assert condition["expression"] == f'request.userInfo.username == "{account}"'
+    resources = {r["resources"][0] for r in policy["matchConstraints"]["resourceRules"]}
+    assert resources == {"pods", "deployments", "poddisruptionbudgets"}
+    off = render(helm, tmp_path, {"operatorAdmissionPolicy": False})
+    assert all(m["metadata"]["name"] != name for m in off)
 
 
 def test_the_chart_renders_nothing_without_an_api_url_policy(helm: Helm, tmp_path: Path) -> None:
