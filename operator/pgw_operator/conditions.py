@@ -64,6 +64,9 @@ class PoolHealth:
     problems: tuple[str, ...] = ()
     error_reason: str | None = None  # e.g. PrefectUnreachable
     error_message: str = ""
+    # Why the worker Deployment's pods cannot be created (Pod Security, a
+    # quota): a pool that stays at zero pods says why.
+    pods_rejected: str | None = None
 
 
 def pool_conditions(health: PoolHealth) -> tuple[list[Condition], str]:
@@ -80,12 +83,15 @@ def pool_conditions(health: PoolHealth) -> tuple[list[Condition], str]:
     degraded = Condition("Degraded", False, "AsExpected", "")
     if health.problems:
         degraded = Condition("Degraded", True, "LimitSizing", "; ".join(health.problems))
+    if health.pods_rejected:
+        degraded = Condition("Degraded", True, "WorkerPodsRejected", health.pods_rejected)
     converged = (
         health.pods == health.desired_replicas
         and health.ready_workers == health.desired_replicas
         and health.pending_limits == 0
     )
-    if converged and not health.problems:
+    problems = bool(health.problems or health.pods_rejected)
+    if converged and not problems:
         ready = Condition(
             "Ready", True, "WorkersReady",
             f"{health.ready_workers}/{health.desired_replicas} workers ready with their limits",
@@ -95,7 +101,7 @@ def pool_conditions(health: PoolHealth) -> tuple[list[Condition], str]:
         f"{health.ready_workers}/{health.desired_replicas} workers ready, "
         f"{health.pods} pods, {health.pending_limits} limit change(s) pending"
     )
-    phase = "Degraded" if health.problems else "Reconciling"
+    phase = "Degraded" if problems else "Reconciling"
     return (
         [
             Condition("Ready", False, "WorkersNotReady", message),

@@ -30,6 +30,7 @@ How ``spec.worker.podTemplate`` merges into the worker pod:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -424,3 +425,23 @@ def foreign_controller(owner_references: list[dict[str, Any]], uid: str) -> str 
                 return None
             return f"controller {ref.get('kind')}/{ref.get('name')} (uid {ref.get('uid')})"
     return "no controller"
+
+
+def replica_failure(conditions: list[dict[str, Any]]) -> str | None:
+    """Why a Deployment's pods cannot be created (its ``ReplicaFailure`` condition,
+    which the Deployment controller copies from the ReplicaSet), pod names left
+    out so that the message is the same at every retry; None when they can.
+
+    Example:
+        >>> replica_failure([{"type": "ReplicaFailure", "status": "True", "message":
+        ...     'pods "w-7d9-x2k" is forbidden: exceeded quota: q, requested: pods=1'}])
+        'pods are forbidden: exceeded quota: q, requested: pods=1'
+    """
+    for condition in conditions:
+        if condition.get("type") == "ReplicaFailure" and condition.get("status") == "True":
+            message = str(condition.get("message") or "pods cannot be created")
+            return _POD_NAME.sub("pods are", message, count=1)[:1000]
+    return None
+
+
+_POD_NAME = re.compile(r'pods? "[^"]*" is')

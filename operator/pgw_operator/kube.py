@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import kubernetes
 import urllib3
 
+from pgw_operator.desired import replica_failure
 from pgw_operator.errors import KubernetesError
 from pgw_operator.spec import FIELD_MANAGER, GROUP, PLURAL, VERSION
 
@@ -77,11 +78,11 @@ def load_config() -> None:
 
 def _server_side_apply(
     kind: str, patch: Callable[..., Any], manifest: dict[str, Any], rejected: str
-) -> None:
+) -> Any:
     """Server-side apply ``manifest`` through ``patch`` (a namespaced patch call) as this
     operator's field manager: fields it owns are corrected, others left alone."""
     meta = manifest["metadata"]
-    _call(
+    return _call(
         f"{kind} {meta['namespace']}/{meta['name']}",
         lambda: patch(
             name=meta["name"],
@@ -122,14 +123,22 @@ def owner_references(kind: str, namespace: str, name: str) -> list[dict[str, Any
     ]
 
 
-def apply_deployment(manifest: dict[str, Any]) -> None:
+def apply_deployment(manifest: dict[str, Any]) -> str | None:
     """Server-side apply a worker Deployment.
+
+    Returns:
+        Why its pods cannot be created, if they cannot (its ``ReplicaFailure``
+        condition: Pod Security, a quota...), else None.
 
     Raises:
         KubernetesError: ``DeploymentRejected`` when the API server refuses the manifest.
     """
     patch = kubernetes.client.AppsV1Api().patch_namespaced_deployment
-    _server_side_apply("worker Deployment", patch, manifest, "DeploymentRejected")
+    applied = _server_side_apply("worker Deployment", patch, manifest, "DeploymentRejected")
+    conditions = (applied.status.conditions or []) if applied and applied.status else []
+    return replica_failure(
+        [{"type": c.type, "status": c.status, "message": c.message} for c in conditions]
+    )
 
 
 def patch_pool_status(namespace: str, name: str, status: dict[str, Any]) -> None:

@@ -237,7 +237,7 @@ async def reconcile_pool(
     if found:
         raise ReconcileError("PodTemplateNotAllowed", "; ".join(first_violations(found)))
     await ensure_not_foreign("Deployment", pool, "DeploymentNotOwned")
-    await asyncio.to_thread(
+    pods_rejected = await asyncio.to_thread(
         kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
     )
     await ensure_disruption_budget(pool, state)
@@ -290,6 +290,7 @@ async def reconcile_pool(
         tuple(plan.problems),
         error_reason=failure.reason if failure else None,
         error_message=str(failure) if failure else "",
+        pods_rejected=pods_rejected,
     )
     await _write_status(pool, state, _status(pool, state.ledger, health))
     await _set_deletion_costs(pool, state.ledger, pods, log)

@@ -22,6 +22,7 @@ def observed_health(
     problems: tuple[str, ...] = (),
     error_reason: str | None = None,
     error_message: str = "",
+    pods_rejected: str | None = None,
 ) -> PoolHealth:
     """Health after a pass that planned: workers ready with a Ready limit, pending changes."""
     ready = sum(
@@ -37,6 +38,7 @@ def observed_health(
         problems=problems,
         error_reason=error_reason,
         error_message=error_message,
+        pods_rejected=pods_rejected,
     )
 
 

@@ -27,6 +27,19 @@ def test_conditions_ready_reconciling_degraded() -> None:
     )
 
 
+def test_pods_the_cluster_refuses_degrade_the_pool_saying_why() -> None:
+    """A pool stuck at zero pods (Pod Security, a quota) is never a silent zero."""
+    why = "pods are forbidden: exceeded quota: tenant, requested: pods=1, limited: pods=0"
+    conditions, phase = pool_conditions(PoolHealth(1, 0, 0, 0, pods_rejected=why))
+    assert phase == "Degraded"
+    degraded = next(c for c in conditions if c.type == "Degraded")
+    assert (degraded.status, degraded.reason, degraded.message) == (
+        True,
+        "WorkerPodsRejected",
+        why,
+    )
+
+
 def test_last_transition_time_moves_only_on_flips() -> None:
     first, _ = pool_conditions(PoolHealth(1, 1, 1, 0))
     before = merge_conditions(None, first, 1, now="2026-01-01T00:00:00Z")

@@ -329,3 +329,40 @@ def test_a_pool_whose_prefect_is_gone_for_good_is_let_go_after_its_finalizer_tim
     assert f"gpu:{pod}" in left[0]
     assert "finalizerTimeoutSeconds=5" in left[0]
     operator.assert_alive()
+
+
+def test_pods_the_namespace_refuses_are_named_on_the_pool_never_a_silent_zero(
+    operator: OperatorProcess,
+    dev_cluster: DevCluster,
+    namespace: str,
+    node_group: str,
+    pools: Pools,
+    limits: PrefectLimits,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    """The operator's pods pass Pod Security "restricted" as enforced by the API
+    server; pods the namespace still refuses (here its quota) make the pool
+    Degraded with the API server's own reason, until they are allowed."""
+    dev_cluster.kubectl("label", "namespace", namespace,
+                        "pod-security.kubernetes.io/enforce=restricted")  # fmt: skip
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 1)
+    start_pool(pools, limits, "restricted", spec)  # Ready under "restricted"
+
+    quota = client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="two-pods"),
+        spec=client.V1ResourceQuotaSpec(hard={"pods": "2"}),
+    )
+    pools.core.create_namespaced_resource_quota(namespace, quota)
+    pools.scale("restricted", 3)
+    condition = wait_until(
+        lambda: degraded_with(pools, "restricted", "WorkerPodsRejected"),
+        "restricted Degraded (WorkerPodsRejected)",
+        timeout=120,
+    )
+    assert "exceeded quota: two-pods" in condition["message"]
+    assert '"restricted-' not in condition["message"]  # no pod name: the same at every retry
+    pools.core.patch_namespaced_resource_quota(
+        "two-pods", namespace, {"spec": {"hard": {"pods": "3"}}}
+    )
+    wait_until(lambda: ready_with_limits(pools, limits, "restricted", 3), "3 workers", 180)
+    operator.assert_alive()

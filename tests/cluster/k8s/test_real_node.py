@@ -2,7 +2,7 @@
 runc run the worker image as the operator configures it, against a real Prefect.
 
 What kwok cannot show and these tests do: containers that start from the
-images built by hack/build-images, as uid 1000 on a read-only root
+images built by hack/build-images, as uid 10001 on a read-only root
 filesystem; probes that run; a killed container that the kubelet restarts;
 SIGTERM and the grace period of a pod being deleted.
 """
@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFil
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pgw_flows.deploy import deploy_pipeline
+from pgw_operator.desired import WORKER_UID
 from prefect_gpu_workers.local.prefect_ops import read_runs, submit_runs
 from prefect_gpu_workers.records import StageRecord, read_records
 from prefect_gpu_workers.report import gpu_overlap_per_worker
@@ -36,7 +37,6 @@ from .cluster import DevCluster
 from .operator_harness import OperatorProcess, Pools, PrefectLimits, start_pool, unique, wait_until
 from .real_node import Image, RealNode
 
-WORKER_UID = 1000
 # Where the flows in worker pods write their stage records: the pod's /tmp
 # emptyDir, which the test reads from the kubelet's directory on this machine.
 POD_RECORDS = "/tmp/records"
@@ -175,7 +175,7 @@ def run_to_end(pools: Pools, node: RealNode, name: str, image: Image, command: l
     return log
 
 
-def test_both_images_run_as_uid_1000_on_a_read_only_root(
+def test_both_images_run_as_their_non_root_uid_on_a_read_only_root(
     dev_cluster: DevCluster, namespace: str, real_node: RealNode, project_images: dict[str, Image]
 ) -> None:
     pools = Pools(dev_cluster, namespace)
@@ -244,7 +244,7 @@ def test_worker_pods_on_a_real_node_hold_their_limits_and_leave_no_slot_held(
         status = worker_status(pools, pod)
         assert status is not None
         assert status.restart_count == 0, f"{pod} restarted"
-        # Run as the operator configures every worker: uid 1000, read-only root.
+        # Run as the operator configures every worker: uid 10001, read-only root.
         pod_spec = pools.core.read_namespaced_pod(pod, pools.namespace).spec
         assert pod_spec is not None
         assert pod_spec.security_context is not None
