@@ -7,7 +7,7 @@ fall back to process groups. Stdlib only, so every layer may use it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -34,13 +34,50 @@ def _pids_where(test: Callable[[Path], bool]) -> list[int]:
     return sorted(found)
 
 
-def pids_with_env(name: str, value: str, **also: str) -> list[int]:
+def _parent_of(entry: Path) -> int:
+    # The fields after the command name, which may itself hold spaces and ")".
+    return int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def descendants(pids: Collection[int]) -> set[int]:
+    """Every live process (not this one) descended from one of ``pids``.
+
+    Example:
+        >>> descendants([]) == set()
+        True
+    """
+    if not pids:
+        return set()
+    children: dict[int, list[int]] = {}
+    for entry in _live_pids():
+        try:
+            children.setdefault(_parent_of(entry), []).append(int(entry.name))
+        except (OSError, ValueError, IndexError):  # gone, or not ours to look at
+            continue
+    found: set[int] = set()
+    todo = list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def pids_with_env(
+    name: str, value: str, *, with_descendants: bool = False, **also: str
+) -> list[int]:
     """Pids of live processes (not this one) whose environment has ``name=value``
-    (and each ``also`` entry as well).
+    (and each ``also`` entry as well), and with ``with_descendants`` every
+    process descended from one of them.
 
     A process that is just starting shows an empty environment for an instant
     (its parent's ``exec`` has returned, its new stack is not set up yet): it
     is found on the next look, so callers that must see every process look again.
+    Under load, a process whose environment has the entry has also gone unseen
+    for seconds (about 1 look in 100 here, cause not found): callers whose
+    processes inherit the entry ask for descendants too, which finds it through
+    its parent.
 
     Args:
         name: the variable, e.g. ``PREFECT__FLOW_RUN_ID``.
@@ -53,7 +90,10 @@ def pids_with_env(name: str, value: str, **also: str) -> list[int]:
         []
     """
     needles = {f"{key}={wanted}".encode() for key, wanted in {name: value, **also}.items()}
-    return _pids_where(lambda entry: needles <= set((entry / "environ").read_bytes().split(b"\0")))
+    found = _pids_where(lambda entry: needles <= set((entry / "environ").read_bytes().split(b"\0")))
+    if with_descendants:
+        return sorted({*found, *descendants(found)})
+    return found
 
 
 def env_value(pid: int, name: str) -> str | None:

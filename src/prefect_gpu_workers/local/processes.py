@@ -34,12 +34,13 @@ LIMIT_WAIT_TIMEOUT_S = 60
 
 
 def marked_pids(marker: str, env_name: str = SESSION_MARKER_ENV) -> list[int]:
-    """Pids of live processes whose environment has ``env_name=marker``.
+    """Pids of live processes whose environment has ``env_name=marker``, and of
+    their descendants (who inherit it).
 
     Flow-run processes run in sessions of their own, so process groups alone
     do not reach them; the inherited marker does.
     """
-    return pids_with_env(env_name, marker)
+    return pids_with_env(env_name, marker, with_descendants=True)
 
 
 def _signal_pids(pids: Sequence[int], signum: int) -> None:
