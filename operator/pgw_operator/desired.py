@@ -98,6 +98,32 @@ def owner_reference(pool: str, uid: str) -> dict[str, Any]:
     }
 
 
+def worker_service_account(pool: str) -> str:
+    """Name of the ServiceAccount the operator makes for a pool's workers.
+
+    Example:
+        >>> worker_service_account("gpu-workers")
+        'gpu-workers-worker'
+    """
+    return f"{pool}-worker"
+
+
+def desired_service_account(pool: str, namespace: str, uid: str) -> dict[str, Any]:
+    """The pool's workers' own ServiceAccount: no rights of its own, no token mounted,
+    owned by the pool (the garbage collector removes it with the pool)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": worker_service_account(pool),
+            "namespace": namespace,
+            "labels": pool_labels(pool),
+            "ownerReferences": [owner_reference(pool, uid)],
+        },
+        "automountServiceAccountToken": False,
+    }
+
+
 def worker_env(spec: PoolSpec) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         # The pod's own name is its worker identity and names its limit.
@@ -303,6 +329,10 @@ def desired_deployment(pool: str, namespace: str, uid: str, spec: PoolSpec) -> d
         "terminationGracePeriodSeconds": spec.drain_grace_period_s,
         "securityContext": pod_security_context(spec),
         "volumes": volumes,
+        # The pool's own account (no rights, no token) unless the template names
+        # one the admin allows: never the namespace's `default`, which may hold
+        # bindings (RBAC, cloud workload identity) meant for something else.
+        "serviceAccountName": worker_service_account(pool),
         "automountServiceAccountToken": False,
     }
     for key in ("nodeSelector", "tolerations", "serviceAccountName", "priorityClassName",

@@ -97,8 +97,8 @@ def _server_side_apply(
 
 
 def owner_references(kind: str, namespace: str, name: str) -> list[dict[str, Any]] | None:
-    """``metadata.ownerReferences`` of the pool's Deployment or PodDisruptionBudget as
-    plain dicts, or None when there is no object of that name.
+    """``metadata.ownerReferences`` of the pool's Deployment, PodDisruptionBudget or
+    ServiceAccount as plain dicts, or None when there is no object of that name.
 
     Raises:
         KubernetesError: any failure but 404.
@@ -109,6 +109,9 @@ def owner_references(kind: str, namespace: str, name: str) -> list[dict[str, Any
         ),
         "PodDisruptionBudget": lambda: (
             kubernetes.client.PolicyV1Api().read_namespaced_pod_disruption_budget(name, namespace)
+        ),
+        "ServiceAccount": lambda: kubernetes.client.CoreV1Api().read_namespaced_service_account(
+            name, namespace
         ),
     }[kind]
     try:
@@ -121,6 +124,16 @@ def owner_references(kind: str, namespace: str, name: str) -> list[dict[str, Any
         {"kind": ref.kind, "name": ref.name, "uid": ref.uid, "controller": ref.controller}
         for ref in found.metadata.owner_references or []
     ]
+
+
+def apply_service_account(manifest: dict[str, Any]) -> None:
+    """Server-side apply the pool's workers' ServiceAccount.
+
+    Raises:
+        KubernetesError: ``ServiceAccountRejected`` when the API server refuses it.
+    """
+    patch = kubernetes.client.CoreV1Api().patch_namespaced_service_account
+    _server_side_apply("ServiceAccount", patch, manifest, "ServiceAccountRejected")
 
 
 def apply_deployment(manifest: dict[str, Any]) -> str | None:

@@ -23,9 +23,11 @@ from pgw_operator.conditions import PoolHealth
 from pgw_operator.desired import (
     desired_deployment,
     desired_pdb,
+    desired_service_account,
     disabled_pdb_patch,
     disruption_of,
     foreign_controller,
+    worker_service_account,
 )
 from pgw_operator.errors import KubernetesError, PrefectError, ReconcileError
 from pgw_operator.facts import DELETION_COST_ANNOTATION, NodeFacts, PodFacts
@@ -65,6 +67,7 @@ class PoolState:
     scaling: ScalingState = field(default_factory=ScalingState)
     next_pass_s: float | None = None  # sooner than the resync, for autoscaling
     budget_off_generation: int | None = None  # generation whose unset budget was turned off
+    worker_account_applied: bool = False  # the workers' ServiceAccount, this run
 
 
 @dataclass(frozen=True)
@@ -109,24 +112,45 @@ async def prefect_api_for(namespace: str, spec: PoolSpec, allowed: AllowedApiUrl
     return PrefectApi(url, key)
 
 
-async def ensure_not_foreign(kind: str, pool: PoolRef, reason: str) -> bool:
-    """Whether an object of ``kind`` and the pool's name exists (and is the pool's).
+async def ensure_not_foreign(
+    kind: str, pool: PoolRef, reason: str, name: str | None = None
+) -> bool:
+    """Whether an object of ``kind`` and ``name`` (the pool's name by default)
+    exists (and is the pool's).
 
     Raises:
         ReconcileError: ``reason`` when one exists that the pool does not control:
             the operator never applies over, patches or adopts it.
     """
-    refs = await asyncio.to_thread(kube.owner_references, kind, pool.namespace, pool.name)
+    name = name or pool.name
+    refs = await asyncio.to_thread(kube.owner_references, kind, pool.namespace, name)
     if refs is None:
         return False
     who = foreign_controller(refs, pool.uid)
     if who is not None:
         raise ReconcileError(
             reason,
-            f"{kind} {pool.namespace}/{pool.name} exists and is not this pool's ({who}); "
+            f"{kind} {pool.namespace}/{name} exists and is not this pool's ({who}); "
             "the operator leaves it alone: rename the pool, or delete that object",
         )
     return True
+
+
+async def ensure_worker_account(pool: PoolRef, state: PoolState) -> None:
+    """The workers' own ServiceAccount, applied once per operator run (and again
+    after the Deployment's pods were refused: someone may have deleted it).
+
+    Raises:
+        ReconcileError: ``ServiceAccountNotOwned`` when one of its name is someone
+            else's; ``ServiceAccountRejected`` when the API server refuses it.
+    """
+    if state.worker_account_applied:
+        return
+    account = worker_service_account(pool.name)
+    await ensure_not_foreign("ServiceAccount", pool, "ServiceAccountNotOwned", account)
+    manifest = desired_service_account(pool.name, pool.namespace, pool.uid)
+    await asyncio.to_thread(kube.apply_service_account, manifest)
+    state.worker_account_applied = True
 
 
 async def ensure_disruption_budget(pool: PoolRef, state: PoolState) -> None:
@@ -236,10 +260,13 @@ async def reconcile_pool(
     found = violations(pool.spec, pod_policy)
     if found:
         raise ReconcileError("PodTemplateNotAllowed", "; ".join(first_violations(found)))
+    await ensure_worker_account(pool, state)
     await ensure_not_foreign("Deployment", pool, "DeploymentNotOwned")
     pods_rejected = await asyncio.to_thread(
         kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
     )
+    if pods_rejected:
+        state.worker_account_applied = False  # apply it again next pass
     await ensure_disruption_budget(pool, state)
     live_pods = {name: pod for name, pod in pods.items() if not pod.finished}
     api = await prefect_api_for(pool.namespace, spec, allowed)

@@ -64,20 +64,17 @@ def descendants(pids: Collection[int]) -> set[int]:
     return found
 
 
-def pids_with_env(
-    name: str, value: str, *, with_descendants: bool = False, **also: str
-) -> list[int]:
+def pids_with_env(name: str, value: str, **also: str) -> list[int]:
     """Pids of live processes (not this one) whose environment has ``name=value``
-    (and each ``also`` entry as well), and with ``with_descendants`` every
-    process descended from one of them.
+    (and each ``also`` entry as well).
 
     A process that is just starting shows an empty environment for an instant
     (its parent's ``exec`` has returned, its new stack is not set up yet): it
     is found on the next look, so callers that must see every process look again.
     Under load, a process whose environment has the entry has also gone unseen
     for seconds (about 1 look in 100 here, cause not found): callers whose
-    processes inherit the entry ask for descendants too, which finds it through
-    its parent.
+    processes inherit the entry add their :func:`descendants`, which finds it
+    through its parent.
 
     Args:
         name: the variable, e.g. ``PREFECT__FLOW_RUN_ID``.
@@ -90,10 +87,7 @@ def pids_with_env(
         []
     """
     needles = {f"{key}={wanted}".encode() for key, wanted in {name: value, **also}.items()}
-    found = _pids_where(lambda entry: needles <= set((entry / "environ").read_bytes().split(b"\0")))
-    if with_descendants:
-        return sorted({*found, *descendants(found)})
-    return found
+    return _pids_where(lambda entry: needles <= set((entry / "environ").read_bytes().split(b"\0")))
 
 
 def env_value(pid: int, name: str) -> str | None:

@@ -58,7 +58,7 @@ from prefect_gpu_workers.naming import (
     WORKER_ID_ENV,
     worker_id_from_env,
 )
-from prefect_gpu_workers.procfs import pids_with_env
+from prefect_gpu_workers.procfs import descendants, pids_with_env
 from prefect_gpu_workers.slots.client import (
     GpuLimitUnavailable,
     GpuSlotRequest,
@@ -286,7 +286,9 @@ def _kill_flow_run_processes(run_ids: list[Any], worker_name: str) -> list[int]:
     """
     killed: list[int] = []
     for run_id in run_ids:
-        for pid in pids_with_env(FLOW_RUN_ID_ENV, str(run_id), **{WORKER_ID_ENV: worker_name}):
+        found = pids_with_env(FLOW_RUN_ID_ENV, str(run_id), **{WORKER_ID_ENV: worker_name})
+        # Their descendants too: a look at /proc may miss one for a while (procfs).
+        for pid in sorted({*found, *descendants(found)}):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 if os.getpgid(pid) == pid and pid != os.getpgid(0):
                     os.killpg(pid, signal.SIGKILL)

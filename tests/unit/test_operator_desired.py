@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgw_operator.desired import DEFAULT_RESOURCES, desired_deployment
+from pgw_operator.desired import DEFAULT_RESOURCES, desired_deployment, desired_service_account
 from pgw_operator.spec import POOL_LABEL
 
 from builders import make_spec, pool_spec
@@ -75,3 +75,21 @@ def test_whole_node_pool_runs_one_worker_per_node() -> None:
     anti = pod_spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
     assert "nvidia.com/gpu" not in pod_spec["containers"][0]["resources"].get("limits", {})
+
+
+def test_workers_run_as_the_pool_s_own_account_unless_the_template_names_one() -> None:
+    """Never the namespace's ``default`` account, whose bindings (RBAC, cloud workload
+    identity) may be meant for something else; no token either way."""
+    pod_spec = desired_deployment("p", "ns", "u", make_spec(perWorker=1))["spec"]["template"][
+        "spec"
+    ]
+    assert pod_spec["serviceAccountName"] == "p-worker"
+    assert pod_spec["automountServiceAccountToken"] is False
+    account = desired_service_account("p", "ns", "u")
+    assert account["metadata"]["name"] == "p-worker"
+    assert account["automountServiceAccountToken"] is False
+    assert account["metadata"]["ownerReferences"][0]["uid"] == "u"
+    assert account["metadata"]["labels"][POOL_LABEL] == "p"
+    named = pool_spec(worker={"image": "i", "podTemplate": {"serviceAccountName": "reader"}})
+    pod_spec = desired_deployment("p", "ns", "u", named)["spec"]["template"]["spec"]
+    assert pod_spec["serviceAccountName"] == "reader"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prefect_gpu_workers.procfs import pids_in_directory, pids_with_env
+from prefect_gpu_workers.procfs import descendants, pids_in_directory, pids_with_env
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -43,19 +43,18 @@ def test_a_process_is_found_by_its_environment_and_its_directory(tmp_path: Path)
 
 def test_descendants_are_found_through_their_parent_even_without_the_entry() -> None:
     """A marked process's children are its, whatever their environment says: the
-    parent's entry finds them (``with_descendants``) when their own look misses."""
+    parent's entry finds them (``descendants``) when their own look misses."""
     marker = uuid.uuid4().hex
     env = {"PGW_TEST_MARK": marker, "PATH": "/usr/bin:/bin"}
     parent = subprocess.Popen(["bash", "-c", "env -i sleep 30 & wait"], env=env)
 
     def sleeping_child() -> list[int]:
         """The child once it runs ``sleep`` (before, it is bash's fork, with the entry)."""
-        found = pids_with_env("PGW_TEST_MARK", marker, with_descendants=True)
-        return [pid for pid in found if pid != parent.pid and _cmdline(pid).startswith(b"sleep")]
+        found = descendants(pids_with_env("PGW_TEST_MARK", marker))
+        return [pid for pid in found if _cmdline(pid).startswith(b"sleep")]
 
     try:
         (child,) = _seen(sleeping_child)
-        assert parent.pid in pids_with_env("PGW_TEST_MARK", marker, with_descendants=True)
         assert pids_with_env("PGW_TEST_MARK", marker) == [parent.pid]  # its own look misses it
         assert child not in pids_with_env("PGW_TEST_MARK", marker)
     finally:

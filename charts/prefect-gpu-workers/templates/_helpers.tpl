@@ -95,6 +95,11 @@ remove Deployments and pods.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  # Each pool's workers run as an account of their own ({pool}-worker: no rights,
+  # no token), server-side applied; get: its owner is read first
+  verbs: [get, create, patch]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   # spec.disruption: one server-side-applied PDB per pool (never deleted by the

@@ -21,7 +21,7 @@ from pathlib import Path
 from prefect_gpu_workers.commands import module_program
 from prefect_gpu_workers.commands import worker_command as entrypoint_command
 from prefect_gpu_workers.local.plan import WorkerPlan
-from prefect_gpu_workers.procfs import pids_with_env
+from prefect_gpu_workers.procfs import descendants, pids_with_env
 from prefect_gpu_workers.stopping import wait_until
 
 # Set on every process local mode starts; flow-run processes inherit it.
@@ -40,7 +40,8 @@ def marked_pids(marker: str, env_name: str = SESSION_MARKER_ENV) -> list[int]:
     Flow-run processes run in sessions of their own, so process groups alone
     do not reach them; the inherited marker does.
     """
-    return pids_with_env(env_name, marker, with_descendants=True)
+    found = pids_with_env(env_name, marker)
+    return sorted({*found, *descendants(found)})
 
 
 def _signal_pids(pids: Sequence[int], signum: int) -> None:

@@ -333,6 +333,8 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("watch", "pods", pools),
         ("patch", "pods", pools),  # the pod-deletion-cost annotation
         ("create", "events", pools),
+        ("create", "serviceaccounts", pools),  # each pool's workers' own
+        ("patch", "serviceaccounts", pools),
         ("list", "nodes", None),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io", None),
         ("watch", "namespaces", None),

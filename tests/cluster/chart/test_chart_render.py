@@ -130,6 +130,7 @@ NAMESPACED_GRANTS = {
     *(("apps", "deployments", v, ()) for v in ("get", "list", "watch", "create", "patch")),
     *(("", "pods", v, ()) for v in ("get", "list", "watch", "patch")),
     ("", "events", "create", ()),
+    *(("", "serviceaccounts", v, ()) for v in ("get", "create", "patch")),
     *(("policy", "poddisruptionbudgets", v, ()) for v in ("get", "create", "patch")),
 }
 CLUSTER_READ_GRANTS = {
@@ -598,7 +599,7 @@ def test_the_operator_s_admission_policy_binds_its_own_account_only(
     account = f"system:serviceaccount:{NAMESPACE}:{FULLNAME}"
     assert condition["expression"] == f'request.userInfo.username == "{account}"'
     resources = {r["resources"][0] for r in policy["matchConstraints"]["resourceRules"]}
-    assert resources == {"pods", "deployments", "poddisruptionbudgets"}
+    assert resources == {"pods", "deployments", "poddisruptionbudgets", "serviceaccounts"}
     off = render(helm, tmp_path, {"operatorAdmissionPolicy": False})
     assert all(m["metadata"]["name"] != name for m in off)
 

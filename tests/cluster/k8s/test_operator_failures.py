@@ -230,7 +230,7 @@ def test_a_pool_deleted_while_prefect_is_down_waits_and_then_removes_its_limits(
         server.stop()
 
 
-def test_a_deployment_or_budget_of_the_pools_name_made_by_someone_else_is_left_alone(
+def test_a_deployment_budget_or_account_of_the_pools_made_by_someone_else_is_left_alone(
     operator: OperatorProcess,
     dev_cluster: DevCluster,
     namespace: str,
@@ -265,6 +265,10 @@ def test_a_deployment_or_budget_of_the_pools_name_made_by_someone_else_is_left_a
         )
         policy.create_namespaced_pod_disruption_budget(namespace, budget)
 
+    pools.core.create_namespaced_service_account(
+        namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="account-worker"))
+    )
+
     def as_dict(obj: object) -> dict[str, Any]:
         body: dict[str, Any] = policy.api_client.sanitize_for_serialization(obj)
         return body
@@ -278,6 +282,8 @@ def test_a_deployment_or_budget_of_the_pools_name_made_by_someone_else_is_left_a
             assert "ownerReferences" not in pdb["metadata"]
             assert pdb["spec"]["maxUnavailable"] == 0
             assert pdb["spec"]["selector"] == {"matchLabels": theirs}
+        account = as_dict(pools.core.read_namespaced_service_account("account-worker", namespace))
+        assert "ownerReferences" not in account["metadata"]
 
     spec = pool_spec(prefect_server.api_url, node_group, "gpu4", {"perWorker": 1}, 1)
     pools.create("clash", spec)
@@ -285,9 +291,23 @@ def test_a_deployment_or_budget_of_the_pools_name_made_by_someone_else_is_left_a
     assert f"Deployment {namespace}/clash exists and is not this pool's" in condition["message"]
     assert "no controller" in condition["message"]
 
+    pools.create("account", spec)
+    condition = assert_failure_is_visible(
+        operator, pools, namespace, "account", "ServiceAccountNotOwned"
+    )
+    assert f"ServiceAccount {namespace}/account-worker exists" in condition["message"]
+
     # A pool without spec.disruption leaves a budget of its name alone (it would
     # otherwise be turned off, 100%); one with spec.disruption is refused.
-    start_pool(pools, limits, "budgeted", spec)
+    pods = start_pool(pools, limits, "budgeted", spec)
+    # Its workers run as its own account (no token), which the pool owns.
+    for pod in pods:
+        pod_spec = pools.core.read_namespaced_pod(pod, namespace).spec
+        assert pod_spec is not None
+        assert pod_spec.service_account_name == "budgeted-worker"
+        assert pod_spec.automount_service_account_token is False
+    own = as_dict(pools.core.read_namespaced_service_account("budgeted-worker", namespace))
+    assert own["metadata"]["ownerReferences"][0]["name"] == "budgeted"
     pools.patch_spec("budgeted", {"disruption": {"maxUnavailable": 1}})
     condition = assert_failure_is_visible(
         operator, pools, namespace, "budgeted", "DisruptionBudgetNotOwned"
@@ -296,9 +316,11 @@ def test_a_deployment_or_budget_of_the_pools_name_made_by_someone_else_is_left_a
     untouched()
 
     # The pools' deletion takes nothing of theirs with it.
-    pools.delete("clash")
-    pools.delete("budgeted")
-    wait_until(lambda: not pools.exists("clash") and not pools.exists("budgeted"), "pools gone")
+    for name in ("clash", "budgeted", "account"):
+        pools.delete(name)
+    wait_until(
+        lambda: not any(pools.exists(n) for n in ("clash", "budgeted", "account")), "pools gone"
+    )
     settle(3)  # the garbage collector would act on an owner reference now
     untouched()
     operator.assert_alive()
