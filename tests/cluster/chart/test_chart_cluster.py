@@ -47,20 +47,6 @@ API_KEY_SECRET = "prefect-api-key"
 OTHER_SECRET = "unrelated-secret"
 
 
-def create_namespace(cluster: DevCluster, name: str) -> None:
-    cluster.kubectl("create", "namespace", name)
-    wait_for(
-        lambda: cluster.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0,
-        timeout=30,
-        what=f"ServiceAccount default in {name}",
-    )
-
-
-def delete_namespaces(cluster: DevCluster, *names: str) -> None:
-    for name in names:
-        cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
-
-
 def get_json(cluster: DevCluster, *args: str) -> dict[str, Any] | None:
     """``kubectl get ... -o json``; None when it does not exist."""
     proc = cluster.kubectl("get", *args, "-o", "json", "--ignore-not-found", check=False)
@@ -118,7 +104,7 @@ def test_rendered_chart_passes_server_side_dry_run(
     if watched:
         values["watchNamespaces"] = watched
     for ns in (release_ns, *watched):
-        create_namespace(dev_cluster, ns)
+        dev_cluster.create_namespace(ns)
     try:
         rendered = helm.render(
             values, release="dry", namespace=release_ns, include_crds=True, tmp_dir=tmp_path
@@ -145,7 +131,7 @@ def test_rendered_chart_passes_server_side_dry_run(
         if name == "metrics-servicemonitor":
             assert any(line.startswith("servicemonitor.monitoring.coreos.com/") for line in applied)
     finally:
-        delete_namespaces(dev_cluster, release_ns, *watched)
+        dev_cluster.delete_namespaces(release_ns, *watched)
 
 
 @pytest.mark.usefixtures("gpuworkerpool_crd")
@@ -154,7 +140,7 @@ def test_api_server_rejects_a_sample_pool_the_crd_forbids(
 ) -> None:
     """The dry runs are real validation: the CRD's CEL rule turns down a bad pool."""
     ns = unique("pgw-dry")
-    create_namespace(dev_cluster, ns)
+    dev_cluster.create_namespace(ns)
     try:
         values = json.loads(json.dumps(VALUE_SETS["sample-pool"]))
         # Passes the chart's schema (perWorker given), then also ask for the whole node.
@@ -167,7 +153,7 @@ def test_api_server_rejects_a_sample_pool_the_crd_forbids(
         assert proc.returncode != 0
         assert "set exactly one of spec.gpu.perWorker" in proc.stderr
     finally:
-        delete_namespaces(dev_cluster, ns)
+        dev_cluster.delete_namespaces(ns)
 
 
 # --- one release, watching one namespace --------------------------------------------------
@@ -222,8 +208,8 @@ def release(
     """
     repository, tag = project_images["operator"].ref.rsplit(":", 1)
     rel = Release(unique("pgw"), unique("pgw-chart"), unique("pgw-pools"))
-    create_namespace(dev_cluster, rel.namespace)
-    create_namespace(dev_cluster, rel.pools_namespace)
+    dev_cluster.create_namespace(rel.namespace)
+    dev_cluster.create_namespace(rel.pools_namespace)
     for secret in (API_KEY_SECRET, OTHER_SECRET):
         dev_cluster.kubectl(
             "-n",
@@ -272,7 +258,7 @@ def release(
         cluster_helm(
             "uninstall", rel.name, "--namespace", rel.namespace, "--ignore-not-found", check=False
         )
-        delete_namespaces(dev_cluster, rel.namespace, rel.pools_namespace)
+        dev_cluster.delete_namespaces(rel.namespace, rel.pools_namespace)
 
 
 def test_helm_install_creates_the_operator_and_its_rbac(
@@ -704,8 +690,8 @@ def test_default_install_grants_cluster_wide_what_it_grants_per_namespace_otherw
 ) -> None:
     """Without watchNamespaces: ClusterRole + ClusterRoleBinding, Secrets still by name."""
     name, ns, elsewhere = unique("pgw"), unique("pgw-chart"), unique("pgw-pools")
-    create_namespace(dev_cluster, ns)
-    create_namespace(dev_cluster, elsewhere)
+    dev_cluster.create_namespace(ns)
+    dev_cluster.create_namespace(elsewhere)
     user = f"system:serviceaccount:{ns}:{name}-prefect-gpu-workers"
     try:
         cluster_helm("install", name, str(CHART), "--namespace", ns, "--set", ANY_API_URL,
@@ -740,7 +726,7 @@ def test_default_install_grants_cluster_wide_what_it_grants_per_namespace_otherw
         assert not wrong, f"(verb, resource, namespace or all, expected): {wrong}"
     finally:
         cluster_helm("uninstall", name, "--namespace", ns, "--wait", "--ignore-not-found")
-        delete_namespaces(dev_cluster, ns, elsewhere)
+        dev_cluster.delete_namespaces(ns, elsewhere)
     selector = f"app.kubernetes.io/instance={name}"
     assert list_items(dev_cluster, "clusterrole,clusterrolebinding", "-l", selector) == []
 

@@ -84,6 +84,21 @@ class DevCluster:
         ns = ["-n", namespace] if namespace else []
         self.kubectl(*ns, "apply", "-f", "-", input=json.dumps(manifest))
 
+    def create_namespace(self, name: str) -> None:
+        """Create a namespace and wait for its ServiceAccount ``default`` (pods need
+        it: ServiceAccount admission)."""
+        self.kubectl("create", "namespace", name)
+        wait_for(
+            lambda: self.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0,
+            timeout=30,
+            what=f"ServiceAccount default in {name}",
+        )
+
+    def delete_namespaces(self, *names: str) -> None:
+        """Delete namespaces without waiting for them to go."""
+        for name in names:
+            self.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+
     def env(self) -> dict[str, str]:
         """Environment for a subprocess that should talk to this cluster."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}

@@ -22,7 +22,7 @@ import pytest
 
 from prefect_gpu_workers.server import LocalPrefectServer
 
-from .cluster import BUILD_TOOLS, DEV_CLUSTER, DevCluster, run, wait_for
+from .cluster import BUILD_TOOLS, DEV_CLUSTER, DevCluster, run
 from .operator_harness import (
     GROUP_LABEL,
     KIND_LABEL,
@@ -79,17 +79,9 @@ def namespace(dev_cluster: DevCluster, request: pytest.FixtureRequest) -> Iterat
     """A fresh namespace for one test, deleted afterwards (without waiting)."""
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:6]}"
-    dev_cluster.kubectl("create", "namespace", name)
-    # Pods need the namespace's ServiceAccount `default` (ServiceAccount admission).
-    wait_for(
-        lambda: (
-            dev_cluster.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0
-        ),
-        timeout=30,
-        what=f"ServiceAccount default in {name}",
-    )
+    dev_cluster.create_namespace(name)
     yield name
-    dev_cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
+    dev_cluster.delete_namespaces(name)
 
 
 @pytest.fixture(scope="module")

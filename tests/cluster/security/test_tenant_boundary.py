@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from k8s.cluster import DevCluster, wait_for
+from k8s.cluster import DevCluster
 from k8s.operator_harness import (
     TEST_TAINT_KEYS,
     OperatorProcess,
@@ -58,12 +58,7 @@ class Tenants:
 
 def _namespace(cluster: DevCluster, prefix: str) -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    cluster.kubectl("create", "namespace", name)
-    wait_for(
-        lambda: cluster.kubectl("-n", name, "get", "sa", "default", check=False).returncode == 0,
-        timeout=30,
-        what=f"ServiceAccount default in {name}",
-    )
+    cluster.create_namespace(name)
     return name
 
 
@@ -88,8 +83,7 @@ def tenants(dev_cluster: DevCluster, node_group: str) -> Iterator[Tenants]:
     token = dev_cluster.kubectl("-n", abuser, "create", "token", TENANT, "--duration=30m")
     as_tenant = dev_cluster.api_client(token.stdout.strip())
     yield Tenants(abuser, other, Pools(dev_cluster, abuser, as_tenant), Pools(dev_cluster, abuser))
-    for ns in (abuser, other):
-        dev_cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found")
+    dev_cluster.delete_namespaces(abuser, other)
 
 
 @pytest.fixture(scope="module")
