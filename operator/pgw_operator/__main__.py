@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--allowed-service-account", action="append", default=[], metavar="NAME",
         help="a serviceAccountName pools' pods may name (repeatable); default: none, so "
-        "worker pods run as their namespace's default service account, with no token",
+        "worker pods run as their pool's own account ({pool}-worker: no rights, no token)",
     )  # fmt: skip
     parser.add_argument(
         "--allowed-toleration-key", action="append", default=[], metavar="KEY",

@@ -430,10 +430,10 @@ def disabled_pdb_patch() -> dict[str, Any]:
 def foreign_controller(owner_references: list[dict[str, Any]], uid: str) -> str | None:
     """Who controls an existing object of the pool's name, if not the pool.
 
-    The operator applies its Deployment and PodDisruptionBudget under the pool's
-    own name; one made by someone else must not be taken over (server-side apply
-    would add the pool as its owner, and the pool's deletion would then remove
-    it), only reported.
+    The operator applies its Deployment, PodDisruptionBudget and workers'
+    ServiceAccount under names of the pool's; one made by someone else must not
+    be taken over (server-side apply would add the pool as its owner, and the
+    pool's deletion would then remove it), only reported.
 
     Args:
         owner_references: the existing object's ``metadata.ownerReferences``.
@@ -457,6 +457,10 @@ def foreign_controller(owner_references: list[dict[str, Any]], uid: str) -> str 
     return "no controller"
 
 
+# The pod name in a ReplicaSet's failure message: a new one at every retry.
+_POD_NAME = re.compile(r'pods? "[^"]*" is')
+
+
 def replica_failure(conditions: list[dict[str, Any]]) -> str | None:
     """Why a Deployment's pods cannot be created (its ``ReplicaFailure`` condition,
     which the Deployment controller copies from the ReplicaSet), pod names left
@@ -472,6 +476,3 @@ def replica_failure(conditions: list[dict[str, Any]]) -> str | None:
             message = str(condition.get("message") or "pods cannot be created")
             return _POD_NAME.sub("pods are", message, count=1)[:1000]
     return None
-
-
-_POD_NAME = re.compile(r'pods? "[^"]*" is')

@@ -13,9 +13,11 @@ with the field and the rule.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from pgw_operator.desired import disruption_of
 
 TEMPLATE = "spec.worker.podTemplate"
 
@@ -180,7 +182,7 @@ def _annotations(check: _Check, annotations: Mapping[str, Any]) -> None:
 
 
 def _max_unavailable(check: _Check, spec: Mapping[str, Any]) -> None:
-    value = (spec.get("disruption") or {}).get("maxUnavailable")
+    value = disruption_of(spec)
     if value is None:
         return
     zero = value == 0 or (isinstance(value, str) and value.rstrip("%") in ("0", ""))
@@ -243,17 +245,6 @@ def _admin_rules(
     )
 
 
-CHECKS: tuple[Callable[[_Check, Mapping[str, Any], Mapping[str, Any]], None], ...] = (
-    lambda check, spec, t: _volumes(check, t.get("volumes") or []),
-    lambda check, spec, t: _pod_security_context(check, t.get("securityContext") or {}),
-    lambda check, spec, t: _container_security_context(
-        check, t.get("containerSecurityContext") or {}
-    ),
-    lambda check, spec, t: _annotations(check, t.get("annotations") or {}),
-    lambda check, spec, t: _max_unavailable(check, spec),
-)
-
-
 def violations(spec: Mapping[str, Any], policy: PodPolicy) -> list[Violation]:
     """Every field of a pool's spec that its pods may not have, in spec order.
 
@@ -268,8 +259,11 @@ def violations(spec: Mapping[str, Any], policy: PodPolicy) -> list[Violation]:
     """
     template = (spec.get("worker") or {}).get("podTemplate") or {}
     check = _Check()
-    for rule in CHECKS:
-        rule(check, spec, template)
+    _volumes(check, template.get("volumes") or [])
+    _pod_security_context(check, template.get("securityContext") or {})
+    _container_security_context(check, template.get("containerSecurityContext") or {})
+    _annotations(check, template.get("annotations") or {})
+    _max_unavailable(check, spec)
     _admin_rules(check, spec, template, policy)
     return check.found
 
