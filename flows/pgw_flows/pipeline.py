@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from pgw_flows.params import PipelineParams
-from prefect_gpu_workers.naming import WORKER_ID_ENV, limit_prefix_from_env
+from prefect_gpu_workers.naming import LAUNCHED_AT_ENV, WORKER_ID_ENV, limit_prefix_from_env
 from prefect_gpu_workers.records import StageRecord, append_record, record_dir_from
 from prefect_gpu_workers.slots.client import gpu_slot
 
@@ -81,6 +81,7 @@ def download(
 ) -> Batch:
     """Fetch the inputs (synthetic token ids here: the machine has no data source)."""
     start = time.time()
+    start_cpu_s = time.process_time()  # the run's start-up, in this process's CPU
     ids = list(range(items))
     tokens: list[list[int]] = []
     if not simulate:
@@ -88,7 +89,12 @@ def download(
 
         tokens = [synthetic_tokens(i) for i in ids]
     _sleep_until(start + seconds)
-    _record(record_dir, StageRecord(run_id, _worker_id(), "download", start, start, time.time()))
+    launched = os.environ.get(LAUNCHED_AT_ENV)
+    record = StageRecord(
+        run_id, _worker_id(), "download", start, start, time.time(),
+        launched=float(launched) if launched else None, start_cpu_s=start_cpu_s,
+    )  # fmt: skip
+    _record(record_dir, record)
     return Batch(ids, tokens)
 
 

@@ -25,8 +25,8 @@ from prefect_gpu_workers.argtypes import (
     positive_float,
     positive_int,
 )
+from prefect_gpu_workers.commands import DEFAULT_LAUNCHER, LAUNCHERS
 from prefect_gpu_workers.database import DATABASES
-from prefect_gpu_workers.drain import DEFAULT_DRAIN_S
 from prefect_gpu_workers.local.plan import (
     DEFAULT_API_TIMEOUT_S,
     DEFAULT_POOL,
@@ -46,6 +46,7 @@ from prefect_gpu_workers.service.options import (
     run_status,
 )
 from prefect_gpu_workers.stopping import StopSignals
+from prefect_gpu_workers.worker.drain import DEFAULT_DRAIN_S
 
 T = TypeVar("T")
 
@@ -87,6 +88,13 @@ def _add_timeline(parser: argparse.ArgumentParser) -> None:
 def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> None:
     parser.add_argument(
         "--workers", type=positive_int, default=workers, help=f"local workers ({workers})"
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=DEFAULT_LAUNCHER,
+        help="how the workers start flow runs: fork (from a warm launcher that has imported "
+        f"Prefect) or subprocess (a new interpreter each, as Prefect does) ({DEFAULT_LAUNCHER})",
     )
     parser.add_argument(
         "--gpus",
@@ -238,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the two task-level phases (broker, polling): long GPU steps make the "
         "flow-level phase the longest",
     )
+    bench.add_argument(
+        "--skip-launcher-comparison",
+        action="store_true",
+        help="with --launcher fork, leave out the task-level phase whose flow runs start as "
+        "subprocesses (the flow-run start-up comparison)",
+    )
 
     worker = commands.add_parser(
         "worker",
@@ -294,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the slot broker's Prometheus metrics on this Unix socket (none by default; "
         "never TCP)",
     )
+    add_launcher_arguments(worker)
     add_start_parser(commands)
     add_status_parser(commands)
     return parser
@@ -337,13 +352,32 @@ def _or_failure(console: Console, command: Callable[[], T]) -> T | None:
         return None
 
 
+def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--launcher`` and ``--preload``: how a worker starts its flow runs' processes."""
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=DEFAULT_LAUNCHER,
+        help="fork: each flow run is a fork of a warm process that has imported Prefect "
+        "(milliseconds; falls back to a subprocess, saying why); subprocess: a new "
+        f"interpreter per run, as Prefect does (default: {DEFAULT_LAUNCHER})",
+    )
+    parser.add_argument(
+        "--preload",
+        action="append",
+        metavar="MODULE",
+        help="a module the warm launcher imports before forking (repeatable; default: "
+        "pgw_flows.pipeline where installed; it also learns what runs import)",
+    )
+
+
 def _run(args: argparse.Namespace, console: Console) -> int:
     if args.command == "start":
         return run_start(args, console)
     if args.command == "status":
         return run_status(args, console)
     if args.command == "worker":
-        from prefect_gpu_workers.worker import run_worker
+        from prefect_gpu_workers.worker.entrypoint import run_worker
 
         try:
             # Runs the slot broker and the Prefect worker until stopped.
@@ -357,6 +391,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 args.metrics_socket,
                 args.slot_broker,
                 args.drain_seconds,
+                args.launcher,
+                args.preload,
             )
             return 0
         except (TimeoutError, WorkerIdentityError) as exc:
@@ -393,6 +429,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             gpu_memory_fraction=args.gpu_memory_fraction,
             database=args.database,
             api_timeout_s=args.api_timeout,
+            launcher=args.launcher,
         )
         code = _or_failure(console, lambda: run_demo(options, console))
         return 1 if code is None else code
@@ -423,6 +460,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         timelines=tuple(args.timeline),
         database=args.database,
         api_timeout_s=args.api_timeout,
+        launcher=args.launcher,
+        compare_launchers=not args.skip_launcher_comparison,
     )
     if args.faults:
         from prefect_gpu_workers.local.faults import render_faults, run_faults

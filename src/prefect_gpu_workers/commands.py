@@ -24,6 +24,10 @@ WORKER_SUBCOMMAND = "worker"
 # Seconds the worker keeps between its drain deadline and the kill that ends
 # the pod's grace period: stopping the rest, setting their states, the slots.
 DRAIN_MARGIN_S = 15
+# How the worker starts its flow runs' processes (``--launcher``): forked from
+# a warm launcher that has imported Prefect, or a new interpreter each.
+LAUNCHERS = ("fork", "subprocess")
+DEFAULT_LAUNCHER = "fork"
 
 
 def module_program(python: str) -> list[str]:
@@ -54,6 +58,8 @@ def worker_command(
     program: Sequence[str] = (CONSOLE_SCRIPT,),
     slot_broker: bool = True,
     drain_s: float | None = None,
+    launcher: str = DEFAULT_LAUNCHER,
+    preload: Sequence[str] = (),
 ) -> list[str]:
     """The worker entrypoint's command line.
 
@@ -69,14 +75,20 @@ def worker_command(
             GPU steps poll Prefect (benchmarks compare the two).
         drain_s: seconds its flow runs in flight get to finish when it is told to
             stop (``--drain-seconds``); None keeps the entrypoint's default.
+        launcher: how flow runs start (``--launcher``, :data:`LAUNCHERS`).
+        preload: modules the warm launcher imports first (``--preload``); none
+            given keeps the entrypoint's defaults.
 
     Raises:
-        ValueError: ``flow_runs`` below 1 or a negative ``wait_timeout_s``.
+        ValueError: ``flow_runs`` below 1, a negative ``wait_timeout_s`` or an
+            unknown ``launcher``.
     """
     if flow_runs < 1:
         raise ValueError(f"flow_runs must be at least 1, got {flow_runs}")
     if wait_timeout_s < 0:
         raise ValueError(f"wait_timeout_s must not be negative, got {wait_timeout_s}")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     command = [
         *program, WORKER_SUBCOMMAND,
         "--pool", pool,
@@ -90,4 +102,8 @@ def worker_command(
         command.append("--no-slot-broker")
     if drain_s is not None:
         command += ["--drain-seconds", f"{drain_s:g}"]
+    if launcher != DEFAULT_LAUNCHER:
+        command += ["--launcher", launcher]
+    for module in preload:
+        command += ["--preload", module]
     return command

@@ -31,6 +31,9 @@ SLOT_BROKER_ENV = "PGW_SLOT_BROKER"
 BROKER_LEASE_ENV = "PGW_BROKER_LEASE_SECONDS"
 # Prefect's process worker gives each flow-run process the run's id here.
 FLOW_RUN_ID_ENV = "PREFECT__FLOW_RUN_ID"
+# When the worker began starting a flow run's process (``time.time()``): its
+# first task measures the run's start-up from it.
+LAUNCHED_AT_ENV = "PGW_LAUNCHED_AT"
 
 # Pod names are RFC 1123 DNS subdomains; local worker ids follow the same rule
 # so that one name works in both worlds.

@@ -117,6 +117,16 @@ def pids_in_directory(directory: Path) -> list[int]:
     return _pids_where(lambda entry: os.readlink(entry / "cwd") == target)
 
 
+def thread_count() -> int:
+    """Threads of this process as the kernel counts them (native threads too)."""
+    try:
+        return len(os.listdir(PROC / "self" / "task"))
+    except OSError:  # no /proc: Python's own count is the best there is
+        import threading
+
+        return threading.active_count()
+
+
 def owner_token(pid: int | None = None) -> str:
     """``<pid>:<start time>`` of a process: unlike a pid, never reused for another process.
 
@@ -136,3 +146,50 @@ def owner_alive(token: str) -> bool:
         return pid.isdigit() and owner_token(int(pid)) == token
     except OSError:
         return False
+
+
+# An environment entry that reserves room, in a process's environment block,
+# for publish_environment (a fork that becomes another program writes there).
+ENVIRON_ROOM_ENV = "PGW_ENVIRON_ROOM"
+ENVIRON_ROOM_BYTES = 65536
+
+
+def environ_room() -> dict[str, str]:
+    """The entry to start a process with so its forks can :func:`publish_environment`."""
+    return {ENVIRON_ROOM_ENV: "." * ENVIRON_ROOM_BYTES}
+
+
+def publish_environment(environment: dict[str, str], first: Collection[str] = ()) -> int:
+    """Make ``/proc/self/environ`` show ``environment``; the entries it could hold.
+
+    ``/proc/<pid>/environ`` shows the block ``exec`` wrote, not ``os.environ``:
+    a fork that becomes another program (a flow run forked from the warm
+    launcher) would go on showing its parent's environment, and everything
+    that finds a run's processes by their environment (the slot broker, the
+    drain, local mode's stop) would miss it. This writes the entries over that
+    block, ``first`` ones first, as many as fit, then zeroes the rest.
+
+    Only after ``os.environ`` was replaced (so that nothing points into the old
+    block any more); Linux only; 0 where the block cannot be found.
+    """
+    import ctypes
+
+    try:
+        fields = (PROC / "self" / "stat").read_text().rsplit(")", 1)[1].split()
+        # Fields 50 and 51 (env_start, env_end), counted after the command name.
+        start, end = int(fields[47]), int(fields[48])
+    except (OSError, IndexError, ValueError):
+        return 0
+    if not 0 < start < end:
+        return 0
+    ordered = [key for key in first if key in environment]
+    ordered += [key for key in environment if key not in ordered]
+    block, written = b"", 0
+    for key in ordered:
+        entry = f"{key}={environment[key]}".encode() + b"\0"
+        if len(block) + len(entry) > end - start:
+            continue
+        block += entry
+        written += 1
+    ctypes.memmove(start, block + b"\0" * (end - start - len(block)), end - start)
+    return written

@@ -49,6 +49,15 @@ class StageRecord:
     error: str | None = None
     # GPU step: seconds of CPU-side preparation (torch import, model) before ``requested``.
     prepare_s: float | None = None
+    # First stage: when the worker began starting the run's process, and the
+    # CPU-seconds that process had spent when the stage began (its start-up).
+    launched: float | None = None
+    start_cpu_s: float | None = None
+
+    @property
+    def start_up_s(self) -> float | None:
+        """Seconds from the worker starting the run's process to this (first) stage."""
+        return None if self.launched is None else self.start - self.launched
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -75,6 +84,8 @@ class StageRecord:
             batches=_optional_int(data.get("batches")),
             error=data.get("error"),
             prepare_s=_optional_float(data.get("prepare_s")),
+            launched=_optional_float(data.get("launched")),
+            start_cpu_s=_optional_float(data.get("start_cpu_s")),
         )
 
 

@@ -201,6 +201,14 @@ def backlog_handoff_gaps(records: Iterable[StageRecord]) -> list[float]:
     return sorted(gaps)
 
 
+def start_up_figures(records: Iterable[StageRecord]) -> tuple[list[float], list[float]]:
+    """Each run's start-up seconds and start-up CPU-seconds (from its first stage's record)."""
+    firsts = [r for r in records if r.stage == "download" and r.launched is not None]
+    seconds = [r.start_up_s for r in firsts if r.start_up_s is not None]
+    cpus = [r.start_cpu_s for r in firsts if r.start_cpu_s is not None]
+    return seconds, cpus
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (0..100) with linear interpolation; ``None`` for no values."""
     if not 0 <= q <= 100:
@@ -229,6 +237,10 @@ class PhaseMetrics:
     backlog_handoff_gap_p95_s: float | None
     gpu_wait_p50_s: float | None
     gpu_steps: int
+    # Flow-run start-up: the worker starting the process -> the first task began.
+    start_up_p50_s: float | None = None
+    start_up_p95_s: float | None = None
+    start_cpu_mean_s: float | None = None
     max_gpu_overlap_per_worker: dict[str, int] = field(default_factory=dict)
     max_other_overlap_per_worker: dict[str, int] = field(default_factory=dict)
     limit_per_worker: dict[str, int] = field(default_factory=dict)
@@ -257,6 +269,7 @@ def summarize(
     gcl_gaps = gcl_handoff_gaps(records)
     backlog_gaps = backlog_handoff_gaps(records)
     waits = [r.start - r.requested for r in records if r.stage == "gpu"]
+    start_ups, start_cpus = start_up_figures(records)
     return PhaseMetrics(
         runs_submitted=submitted,
         runs_finished=finished,
@@ -270,6 +283,9 @@ def summarize(
         backlog_handoff_gap_p95_s=percentile(backlog_gaps, 95),
         gpu_wait_p50_s=percentile(waits, 50),
         gpu_steps=len(waits),
+        start_up_p50_s=percentile(start_ups, 50),
+        start_up_p95_s=percentile(start_ups, 95),
+        start_cpu_mean_s=sum(start_cpus) / len(start_cpus) if start_cpus else None,
         max_gpu_overlap_per_worker=gpu_overlap_per_worker(records),
         max_other_overlap_per_worker=stage_overlap_per_worker(records, ("download", "save")),
         limit_per_worker=dict(limits),

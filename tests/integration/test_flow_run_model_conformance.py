@@ -41,7 +41,7 @@ from slot_simulation.prefect_model import (
     seeded_ids,
 )
 
-from prefect_gpu_workers.drain import SIGTERM_BEHAVIOR_ENV, WORKER_NAME_LABEL
+from prefect_gpu_workers.worker.drain import SIGTERM_BEHAVIOR_ENV, WORKER_NAME_LABEL
 from prefect_gpu_workers.server import LocalPrefectServer
 
 WORKER = "conformance-worker"

@@ -104,6 +104,7 @@ def test_worker_runs_flow_runs_whose_gpu_steps_wait_at_its_broker(
         assert stats["grants"] == 6, stats  # every GPU step was granted by the broker
         assert active_slots(name) == 0
         assert "no slot broker" not in log_path.read_text()
+        print(log_path.read_text())
         metrics = _scrape(metrics_path)
         assert f'pgw_gpu_slots{{limit="{name}"}} 2' in metrics
         assert f'pgw_gpu_slots_held{{limit="{name}"}} 0' in metrics

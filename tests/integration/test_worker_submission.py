@@ -17,7 +17,7 @@ from recording_server import FaultProxy, origin
 from worker_harness import DrainingWorker, states
 
 from prefect_gpu_workers.server import LocalPrefectServer
-from prefect_gpu_workers.worker import SUBMIT_RETRY_S
+from prefect_gpu_workers.worker.entrypoint import SUBMIT_RETRY_S
 
 
 def test_label_writes_that_fail_are_retried_then_the_run_is_scheduled_again_never_crashed(

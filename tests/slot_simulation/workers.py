@@ -1,8 +1,8 @@
 """Workers drained, killed and restarted on virtual time: no run is left Running (I5).
 
-The code under test is the worker's own: :func:`prefect_gpu_workers.worker.drain`,
-:func:`~prefect_gpu_workers.worker.settle_left_behind`, the journal
-(:class:`~prefect_gpu_workers.journal.InFlightJournal`, :class:`RunsInFlight`,
+The code under test is the worker's own: :func:`prefect_gpu_workers.worker.entrypoint.drain`,
+:func:`~prefect_gpu_workers.worker.entrypoint.settle_left_behind`, the journal
+(:class:`~prefect_gpu_workers.worker.journal.InFlightJournal`, :class:`RunsInFlight`,
 real files in a folder of the seed's) and Prefect's real client. What stands
 in: the server (:class:`~.prefect_model.PrefectModel`'s flow runs, behind the
 same faults as the slot simulation), and the Prefect worker's loop that claims
@@ -47,13 +47,13 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import SettingsContext, get_settings_context
 
-from prefect_gpu_workers.drain import (
+from prefect_gpu_workers.worker.drain import (
     FINAL_STATE_TYPES,
     SIGTERM_BEHAVIOR_ENV,
     WORKER_NAME_LABEL,
 )
-from prefect_gpu_workers.journal import InFlightJournal, RunsInFlight
-from prefect_gpu_workers.worker import STOP_BUDGET_S, drain, settle_left_behind
+from prefect_gpu_workers.worker.journal import InFlightJournal, RunsInFlight
+from prefect_gpu_workers.worker.entrypoint import STOP_BUDGET_S, drain, settle_left_behind
 
 from . import loop as virtual
 from .prefect_model import (
@@ -429,7 +429,7 @@ class WorkerSimulation:
 @contextlib.contextmanager
 def quiet_worker_logs() -> Iterator[None]:
     """The journal logs each twin it leaves alone; the sweeps print their own summary."""
-    journal_log = logging.getLogger("prefect_gpu_workers.journal")
+    journal_log = logging.getLogger("prefect_gpu_workers.worker.journal")
     level = journal_log.level
     journal_log.setLevel(logging.ERROR)
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from prefect_gpu_workers.commands import DRAIN_MARGIN_S, drain_seconds_within, worker_command
-from prefect_gpu_workers.drain import (
+from prefect_gpu_workers.worker.drain import (
     SIGTERM_BEHAVIOR_ENV,
     DrainReport,
     RunOutcome,

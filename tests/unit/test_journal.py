@@ -10,7 +10,7 @@ from uuid import uuid4
 
 import pytest
 
-from prefect_gpu_workers.journal import JOURNAL_DIR, InFlightJournal
+from prefect_gpu_workers.worker.journal import JOURNAL_DIR, InFlightJournal
 from prefect_gpu_workers.procfs import owner_token
 
 
@@ -129,7 +129,7 @@ def test_runs_in_flight_stay_in_the_journal_until_their_state_is_set(tmp_path: P
     drain has set its state: a SIGKILL between the two leaves it to the next worker."""
     from types import SimpleNamespace
 
-    from prefect_gpu_workers.journal import RunsInFlight
+    from prefect_gpu_workers.worker.journal import RunsInFlight
 
     journal = InFlightJournal(tmp_path, "w1", owner="me:1")
     runs = RunsInFlight(journal)

@@ -19,8 +19,8 @@ from slot_simulation.workers import (
     simulate_workers,
 )
 
-from prefect_gpu_workers import drain as drain_rules
-from prefect_gpu_workers import journal, worker
+from prefect_gpu_workers.worker import drain as drain_rules
+from prefect_gpu_workers.worker import entrypoint, journal
 
 SEEDS = range(0, 300)
 
@@ -80,7 +80,7 @@ def test_settling_a_run_another_worker_claimed_is_caught(monkeypatch: pytest.Mon
     def blind(state_type: Any, claimed_by: Any, worker_name: str, reschedule: bool) -> Any:
         return original(state_type, None, worker_name, reschedule)
 
-    monkeypatch.setattr(worker, "left_behind_outcome", blind)
+    monkeypatch.setattr(entrypoint, "left_behind_outcome", blind)
     assert _first_failing("others' runs left alone") is not None
 
 

@@ -40,6 +40,7 @@ import prefect
 from rich.console import Console
 
 from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
 from prefect_gpu_workers.database import DatabaseKind
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
@@ -73,6 +74,7 @@ from prefect_gpu_workers.telemetry import (
 )
 
 BENCH_DEPLOYMENT = "gpu-pipeline-bench"
+SUBPROCESS_PHASE = "task-level-subprocess"
 NO_LATENCY = summarize_latencies([])
 SIMULATION_NOTE = (
     "stage work is simulated: each stage sleeps its duration (GPU = a third of a run); "
@@ -100,6 +102,10 @@ class BenchOptions:
     timelines: tuple[Path, ...] = ()
     database: DatabaseKind = "postgres"
     api_timeout_s: float = DEFAULT_API_TIMEOUT_S
+    launcher: str = DEFAULT_LAUNCHER
+    # With the fork launcher: one more task-level phase whose runs start as
+    # subprocesses, so both start-ups are measured in one run.
+    compare_launchers: bool = True
 
 
 def default_runs(total_slots: int) -> int:
@@ -158,6 +164,8 @@ class BenchResult:
     task_level_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
     flow_level_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
     task_level_polling_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
+    # The task-level phase again, its flow runs started as subprocesses (None: not run).
+    task_level_subprocess: PhaseMetrics | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -167,7 +175,14 @@ class BenchResult:
     def phases(self) -> list[PhaseMetrics]:
         """Every phase that ran."""
         return [
-            m for m in (self.task_level, self.task_level_polling, self.flow_level) if m is not None
+            m
+            for m in (
+                self.task_level,
+                self.task_level_subprocess,
+                self.task_level_polling,
+                self.flow_level,
+            )
+            if m is not None
         ]
 
     def as_json(self) -> dict[str, Any]:
@@ -183,6 +198,13 @@ class BenchResult:
             "slot_utilization": task.slot_utilization,
             "handoff_gap_p50_s": task.gcl_handoff_gap_p50_s,
             "handoff_gap_p95_s": task.gcl_handoff_gap_p95_s,
+            "launcher": self.options.launcher,
+            "start_up_p50_s": task.start_up_p50_s,
+            "start_up_p95_s": task.start_up_p95_s,
+            "start_cpu_mean_s": task.start_cpu_mean_s,
+            "task_level_subprocess": (
+                asdict(self.task_level_subprocess) if self.task_level_subprocess else None
+            ),
             "max_gpu_overlap_per_worker": task.max_gpu_overlap_per_worker,
             "limit_per_worker": task.limit_per_worker,
             "database": self.database,
@@ -286,7 +308,10 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     params = PipelineParams(items=1, download_s=g, gpu_s=g, save_s=g, simulate=True)
     ids = worker_ids(options.workers, options.worker_prefix)
     task_flow_runs = flow_runs_to_fill(slots, g, g, g)
-    task_plans = plan_workers(ids, slots, task_flow_runs, options.limit_prefix)
+    task_plans = tuple(
+        replace(plan, launcher=options.launcher)
+        for plan in plan_workers(ids, slots, task_flow_runs, options.limit_prefix)
+    )
     flow_plans = tuple(replace(plan, flow_runs=slots) for plan in task_plans)
     runs = options.runs or default_runs(slots * options.workers)
     workdir, made_workdir = make_workdir(options.workdir, "pgw-bench-")
@@ -317,6 +342,12 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
 
         task_level = phase("task-level", task_plans)
         load_after_task_level = load_average()
+        subprocess_phase = None
+        if options.launcher == "fork" and options.compare_launchers:
+            subprocess_phase = phase(
+                SUBPROCESS_PHASE,
+                tuple(replace(plan, launcher="subprocess") for plan in task_plans),
+            )
         polling = phase(
             "task-level-polling",
             tuple(replace(plan, slot_broker=False) for plan in task_plans),
@@ -345,10 +376,13 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         task_level_api_latency=task_level.api_latency,
         flow_level_api_latency=flow_level.api_latency if flow_level else NO_LATENCY,
         task_level_polling_api_latency=polling.api_latency,
+        task_level_subprocess=subprocess_phase.metrics if subprocess_phase else None,
     )
     limits = {plan.worker_id: plan.slots for plan in task_plans}
     timeline_phases = []
     ran = [("task-level", task_level), ("task-level-polling", polling)]
+    if subprocess_phase is not None:
+        ran.insert(1, (SUBPROCESS_PHASE, subprocess_phase))
     if flow_level is not None:
         ran.append(("flow-level", flow_level))
     for label, batch in ran:
@@ -384,13 +418,15 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
 
 
 def render(result: BenchResult, console: Console) -> None:
-    phases = [
-        ("task-level, slot broker", result.task_level),
-        ("task-level, Prefect polling", result.task_level_polling),
-    ]
+    phases = [(f"task-level, slot broker ({result.options.launcher})", result.task_level)]
+    latencies = [result.task_level_api_latency]
+    if result.task_level_subprocess is not None:
+        phases.append(("task-level, slot broker (subprocess)", result.task_level_subprocess))
+        latencies.append(NO_LATENCY)
+    phases.append(("task-level, Prefect polling", result.task_level_polling))
+    latencies.append(result.task_level_polling_api_latency)
     if result.flow_level is not None:
         phases.append(("flow-level (--flow-runs = slots)", result.flow_level))
-    latencies = [result.task_level_api_latency, result.task_level_polling_api_latency]
     if result.flow_level is not None:
         latencies.append(result.flow_level_api_latency)
     console.print(bench_table(phases, result.ratio, latencies))

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
 from prefect_gpu_workers.database import DatabaseKind
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
@@ -83,6 +84,7 @@ class DemoOptions:
     gpu_memory_fraction: float | None = None
     database: DatabaseKind = "postgres"
     api_timeout_s: float = DEFAULT_API_TIMEOUT_S
+    launcher: str = DEFAULT_LAUNCHER
 
 
 def make_workdir(requested: Path | None, prefix: str) -> tuple[Path, bool]:
@@ -118,11 +120,14 @@ def run_demo(options: DemoOptions, console: Console) -> int:
     flow_runs = options.flow_runs_per_worker or flow_runs_per_worker(
         slots, options.runs, options.workers, p.download_s, p.gpu_s, p.save_s
     )
-    plans = plan_workers(
-        worker_ids(options.workers, options.worker_prefix),
-        slots,
-        flow_runs,
-        options.limit_prefix,
+    plans = tuple(
+        replace(plan, launcher=options.launcher)
+        for plan in plan_workers(
+            worker_ids(options.workers, options.worker_prefix),
+            slots,
+            flow_runs,
+            options.limit_prefix,
+        )
     )
     step_plan = _plan_gpu_step(options, inventory.count, slots, console)
     p = replace(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pgw_flows.params import PipelineParams
+from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
 from prefect_gpu_workers.gpu import Capacity, GpuInventory, resolve_capacity
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, limit_name, validate_worker_id
 
@@ -42,6 +43,8 @@ class WorkerPlan:
     flow_runs: int
     # False: the worker runs without its slot broker (GPU steps poll Prefect).
     slot_broker: bool = True
+    # How its flow runs start: forked from its warm launcher, or as subprocesses.
+    launcher: str = DEFAULT_LAUNCHER
 
     @property
     def limit_name(self) -> str:

@@ -144,4 +144,5 @@ def worker_command(plan: WorkerPlan, pool: str) -> list[str]:
         program=module_program(sys.executable),
         slot_broker=plan.slot_broker,
         drain_s=0,
+        launcher=plan.launcher,
     )

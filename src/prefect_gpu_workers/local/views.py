@@ -163,9 +163,23 @@ def metrics_table(
         f"{_seconds(metrics.gcl_handoff_gap_p50_s)} / {_seconds(metrics.gcl_handoff_gap_p95_s)}",
     )
     table.add_row("wait for a GPU slot p50", _seconds(metrics.gpu_wait_p50_s))
+    table.add_row(START_UP_ROW, start_up_text(metrics))
+    table.add_row(START_CPU_ROW, _cpu(metrics.start_cpu_mean_s))
     if api_latency is not None:
         table.add_row("Prefect API latency (progress polls) p50 / p95", latency_text(api_latency))
     return table
+
+
+START_UP_ROW = "flow-run start (worker starts it -> first task), p50 / p95"
+START_CPU_ROW = "CPU-seconds per flow-run start (mean)"
+
+
+def start_up_text(metrics: PhaseMetrics) -> str:
+    return f"{_gap(metrics.start_up_p50_s)} / {_gap(metrics.start_up_p95_s)}"
+
+
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} CPU-s"
 
 
 def worker_table(metrics: PhaseMetrics) -> Table:
@@ -222,6 +236,8 @@ def bench_table(
             ),
         ],
         ["peak GPU steps at once per worker", *(_peaks(m) for m in metrics)],
+        [START_UP_ROW, *(start_up_text(m) for m in metrics)],
+        [START_CPU_ROW, *(_cpu(m.start_cpu_mean_s) for m in metrics)],
     ]
     if api_latency is not None:
         rows.append(

@@ -7,7 +7,7 @@ writes the ids of the runs it holds to a file of its own,
 ``$PREFECT_HOME/pgw-in-flight/<worker>/<owner>.json`` (``owner``: its pid and
 start time), whenever they change, and the next worker of the same name
 settles the runs it finds in the files of owners that are gone, as a drain
-past its deadline would (:func:`prefect_gpu_workers.drain.left_behind_outcome`).
+past its deadline would (:func:`prefect_gpu_workers.worker.drain.left_behind_outcome`).
 
 One file per process, not per name: a live worker's file is never read as
 left behind (two same-name workers on one ``PREFECT_HOME`` each keep theirs),

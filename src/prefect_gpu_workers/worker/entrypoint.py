@@ -33,24 +33,13 @@ import contextlib
 import os
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect_gpu_workers.commands import DRAIN_MARGIN_S
-from prefect_gpu_workers.drain import (
-    DEFAULT_DRAIN_S,
-    WORKER_NAME_LABEL,
-    DrainReport,
-    RunOutcome,
-    left_behind_message,
-    left_behind_outcome,
-    run_outcome,
-    stopped_message,
-    wants_reschedule,
-)
-from prefect_gpu_workers.journal import InFlightJournal, LeftBehind, RunsInFlight
+from prefect_gpu_workers.commands import DEFAULT_LAUNCHER, DRAIN_MARGIN_S, LAUNCHERS
 from prefect_gpu_workers.naming import (
     BROKER_LEASE_ENV,
     FLOW_RUN_ID_ENV,
@@ -63,6 +52,26 @@ from prefect_gpu_workers.slots.client import (
     GpuLimitUnavailable,
     GpuSlotRequest,
     read_limit,
+)
+from prefect_gpu_workers.worker.drain import (
+    DEFAULT_DRAIN_S,
+    WORKER_NAME_LABEL,
+    DrainReport,
+    RunOutcome,
+    left_behind_message,
+    left_behind_outcome,
+    run_outcome,
+    stopped_message,
+    wants_reschedule,
+)
+from prefect_gpu_workers.worker.journal import InFlightJournal, LeftBehind, RunsInFlight
+from prefect_gpu_workers.worker.starting import (
+    WarmLauncher,
+    fork_seam_missing,
+    fork_starter_classes,
+    installed_preloads,
+    launched_now,
+    runs_engine_here,
 )
 
 IntakeMode = Literal["gpu-queue", "flow-runs"]
@@ -149,9 +158,12 @@ def _process_worker_class() -> type[Any]:
             gpu_limit: str,
             intake: IntakeMode,
             journal: InFlightJournal,
+            launcher: WarmLauncher | None = None,
             **kwargs: Any,
         ) -> None:
             super().__init__(*args, **kwargs)
+            # Runs fork from it where Prefect has the seam (None: subprocesses).
+            self.launcher = launcher
             self.journal = journal
             # Flow runs this worker has taken and not yet seen end, in its journal.
             self.runs = RunsInFlight(journal)
@@ -253,6 +265,11 @@ def _process_worker_class() -> type[Any]:
                     "flow run %s: could not schedule it again after %s: %s", flow_run.id, error, exc
                 )
 
+        async def run(self, flow_run: Any, configuration: Any, task_status: Any = None) -> Any:
+            if fork_seam_missing() is not None:  # Prefect before 3.9: its own run
+                return await super().run(flow_run, configuration, task_status)
+            return await _run_flow_run(self.launcher, flow_run, configuration, task_status)
+
         def _release_limit_slot(self, flow_run_id: Any) -> None:
             # Prefect frees a run's place here when its process has ended (or it
             # was never started): from then on it is not in flight. Prefect's
@@ -264,6 +281,104 @@ def _process_worker_class() -> type[Any]:
                 super()._release_limit_slot(flow_run_id)
 
     return GpuProcessWorker
+
+
+async def _run_flow_run(
+    launcher: WarmLauncher | None, flow_run: Any, configuration: Any, task_status: Any
+) -> Any:
+    """Prefect 3.9's ``ProcessWorker.run``, whose default starter forks from ``launcher``.
+
+    The same steps in the same order as Prefect's (its executor context, its
+    starters for a configured command, its result); only the starter of a run
+    with Prefect's default command differs, and every run's environment says
+    when the worker started it (``PGW_LAUNCHED_AT``, for the start-time figures).
+    """
+    import tempfile
+    import warnings
+
+    import anyio
+    from prefect.flows import load_flow_from_flow_run
+    from prefect.runner._flow_run_executor import FlowRunExecutorContext
+    from prefect.runner._starter_engine import EngineCommandStarter
+    from prefect.runner._workspace_starter import WorkspaceResolvingEngineCommandStarter
+    from prefect.workers.process import ProcessWorkerResult
+
+    if task_status is None:
+        task_status = anyio.TASK_STATUS_IGNORED
+    environment = launched_now(configuration.env)
+    working_dir_ctx = (
+        tempfile.TemporaryDirectory(suffix="prefect")
+        if not configuration.working_dir
+        else contextlib.nullcontext(configuration.working_dir)
+    )
+    execution: Any = None
+    with working_dir_ctx as working_dir, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        async with FlowRunExecutorContext() as ctx:
+            workspace_root = Path(working_dir).resolve()  # noqa: ASYNC240 - as Prefect's run does
+            forking, forking_engine = fork_starter_classes()
+            if configuration._command_configured:
+                command_options: dict[str, Any] = dict(
+                    command=configuration.command,
+                    cwd=workspace_root,
+                    env=environment,
+                    stream_output=configuration.stream_output,
+                    control_channel=ctx.control_channel,
+                )
+                forkable = runs_engine_here(configuration.command)
+                if launcher is not None and not forkable:
+                    launcher.say(
+                        f"command:{configuration.command}",
+                        f"flow runs whose command is {configuration.command!r} start as "
+                        "subprocesses: only this interpreter's -m prefect.engine forks",
+                    )
+                starter = (
+                    forking_engine(launcher=launcher, **command_options)
+                    if launcher is not None and forkable
+                    else EngineCommandStarter(**command_options)
+                )
+                executor = ctx.create_executor(
+                    flow_run,
+                    starter,
+                    resolve_flow=load_flow_from_flow_run,
+                    propose_submitting=False,
+                )
+            else:
+                options: dict[str, Any] = dict(
+                    workspace_root=workspace_root,
+                    command=None,
+                    stream_output=configuration.stream_output,
+                    control_channel=ctx.control_channel,
+                    source_cwd=workspace_root,
+                    environment=environment,
+                )
+                workspace_starter = (
+                    forking(launcher=launcher, **options)
+                    if launcher is not None
+                    else WorkspaceResolvingEngineCommandStarter(**options)
+                )
+                ctx.call_after_exit(workspace_starter.close)
+                executor = ctx.create_executor(
+                    flow_run,
+                    workspace_starter,
+                    propose_submitting=False,
+                    hook_runner=workspace_starter.hook_runner,
+                )
+
+            async def execute(*, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+                nonlocal execution
+                execution = await executor.submit(task_status=task_status)
+
+            async with anyio.create_task_group() as task_group:
+                handle = await task_group.start(execute)
+                if handle.pid is None:
+                    raise RuntimeError("Flow run process has no PID")
+                task_status.started(handle.pid)
+    if execution is None or execution.status_code is None:
+        raise RuntimeError("Failed to start flow run process.")
+    return ProcessWorkerResult(
+        status_code=execution.status_code, identifier=str(execution.handle.pid)
+    )
 
 
 async def _read_states(client: Any, run_ids: list[Any]) -> dict[Any, Any]:
@@ -578,6 +693,7 @@ def _new_worker(
     broker: Any | None,
     gpu_limit: str,
     intake: IntakeMode,
+    launcher: WarmLauncher | None,
 ) -> Any:
     """The Prefect process worker, configured as ``prefect worker start --type process
     --name WORKER_ID --limit FLOW_RUNS`` would configure it."""
@@ -597,6 +713,7 @@ def _new_worker(
         gpu_limit=gpu_limit,
         intake=intake,
         journal=InFlightJournal(Path(PREFECT_HOME.value()), worker_id),
+        launcher=launcher,
     )
 
 
@@ -610,6 +727,7 @@ async def serve_worker(
     socket_path: Path | None = None,
     metrics_socket: Path | None = None,
     drain_s: float = DEFAULT_DRAIN_S,
+    launcher: WarmLauncher | None = None,
 ) -> DrainReport | None:
     """Run the slot broker and the Prefect process worker in this event loop until drained."""
     from prefect_gpu_workers.slots.broker import SlotBroker
@@ -627,7 +745,7 @@ async def serve_worker(
 
             metrics_server = await serve_metrics(metrics_socket, broker.metrics_text)
             print(f"slot broker metrics on {metrics_socket}", flush=True)
-        worker = _new_worker(pool, worker_id, flow_runs, broker, request.name, intake)
+        worker = _new_worker(pool, worker_id, flow_runs, broker, request.name, intake, launcher)
         # Only the processes of this worker's runs wait at its broker.
         broker.runs_in_flight = lambda: {str(run_id) for run_id in worker.runs.runs}
         try:
@@ -644,11 +762,12 @@ async def serve_plain_worker(
     flow_runs: int,
     with_healthcheck: bool = False,
     drain_s: float = DEFAULT_DRAIN_S,
+    launcher: WarmLauncher | None = None,
 ) -> DrainReport | None:
     """Prefect's process worker alone: GPU steps poll Prefect (the comparison baseline)."""
     os.environ.pop(SLOT_BROKER_ENV, None)
     print("no slot broker: GPU steps poll Prefect", flush=True)
-    worker = _new_worker(pool, worker_id, flow_runs, None, request.name, "flow-runs")
+    worker = _new_worker(pool, worker_id, flow_runs, None, request.name, "flow-runs", launcher)
     return await run_until_stopped(worker, with_healthcheck, drain_s)
 
 
@@ -662,8 +781,13 @@ def run_worker(
     metrics_socket: Path | None = None,
     slot_broker: bool = True,
     drain_s: float = DEFAULT_DRAIN_S,
+    launcher: str = DEFAULT_LAUNCHER,
+    preload: list[str] | None = None,
 ) -> None:
     """Wait for the limit, then serve the broker and the Prefect worker until drained.
+
+    The warm launcher (``--launcher fork``) starts first, so that it imports
+    Prefect while the entrypoint waits for the limit.
 
     Raises:
         WorkerIdentityError: ``WORKER_ID`` missing or invalid.
@@ -671,21 +795,58 @@ def run_worker(
     """
     worker_id = worker_id_from_env()
     request = GpuSlotRequest.for_worker(1, limit_prefix, worker_id)
-    wait_for_limit(request, wait_timeout_s)
-    if not slot_broker:
+    with contextlib.ExitStack() as stack:
+        warm = stack.enter_context(_warm_launcher(launcher, preload))
+        wait_for_limit(request, wait_timeout_s)
+        if warm is not None:
+            # Importing Prefect takes the launcher about as long as a run's
+            # subprocess would: runs taken before it is ready would pay that.
+            not_ready = warm.wait_ready()
+            print_line(
+                "warm launcher ready" if not_ready is None else f"{not_ready}: runs fall back"
+            )
+        if not slot_broker:
+            asyncio.run(
+                serve_plain_worker(
+                    pool, worker_id, request, flow_runs, with_healthcheck, drain_s, launcher=warm
+                )
+            )
+            return
         asyncio.run(
-            serve_plain_worker(pool, worker_id, request, flow_runs, with_healthcheck, drain_s)
+            serve_worker(
+                pool,
+                worker_id,
+                request,
+                flow_runs,
+                with_healthcheck,
+                intake,
+                metrics_socket=metrics_socket,
+                drain_s=drain_s,
+                launcher=warm,
+            )
         )
+
+
+@contextlib.contextmanager
+def _warm_launcher(kind: str, preload: list[str] | None) -> Iterator[WarmLauncher | None]:
+    """The worker's launcher for ``--launcher fork``; None: runs start as subprocesses (said)."""
+    if kind not in LAUNCHERS:
+        raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, not {kind!r}")
+    missing = fork_seam_missing() if kind == "fork" else "--launcher subprocess"
+    if missing is not None:
+        print_line(f"flow runs start as subprocesses: {missing}")
+        yield None
         return
-    asyncio.run(
-        serve_worker(
-            pool,
-            worker_id,
-            request,
-            flow_runs,
-            with_healthcheck,
-            intake,
-            metrics_socket=metrics_socket,
-            drain_s=drain_s,
+    modules = installed_preloads() if preload is None else preload
+    with tempfile.TemporaryDirectory(prefix="pgw-launcher-") as directory:
+        launcher = WarmLauncher(Path(directory), modules, print_line)
+        launcher.start()
+        print_line(
+            f"warm launcher starting (pid {launcher.pid}; preloading Prefect"
+            + "".join(f", {module}" for module in modules)
+            + ")"
         )
-    )
+        try:
+            yield launcher
+        finally:
+            launcher.close()

@@ -1,0 +1,549 @@
+"""The warm launcher: a process that has imported Prefect once and forks a flow run in milliseconds.
+
+A fresh flow-run process imports Prefect (seconds of CPU) before it does
+anything. The launcher pays that once per worker: started by the worker
+entrypoint (``python -m prefect_gpu_workers.worker.launcher``), it imports
+Prefect, its engine and the modules it was asked to preload, then waits on a
+Unix socket (``SOCK_SEQPACKET``, in the worker's private directory). Each
+request is one flow run: the run's environment, working directory and
+Prefect's workspace-supervisor configuration, with the worker's stdout and
+stderr passed as descriptors. The launcher forks; the child becomes the run's
+process, prepared as Prefect prepares its subprocess (:func:`become_flow_run`),
+and the launcher answers with the child's pid and, when it ends, its exit code.
+
+Why forking is safe here: the launcher never starts a thread, an event loop
+or a CUDA context, and checks before every fork that it has one thread (the
+kernel's count, so native threads count too); with more it refuses, and the
+worker starts that run as a plain subprocess. A module is preloaded only after
+a throwaway child has imported it and stayed single-threaded (``torch``, for
+one, starts a thread on import: its runs import it after the fork).
+
+What it learns: each run reports the top-level packages it imported that the
+launcher had not; the launcher preloads them (after that check) while it is
+idle, so the second run of a deployment starts with its imports done.
+
+Stdlib only at module level: the worker imports this module for its wire format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import importlib
+import json
+import os
+import random
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect_gpu_workers.procfs import publish_environment, thread_count
+
+# Messages are JSON, one per SOCK_SEQPACKET record.
+MAX_MESSAGE = 1 << 20
+# A run's process: (stdout, stderr) passed with the request.
+PASSED_FDS = 2
+# Exit status of a preload probe: imported and single-threaded / started threads / failed.
+PROBE_OK, PROBE_THREADS, PROBE_FAILED = 0, 3, 4
+# The engine's command when the workspace asks for none of its own (Prefect's default).
+ENGINE_MODULE = "prefect.engine"
+# What every launcher imports before it serves: the engine and the workspace supervisor.
+ENGINE_MODULES = (
+    "prefect",
+    "prefect.engine",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "prefect.runner._workspace_supervisor",
+    "prefect.runner._workspace_runtime_bootstrap",
+)
+# Entries /proc must show of a run even when its whole environment does not fit.
+IDENTITY = ("PREFECT__", "PGW_", "WORKER_ID")
+# Seconds between checks that the worker that started this launcher is alive.
+PARENT_CHECK_S = 1.0
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    message = json.loads(data.decode())
+    if not isinstance(message, dict):
+        raise ValueError("a launcher message is a JSON object")
+    return message
+
+
+def learnable(module_names: Iterable[str]) -> list[str]:
+    """The names among ``module_names`` a launcher could import by name, parents first.
+
+    Dunder names (``__main__``, the modules Prefect loads flow files as) are
+    left out: they are not importable by name.
+
+    Example:
+        >>> learnable(["a.b", "a", "__main__", "__prefect_loader_1__", "c.d.e"])
+        ['a', 'a.b', 'c.d.e']
+    """
+    return sorted(name for name in module_names if not name.startswith("__"))
+
+
+@dataclass
+class Preloads:
+    """What this launcher imported before forking, and what it could not."""
+
+    loaded: list[str] = field(default_factory=list)
+    # module -> why it is not preloaded (import error, starts threads)
+    refused: dict[str, str] = field(default_factory=dict)
+    # learned from runs, waiting for an idle moment
+    pending: list[str] = field(default_factory=list)
+
+    def known(self, module: str) -> bool:
+        return module in self.loaded or module in self.refused or module in self.pending
+
+
+def _probe_import(modules: list[str]) -> int:
+    """In a throwaway child: import ``modules``; whether the process stayed single-threaded."""
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except BaseException:
+        return PROBE_FAILED
+    return PROBE_OK if thread_count() == 1 else PROBE_THREADS
+
+
+def safe_to_preload(modules: list[str]) -> str | None:
+    """Import ``modules`` in a forked child first; None if the launcher may import them too."""
+    pid = os.fork()
+    if pid == 0:
+        code = PROBE_FAILED
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 1)
+                os.dup2(devnull.fileno(), 2)
+            code = _probe_import(modules)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == PROBE_OK:
+        return None
+    if code == PROBE_THREADS:
+        return "starts a thread on import (a fork after that is unsafe)"
+    return "fails to import" if code == PROBE_FAILED else f"import probe ended with {code}"
+
+
+def preload(modules: Iterable[str], preloads: Preloads, say: Any | None) -> None:
+    """Import the modules a probe child imported single-threaded; say why for the rest.
+
+    All at once when one probe passes them all (what runs teach the launcher:
+    dozens of small modules), else one probe each. ``say`` None: refusals
+    are kept, not said (learned modules that only a run's workspace has).
+    """
+    todo = [
+        module
+        for module in modules
+        if module not in preloads.loaded and module not in preloads.refused
+    ]
+    fresh = [module for module in todo if module not in sys.modules]
+    preloads.loaded.extend(module for module in todo if module in sys.modules)
+    if not fresh:
+        return
+    batches = [fresh] if safe_to_preload(fresh) is None else [[module] for module in fresh]
+    for batch in batches:
+        why = safe_to_preload(batch) if len(batches) > 1 else None
+        if why is None:
+            try:
+                for module in batch:
+                    importlib.import_module(module)
+            except Exception as exc:  # the probe passed: an import with side effects
+                why = f"fails to import ({type(exc).__name__}: {exc})"
+        if why is None and thread_count() != 1:  # never expected after a clean probe
+            why = "left a thread running"
+        for module in batch:
+            if why is None:
+                preloads.loaded.append(module)
+            else:
+                preloads.refused[module] = why
+                if say is not None:
+                    say(f"launcher: not preloading {module}: {why}")
+
+
+@dataclass
+class Launcher:
+    """The serving loop: one thread, a selector, SIGCHLD through a wake-up pipe."""
+
+    listener: socket.socket
+    preloads: Preloads
+    parent: int
+    selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
+    # pid -> the connection its exit code goes back on
+    runs: dict[int, socket.socket] = field(default_factory=dict)
+    stopping: bool = False
+    learn_write: int = -1
+    own_fds: list[int] = field(default_factory=list)
+
+    def serve(self) -> None:
+        wake_read, wake_write = os.pipe()
+        learn_read, learn_write = os.pipe()
+        for fd in (wake_read, wake_write, learn_read):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_write)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._stop)
+        # Ctrl-C reaches the worker's whole process group; the worker decides.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.learn_write = learn_write
+        # The launcher's own descriptors, closed in each fork.
+        self.own_fds = [wake_read, wake_write, learn_read]
+        self.selector.register(self.listener, selectors.EVENT_READ, "accept")
+        self.selector.register(wake_read, selectors.EVENT_READ, "wake")
+        self.selector.register(learn_read, selectors.EVENT_READ, "learn")
+        learned = b""
+        while not self.stopping:
+            idle = not self.preloads.pending
+            for key, _ in self.selector.select(PARENT_CHECK_S if idle else 0):
+                if key.data == "accept":
+                    with contextlib.suppress(BlockingIOError):
+                        conn, _ = self.listener.accept()
+                        self.selector.register(conn, selectors.EVENT_READ, "request")
+                elif key.data == "wake":
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_read, 4096)
+                elif key.data == "learn":
+                    with contextlib.suppress(BlockingIOError):
+                        learned += os.read(learn_read, 65536)
+                    *lines, rest = learned.split(b"\n")
+                    learned = rest
+                    self._learn(line.decode() for line in lines)
+                else:
+                    self._request(key.fileobj)  # type: ignore[arg-type]
+            self._reap()
+            if os.getppid() != self.parent:
+                break  # the worker is gone: so is the reason to fork
+            if self.preloads.pending and not self._waiting_requests():
+                taught, self.preloads.pending = self.preloads.pending, []
+                preload(taught, self.preloads, None)
+
+    def _stop(self, *_: Any) -> None:
+        self.stopping = True
+
+    def _waiting_requests(self) -> bool:
+        return any(key.data == "request" for key, _ in self.selector.select(0))
+
+    def _learn(self, modules: Iterable[str]) -> None:
+        for module in modules:
+            module = module.strip()
+            names = module.split(".")
+            importable = names[0] and all(name.isidentifier() for name in names)
+            if importable and not self.preloads.known(module):
+                self.preloads.pending.append(module)
+
+    def _request(self, conn: socket.socket) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, PASSED_FDS)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self._drop(conn)
+            for fd in fds:
+                os.close(fd)
+            return
+        try:
+            request = decode(data)
+            if request.get("op") == "ping":
+                conn.send(encode(self._hello()))
+                return
+            if len(fds) != PASSED_FDS:
+                raise ValueError(f"a run needs {PASSED_FDS} descriptors, got {len(fds)}")
+            threads = thread_count()
+            if threads != 1:
+                raise RuntimeError(f"launcher has {threads} threads: a fork would be unsafe")
+            pid = os.fork()
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                conn.send(encode({"error": f"{type(exc).__name__}: {exc}"}))
+            for fd in fds:
+                os.close(fd)
+            return
+        if pid == 0:
+            self._child(conn, request, fds)
+        for fd in fds:
+            os.close(fd)
+        self.selector.unregister(conn)  # from here the connection only carries the exit
+        self.runs[pid] = conn
+        with contextlib.suppress(OSError):
+            conn.send(encode({"pid": pid}))
+
+    def _child(self, conn: socket.socket, request: dict[str, Any], fds: list[int]) -> None:
+        """The fork's side: never returns."""
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            self.selector.close()
+            self.listener.close()
+            for other in self.runs.values():
+                other.close()
+            conn.close()
+            for fd in self.own_fds:
+                os.close(fd)
+            code = become_flow_run(request, stdout=fds[0], stderr=fds[1], learn=self.learn_write)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+
+    def _reap(self) -> None:
+        while self.runs:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.runs.pop(pid, None)
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.send(encode({"exit": os.waitstatus_to_exitcode(status)}))
+                conn.close()
+
+    def _drop(self, conn: socket.socket) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        conn.close()
+
+    def _hello(self) -> dict[str, Any]:
+        return {
+            "ready": True,
+            "pid": os.getpid(),
+            "preloaded": self.preloads.loaded,
+            "refused": self.preloads.refused,
+        }
+
+
+def become_flow_run(request: dict[str, Any], stdout: int, stderr: int, learn: int) -> int:
+    """Turn this fresh fork into the flow run's process; its exit code.
+
+    What Prefect's subprocess gets, this process gets: its own session and
+    process group, the run's environment (and Prefect's settings and logging
+    rebuilt from it), its working directory, the worker's stdout and stderr,
+    default signal handlers and fresh random seeds. Then Prefect's workspace
+    supervisor prepares the workspace (pull steps, ``from_source``) as in its
+    own process, and the engine runs as ``python -m prefect.engine`` would:
+    in this process when that is the command, else by exec (a workspace with
+    a ``uv`` project of its own), as Prefect's supervisor does.
+    """
+    os.setsid()
+    with open(os.devnull, "rb") as devnull:
+        os.dup2(devnull.fileno(), 0)
+    os.dup2(stdout, 1)
+    os.dup2(stderr, 2)
+    os.close(stdout)
+    os.close(stderr)
+    for signum in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    set_environment(request["env"])
+    if request.get("cwd"):
+        os.chdir(request["cwd"])
+    _reseed()
+    _rebuild_prefect_settings()
+    before = set(sys.modules)
+    try:
+        if request.get("workspace_config"):
+            return _run_workspace(request["workspace_config"])
+        return run_engine_in_process(dict(os.environ), Path.cwd())
+    finally:
+        _exit_as_python_would()
+        _report_imports(set(sys.modules) - before, learn)
+
+
+def set_environment(environment: dict[str, str]) -> None:
+    """The run's environment, in ``os.environ`` and where ``/proc`` shows it (procfs)."""
+    os.environ.clear()
+    os.environ.update(environment)
+    # The run's identity first: the slot broker and the drain find runs by it.
+    publish_environment(environment, first=[key for key in environment if key.startswith(IDENTITY)])
+
+
+def _reseed() -> None:
+    """Each run its own random streams, as a fresh interpreter would have."""
+    random.seed()
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
+
+
+def settings_signature(environment: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The entries Prefect's settings are read from (``PREFECT_*``, not the run's ``PREFECT__*``).
+
+    Example:
+        >>> settings_signature({"PREFECT_API_URL": "u", "PREFECT__FLOW_RUN_ID": "r", "HOME": "h"})
+        (('PREFECT_API_URL', 'u'),)
+    """
+    return tuple(
+        sorted(
+            (key, value)
+            for key, value in environment.items()
+            if key.startswith("PREFECT_") and not key.startswith("PREFECT__")
+        )
+    )
+
+
+# What Prefect's settings and logging in this process were last built from.
+_settings_built_from: tuple[tuple[str, str], ...] = ()
+
+
+def _rebuild_prefect_settings() -> None:
+    """Prefect read its settings from the launcher's environment: read them from the run's.
+
+    Skipped when the run's ``PREFECT_*`` entries are those the settings were
+    built from (the launcher starts with the worker's): the same entries give
+    the same settings, and rebuilding them with the logging configuration
+    costs a tenth of a CPU-second per run.
+    """
+    global _settings_built_from
+    import prefect.context
+    from prefect.logging.configuration import setup_logging
+
+    signature = settings_signature(dict(os.environ))
+    if signature == _settings_built_from:
+        return
+    _settings_built_from = signature
+
+    refresh = getattr(prefect.context, "refresh_global_settings_context", None)
+    if refresh is not None:
+        refresh()
+    else:  # older Prefect: the same, by hand
+        prefect.context.GLOBAL_SETTINGS_CONTEXT = prefect.context.root_settings_context()
+    setup_logging(incremental=False)
+
+
+def _run_workspace(config_path: str) -> int:
+    """Prefect's workspace supervisor, with the engine's launch kept in this process."""
+    import anyio
+    from prefect.runner import _workspace_supervisor as supervisor
+
+    launch: dict[str, Any] = {}
+
+    async def keep_launch(command: list[str], *, cwd: Path, environment: dict[str, str]) -> int:
+        launch.update(command=command, cwd=cwd, environment=environment)
+        return 0
+
+    supervisor._launch_engine = keep_launch  # this process only: it is the run's
+    code = anyio.run(supervisor._main_async, [config_path])
+    if code or not launch:
+        return int(code)
+    command: list[str] = launch["command"]
+    os.chdir(launch["cwd"])
+    if command[1:] != ["-m", ENGINE_MODULE]:
+        os.execvpe(command[0], command, launch["environment"])
+    return run_engine_in_process(launch["environment"], Path(launch["cwd"]))
+
+
+def run_engine_in_process(environment: dict[str, str], cwd: Path) -> int:
+    """``python -m prefect.engine`` in this process: same environment, path and exit code."""
+    import runpy
+
+    set_environment(environment)
+    _rebuild_prefect_settings()
+    # sys.path as a fresh `python -m` would have it: the working directory,
+    # then PYTHONPATH, then the interpreter's own entries.
+    extra = [entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    base = [entry for entry in sys.path[1:] if entry not in extra]
+    sys.path[:] = [str(cwd), *extra, *base]
+    sys.argv = [ENGINE_MODULE]
+    # The engine ran as a library in the launcher; as a program it starts afresh.
+    sys.modules.pop(ENGINE_MODULE, None)
+    try:
+        runpy.run_module(ENGINE_MODULE, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        return _exit_code(exc.code)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 130
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        return 1
+    return 0
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _exit_as_python_would() -> None:
+    """What the interpreter does at exit that ``os._exit`` skips: join threads, run atexit."""
+    with contextlib.suppress(Exception):
+        threading._shutdown()  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+
+
+def _report_imports(modules: set[str], learn: int) -> None:
+    with contextlib.suppress(OSError):
+        # One line per write: each is atomic on a pipe.
+        for name in learnable(modules):
+            os.write(learn, f"{name}\n".encode())
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", type=Path, required=True, help="Unix socket to serve on")
+    parser.add_argument("--preload", action="append", default=[], help="module to import first")
+    args = parser.parse_args(argv)
+    global _settings_built_from
+    started = time.monotonic()
+    cpu = time.process_time()
+    parent = os.getppid()
+    _settings_built_from = settings_signature(dict(os.environ))
+    preloads = Preloads()
+    for module in ENGINE_MODULES:
+        importlib.import_module(module)
+        preloads.loaded.append(module)
+    preload(args.preload, preloads, say)
+    threads = thread_count()
+    if threads != 1:
+        say(f"launcher: {threads} threads after preloading: cannot fork safely; exiting")
+        return 2
+    args.socket.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(args.socket))
+    os.chmod(args.socket, 0o600)
+    listener.listen(64)
+    listener.setblocking(False)
+    say(
+        f"launcher ready on {args.socket}: {len(preloads.loaded)} modules preloaded "
+        f"in {time.monotonic() - started:.1f} s ({time.process_time() - cpu:.1f} CPU-s)"
+    )
+    try:
+        Launcher(listener, preloads, parent).serve()
+    finally:
+        listener.close()
+        args.socket.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
