@@ -41,8 +41,8 @@ from slot_simulation.prefect_model import (
     seeded_ids,
 )
 
-from prefect_gpu_workers.worker.drain import SIGTERM_BEHAVIOR_ENV, WORKER_NAME_LABEL
 from prefect_gpu_workers.server import LocalPrefectServer
+from prefect_gpu_workers.worker.drain import SIGTERM_BEHAVIOR_ENV, WORKER_NAME_LABEL
 
 WORKER = "conformance-worker"
 ENV = {SIGTERM_BEHAVIOR_ENV: "reschedule"}

@@ -14,10 +14,10 @@ from prefect.client.orchestration import get_client
 from prefect.states import Cancelled, Running
 from worker_harness import DrainingWorker, states
 
-from prefect_gpu_workers.worker.drain import SIGTERM_BEHAVIOR_ENV, WORKER_NAME_LABEL
 from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, WORKER_ID_ENV
 from prefect_gpu_workers.procfs import pids_with_env
 from prefect_gpu_workers.server import LocalPrefectServer
+from prefect_gpu_workers.worker.drain import SIGTERM_BEHAVIOR_ENV, WORKER_NAME_LABEL
 
 
 def test_sigterm_lets_the_runs_in_flight_finish_and_takes_no_more(

@@ -52,8 +52,8 @@ from prefect_gpu_workers.worker.drain import (
     SIGTERM_BEHAVIOR_ENV,
     WORKER_NAME_LABEL,
 )
-from prefect_gpu_workers.worker.journal import InFlightJournal, RunsInFlight
 from prefect_gpu_workers.worker.entrypoint import STOP_BUDGET_S, drain, settle_left_behind
+from prefect_gpu_workers.worker.journal import InFlightJournal, RunsInFlight
 
 from . import loop as virtual
 from .prefect_model import (

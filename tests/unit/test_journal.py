@@ -10,8 +10,8 @@ from uuid import uuid4
 
 import pytest
 
-from prefect_gpu_workers.worker.journal import JOURNAL_DIR, InFlightJournal
 from prefect_gpu_workers.procfs import owner_token
+from prefect_gpu_workers.worker.journal import JOURNAL_DIR, InFlightJournal
 
 
 @pytest.fixture

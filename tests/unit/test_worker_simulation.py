@@ -103,6 +103,6 @@ def _every_file(self: journal.InFlightJournal) -> list[journal.LeftBehind]:
 def test_an_unbounded_stop_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defect 6 put back: each call after the deadline waits as long as Prefect's
     client would, past the grace period's margin."""
-    monkeypatch.setattr(worker, "API_CALL_TIMEOUT_S", 60.0)
-    monkeypatch.setattr(worker, "STOP_BUDGET_S", 120.0)
+    monkeypatch.setattr(entrypoint, "API_CALL_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(entrypoint, "STOP_BUDGET_S", 120.0)
     assert _first_failing("drain within its margin") is not None

@@ -62,8 +62,13 @@ ENGINE_MODULES = (
     "prefect.engine",
     "prefect.flow_engine",
     "prefect.task_engine",
+    "prefect.client.orchestration",
     "prefect.runner._workspace_supervisor",
     "prefect.runner._workspace_runtime_bootstrap",
+    # What the engine imports for every run, measured: the flow-graph helpers
+    # (graphviz) and anyio's asyncio backend.
+    "prefect.utilities.visualization",
+    "anyio._backends._asyncio",
 )
 # Entries /proc must show of a run even when its whole environment does not fit.
 IDENTITY = ("PREFECT__", "PGW_", "WORKER_ID")
