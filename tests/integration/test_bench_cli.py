@@ -71,6 +71,16 @@ def test_bench_json_is_one_object_with_every_phase(
     assert report["slot_utilization_per_worker"][worker] == report["slot_utilization"]
     assert 0 < report["polling_slot_utilization_per_worker"][worker] <= 1
     assert report["slots_held_after"] == {f"gpu:{worker}": 0}
-    assert set(report["gpu_telemetry"]) == {"task-level", "task-level-polling", "flow-level"}
+    phases = {"task-level", "task-level-subprocess", "task-level-polling", "flow-level"}
+    assert set(report["gpu_telemetry"]) == phases
+    # Flow-run start-up, measured for both launchers in this one run.
+    assert report["launcher"] == "fork"
+    subprocess_phase = report["task_level_subprocess"]
+    assert subprocess_phase["runs_finished"] == 4
+    assert subprocess_phase["runs_failed"] == 0
+    for figures in (report["task_level"], subprocess_phase):
+        assert 0 < figures["start_up_p50_s"] <= figures["start_up_p95_s"]
+        assert figures["start_cpu_mean_s"] > 0
+    assert report["start_up_p95_s"] == report["task_level"]["start_up_p95_s"]
     assert f"timeline: {picture}" in result.stderr
     assert picture.read_bytes()[:4] == b"\x89PNG"

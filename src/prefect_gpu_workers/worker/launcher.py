@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,11 @@ ENGINE_MODULES = (
 IDENTITY = ("PREFECT__", "PGW_", "WORKER_ID")
 # Seconds between checks that the worker that started this launcher is alive.
 PARENT_CHECK_S = 1.0
+# A probe's imports take at most this long, or its modules are not preloaded.
+PROBE_TIMEOUT_S = 30.0
+PROBE_POLL_S = 0.05
+# A learned batch whose probe failed is probed module by module up to this size.
+MAX_SINGLE_PROBES = 64
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -87,31 +92,47 @@ def decode(data: bytes) -> dict[str, Any]:
     return message
 
 
-def learnable(module_names: Iterable[str]) -> list[str]:
-    """The names among ``module_names`` a launcher could import by name, parents first.
+def learnable(module_names: Iterable[str], loaded: Callable[[str], bool]) -> list[str]:
+    """What a run's imports teach a launcher: the names it could import by name, sorted.
 
-    Dunder names (``__main__``, the modules Prefect loads flow files as) are
-    left out: they are not importable by name.
+    A submodule of a package the launcher has (``loaded``) is learned by its
+    full name (Prefect's engine imports a few lazily); of any other package,
+    only the package, whose own probe decides (``torch``'s thousand
+    submodules are one name, refused once). Dunder names (``__main__``, the
+    modules Prefect loads flow files as) cannot be imported by name.
 
     Example:
-        >>> learnable(["a.b", "a", "__main__", "__prefect_loader_1__", "c.d.e"])
-        ['a', 'a.b', 'c.d.e']
+        >>> has = {"a"}.__contains__
+        >>> learnable(["a.b", "a", "__main__", "c.d.e", "c.f", "_x.y"], has)
+        ['_x', 'a', 'a.b', 'c']
     """
-    return sorted(name for name in module_names if not name.startswith("__"))
+    names = set()
+    for name in module_names:
+        top = name.split(".")[0]
+        if name.startswith("__") or not all(part.isidentifier() for part in name.split(".")):
+            continue
+        names.add(name if loaded(top) else top)
+    return sorted(names)
 
 
 @dataclass
 class Preloads:
-    """What this launcher imported before forking, and what it could not."""
+    """What this launcher imported before forking, what it could not, what it learned."""
 
     loaded: list[str] = field(default_factory=list)
-    # module -> why it is not preloaded (import error, starts threads)
+    # module -> why it is not preloaded (import error, starts threads, too slow)
     refused: dict[str, str] = field(default_factory=dict)
-    # learned from runs, waiting for an idle moment
+    # learned from runs, waiting to be probed
     pending: list[str] = field(default_factory=list)
 
     def known(self, module: str) -> bool:
-        return module in self.loaded or module in self.refused or module in self.pending
+        top = module.split(".")[0]
+        return (
+            module in self.loaded
+            or module in self.refused
+            or top in self.refused
+            or module in self.pending
+        )
 
 
 def _probe_import(modules: list[str]) -> int:
@@ -124,8 +145,8 @@ def _probe_import(modules: list[str]) -> int:
     return PROBE_OK if thread_count() == 1 else PROBE_THREADS
 
 
-def safe_to_preload(modules: list[str]) -> str | None:
-    """Import ``modules`` in a forked child first; None if the launcher may import them too."""
+def start_probe(modules: list[str]) -> int:
+    """Fork a child that imports ``modules`` and exits with a ``PROBE_*`` code; its pid."""
     pid = os.fork()
     if pid == 0:
         code = PROBE_FAILED
@@ -136,49 +157,81 @@ def safe_to_preload(modules: list[str]) -> str | None:
             code = _probe_import(modules)
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    return pid
+
+
+def probe_verdict(code: int | None) -> str | None:
+    """None: the probe imported its modules and stayed single-threaded; else why not."""
     if code == PROBE_OK:
         return None
     if code == PROBE_THREADS:
         return "starts a thread on import (a fork after that is unsafe)"
-    return "fails to import" if code == PROBE_FAILED else f"import probe ended with {code}"
+    if code == PROBE_FAILED:
+        return "fails to import"
+    if code is None:
+        return f"took over {PROBE_TIMEOUT_S:.0f} s to import"
+    return f"import probe ended with {code}"
 
 
-def preload(modules: Iterable[str], preloads: Preloads, say: Any | None) -> None:
-    """Import the modules a probe child imported single-threaded; say why for the rest.
+def wait_probe(pid: int, timeout_s: float = PROBE_TIMEOUT_S) -> int | None:
+    """The probe's exit code; None (and the probe killed) past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.01)
 
-    All at once when one probe passes them all (what runs teach the launcher:
-    dozens of small modules), else one probe each. ``say`` None: refusals
-    are kept, not said (learned modules that only a run's workspace has).
-    """
-    todo = [
-        module
-        for module in modules
-        if module not in preloads.loaded and module not in preloads.refused
-    ]
-    fresh = [module for module in todo if module not in sys.modules]
-    preloads.loaded.extend(module for module in todo if module in sys.modules)
-    if not fresh:
-        return
-    batches = [fresh] if safe_to_preload(fresh) is None else [[module] for module in fresh]
-    for batch in batches:
-        why = safe_to_preload(batch) if len(batches) > 1 else None
+
+def adopt(modules: list[str], preloads: Preloads, say: Callable[[str], None] | None) -> None:
+    """Import ``modules`` that a probe passed; record each as loaded or refused."""
+    why = None
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except Exception as exc:  # the probe passed: an import with side effects
+        why = f"fails to import ({type(exc).__name__}: {exc})"
+    if why is None and thread_count() != 1:  # never expected after a clean probe
+        why = "left a thread running"
+    if why is None:
+        preloads.loaded.extend(modules)
+    else:
+        refuse(modules, why, preloads, say)
+
+
+def refuse(
+    modules: list[str], why: str, preloads: Preloads, say: Callable[[str], None] | None
+) -> None:
+    for module in modules:
+        preloads.refused[module] = why
+        if say is not None:
+            say(f"launcher: not preloading {module}: {why}")
+
+
+def preload(modules: Iterable[str], preloads: Preloads, say: Callable[[str], None]) -> None:
+    """At start (``--preload``): probe and import each module, saying why for those refused."""
+    for module in modules:
+        if module in sys.modules:
+            preloads.loaded.append(module)
+            continue
+        why = probe_verdict(wait_probe(start_probe([module])))
         if why is None:
-            try:
-                for module in batch:
-                    importlib.import_module(module)
-            except Exception as exc:  # the probe passed: an import with side effects
-                why = f"fails to import ({type(exc).__name__}: {exc})"
-        if why is None and thread_count() != 1:  # never expected after a clean probe
-            why = "left a thread running"
-        for module in batch:
-            if why is None:
-                preloads.loaded.append(module)
-            else:
-                preloads.refused[module] = why
-                if say is not None:
-                    say(f"launcher: not preloading {module}: {why}")
+            adopt([module], preloads, say)
+        else:
+            refuse([module], why, preloads, say)
+
+
+@dataclass
+class Probe:
+    """A probe of learned modules, running beside the serving loop."""
+
+    pid: int
+    modules: list[str]
+    deadline: float
 
 
 @dataclass
@@ -194,6 +247,9 @@ class Launcher:
     stopping: bool = False
     learn_write: int = -1
     own_fds: list[int] = field(default_factory=list)
+    probe: Probe | None = None
+    # Learned modules whose batch failed: probed one by one.
+    singles: list[str] = field(default_factory=list)
 
     def serve(self) -> None:
         wake_read, wake_write = os.pipe()
@@ -213,8 +269,9 @@ class Launcher:
         self.selector.register(learn_read, selectors.EVENT_READ, "learn")
         learned = b""
         while not self.stopping:
-            idle = not self.preloads.pending
-            for key, _ in self.selector.select(PARENT_CHECK_S if idle else 0):
+            # A probe running: look again soon, to reap it or to stop it in time.
+            timeout = PARENT_CHECK_S if self.probe is None else PROBE_POLL_S
+            for key, _ in self.selector.select(timeout):
                 if key.data == "accept":
                     with contextlib.suppress(BlockingIOError):
                         conn, _ = self.listener.accept()
@@ -233,23 +290,43 @@ class Launcher:
             self._reap()
             if os.getppid() != self.parent:
                 break  # the worker is gone: so is the reason to fork
-            if self.preloads.pending and not self._waiting_requests():
-                taught, self.preloads.pending = self.preloads.pending, []
-                preload(taught, self.preloads, None)
+            self._tend_probe()
 
     def _stop(self, *_: Any) -> None:
         self.stopping = True
 
-    def _waiting_requests(self) -> bool:
-        return any(key.data == "request" for key, _ in self.selector.select(0))
-
     def _learn(self, modules: Iterable[str]) -> None:
-        for module in modules:
-            module = module.strip()
-            names = module.split(".")
-            importable = names[0] and all(name.isidentifier() for name in names)
-            if importable and not self.preloads.known(module):
+        for module in learnable((line.strip() for line in modules), sys.modules.__contains__):
+            if not self.preloads.known(module):
                 self.preloads.pending.append(module)
+
+    def _tend_probe(self) -> None:
+        """Start a probe of what runs taught, or stop one that takes too long."""
+        if self.probe is not None:
+            if time.monotonic() > self.probe.deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.probe.pid, signal.SIGKILL)  # reaped as any child
+            return
+        if self.singles:
+            batch = [self.singles.pop(0)]
+        elif self.preloads.pending:
+            batch, self.preloads.pending = self.preloads.pending, []
+        else:
+            return
+        pid = start_probe(batch)
+        self.probe = Probe(pid, batch, time.monotonic() + PROBE_TIMEOUT_S)
+
+    def _probed(self, code: int) -> None:
+        probe, self.probe = self.probe, None
+        assert probe is not None
+        timed_out = code == -signal.SIGKILL and time.monotonic() > probe.deadline
+        why = probe_verdict(None if timed_out else code)
+        if why is None:
+            adopt(probe.modules, self.preloads, None)
+        elif len(probe.modules) > 1 and len(probe.modules) <= MAX_SINGLE_PROBES:
+            self.singles.extend(probe.modules)
+        else:
+            refuse(probe.modules, why, self.preloads, None)
 
     def _request(self, conn: socket.socket) -> None:
         try:
@@ -310,13 +387,16 @@ class Launcher:
             os._exit(code)
 
     def _reap(self) -> None:
-        while self.runs:
+        while self.runs or self.probe is not None:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if self.probe is not None and pid == self.probe.pid:
+                self._probed(os.waitstatus_to_exitcode(status))
+                continue
             conn = self.runs.pop(pid, None)
             if conn is not None:
                 with contextlib.suppress(OSError):
@@ -371,7 +451,7 @@ def become_flow_run(request: dict[str, Any], stdout: int, stderr: int, learn: in
         return run_engine_in_process(dict(os.environ), Path.cwd())
     finally:
         _exit_as_python_would()
-        _report_imports(set(sys.modules) - before, learn)
+        _report_imports(before, learn)
 
 
 def set_environment(environment: dict[str, str]) -> None:
@@ -495,17 +575,26 @@ def _exit_code(code: object) -> int:
 
 
 def _exit_as_python_would() -> None:
-    """What the interpreter does at exit that ``os._exit`` skips: join threads, run atexit."""
-    with contextlib.suppress(Exception):
-        threading._shutdown()  # type: ignore[attr-defined]
-    with contextlib.suppress(Exception):
-        atexit._run_exitfuncs()
+    """What the interpreter does at exit that ``os._exit`` skips, in its order.
+
+    Join the non-daemon threads and run ``threading``'s exit hooks (Prefect's
+    services drain there: the run's last log lines and events reach the API),
+    then the ``atexit`` functions. A failure is printed, as Python would.
+    """
+    for step in (threading._shutdown, atexit._run_exitfuncs):  # type: ignore[attr-defined]
+        try:
+            step()
+        except BaseException:
+            traceback.print_exc()
 
 
-def _report_imports(modules: set[str], learn: int) -> None:
+def _report_imports(before: set[str], learn: int) -> None:
+    """Tell the launcher what this run imported that it had not (what it may learn)."""
+    names = learnable(set(sys.modules) - before, before.__contains__)
     with contextlib.suppress(OSError):
-        # One line per write: each is atomic on a pipe.
-        for name in learnable(modules):
+        # Never blocks the run's exit: what does not fit in the pipe is not learned.
+        os.set_blocking(learn, False)
+        for name in names:  # one line per write: each is atomic on a pipe
             os.write(learn, f"{name}\n".encode())
 
 

@@ -211,8 +211,12 @@ class WarmLauncher:
             return
         self.state = LauncherState.EXITED
         self.restarts += 1
-        self.say(f"exited:{self.restarts}", f"launcher exited with {code}: starting it again")
         self.start()
+        self.say(
+            f"exited:{self.restarts}",
+            f"launcher exited with {code}: starting it again; "
+            f"warm launcher starting (pid {self.pid})",
+        )
         raise LauncherUnavailable(f"the launcher exited with {code} and is starting again")
 
     async def fork(
