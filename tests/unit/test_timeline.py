@@ -26,13 +26,14 @@ from prefect_gpu_workers.telemetry import GpuSample
 
 
 def _run(
-    run: str, worker: str, t0: float, wait: float, gpu_s: float, **gpu: object
-) -> list[StageRecord]:
+    run: str, worker: str, t0: float, wait: float, gpu_s: float, launched: float | None = None,
+    **gpu: object,
+) -> list[StageRecord]:  # fmt: skip
     download_end = t0 + 1.0
     gpu_start = download_end + wait
     gpu_end = gpu_start + gpu_s
     return [
-        StageRecord(run, worker, "download", t0, t0, download_end),
+        StageRecord(run, worker, "download", t0, t0, download_end, launched=launched),
         StageRecord(run, worker, "gpu", download_end, gpu_start, gpu_end, 1, f"gpu:{worker}",
                     "cuda", **gpu),  # type: ignore[arg-type]
         StageRecord(run, worker, "save", gpu_end, gpu_end, gpu_end + 1.0),
@@ -42,7 +43,7 @@ def _run(
 def _phase(label: str = "demo", with_samples: bool = True) -> TimelinePhase:
     records = [
         *_run("r1", "local-1", 100.0, 0.0, 3.0, peak_memory_mib=1200.0, batches=150, prepare_s=0.5),
-        *_run("r2", "local-1", 100.5, 0.0, 3.0),
+        *_run("r2", "local-1", 100.5, 0.0, 3.0, launched=99.8),
         *_run("r3", "local-1", 101.0, 2.5, 3.0),
         *_run("r4", "local-2", 100.2, 0.0, 2.0),
     ]
@@ -64,6 +65,7 @@ def _expected_bars(phase: TimelinePhase) -> Counter[str]:
     counts: Counter[str] = Counter(r.stage for r in phase.records)
     counts["wait"] = sum(1 for r in phase.records if r.stage == "gpu" and r.start > r.requested)
     counts["prepare"] = sum(1 for r in phase.records if r.stage == "gpu" and r.prepare_s)
+    counts["start-up"] = sum(1 for r in phase.records if r.launched is not None)
     return counts
 
 
@@ -108,6 +110,10 @@ def test_layout_rows_per_worker_and_every_step_as_a_bar() -> None:
     assert Counter(bar.kind for bar in layout.bars) == _expected_bars(phase)
     assert [bar.run_id for bar in layout.bars if bar.failed] == ["r5"]
     assert layout.duration == pytest.approx(10.5)
+    (start_up,) = [bar for bar in layout.bars if bar.kind == "start-up"]
+    assert start_up.run_id == "r2"
+    assert start_up.start == pytest.approx(0.3)  # launched 99.8, time zero 99.5
+    assert start_up.end == pytest.approx(1.0)
     assert max(held for _, held in layout.occupancy["local-1"]) == 2
 
 

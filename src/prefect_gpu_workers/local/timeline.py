@@ -5,7 +5,8 @@ Each column shows, top to bottom:
 
 - one row per flow-run slot of each worker (runs assigned to rows by interval
   partitioning, so two runs on one row never overlap) with a bar per stage:
-  download, preparing the GPU step on the CPU, waiting for a GPU slot, GPU
+  the flow run's start-up (the worker starting its process -> its first
+  task), download, preparing the GPU step on the CPU, waiting for a GPU slot, GPU
   step, save; failed steps hatched;
 - GPU slots held per worker over time against its limit (dashed);
 - GPU utilisation and memory per GPU, when telemetry was sampled.
@@ -30,9 +31,10 @@ from prefect_gpu_workers.telemetry import GpuSample
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-BarKind = Literal["download", "prepare", "wait", "gpu", "save"]
-BAR_KINDS: tuple[BarKind, ...] = ("download", "prepare", "wait", "gpu", "save")
+BarKind = Literal["start-up", "download", "prepare", "wait", "gpu", "save"]
+BAR_KINDS: tuple[BarKind, ...] = ("start-up", "download", "prepare", "wait", "gpu", "save")
 BAR_LABELS: dict[BarKind, str] = {
+    "start-up": "flow-run start-up (process -> first task)",
     "download": "download",
     "prepare": "preparing on the CPU (torch, model)",
     "wait": "waiting for a GPU slot",
@@ -40,6 +42,7 @@ BAR_LABELS: dict[BarKind, str] = {
     "save": "save",
 }
 COLOURS: dict[BarKind, str] = {
+    "start-up": "#b3b3b3",
     "download": "#4c72b0",
     "prepare": "#a6c8e8",
     "wait": "#d0d0d0",
@@ -144,7 +147,8 @@ def occupancy_steps(records: Sequence[StageRecord], until: float) -> list[tuple[
 
 
 def _first_moment(record: StageRecord) -> float:
-    return min(record.requested, record.start) - (record.prepare_s or 0.0)
+    first = min(record.requested, record.start) - (record.prepare_s or 0.0)
+    return first if record.launched is None else min(first, record.launched)
 
 
 def _origin(phase: TimelinePhase) -> float:
@@ -181,6 +185,11 @@ def layout_phase(phase: TimelinePhase) -> PhaseLayout:
     for record in phase.records:
         row = row_of_run[record.run_id]
         failed = record.error is not None
+        if record.launched is not None and record.launched < record.start:
+            bars.append(
+                Bar(row, "start-up", record.run_id, record.worker_id,
+                    record.launched - origin, record.start - origin)
+            )  # fmt: skip
         if record.stage == "gpu" and record.prepare_s:
             bars.append(
                 Bar(row, "prepare", record.run_id, record.worker_id,
@@ -292,7 +301,7 @@ def _draw_runs(ax: Any, layout: PhaseLayout, first_column: bool) -> None:
             bar.row,
             bar.end - bar.start,
             left=bar.start,
-            height=0.35 if bar.kind in ("wait", "prepare") else 0.7,
+            height=0.35 if bar.kind in ("start-up", "wait", "prepare") else 0.7,
             color="white" if failed else COLOURS[bar.kind],
             edgecolor=FAILED_COLOUR if failed else "none",
             hatch="xxx" if failed else None,
@@ -394,7 +403,7 @@ def build_html_figure(layouts: Sequence[PhaseLayout], title: str = "", subtitle:
                     base=[bar.start for bar in bars],
                     x=[bar.end - bar.start for bar in bars],
                     y=[layout.rows[bar.row] for bar in bars],
-                    width=0.35 if kind in ("wait", "prepare") else 0.7,
+                    width=0.35 if kind in ("start-up", "wait", "prepare") else 0.7,
                     marker={
                         "color": [FAILED_COLOUR if bar.failed else COLOURS[kind] for bar in bars]
                     },
