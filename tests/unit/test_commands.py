@@ -46,3 +46,13 @@ def test_a_worker_without_its_slot_broker_is_asked_for_explicitly() -> None:
     assert command[-1] == "--no-slot-broker"
     assert build_parser().parse_args(command[1:]).slot_broker is False
     assert build_parser().parse_args(worker_command("p", 4, "gpu", 1)[1:]).slot_broker is True
+
+
+def test_the_launcher_and_its_preloads_reach_the_worker_parser() -> None:
+    default = build_parser().parse_args(worker_command("p", 4, "gpu", 1)[1:])
+    assert (default.launcher, default.preload) == ("fork", None)
+    command = worker_command("p", 4, "gpu", 1, launcher="subprocess", preload=["a.b", "c"])
+    parsed = build_parser().parse_args(command[1:])
+    assert (parsed.launcher, parsed.preload) == ("subprocess", ["a.b", "c"])
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        worker_command("p", 4, "gpu", 1, launcher="spawn")

@@ -263,3 +263,6 @@ def test_worker_runs_the_pods_entrypoint_with_its_flow_runs() -> None:
         "-m", "prefect_gpu_workers", "worker", "--pool", "pool", "--flow-runs", "5",
         "--limit-prefix", "gpu", "--wait-timeout", "300.0", "--drain-seconds", "45",
     ]  # fmt: skip
+    assert worker_argv(worker, "pool", 45, launcher="subprocess")[-2:] == [
+        "--launcher", "subprocess"
+    ]  # fmt: skip

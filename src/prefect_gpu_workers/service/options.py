@@ -19,6 +19,7 @@ from prefect_gpu_workers.argtypes import (
     non_negative_float,
     positive_int,
 )
+from prefect_gpu_workers.commands import DEFAULT_LAUNCHER, LAUNCHERS
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, LIMIT_PREFIX_ENV
 from prefect_gpu_workers.service.sizing import parse_memory_size
 
@@ -87,6 +88,13 @@ def add_start_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     start.add_argument(
         "--log-dir", type=Path, help="one log file per worker here (default: this output)"
     )
+    start.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default=DEFAULT_LAUNCHER,
+        help="how the workers start flow runs: fork (from a warm launcher that has imported "
+        f"Prefect) or subprocess (a new interpreter each) ({DEFAULT_LAUNCHER})",
+    )
 
 
 def add_status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -138,6 +146,7 @@ def run_start(args: argparse.Namespace, console: Console) -> int:
         drain_timeout_s=args.drain_timeout,
         limit_prefix=args.limit_prefix,
         log_dir=args.log_dir,
+        launcher=args.launcher,
     )
     return StartService(options, say).run()
 

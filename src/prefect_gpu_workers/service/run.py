@@ -39,6 +39,7 @@ from types import FrameType
 from prefect.client.orchestration import SyncPrefectClient, get_client
 
 from prefect_gpu_workers.commands import (
+    DEFAULT_LAUNCHER,
     DRAIN_MARGIN_S,
     drain_seconds_within,
     module_program,
@@ -94,13 +95,17 @@ class StartOptions:
     # Worker output: a file per worker here, or the service's own output when None.
     log_dir: Path | None = None
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    # How the workers start their flow runs (--launcher).
+    launcher: str = DEFAULT_LAUNCHER
 
 
 class Refused(RuntimeError):
     """The service must not start: restarting it unchanged would not help."""
 
 
-def worker_argv(worker: ServiceWorker, pool: str, drain_s: float) -> list[str]:
+def worker_argv(
+    worker: ServiceWorker, pool: str, drain_s: float, launcher: str = DEFAULT_LAUNCHER
+) -> list[str]:
     """The worker entrypoint for ``worker``, through this interpreter (as local mode does)."""
     return worker_command(
         pool,
@@ -109,6 +114,7 @@ def worker_argv(worker: ServiceWorker, pool: str, drain_s: float) -> list[str]:
         wait_timeout_s=WORKER_WAIT_FOR_LIMIT_S,
         program=module_program(sys.executable),
         drain_s=drain_s,
+        launcher=launcher,
     )
 
 
@@ -313,7 +319,10 @@ class StartService:
         log = None if self.options.log_dir is None else self.options.log_dir / f"{worker.name}.log"
         state.proc = start_worker_process(
             worker_argv(
-                worker, self.options.pool, drain_seconds_within(self.options.drain_timeout_s)
+                worker,
+                self.options.pool,
+                drain_seconds_within(self.options.drain_timeout_s),
+                self.options.launcher,
             ),
             {**self.env, **worker.env(), OWNER_ENV: self.owner, "PATH": self._path()},
             log,
