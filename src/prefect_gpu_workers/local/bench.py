@@ -57,10 +57,16 @@ from prefect_gpu_workers.local.plan import (
     worker_ids,
 )
 from prefect_gpu_workers.local.prefect_ops import active_slots
-from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
+from prefect_gpu_workers.local.process_memory import MemoryFigures, ProcessMemorySampler
+from prefect_gpu_workers.local.processes import SESSION_MARKER_ENV, WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
-from prefect_gpu_workers.local.views import ProgressView, bench_table, plain_printer
+from prefect_gpu_workers.local.views import (
+    ProgressView,
+    bench_table,
+    describe_memory,
+    plain_printer,
+)
 from prefect_gpu_workers.local.watch import LatencySummary, summarize_latencies
 from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.report import PhaseMetrics, speedup
@@ -166,6 +172,8 @@ class BenchResult:
     task_level_polling_api_latency: LatencySummary = field(default_factory=lambda: NO_LATENCY)
     # The task-level phase again, its flow runs started as subprocesses (None: not run).
     task_level_subprocess: PhaseMetrics | None = None
+    # Per phase: the launchers' resident size and the flow-run processes' own memory.
+    memory: dict[str, MemoryFigures] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float | None:
@@ -246,6 +254,7 @@ class BenchResult:
             "task_level": asdict(task),
             "flow_level": asdict(self.flow_level) if self.flow_level else None,
             "slots_held_after": self.slots_held_after,
+            "process_memory": {label: asdict(figures) for label, figures in self.memory.items()},
             "gpu_telemetry": {
                 label: asdict(summary) if summary is not None else None
                 for label, summary in self.telemetry.items()
@@ -332,12 +341,18 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
 
         sampled: dict[str, tuple[list[GpuSample], str | None]] = {}
 
+        memory: dict[str, MemoryFigures] = {}
+
         def phase(label: str, plans: tuple[WorkerPlan, ...]) -> BatchResult:
-            with GpuSampler() as sampler:
+            with (
+                GpuSampler() as sampler,
+                ProcessMemorySampler(SESSION_MARKER_ENV, session.marker) as memory_sampler,
+            ):
                 batch = _phase(
                     session, console, label, plans, options, deployment_id, params, runs, workdir
                 )
             sampled[label] = (sampler.stop(), sampler.unavailable_reason)
+            memory[label] = memory_sampler.figures()
             return batch
 
         task_level = phase("task-level", task_plans)
@@ -377,6 +392,7 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         flow_level_api_latency=flow_level.api_latency if flow_level else NO_LATENCY,
         task_level_polling_api_latency=polling.api_latency,
         task_level_subprocess=subprocess_phase.metrics if subprocess_phase else None,
+        memory=memory,
     )
     limits = {plan.worker_id: plan.slots for plan in task_plans}
     timeline_phases = []
@@ -430,6 +446,8 @@ def render(result: BenchResult, console: Console) -> None:
     if result.flow_level is not None:
         latencies.append(result.flow_level_api_latency)
     console.print(bench_table(phases, result.ratio, latencies))
+    for label, figures in result.memory.items():
+        console.print(f"{label}: {describe_memory(figures)}")
     c = result.ceilings
     if c.task_level_runs_per_s and c.flow_level_runs_per_s:
         console.print(

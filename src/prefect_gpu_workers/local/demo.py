@@ -39,11 +39,13 @@ from prefect_gpu_workers.local.plan import (
     plan_workers,
     worker_ids,
 )
-from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
+from prefect_gpu_workers.local.process_memory import ProcessMemorySampler
+from prefect_gpu_workers.local.processes import SESSION_MARKER_ENV, WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
 from prefect_gpu_workers.local.views import (
     ProgressView,
+    describe_memory,
     metrics_table,
     no_limit_table,
     plain_printer,
@@ -181,6 +183,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         console.print(f"{len(plans)} worker(s) online; submitting {options.runs} flow run(s)")
         with (
             GpuSampler() as sampler,
+            ProcessMemorySampler(SESSION_MARKER_ENV, session.marker) as memory,
             ProgressView(console, "demo", plans) as progress,
         ):
             result = run_batch(
@@ -197,6 +200,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         metrics = result.metrics
         console.print(metrics_table("Demo report", metrics, result.api_latency))
         console.print(worker_table(metrics))
+        console.print(describe_memory(memory.figures()), highlight=False)
         devices = sorted({r.device for r in result.records if r.stage == "gpu" and r.device})
         if devices:
             console.print(f"GPU steps ran on: {', '.join(devices)}")

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from prefect_gpu_workers.local.gpu_work import step_durations, step_errors
 from prefect_gpu_workers.local.plan import BatchCounts, WorkerPlan, count_runs
+from prefect_gpu_workers.local.process_memory import MemoryFigures
 from prefect_gpu_workers.local.watch import LatencySummary
 from prefect_gpu_workers.records import StageRecord
 from prefect_gpu_workers.report import PhaseMetrics
@@ -172,6 +173,26 @@ def metrics_table(
 
 START_UP_ROW = "flow-run start (worker starts it -> first task), p50 / p95"
 START_CPU_ROW = "CPU-seconds per flow-run start (mean)"
+
+
+def describe_memory(figures: MemoryFigures) -> str:
+    """One line: what the launchers held and what each flow-run process added."""
+    if figures.runs_seen == 0 and figures.launcher_rss_mib is None:
+        return "process memory: no process seen"
+    launcher = (
+        f"launcher resident {figures.launcher_rss_mib:.0f} MiB; "
+        if figures.launcher_rss_mib is not None
+        else "no launcher; "
+    )
+    return (
+        f"process memory: {launcher}flow-run processes' own memory (USS) p50 "
+        f"{_mib(figures.run_uss_p50_mib)} / max {_mib(figures.run_uss_max_mib)}, resident "
+        f"p50 {_mib(figures.run_rss_p50_mib)} ({figures.runs_seen} runs)"
+    )
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} MiB"
 
 
 def start_up_text(metrics: PhaseMetrics) -> str:
