@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import os
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gpu_workers.naming import LAUNCHED_AT_ENV
-from prefect_gpu_workers.procfs import environ_room
+from prefect_gpu_workers.procfs import PROC, environ_room
 from prefect_gpu_workers.worker.launcher import ENGINE_MODULE, MAX_MESSAGE, decode, encode
 
 # Imported by every launcher unless told otherwise, when installed.
@@ -58,6 +59,7 @@ class LauncherState(enum.Enum):
     CLOSED = "closed"
 
 
+@functools.cache
 def fork_seam_missing() -> str | None:
     """Why this Prefect cannot start runs by fork (None: it can)."""
     try:
@@ -125,8 +127,19 @@ class ForkedRun:
         if data:
             self.returncode = int(decode(data)["exit"])
             return self.returncode
-        # The launcher died: the run goes on without a parent that can say its code.
-        while _alive(self.pid):  # noqa: ASYNC110 - nothing signals another process's end
+        # The launcher died: the run goes on without the parent that would say
+        # its code. Where the worker is the run's new parent (PID 1 in a pod),
+        # the worker reaps it and has the code after all.
+        while True:
+            try:
+                done, status = os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG
+            except ChildProcessError:  # someone else's child: watch it end
+                if not _alive(self.pid):
+                    break
+            else:
+                if done:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+                    return self.returncode
             await asyncio.sleep(LOST_POLL_S)
         self._say(
             f"lost:{self.pid}",
@@ -138,13 +151,12 @@ class ForkedRun:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended: only its parent has not reaped it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class WarmLauncher:
