@@ -1,19 +1,21 @@
 """How the worker starts a flow run's process: forked from its warm launcher, or a plain subprocess.
 
 Prefect's process worker (3.9 and later) starts each run through a
-``ProcessStarter`` (``prefect/runner/_flow_run_executor.py``): by default
-:class:`~prefect.runner._workspace_starter.WorkspaceResolvingEngineCommandStarter`,
-which spawns Prefect's workspace supervisor in a new interpreter. The worker
-here uses that seam: :func:`fork_starter_class` is the same starter whose
-process is a fork of the worker's :class:`WarmLauncher` (``launcher.py``), with
-the environment Prefect's subprocess would get. Everything after the start
-(the process handle, cancellation, crash reporting, hooks) stays Prefect's.
+``ProcessStarter`` (``prefect/runner/_flow_run_executor.py``): the workspace
+starter (Prefect's default: its supervisor runs the pull steps, then the
+engine) or, for a configured command, the engine-command starter. The worker
+uses that seam: :func:`fork_starter_classes` gives the same two starters whose
+process is a fork of the worker's :class:`WarmLauncher` (``launcher.py``),
+with the environment Prefect's subprocess would get (:func:`engine_environment`).
+Everything after the start (the process handle, cancellation, crash
+reporting, hooks) stays Prefect's.
 
 A run falls back to Prefect's own subprocess, and the worker says why once
 per reason, when the launcher cannot serve it: not ready yet, exited (it is
-started again), a refused fork. A run whose work pool configures its own
-``command`` always starts as a subprocess, as does every run on a Prefect
-without the seam (said once at start).
+started again), a refused fork, no answer in time. A run whose work pool
+configures a command other than this interpreter's ``-m prefect.engine``
+starts as a subprocess, as does every run on a Prefect without the seam
+(said once at start).
 """
 
 from __future__ import annotations
@@ -401,6 +403,7 @@ async def fork_or_fall_back(
     await run.wait()
 
 
+@functools.cache
 def fork_starter_classes() -> tuple[type[Any], type[Any]]:
     """Prefect's two starters, each with its process forked from a :class:`WarmLauncher`.
 
