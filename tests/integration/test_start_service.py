@@ -27,6 +27,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments.runner import RunnerDeployment
 from prefect.types.entrypoint import EntrypointType
 
+from prefect_gpu_workers.procfs import ENVIRON_ROOM_ENV, env_value
 from prefect_gpu_workers.server import LocalPrefectServer
 from prefect_gpu_workers.service import prefect_ops
 from prefect_gpu_workers.service.processes import marked_pids
@@ -160,6 +161,11 @@ def harness(
     for service in harness.services:
         for pid in marked_pids(service.worker_id) + marked_pids(f"{service.worker_id}-gpu0"):
             os.kill(pid, signal.SIGKILL)
+
+
+def worker_pids(name: str) -> list[int]:
+    """The marked processes that are workers (not their warm launchers, marked too)."""
+    return [pid for pid in marked_pids(name) if env_value(pid, ENVIRON_ROOM_ENV) is None]
 
 
 def deploy_plain_flow(pool: str) -> UUID:
@@ -308,7 +314,7 @@ def test_sigkilled_per_gpu_service_is_taken_over_without_doubled_slots(harness: 
         wait_ready(harness.pool, name, 2, first)
     # One worker per GPU, each pinned to its device.
     for index, name in enumerate(names):
-        (pid,) = marked_pids(name)
+        (pid,) = worker_pids(name)
         environ = dict(
             item.split("=", 1)
             for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
@@ -346,12 +352,12 @@ def test_sigkilled_per_gpu_service_is_taken_over_without_doubled_slots(harness: 
     assert "2/2 slot(s) held by dead holders" in second.output()
 
     # A crashed worker is restarted with backoff, its limit recreated first.
-    (crashed,) = marked_pids(names[1])
+    (crashed,) = worker_pids(names[1])
     os.kill(crashed, signal.SIGKILL)
     second.wait_for_output(f"recreated limit gpu:{names[1]} after its worker crashed")
     second.wait_for_output(f"worker {names[1]} exited with code -9; restarting in 2s")
     wait_until(
-        lambda: marked_pids(names[1]) not in ([], [crashed]), READY_TIMEOUT_S, "a new worker"
+        lambda: worker_pids(names[1]) not in ([], [crashed]), READY_TIMEOUT_S, "a new worker"
     )
     wait_ready(harness.pool, names[1], 2, second)
 
