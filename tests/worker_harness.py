@@ -6,12 +6,15 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient
+from prefect.deployments.runner import RunnerDeployment
+from prefect.types.entrypoint import EntrypointType
 
 from pgw_flows.params import PipelineParams
-from prefect_gpu_workers.local.prefect_ops import read_runs
+from prefect_gpu_workers.local.prefect_ops import local_job_variables, read_runs
 
 
 @dataclass
@@ -42,3 +45,19 @@ def states(client: SyncPrefectClient, ids: list[UUID]) -> dict[UUID, tuple[str, 
         for run in read_runs(client, ids)
         if run.state is not None
     }
+
+
+def deploy_by_module(flow: Any, name: str, pool: str) -> UUID:
+    """Deploy a test flow by module path (its module found through the workers'
+    ``PYTHONPATH``), started as local mode starts runs: the engine itself, no
+    workspace-resolving process per run."""
+    deployment = RunnerDeployment.from_flow(
+        flow,
+        name=name,
+        work_pool_name=pool,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        job_variables=local_job_variables(),
+    )
+    deployment_id = deployment.apply(work_pool_name=pool)
+    assert isinstance(deployment_id, UUID)
+    return deployment_id

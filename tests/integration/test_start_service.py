@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -24,8 +23,7 @@ import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.deployments.runner import RunnerDeployment
-from prefect.types.entrypoint import EntrypointType
+from worker_harness import deploy_by_module
 
 from prefect_gpu_workers.procfs import ENVIRON_ROOM_ENV, env_value
 from prefect_gpu_workers.server import LocalPrefectServer
@@ -171,17 +169,7 @@ def worker_pids(name: str) -> list[int]:
 def deploy_plain_flow(pool: str) -> UUID:
     from plain_gpu_flow import plain_gpu_flow
 
-    deployment = RunnerDeployment.from_flow(
-        plain_gpu_flow,
-        name=f"plain-{pool}",
-        work_pool_name=pool,
-        entrypoint_type=EntrypointType.MODULE_PATH,
-        # The engine directly: no workspace-resolving process per run (half the CPU).
-        job_variables={"command": shlex.join([sys.executable, "-m", "prefect.engine"])},
-    )
-    deployment_id = deployment.apply(work_pool_name=pool)
-    assert isinstance(deployment_id, UUID)
-    return deployment_id
+    return deploy_by_module(plain_gpu_flow, f"plain-{pool}", pool)
 
 
 def peak_overlap(intervals: Sequence[tuple[float, float]]) -> int:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -31,10 +30,9 @@ from broker_harness import active_slots, unique_worker, wait_until
 from launcher_probe import GREETING, launcher_probe
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-from prefect.deployments.runner import RunnerDeployment
 from prefect.runner.storage import GitRepository
 from prefect.states import Cancelling
-from prefect.types.entrypoint import EntrypointType
+from worker_harness import deploy_by_module
 
 from prefect_gpu_workers.local.prefect_ops import ensure_gpu_limit, ensure_process_pool
 from prefect_gpu_workers.naming import WORKER_ID_ENV
@@ -95,13 +93,7 @@ def _git_repository(tmp_path: Path) -> Path:
 
 
 def _deploy(pool: str, worker: str, repo: Path) -> tuple[UUID, UUID]:
-    by_module = RunnerDeployment.from_flow(
-        launcher_probe,
-        name=f"probe-module-{worker}",
-        work_pool_name=pool,
-        entrypoint_type=EntrypointType.MODULE_PATH,
-        job_variables={"command": shlex.join([sys.executable, "-m", "prefect.engine"])},
-    ).apply(work_pool_name=pool)
+    by_module = deploy_by_module(launcher_probe, f"probe-module-{worker}", pool)
     cloned: Any = launcher_probe.from_source(
         source=GitRepository(url=f"file://{repo}"), entrypoint="launcher_probe.py:launcher_probe"
     )
