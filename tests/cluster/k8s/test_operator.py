@@ -205,7 +205,8 @@ def test_prefect_outage_is_a_condition_and_the_pool_recovers(
         ready = pools.condition("weathered", "Ready")
         assert ready is not None
         assert ready["status"] == "False"
-        assert unreachable_warnings(pools, "weathered")
+        # kopf posts Events from a queue of its own, a moment after the status.
+        wait_until(lambda: unreachable_warnings(pools, "weathered"), "a PrefectUnreachable Event")
 
         # A change while Prefect is down wakes the pool: two more failed passes
         # (each a Warning Event) show the operator keeps retrying through the outage

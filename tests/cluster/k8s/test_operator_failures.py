@@ -132,7 +132,11 @@ def test_prefect_answering_5xx_degrades_the_pool_until_it_answers_again(
         healed = pools.condition("flaky", "Degraded")
         assert healed is not None
         assert healed["status"] == "False"
-        assert any(e.reason == "Recovered" for e in pools.events("flaky"))
+        # kopf posts Events from a queue of its own, a moment after the status.
+        wait_until(
+            lambda: any(e.reason == "Recovered" for e in pools.events("flaky")),
+            "a Recovered Event",
+        )
         assert proxy.faulted > 0
         operator.assert_alive()
 
