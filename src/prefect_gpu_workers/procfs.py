@@ -90,6 +90,26 @@ def pids_with_env(name: str, value: str, **also: str) -> list[int]:
     return _pids_where(lambda entry: needles <= set((entry / "environ").read_bytes().split(b"\0")))
 
 
+def environment(pid: int) -> dict[str, str]:
+    """Process ``pid``'s environment as it started (or as it published it); empty when
+    the process is gone or not ours to read.
+
+    Example:
+        >>> "PGW_NO_SUCH_VARIABLE" in environment(os.getpid())
+        False
+    """
+    try:
+        entries = (PROC / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for entry in entries:
+        key, sep, value = entry.partition(b"=")
+        if sep and key.decode(errors="replace") not in found:
+            found[key.decode(errors="replace")] = value.decode(errors="replace")
+    return found
+
+
 def env_value(pid: int, name: str) -> str | None:
     """The value of ``name`` in process ``pid``'s environment (as it started); ``None``
     when it has none, or the process is gone or not ours to read.
@@ -98,13 +118,20 @@ def env_value(pid: int, name: str) -> str | None:
         >>> env_value(os.getpid(), "PGW_NO_SUCH_VARIABLE") is None
         True
     """
-    prefix = f"{name}=".encode()
+    return environment(pid).get(name)
+
+
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie has ended, only its parent has not reaped it yet.
+
+    Example:
+        >>> is_running(os.getpid())
+        True
+    """
     try:
-        entries = (PROC / str(pid) / "environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    found = next((entry[len(prefix) :] for entry in entries if entry.startswith(prefix)), None)
-    return found.decode(errors="replace") if found is not None else None
+        return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def pids_in_directory(directory: Path) -> list[int]:

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,9 +35,9 @@ from worker_harness import deploy_by_module
 
 from prefect_gpu_workers.local.prefect_ops import ensure_gpu_limit, ensure_process_pool
 from prefect_gpu_workers.naming import WORKER_ID_ENV
-from prefect_gpu_workers.procfs import descendants
+from prefect_gpu_workers.procfs import descendants, is_running
 from prefect_gpu_workers.server import LocalPrefectServer, stop_process_group
-from prefect_gpu_workers.worker.launcher import MAX_MESSAGE, decode, encode
+from prefect_gpu_workers.worker.launcher import ping
 
 HERE = Path(__file__).resolve().parent
 LAUNCHER_PID = re.compile(r"warm launcher starting \(pid (\d+)")
@@ -60,11 +59,7 @@ class ProbeWorker:
 
     def hello(self) -> dict[str, Any]:
         """The launcher's answer to a ping: what it preloaded and refused."""
-        match = LAUNCHER_SOCKET.findall(self.log())[-1]
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as ping:
-            ping.connect(match)
-            ping.send(encode({"op": "ping"}))
-            return decode(ping.recv(MAX_MESSAGE))
+        return ping(Path(LAUNCHER_SOCKET.findall(self.log())[-1]))
 
     def launcher_pids(self) -> list[int]:
         return [int(pid) for pid in LAUNCHER_PID.findall(self.log())]
@@ -225,21 +220,9 @@ def test_cancelling_a_run_stops_it_and_its_children_and_gives_its_slot_back(
         client.set_flow_run_state(run, Cancelling(), force=True)
         state = _final(client, run, timeout_s=90)
     assert state.type.value == "CANCELLED", state
-    wait_until(lambda: not _alive(report["pid"]), "the run's process stops", 30)
-    wait_until(lambda: not _alive(report["child_pid"]), "the run's child stops", 30)
+    wait_until(lambda: not is_running(report["pid"]), "the run's process stops", 30)
+    wait_until(lambda: not is_running(report["child_pid"]), "the run's child stops", 30)
     wait_until(lambda: active_slots(probe.limit) == 0, "the slot comes back", 60)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone as far as the run goes: only its parent has not reaped it yet.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_dead_launcher_is_started_again_and_runs_meanwhile_start_as_subprocesses(
@@ -248,7 +231,7 @@ def test_a_dead_launcher_is_started_again_and_runs_meanwhile_start_as_subprocess
     with _start(prefect_server, tmp_path) as worker, get_client(sync_client=True) as client:
         first = worker.launcher_pids()[-1]
         os.kill(first, signal.SIGKILL)
-        wait_until(lambda: not _alive(first), "the launcher dies", 30)
+        wait_until(lambda: not is_running(first), "the launcher dies", 30)
         fallback = worker.submit(client, worker.by_module)
         assert _final(client, fallback).type.value == "COMPLETED", worker.log()[-3000:]
         assert "launcher exited with -9: starting it again" in worker.log()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV
-from prefect_gpu_workers.procfs import ENVIRON_ROOM_ENV, PROC, env_value, pids_with_env
+from prefect_gpu_workers.procfs import ENVIRON_ROOM_ENV, PROC, environment, pids_with_env
 from prefect_gpu_workers.report import percentile
 
 SAMPLE_S = 1.0
@@ -109,10 +109,11 @@ class ProcessMemorySampler:
                 rss, uss = memory_kib((PROC / str(pid) / "smaps_rollup").read_text())
             except OSError:  # gone, or no smaps_rollup (kernel before 4.14)
                 continue
-            if env_value(pid, ENVIRON_ROOM_ENV) is not None:
+            env = environment(pid)
+            if ENVIRON_ROOM_ENV in env:
                 self._launchers.append(rss)
                 continue
-            run_id = env_value(pid, FLOW_RUN_ID_ENV)
+            run_id = env.get(FLOW_RUN_ID_ENV)
             if run_id is None or not _is_python(pid):
                 continue
             old_rss, old_uss = self._runs.get(run_id, (0, 0))

@@ -1,4 +1,4 @@
-"""The warm launcher: a process that has imported Prefect once and forks a flow run in milliseconds.
+"""The warm launcher: a process that has imported Prefect once and forks each flow run.
 
 A fresh flow-run process imports Prefect (seconds of CPU) before it does
 anything. The launcher pays that once per worker: started by the worker
@@ -18,9 +18,10 @@ worker starts that run as a plain subprocess. A module is preloaded only after
 a throwaway child has imported it and stayed single-threaded (``torch``, for
 one, starts a thread on import: its runs import it after the fork).
 
-What it learns: each run reports the top-level packages it imported that the
-launcher had not; the launcher preloads them (after that check) while it is
-idle, so the second run of a deployment starts with its imports done.
+What it learns: each run reports what it imported that the launcher had not
+(:func:`learnable`: submodules of packages it has, the top of any other); the
+launcher probes and preloads them beside its serving loop, so the second run
+of a deployment starts with its imports done.
 
 Stdlib only at module level: the worker imports this module for its wire format.
 """
@@ -90,6 +91,20 @@ def decode(data: bytes) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ValueError("a launcher message is a JSON object")
     return message
+
+
+def ping(socket_path: Path, timeout_s: float = 1.0) -> dict[str, Any]:
+    """The launcher's answer to a ping: ready, its pid, what it preloaded and refused.
+
+    Raises:
+        OSError: nothing serves ``socket_path`` (yet), or no answer in ``timeout_s``.
+        ValueError: an answer that is not a launcher message.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as connection:
+        connection.settimeout(timeout_s)
+        connection.connect(str(socket_path))
+        connection.send(encode({"op": "ping"}))
+        return decode(connection.recv(MAX_MESSAGE))
 
 
 def learnable(module_names: Iterable[str], loaded: Callable[[str], bool]) -> list[str]:
@@ -448,7 +463,7 @@ def become_flow_run(request: dict[str, Any], stdout: int, stderr: int, learn: in
     try:
         if request.get("workspace_config"):
             return _run_workspace(request["workspace_config"])
-        return run_engine_in_process(dict(os.environ), Path.cwd())
+        return run_engine_in_process(Path.cwd())
     finally:
         _exit_as_python_would()
         _report_imports(before, learn)
@@ -534,18 +549,19 @@ def _run_workspace(config_path: str) -> int:
     os.chdir(launch["cwd"])
     if command[1:] != ["-m", ENGINE_MODULE]:
         os.execvpe(command[0], command, launch["environment"])
-    return run_engine_in_process(launch["environment"], Path(launch["cwd"]))
+    # The workspace's environment (its PYTHONPATH, what its job set) is the engine's.
+    set_environment(launch["environment"])
+    _rebuild_prefect_settings()
+    return run_engine_in_process(Path(launch["cwd"]))
 
 
-def run_engine_in_process(environment: dict[str, str], cwd: Path) -> int:
-    """``python -m prefect.engine`` in this process: same environment, path and exit code."""
+def run_engine_in_process(cwd: Path) -> int:
+    """``python -m prefect.engine`` in this process, in its environment: same path and exit code."""
     import runpy
 
-    set_environment(environment)
-    _rebuild_prefect_settings()
     # sys.path as a fresh `python -m` would have it: the working directory,
     # then PYTHONPATH, then the interpreter's own entries.
-    extra = [entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    extra = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
     base = [entry for entry in sys.path[1:] if entry not in extra]
     sys.path[:] = [str(cwd), *extra, *base]
     sys.argv = [ENGINE_MODULE]

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect_gpu_workers.naming import LAUNCHED_AT_ENV
-from prefect_gpu_workers.procfs import PROC, environ_room
-from prefect_gpu_workers.worker.launcher import ENGINE_MODULE, MAX_MESSAGE, decode, encode
+from prefect_gpu_workers.procfs import environ_room, is_running
+from prefect_gpu_workers.worker.launcher import ENGINE_MODULE, MAX_MESSAGE, decode, encode, ping
 
 # Imported by every launcher unless told otherwise, when installed.
 DEFAULT_PRELOADS = ("pgw_flows.pipeline",)
@@ -57,7 +57,6 @@ class LauncherUnavailable(RuntimeError):
 class LauncherState(enum.Enum):
     STARTING = "starting"
     READY = "ready"
-    EXITED = "exited"
     CLOSED = "closed"
 
 
@@ -136,7 +135,7 @@ class ForkedRun:
             try:
                 done, status = os.waitpid(self.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG
             except ChildProcessError:  # someone else's child: watch it end
-                if not _alive(self.pid):
+                if not is_running(self.pid):
                     break
             else:
                 if done:
@@ -150,15 +149,6 @@ class ForkedRun:
         )
         self.returncode = LOST_EXIT_CODE
         return self.returncode
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie has ended: only its parent has not reaped it)."""
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class WarmLauncher:
@@ -203,11 +193,7 @@ class WarmLauncher:
                 code = None if self._process is None else self._process.returncode
                 return f"the launcher exited with {code}"
             try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as ping:
-                    ping.settimeout(1.0)
-                    ping.connect(str(self.socket_path))
-                    ping.send(encode({"op": "ping"}))
-                    hello = decode(ping.recv(MAX_MESSAGE))
+                hello = ping(self.socket_path)
             except (OSError, ValueError):
                 hello = {}
             if hello.get("ready"):
@@ -223,7 +209,6 @@ class WarmLauncher:
         code = self._process.poll()
         if code is None:
             return
-        self.state = LauncherState.EXITED
         self.restarts += 1
         self.start()
         self.say(
