@@ -220,6 +220,11 @@ def test_two_services_serve_plain_concurrency_within_each_limit(
         return all(limit is not None and limit.active_slots == 2 for limit in held)
 
     wait_until(both_full, RUN_TIMEOUT_S, "every slot of both limits held at once")
+    # Prefect counts a slot before the step's process is inside its block; the
+    # steps say when they are (two per worker: its limit holds the rest back).
+    wait_until(
+        lambda: len(list(record_dir.glob("*.holding"))) == 4, RUN_TIMEOUT_S, "four steps inside"
+    )
     all_full_after = time.monotonic() - started
     release.touch()
 
