@@ -60,6 +60,8 @@ def worker_command(
     drain_s: float | None = None,
     launcher: str = DEFAULT_LAUNCHER,
     preload: Sequence[str] = (),
+    gpus: int | None = None,
+    gpu_memory: str | None = None,
 ) -> list[str]:
     """The worker entrypoint's command line.
 
@@ -78,6 +80,9 @@ def worker_command(
         launcher: how flow runs start (``--launcher``, :data:`LAUNCHERS`).
         preload: modules the warm launcher imports first (``--preload``); none
             given keeps the entrypoint's defaults.
+        gpus: the worker's GPUs (``--gpus``) where NVML cannot count them.
+        gpu_memory: each GPU's memory (``--gpu-memory``, "80GiB") where NVML
+            cannot read it; the broker places memory requests on it.
 
     Raises:
         ValueError: ``flow_runs`` below 1, a negative ``wait_timeout_s`` or an
@@ -106,4 +111,8 @@ def worker_command(
         command += ["--launcher", launcher]
     for module in preload:
         command += ["--preload", module]
+    if gpus is not None:
+        command += ["--gpus", str(gpus)]
+    if gpu_memory is not None:
+        command += ["--gpu-memory", gpu_memory]
     return command

@@ -5,15 +5,22 @@ The operator, the worker entrypoint, local mode and the flows all derive names
 here, so that this module can be imported where Prefect is not installed (the
 operator's image).
 
+A worker whose GPU steps ask for memory has a second limit,
+``{limit_prefix}-memory:{worker_id}``, counted in whole GiB: its size is the
+worker's GPU memory rounded down, a step occupies its request rounded up.
+
 Example:
     >>> limit_name("worker-0")
     'gpu:worker-0'
+    >>> memory_limit_name("worker-0")
+    'gpu-memory:worker-0'
     >>> parse_limit_name("license:w1")
     ('license', 'w1')
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -131,3 +138,74 @@ def parse_limit_name(name: str) -> tuple[str, str] | None:
         return validate_limit_prefix(limit_prefix), validate_worker_id(worker_id)
     except ValueError:
         return None
+
+
+# The memory limit's prefix is the slot limit's with this after it.
+MEMORY_LIMIT_SUFFIX = "-memory"
+MIB_PER_GIB = 1024
+# Units a memory size may carry: binary (GiB, Gi: Kubernetes' spelling) and
+# decimal (GB, G). No unit: GiB.
+_MEMORY_UNITS_MIB = {
+    "": 1024.0,
+    "gib": 1024.0, "gi": 1024.0, "mib": 1.0, "mi": 1.0, "tib": 1024.0**2, "ti": 1024.0**2,
+    "gb": 1e9 / 2**20, "g": 1e9 / 2**20, "mb": 1e6 / 2**20, "m": 1e6 / 2**20,
+    "tb": 1e12 / 2**20, "t": 1e12 / 2**20,
+}  # fmt: skip
+_MEMORY_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+
+
+def memory_limit_name(worker_id: str, limit_prefix: str = DEFAULT_LIMIT_PREFIX) -> str:
+    """The name of a worker's GPU memory limit: ``{limit_prefix}-memory:{worker_id}``.
+
+    Raises:
+        WorkerIdentityError: invalid worker id.
+        ValueError: the prefix with ``-memory`` after it is not a DNS label.
+    """
+    return limit_name(worker_id, limit_prefix + MEMORY_LIMIT_SUFFIX)
+
+
+def parse_memory_mib(text: str | int | float) -> int:
+    """A memory size (``"20GiB"``, ``"20Gi"``, ``"80GB"``, ``"512MiB"``; a bare
+    number is GiB) in MiB, rounded down.
+
+    Raises:
+        ValueError: not a positive size with a known unit.
+
+    Example:
+        >>> parse_memory_mib("20GiB"), parse_memory_mib("1.5Gi"), parse_memory_mib(8)
+        (20480, 1536, 8192)
+        >>> parse_memory_mib("80GB")
+        76293
+    """
+    match = _MEMORY_SIZE.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _MEMORY_UNITS_MIB:
+        raise ValueError(
+            f"memory size {text!r} is not a number with a unit (GiB, Gi, MiB, GB; "
+            "a bare number is GiB)"
+        )
+    mib = int(float(match.group(1)) * _MEMORY_UNITS_MIB[unit])
+    if mib < 1:
+        raise ValueError(f"memory size {text!r} is below 1 MiB")
+    return mib
+
+
+def gib_held(mib: int) -> int:
+    """What a step asking for ``mib`` occupies of a memory limit: whole GiB, rounded up.
+
+    Example:
+        >>> gib_held(20480), gib_held(20481)
+        (20, 21)
+    """
+    return max(1, math.ceil(mib / MIB_PER_GIB))
+
+
+def gib_capacity(mib: int) -> int:
+    """What a GPU of ``mib`` adds to a memory limit: whole GiB, rounded down, so that
+    steps placed within it never ask the limit for more than it has.
+
+    Example:
+        >>> gib_capacity(81920), gib_capacity(40960 - 1)
+        (80, 39)
+    """
+    return mib // MIB_PER_GIB
