@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import os
 import socket
 import subprocess
@@ -141,19 +142,28 @@ class BrokerThread:
 class HolderProcess:
     """``slot_holder.py``: takes a GPU slot in its own process, holds it until told."""
 
-    def __init__(self, worker_id: str, env: Mapping[str, str], occupy: int = 1) -> None:
+    def __init__(
+        self,
+        worker_id: str,
+        env: Mapping[str, str],
+        occupy: int = 1,
+        memory: str = "",
+        also: Mapping[str, int] | None = None,
+    ) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(HOLDER_SCRIPT), str(occupy)],
+            [sys.executable, str(HOLDER_SCRIPT), str(occupy), memory, json.dumps(also or {})],
             env={**os.environ, **env, WORKER_ID_ENV: worker_id},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
 
-    def wait_held(self) -> None:
+    def wait_held(self) -> str:
+        """Wait until it holds; return the device it was given."""
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line.startswith("held"), f"holder said {line!r} (exit {self.proc.poll()})"
+        return line.split()[1]
 
     def release(self) -> None:
         assert self.proc.stdin is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from prefect_gpu_workers.naming import validate_limit_prefix
+from prefect_gpu_workers.naming import parse_memory_mib, validate_limit_prefix
 
 
 def positive_int(text: str) -> int:
@@ -41,3 +41,12 @@ def limit_prefix(text: str) -> str:
         return validate_limit_prefix(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def memory_size(text: str) -> str:
+    """A memory size ("80GiB", "80Gi", "80GB"; a bare number is GiB), kept as written."""
+    try:
+        parse_memory_mib(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from prefect_gpu_workers.argtypes import (
     limit_prefix,
+    memory_size,
     non_negative_float,
     positive_float,
     positive_int,
@@ -308,6 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the slot broker's Prometheus metrics on this Unix socket (none by default; "
         "never TCP)",
     )
+    worker.add_argument(
+        "--gpus",
+        type=positive_int,
+        help="this worker's GPUs where NVML finds none (memory placement splits its memory "
+        "limit over them; default 1)",
+    )
+    worker.add_argument(
+        "--gpu-memory",
+        type=memory_size,
+        help="each GPU's memory (80GiB) where NVML finds none; default: the memory limit "
+        "<limit prefix>-memory:<WORKER_ID> split over --gpus",
+    )
     add_launcher_arguments(worker)
     add_start_parser(commands)
     add_status_parser(commands)
@@ -393,6 +406,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 args.drain_seconds,
                 args.launcher,
                 args.preload,
+                args.gpus,
+                args.gpu_memory,
             )
             return 0
         except (TimeoutError, WorkerIdentityError) as exc:

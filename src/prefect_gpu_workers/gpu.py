@@ -110,6 +110,45 @@ def detect_gpus() -> GpuInventory:
 
 
 @dataclass(frozen=True)
+class CudaDevice:
+    """A device as a CUDA process sees it: ``cuda:<its position>``."""
+
+    uuid: str  # ``GPU-...``/``MIG-...``; the CUDA_VISIBLE_DEVICES entry when NVML has none
+    memory_mib: int | None  # None: NVML does not know it
+
+
+def cuda_devices(inventory: GpuInventory, cuda_visible: str | None) -> tuple[CudaDevice, ...]:
+    """The devices a process with ``CUDA_VISIBLE_DEVICES=cuda_visible`` sees, in its order.
+
+    NVML ignores ``CUDA_VISIBLE_DEVICES`` (it lists the machine's GPUs); CUDA
+    numbers only the visible ones, in the order given. A GPU in MIG mode counts
+    as its MIG instances. An entry NVML does not know is kept, memory unknown.
+
+    Example:
+        >>> a, b = GpuDevice(0, "A", 81920, "GPU-a"), GpuDevice(1, "B", 40960, "GPU-b")
+        >>> [d.uuid for d in cuda_devices(GpuInventory((a, b)), "1,GPU-a")]
+        ['GPU-b', 'GPU-a']
+    """
+    flat: list[tuple[str, str, int]] = []  # (index entry, uuid, MiB)
+    for gpu in inventory.devices:
+        if gpu.mig_devices:
+            flat.extend((mig.uuid, mig.uuid, mig.memory_mib) for mig in gpu.mig_devices)
+        else:
+            flat.append((str(gpu.index), gpu.uuid, gpu.memory_mib))
+    if cuda_visible is None:
+        return tuple(CudaDevice(uuid, mib) for _, uuid, mib in flat)
+    found: list[CudaDevice] = []
+    for entry in (part.strip() for part in cuda_visible.split(",")):
+        if not entry:
+            continue
+        match = next(
+            (CudaDevice(uuid, mib) for index, uuid, mib in flat if entry in (index, uuid)), None
+        )
+        found.append(match or CudaDevice(entry, None))
+    return tuple(found)
+
+
+@dataclass(frozen=True)
 class Capacity:
     """How many limit slots a worker gets, and where that number came from."""
 

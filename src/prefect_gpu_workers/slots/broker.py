@@ -36,6 +36,16 @@ was lost keeps its slot counted after it exits, as in Prefect today (use the fil
 system lease storage for servers that restart). A limit deleted and recreated
 while slots are held is re-counted: the broker takes fresh leases on the new limit
 for its live holders.
+
+Memory and other limits: a step may ask for GPU memory (``memory_gib``); the
+queue places it on one of the worker's GPUs with room (``grants``) and the
+grant names that GPU. The broker then holds, beside the slot lease, a lease of
+the worker's memory limit ``<prefix>-memory:<worker>`` for the step's GiB, and
+one of each ``also`` limit, taken one after the other in that order (``also`` by
+name), so that brokers taking the same global limits never wait on each other
+in a circle. Each is a companion holder with its own lease, renewed, re-counted
+and given back exactly as the slot lease is; a grant with companions never
+passes its leases on.
 """
 
 from __future__ import annotations
@@ -60,13 +70,14 @@ import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
-from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, parse_limit_name
+from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, MEMORY_LIMIT_SUFFIX, parse_limit_name
 from prefect_gpu_workers.procfs import env_value
 from prefect_gpu_workers.slots.give_back import GiveBacks
 from prefect_gpu_workers.slots.grants import (
     GrantQueue,
     Refusal,
     Unserviceable,
+    WorkerGpu,
     admission,
     intake_open,
 )
@@ -83,7 +94,7 @@ from prefect_gpu_workers.slots.prefect_io import (
     transient,
 )
 from prefect_gpu_workers.slots.upkeep import Upkeep
-from prefect_gpu_workers.slots.wire import decode, encode, parse_acquire
+from prefect_gpu_workers.slots.wire import AcquireRequest, decode, encode, parse_acquire
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +114,10 @@ MAX_CONNECTIONS = 512
 
 class BrokerBusy(Exception):
     """The broker serves :data:`MAX_CONNECTIONS` connections already."""
+
+
+class Abandoned(Exception):
+    """The step left while the broker was still taking its grant's leases."""
 
 
 class Refused(Exception):
@@ -156,6 +171,9 @@ class SlotBroker:
             renewal and grant behind it that long).
         httpx_settings: passed to Prefect's client (the simulation puts its
             model of Prefect there as the transport).
+        gpus: the worker's GPUs, in the order its steps address them, for
+            memory requests; a GPU of unknown memory gets an even share of the
+            memory limit. Default: one GPU of unknown memory.
     """
 
     def __init__(
@@ -170,8 +188,10 @@ class SlotBroker:
         clock: Callable[[], float] = time.monotonic,
         request_timeout_s: float = 10.0,
         httpx_settings: dict[str, Any] | None = None,
+        gpus: tuple[WorkerGpu, ...] = (WorkerGpu(0),),
     ) -> None:
         self.worker_id = worker_id
+        self.gpus = gpus
         self._httpx_settings = {
             "timeout": httpx.Timeout(request_timeout_s),
             **(httpx_settings or {}),
@@ -322,18 +342,34 @@ class SlotBroker:
         """Per limit: capacity, slots held, waiters and the slots they ask for."""
         return {
             name: {
-                "capacity": slots.queue.capacity,
-                "held": slots.queue.held_slots,
+                "capacity": slots.info.limit if slots.companion else slots.queue.capacity,
+                "held": self._companion_held(name) if slots.companion else slots.queue.held_slots,
                 "waiters": slots.queue.waiters,
                 "waiting_slots": slots.queue.waiting_slots,
             }
             for name, slots in self._limits.items()
         }
 
+    def _companion_held(self, name: str) -> int:
+        return sum(h.occupy for h in self._holders.values() if h.limit == name and h.lease)
+
+    def placements(self) -> list[dict[str, Any]]:
+        """Per GPU of this worker: its memory and the GiB placed on it now."""
+        placed: dict[int, int] = {}
+        for slots in self._limits.values():
+            for position, used in enumerate(slots.queue.gpu_used):
+                placed[position] = placed.get(position, 0) + used
+        return [
+            {"position": gpu.position, "uuid": gpu.uuid, "memory_gib": gpu.memory_gib,
+             "placed_gib": placed.get(gpu.position, 0)}
+            for gpu in self.gpus
+        ]  # fmt: skip
+
     def describe(self) -> dict[str, Any]:
         """The snapshot plus counters since start (what the ``stats`` op answers)."""
         return {
             "limits": self.snapshot(),
+            "gpus": self.placements(),
             "holders": [
                 {
                     "limit": h.limit,
@@ -444,12 +480,51 @@ class SlotBroker:
         if parsed is None or parsed[1] != self.worker_id:
             raise ValueError(f"{name!r} is not a limit of worker {self.worker_id!r}")
         slots = self._limits.get(name)
-        if slots is not None:
-            return slots
+        if slots is None:
+            slots = await self._read_slots(name, attempts, companion=False)
+        if slots.companion:
+            raise ValueError(f"{name!r} is held alongside GPU grants here, not queued for")
+        return slots
+
+    async def _companion_slots(self, name: str) -> LimitSlots:
+        """A limit held with a grant (the memory limit, an ``also`` limit), read if new.
+
+        Raises:
+            ValueError: it is one of this worker's queued limits.
+            LimitUnusable: missing or inactive.
+        """
+        slots = self._limits.get(name)
+        if slots is None:
+            slots = await self._read_slots(name, None, companion=True)
+        if not slots.companion:
+            raise ValueError(f"{name!r} is a limit steps queue for here, not one held beside")
+        return slots
+
+    async def _read_slots(self, name: str, attempts: int | None, companion: bool) -> LimitSlots:
         info = await self._read_limit_patiently(name, attempts)
         if info is None or not info.active:
             raise LimitUnusable(f"limit {name!r} is missing or inactive")
-        return self._limits.setdefault(name, LimitSlots(name, info, GrantQueue(info.limit)))
+        queue = GrantQueue(max(info.limit, 1))
+        return self._limits.setdefault(name, LimitSlots(name, info, queue, companion=companion))
+
+    async def _placing(self, slots: LimitSlots) -> LimitSlots:
+        """The memory limit of ``slots``' worker, its GPUs set on ``slots``' queue.
+
+        GPUs of unknown memory share the memory limit evenly (the operator sized
+        it from the node's label); a resized limit is seen here at the next
+        memory request after the broker's next read of it.
+
+        Raises:
+            LimitUnusable: the memory limit is missing or inactive.
+        """
+        prefix, worker = parse_limit_name(slots.name) or ("", "")
+        memory = await self._companion_slots(f"{prefix}{MEMORY_LIMIT_SUFFIX}:{worker}")
+        share = memory.info.limit // max(len(self.gpus), 1)
+        gpus = tuple(share if g.memory_gib is None else g.memory_gib for g in self.gpus)
+        if gpus != slots.queue.gpus:
+            for ticket in slots.queue.set_gpus(gpus):
+                self._holders[ticket].refuse(f"GPU memory of {slots.name} shrank to {gpus} GiB")
+        return memory
 
     async def _read_limit_patiently(self, name: str, attempts: int | None) -> LimitInfo | None:
         for attempt in itertools.count(1):
@@ -471,6 +546,7 @@ class SlotBroker:
         acquire = parse_acquire(request)  # ValueError: answered as a bad request
         occupy = acquire.occupy
         slots = await self._limit_slots(acquire.limit)
+        companion_limits = await self._companion_limits(acquire, slots)
         holder_info = None
         if acquire.holder is not None:
             # The holder only labels the lease in Prefect's UI: a shape Prefect
@@ -484,10 +560,16 @@ class SlotBroker:
             # A flow run's lease is labelled with that run, not what its step says.
             with contextlib.suppress(ValueError):
                 holder_info = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id))
-        slots.queue.request(ticket, occupy)
+        slots.queue.request(ticket, occupy, acquire.memory_gib)
         holder = Holder(ticket, slots.name, occupy, holder_info, self.clock())
-        holder.pid, holder.run_id = pid, run_id
-        self._holders[ticket] = holder
+        holder.pid, holder.run_id, holder.memory_gib = pid, run_id, acquire.memory_gib
+        holder.companions = tuple(
+            Holder(next(self._tickets), name, slots_asked, holder_info, holder.queued_at)
+            for name, slots_asked in companion_limits
+        )
+        for member in holder.group:
+            member.pid, member.run_id = pid, run_id
+            self._holders[member.ticket] = member
         # Anything the client sends or its disconnection ends the wait or the grant.
         client_done = asyncio.ensure_future(reader.readline())
         try:
@@ -504,22 +586,15 @@ class SlotBroker:
             acquiring = asyncio.ensure_future(self._acquire(holder, slots))
             await asyncio.wait({acquiring, client_done}, return_when=asyncio.FIRST_COMPLETED)
             if not acquiring.done():
+                holder.abandoned = True  # no further lease is waited for
                 with contextlib.suppress(Exception):
                     await acquiring
                 return
             acquiring.result()  # LimitUnusable ends the request with an error
-            assert holder.lease is not None
-            writer.write(
-                encode(
-                    {
-                        "event": "granted",
-                        "lease_id": str(holder.lease.id),
-                        "waited_s": round(holder.leased_at - holder.queued_at, 6),
-                    }
-                )
-            )
+            writer.write(encode(self._granted_message(holder, slots)))
             await writer.drain()
-            holder.phase = Phase.ANNOUNCED
+            for member in holder.group:
+                member.phase = Phase.ANNOUNCED
             line = await client_done
             await self._finish(holder, slots)
             if not line:  # died or left without a release: its slots are back now
@@ -532,6 +607,45 @@ class SlotBroker:
                 client_done.cancel()
             if ticket in self._holders:
                 await self._finish(holder, slots)
+
+    async def _companion_limits(
+        self, acquire: AcquireRequest, slots: LimitSlots
+    ) -> list[tuple[str, int]]:
+        """The limits held beside the slot lease, in the order they are taken.
+
+        Raises:
+            LimitUnusable: one is missing or inactive (the step fails closed).
+            Unserviceable: one can never hold what is asked of it.
+        """
+        held: list[tuple[str, int]] = []
+        if acquire.memory_gib is not None:
+            memory = await self._placing(slots)
+            held.append((memory.name, acquire.memory_gib))
+        for name, occupy in acquire.also:
+            held.append((name, occupy))
+        for name, occupy in held:
+            size = (await self._companion_slots(name)).info.limit
+            if occupy > size:
+                raise Unserviceable(f"{occupy} asked of {name!r}, a limit of {size}")
+        return held
+
+    def _granted_message(self, holder: Holder, slots: LimitSlots) -> dict[str, Any]:
+        assert holder.lease is not None
+        message: dict[str, Any] = {
+            "event": "granted",
+            "lease_id": str(holder.lease.id),
+            "lease_ids": [str(m.lease.id) for m in holder.group if m.lease is not None],
+            "waited_s": round(holder.leased_at - holder.queued_at, 6),
+        }
+        position = slots.queue.placement(holder.ticket)
+        if position is not None:
+            gpu = self.gpus[position] if position < len(self.gpus) else WorkerGpu(position)
+            message["gpu"] = {
+                "position": position,
+                "uuid": gpu.uuid,
+                "memory_gib": slots.queue.gpus[position],
+            }
+        return message
 
     def _admit(self, pid: int | None, run_id: str | None, slots: LimitSlots, occupy: int) -> None:
         """Raise :class:`Refused` unless the process may queue (:func:`grants.admission`)."""
@@ -557,13 +671,26 @@ class SlotBroker:
             )
 
     async def _acquire(self, holder: Holder, slots: LimitSlots) -> None:
-        if holder.lease is not None:  # passed on by the step before it (_pass_lease)
-            self._granted(holder, slots)
-            return
+        """Take the grant's leases one after the other: the slot's, then its companions'."""
+        for member in holder.group:
+            if member.lease is None:  # else passed on by the step before it (_pass_lease)
+                await self._take_lease(member, holder)
+        self._granted(holder, slots)
+
+    async def _take_lease(self, member: Holder, grant: Holder) -> None:
+        """Try until Prefect grants ``member``'s lease; stop between tries once the
+        step is gone (a lease taken meanwhile is given back with the grant's).
+
+        Raises:
+            Abandoned: the step left.
+            LimitUnusable: the limit is gone or too small.
+        """
         attempt = 0
         while True:
+            if grant.abandoned and member is not grant:
+                raise Abandoned(f"the step left while {member.limit} was taken")
             try:
-                outcome = await self.prefect.try_acquire(holder.limit, holder.occupy, holder.holder)
+                outcome = await self.prefect.try_acquire(member.limit, member.occupy, member.holder)
             except Exception as exc:
                 if not transient(exc):
                     raise
@@ -571,8 +698,7 @@ class SlotBroker:
                 await asyncio.sleep(min(0.25 * attempt, 2.0))
                 continue
             if isinstance(outcome, Lease):
-                holder.take_lease(outcome, self.clock())
-                self._granted(holder, slots)
+                member.take_lease(outcome, self.clock())
                 return
             await asyncio.sleep(outcome)
 
@@ -591,19 +717,24 @@ class SlotBroker:
         locally; then grant the next waiters."""
         if self._holders.pop(holder.ticket, None) is None:
             return
+        for companion in holder.companions:
+            self._holders.pop(companion.ticket, None)
         if holder.lease is not None and slots.queue.waiters:
             # The handoff gap runs from here to the next waiter's lease.
             slots.released_with_waiters_at = self.clock()
         self._pass_lease(holder, slots)
-        if holder.lease is not None and self._closing and holder.phase is Phase.ANNOUNCED:
-            pass  # the step still runs and releases its own lease (see close)
-        elif holder.lease is not None:
-            task = self._spawn(self._give_backs.give_back(holder, retry=True))
-            # A server that is down must not hold the step's exit: the give-back
-            # goes on in the background, and Prefect refuses the next waiter's
-            # lease until it lands, so nothing runs past the limit meanwhile.
+        leased = [member for member in holder.group if member.lease is not None]
+        if leased and self._closing and holder.phase is Phase.ANNOUNCED:
+            pass  # the step still runs and releases its own leases (see close)
+        elif leased:
+            give_backs = [
+                self._spawn(self._give_backs.give_back(member, retry=True)) for member in leased
+            ]
+            # A server that is down must not hold the step's exit: the give-backs
+            # go on in the background, and Prefect refuses the next waiter's
+            # leases until they land, so nothing runs past a limit meanwhile.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
+                await asyncio.wait_for(asyncio.shield(asyncio.gather(*give_backs)), timeout=5.0)
         slots.queue.cancel(holder.ticket)
         self._dispatch(slots)
 
@@ -617,6 +748,8 @@ class SlotBroker:
         """
         if holder.lease is None or holder.hold is not LeaseHold.ALIVE or self._closing:
             return
+        if holder.companions:
+            return  # its heir would need the same companions: each gives back its own
         if self.clock() - holder.renewed_at >= holder.lease.duration:
             # Not renewed within its duration (the server was away): the
             # repossessor may have taken it, and an heir on it would run
@@ -624,7 +757,7 @@ class SlotBroker:
             return
         ticket = slots.queue.heir(holder.ticket)
         heir = self._holders.get(ticket) if ticket is not None else None
-        if heir is None or heir.lease is not None:
+        if heir is None or heir.lease is not None or heir.companions:
             return
         heir.take_lease(holder.lease, holder.renewed_at)
         holder.lease = None

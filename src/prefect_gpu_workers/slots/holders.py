@@ -50,6 +50,16 @@ class Holder:
     renewed_at: float = 0.0
     pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
     run_id: str | None = None  # that process's flow run (its PREFECT__FLOW_RUN_ID)
+    # The other limits held with this grant, in the order their leases are
+    # taken (the memory limit, then ``also`` by name); each its own lease.
+    companions: tuple[Holder, ...] = ()
+    memory_gib: int | None = None  # GPU memory asked for (placed by the queue)
+    abandoned: bool = False  # the step left before all its leases were taken
+
+    @property
+    def group(self) -> tuple[Holder, ...]:
+        """This holder and its companions: every lease of the grant."""
+        return (self, *self.companions)
 
     def grant(self) -> None:
         """Its turn came: the broker takes its lease now."""
@@ -73,6 +83,9 @@ class LimitSlots:
     info: LimitInfo
     queue: GrantQueue
     released_with_waiters_at: float | None = None
+    # Held only alongside another limit's grants (a memory limit, an ``also``
+    # limit): nobody queues here, Prefect alone decides.
+    companion: bool = False
 
 
 @dataclass

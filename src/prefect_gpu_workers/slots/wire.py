@@ -11,10 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 # Wire format: one JSON object per line, UTF-8, over a Unix stream socket.
-# client -> broker: {"op": "acquire", "limit": NAME, "occupy": N, "holder": {...} | null}
+# client -> broker: {"op": "acquire", "limit": NAME, "occupy": N, "holder": {...} | null,
+#                    "memory_gib": G (optional: placed on one GPU, held in the memory limit),
+#                    "also": {LIMIT: N, ...} (optional: other limits held with the grant)}
 #                   {"op": "release"}
 #                   {"op": "stats"}
-# broker -> client: {"event": "granted", "lease_id": ID, "waited_s": S}
+# broker -> client: {"event": "granted", "lease_id": ID, "waited_s": S,
+#                    "lease_ids": [ID, ...] (every lease of the grant, the slot's first),
+#                    "gpu": {"position": P, "uuid": U, "memory_gib": G} (memory requests)}
 #                   {"event": "released"}
 #                   {"event": "error", "kind": KIND, "message": TEXT}
 #   KIND: bad_request, limit_unusable, busy (connection cap), broker (its own
@@ -22,6 +26,8 @@ from typing import Any
 #                   {"event": "stats", ...}
 # The connection's lifetime is the grant's: closing it (or dying) releases.
 MAX_MESSAGE_BYTES = 4096
+# Other limits one request may hold with its grant (``also``).
+MAX_ALSO = 8
 
 
 @dataclass(frozen=True)
@@ -31,15 +37,19 @@ class AcquireRequest:
     limit: str
     occupy: int
     holder: dict[str, Any] | None
+    memory_gib: int | None = None
+    also: tuple[tuple[str, int], ...] = ()  # sorted by name: the order they are taken in
 
 
 def parse_acquire(message: dict[str, Any]) -> AcquireRequest:
     """Check an ``acquire`` message; a bad field is a one-line error naming it.
 
     Raises:
-        ValueError: ``limit`` is not a non-empty string, ``occupy`` not a whole
-            number of at least 1 (``true``, ``1.5`` and ``null`` are refused,
-            not rounded), or ``holder`` neither an object nor null.
+        ValueError: ``limit`` is not a non-empty string, ``occupy`` or
+            ``memory_gib`` not a whole number of at least 1 (``true``, ``1.5`` and
+            ``null`` are refused, not rounded), ``holder`` neither an object nor
+            null, or ``also`` not an object of at most :data:`MAX_ALSO` limit
+            names to whole numbers, or naming ``limit`` itself.
 
     Example:
         >>> parse_acquire({"op": "acquire", "limit": "gpu:w", "occupy": 2}).occupy
@@ -48,17 +58,33 @@ def parse_acquire(message: dict[str, Any]) -> AcquireRequest:
         Traceback (most recent call last):
         ...
         ValueError: occupy must be a whole number of slots >= 1, got true
+        >>> parse_acquire({"limit": "gpu:w", "memory_gib": 20, "also": {"b": 1, "a": 2}}).also
+        (('a', 2), ('b', 1))
     """
     limit = message.get("limit")
     if not isinstance(limit, str) or not limit:
         raise ValueError(f"limit must be a limit's name, got {json.dumps(limit)}")
-    occupy = message.get("occupy", 1)
-    if isinstance(occupy, bool) or not isinstance(occupy, int) or occupy < 1:
-        raise ValueError(f"occupy must be a whole number of slots >= 1, got {json.dumps(occupy)}")
+    occupy = _whole(message.get("occupy", 1), "occupy", "slots")
     holder = message.get("holder")
     if holder is not None and not isinstance(holder, dict):
         raise ValueError(f"holder must be an object or null, got {json.dumps(holder)}")
-    return AcquireRequest(limit, occupy, holder)
+    memory = message.get("memory_gib")
+    memory_gib = None if memory is None else _whole(memory, "memory_gib", "GiB")
+    also = message.get("also") or {}
+    if not isinstance(also, dict) or len(also) > MAX_ALSO:
+        raise ValueError(f"also must be an object of at most {MAX_ALSO} limits to slots")
+    for name, slots in also.items():
+        if not name or name == limit:
+            raise ValueError(f"also names {json.dumps(name)}: a limit other than {limit}")
+        _whole(slots, f"also[{name}]", "slots")
+    return AcquireRequest(limit, occupy, holder, memory_gib, tuple(sorted(also.items())))
+
+
+def _whole(value: Any, field: str, unit: str) -> int:
+    """``value`` if it is a whole number >= 1 (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field} must be a whole number of {unit} >= 1, got {json.dumps(value)}")
+    return value
 
 
 def encode(message: dict[str, Any]) -> bytes:

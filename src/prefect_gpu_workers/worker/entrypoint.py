@@ -40,11 +40,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect_gpu_workers.commands import DEFAULT_LAUNCHER, DRAIN_MARGIN_S, LAUNCHERS
+from prefect_gpu_workers.gpu import cuda_devices, detect_gpus
 from prefect_gpu_workers.naming import (
     BROKER_LEASE_ENV,
     FLOW_RUN_ID_ENV,
     SLOT_BROKER_ENV,
     WORKER_ID_ENV,
+    gib_capacity,
+    parse_memory_mib,
     worker_id_from_env,
 )
 from prefect_gpu_workers.procfs import descendants, pids_with_env
@@ -53,6 +56,7 @@ from prefect_gpu_workers.slots.client import (
     GpuSlotRequest,
     read_limit,
 )
+from prefect_gpu_workers.slots.grants import WorkerGpu
 from prefect_gpu_workers.worker.drain import (
     DEFAULT_DRAIN_S,
     WORKER_NAME_LABEL,
@@ -717,6 +721,36 @@ def _new_worker(
     )
 
 
+def broker_gpus(stated_gpus: int | None, stated_memory: str | None) -> tuple[WorkerGpu, ...]:
+    """The GPUs this worker's broker places memory requests on, in CUDA's order.
+
+    Stated memory (``--gpu-memory``) wins, over ``--gpus`` GPUs (else those
+    CUDA sees, else one); else the memory NVML reports for each device this
+    process sees (``CUDA_VISIBLE_DEVICES`` respected, MIG instances as GPUs);
+    else ``--gpus`` (default 1) GPUs sharing the memory limit evenly.
+    """
+    devices = cuda_devices(detect_gpus(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if stated_memory is not None:
+        gib = gib_capacity(parse_memory_mib(stated_memory))
+        count = stated_gpus or len(devices) or 1
+        uuids = [d.uuid for d in devices[:count]] + [""] * count
+        return tuple(WorkerGpu(i, uuids[i], gib) for i in range(count))
+    if devices and all(d.memory_mib is not None for d in devices):
+        return tuple(
+            WorkerGpu(i, d.uuid, gib_capacity(d.memory_mib or 0)) for i, d in enumerate(devices)
+        )
+    return tuple(WorkerGpu(i) for i in range(stated_gpus or len(devices) or 1))
+
+
+def describe_gpus(gpus: tuple[WorkerGpu, ...]) -> str:
+    """One line: each GPU's device and memory (or its share of the memory limit)."""
+    return ", ".join(
+        f"{gpu.device} {gpu.memory_gib} GiB" if gpu.memory_gib is not None
+        else f"{gpu.device} (a share of the memory limit)"
+        for gpu in gpus
+    )  # fmt: skip
+
+
 async def serve_worker(
     pool: str,
     worker_id: str,
@@ -728,6 +762,7 @@ async def serve_worker(
     metrics_socket: Path | None = None,
     drain_s: float = DEFAULT_DRAIN_S,
     launcher: WarmLauncher | None = None,
+    gpus: tuple[WorkerGpu, ...] = (WorkerGpu(0),),
 ) -> DrainReport | None:
     """Run the slot broker and the Prefect process worker in this event loop until drained."""
     from prefect_gpu_workers.slots.broker import SlotBroker
@@ -735,10 +770,11 @@ async def serve_worker(
     lease_s = float(os.environ.get(BROKER_LEASE_ENV) or DEFAULT_LEASE_S)
     if lease_s < MIN_LEASE_S:
         raise ValueError(f"{BROKER_LEASE_ENV}={lease_s:g}: Prefect's shortest lease is 60 s")
-    async with SlotBroker(worker_id, socket_path, lease_duration=lease_s) as broker:
+    async with SlotBroker(worker_id, socket_path, lease_duration=lease_s, gpus=gpus) as broker:
         await broker.watch(request.name)
         os.environ[SLOT_BROKER_ENV] = str(broker.socket_path)
         print(f"slot broker for {request.name} on {broker.socket_path}", flush=True)
+        print(f"memory requests are placed on {describe_gpus(gpus)}", flush=True)
         metrics_server = None
         if metrics_socket is not None:
             from prefect_gpu_workers.slots.metrics import serve_metrics
@@ -783,6 +819,8 @@ def run_worker(
     drain_s: float = DEFAULT_DRAIN_S,
     launcher: str = DEFAULT_LAUNCHER,
     preload: list[str] | None = None,
+    gpus: int | None = None,
+    gpu_memory: str | None = None,
 ) -> None:
     """Wait for the limit, then serve the broker and the Prefect worker until drained.
 
@@ -823,6 +861,7 @@ def run_worker(
                 metrics_socket=metrics_socket,
                 drain_s=drain_s,
                 launcher=warm,
+                gpus=broker_gpus(gpus, gpu_memory),
             )
         )
 
