@@ -18,6 +18,9 @@ VERSION = "v1alpha1"
 PLURAL = "gpuworkerpools"
 KIND = "GpuWorkerPool"
 
+# spec.gpu.memory's value that reads each GPU's memory from the node's label.
+GPU_MEMORY_AUTO = "auto"
+
 # Label on every Deployment and pod of a pool; its value is the pool name.
 POOL_LABEL = f"{GROUP}/pool"
 WORKER_CONTAINER = "worker"
@@ -88,6 +91,9 @@ class PoolSpec:
     # spec.gpu.memoryPerSlot, a Kubernetes quantity ("20Gi"): slots per GPU
     # from the node's GPU memory label instead of slots_per_gpu.
     memory_per_slot: str | None
+    # spec.gpu.memory: "auto" (the node's GPU memory label) or each GPU's memory
+    # ("80Gi"): each worker also gets a GPU memory limit. None: no memory limit.
+    gpu_memory: str | None = None
     finalizer_timeout_s: int = int(DEFAULTS["prefect.finalizerTimeoutSeconds"])
 
     @classmethod
@@ -116,5 +122,6 @@ class PoolSpec:
             drain_grace_period_s=int(spec_value(spec, "worker.drainGracePeriodSeconds")),
             pod_template=dict(spec["worker"].get("podTemplate") or {}),
             memory_per_slot=(spec.get("gpu") or {}).get("memoryPerSlot"),
+            gpu_memory=(spec.get("gpu") or {}).get("memory"),
             finalizer_timeout_s=int(spec_value(spec, "prefect.finalizerTimeoutSeconds")),
         )
