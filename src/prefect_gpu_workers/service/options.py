@@ -6,9 +6,11 @@ Kept beside the service so that the top-level CLI only registers them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -20,17 +22,23 @@ from prefect_gpu_workers.argtypes import (
     positive_int,
 )
 from prefect_gpu_workers.commands import DEFAULT_LAUNCHER, LAUNCHERS
-from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, LIMIT_PREFIX_ENV
+from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, LIMIT_PREFIX_ENV, parse_memory_mib
 from prefect_gpu_workers.service.sizing import parse_memory_size
 
 DEFAULT_DRAIN_TIMEOUT_S = 300.0
 
 
-def _memory(text: str) -> int:
-    try:
-        return parse_memory_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _argument(parse: Callable[[str], int]) -> Callable[[str], int]:
+    """``parse`` as an argparse type: its ValueError becomes a usage error with its message."""
+
+    @functools.wraps(parse)
+    def parsed(text: str) -> int:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parsed
 
 
 def add_start_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,7 +64,7 @@ def add_start_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     sizing = start.add_mutually_exclusive_group()
     sizing.add_argument(
         "--memory-per-slot",
-        type=_memory,
+        type=_argument(parse_memory_size),
         metavar="SIZE",
         help="GPU memory one GPU step needs (20GiB): slots = floor(GPU memory / SIZE), at least 1",
     )
@@ -67,6 +75,16 @@ def add_start_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "--gpus",
         type=positive_int,
         help="GPUs of this machine when NVML finds none (stated capacity)",
+    )
+    start.add_argument(
+        "--gpu-memory",
+        type=_argument(parse_memory_mib),
+        metavar="SIZE",
+        help="each GPU's memory (80GiB, 80Gi, 80GB; a bare number is GiB) when NVML finds none, "
+        "with --gpus. Where the GPUs' memory is known (NVML's own, else this), each worker "
+        "gets a second limit <prefix>-memory:<worker> of its GPUs' memory in whole GiB; "
+        "without it, none. Where NVML finds GPUs their memory is used, and a SIZE that "
+        "differs from it (in whole GiB) is refused",
     )
     start.add_argument(
         "--flow-runs", type=positive_int, help="flow runs per worker at once (3 per GPU slot)"
@@ -101,9 +119,10 @@ def add_status_parser(commands: argparse._SubParsersAction[argparse.ArgumentPars
     """Register ``status`` on the top-level CLI's subcommands."""
     status = commands.add_parser(
         "status",
-        help="GPU limits, slots in use and the workers behind them",
-        description="One row per limit <prefix>:<worker id>: slots in use of its size, and the "
-        "Prefect worker of that name (pool, status, last heartbeat).",
+        help="GPU limits, slots and GPU memory in use, and the workers behind them",
+        description="One row per worker id with a limit <prefix>:<worker id>: slots in use of "
+        "its size, GiB in use of its memory limit <prefix>-memory:<worker id> where it has one, "
+        "and the Prefect worker of that name (pool, status, last heartbeat).",
     )
     status.add_argument("--pool", help="only this work pool's workers and their limits")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -142,6 +161,7 @@ def run_start(args: argparse.Namespace, console: Console) -> int:
         memory_per_slot=args.memory_per_slot,
         slots_per_gpu=args.slots_per_gpu,
         gpus=args.gpus,
+        gpu_memory_mib=args.gpu_memory,
         flow_runs=args.flow_runs,
         drain_timeout_s=args.drain_timeout,
         limit_prefix=args.limit_prefix,

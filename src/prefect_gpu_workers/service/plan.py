@@ -2,11 +2,14 @@
 
 - Devices: the GPUs NVML finds; a GPU in MIG mode counts as its MIG instances
   (each is a device of its own to CUDA, addressed by its ``MIG-...`` UUID).
-  Stated capacity (``--gpus N``) applies only when NVML finds no GPU.
+  Stated capacity (``--gpus N``, each GPU's memory with ``--gpu-memory``)
+  applies only when NVML finds no GPU.
 - Workers: one named ``<id>`` over every device, or with ``--per-gpu`` one per
   device named ``<id>-gpu<index>`` (``<id>-gpu<index>-mig<k>`` for a MIG
   instance) and pinned with ``CUDA_VISIBLE_DEVICES``. Each has its own limit
-  ``<limit prefix>:<worker name>``.
+  ``<limit prefix>:<worker name>``, and where its devices' memory is known
+  a memory limit ``<limit prefix>-memory:<worker name>`` of that memory in
+  whole GiB (each device rounded down on its own).
 - Slots: ``--slots-per-gpu`` per device, or ``--memory-per-slot`` from each
   device's memory (see :mod:`.sizing`).
 - Liveness: a worker name is *live* when a Prefect worker of that name is
@@ -26,8 +29,16 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from prefect_gpu_workers.gpu import GpuInventory
-from prefect_gpu_workers.naming import LIMIT_PREFIX_ENV, WORKER_ID_ENV, limit_name
-from prefect_gpu_workers.service.sizing import format_bytes, slots_for_memory
+from prefect_gpu_workers.naming import (
+    LIMIT_PREFIX_ENV,
+    MEMORY_LIMIT_SUFFIX,
+    MIB_PER_GIB,
+    WORKER_ID_ENV,
+    gib_capacity,
+    limit_name,
+    memory_limit_name,
+)
+from prefect_gpu_workers.service.sizing import MIB, format_bytes, slots_for_memory
 
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 # Set on every worker a service starts, inherited by its flow-run processes
@@ -51,15 +62,39 @@ class Device:
     label: str  # "gpu0", "gpu1-mig2": the suffix of a per-GPU worker name
     visible_id: str  # the CUDA_VISIBLE_DEVICES value: a UUID, or an index when none is known
     description: str
-    memory_mib: int | None  # None for stated capacity (NVML found nothing)
+    # NVML's, or the stated --gpu-memory; None: unknown (stated capacity alone)
+    memory_mib: int | None
 
 
-def devices_from(inventory: GpuInventory, stated_gpus: int | None) -> tuple[Device, ...]:
-    """The devices to plan for: NVML's (MIG instances as devices), else ``stated_gpus``.
+def memory_text(mib: int) -> str:
+    """A memory size as the worker's ``--gpu-memory`` takes it: ``40GiB``, else ``81559MiB``.
+
+    Example:
+        >>> memory_text(40960), memory_text(81559)
+        ('40GiB', '81559MiB')
+    """
+    gib, rest = divmod(mib, MIB_PER_GIB)
+    return f"{gib}GiB" if not rest else f"{mib}MiB"
+
+
+def devices_from(
+    inventory: GpuInventory, stated_gpus: int | None, stated_memory_mib: int | None = None
+) -> tuple[Device, ...]:
+    """The devices to plan for: NVML's (MIG instances as devices), else ``stated_gpus``
+    GPUs of ``stated_memory_mib`` each (unknown memory when not stated).
+
+    NVML wins where it finds GPUs: a stated count or memory is only a check
+    there, and one that differs (memory: in whole GiB, what a memory limit
+    counts) is an error, never silently ignored.
 
     Raises:
-        ValueError: neither gives a device, or ``stated_gpus`` contradicts NVML.
+        ValueError: neither gives a device, ``stated_gpus`` or
+            ``stated_memory_mib`` contradicts NVML, or a stated memory under 1 GiB.
     """
+    if stated_memory_mib is not None and gib_capacity(stated_memory_mib) < 1:
+        raise ValueError(
+            f"--gpu-memory {stated_memory_mib} MiB is under 1 GiB, the unit of a memory limit"
+        )
     if inventory.count:
         if stated_gpus is not None and stated_gpus != inventory.count:
             raise ValueError(
@@ -87,6 +122,7 @@ def devices_from(inventory: GpuInventory, stated_gpus: int | None) -> tuple[Devi
                         gpu.memory_mib,
                     )
                 )
+        _check_stated_memory(devices, stated_memory_mib)
         return tuple(devices)
     if stated_gpus is None:
         raise ValueError(
@@ -94,10 +130,27 @@ def devices_from(inventory: GpuInventory, stated_gpus: int | None) -> tuple[Devi
         )
     if stated_gpus < 1:
         raise ValueError(f"--gpus must be at least 1, got {stated_gpus}")
+    memory = "" if stated_memory_mib is None else f", {format_bytes(stated_memory_mib * MIB)}"
     return tuple(
-        Device(f"gpu{index}", str(index), f"GPU {index} (stated)", None)
+        Device(f"gpu{index}", str(index), f"GPU {index} (stated{memory})", stated_memory_mib)
         for index in range(stated_gpus)
     )
+
+
+def _check_stated_memory(devices: Sequence[Device], stated_mib: int | None) -> None:
+    if stated_mib is None:
+        return
+    differ = [
+        f"{device.description} = {gib_capacity(device.memory_mib or 0)} GiB"
+        for device in devices
+        if device.memory_mib is None or gib_capacity(device.memory_mib) != gib_capacity(stated_mib)
+    ]
+    if differ:
+        raise ValueError(
+            f"--gpu-memory {memory_text(stated_mib)} ({gib_capacity(stated_mib)} GiB) contradicts "
+            f"NVML, which finds {'; '.join(differ)}; drop --gpu-memory (it states each GPU's "
+            "memory only where NVML finds no GPU; NVML's own memory is used otherwise)"
+        )
 
 
 @dataclass(frozen=True)
@@ -114,8 +167,40 @@ Sizing = SlotsPerGpu | MemoryPerSlot
 
 
 @dataclass(frozen=True)
+class PlannedLimit:
+    """A Prefect global concurrency limit of a worker: its slot limit or its memory limit.
+
+    The service treats both alike: created fresh, recreated after a crash or
+    a takeover (never resized while its holders may be dead), put back as
+    planned when changed, deleted on stop.
+    """
+
+    name: str
+    size: int
+    unit: str  # what one unit of it is, for output: "slot(s)", "GiB"
+
+    def amount(self, count: int) -> str:
+        """``count`` in this limit's unit: ``2 slot(s)``, ``80 GiB``."""
+        return f"{count} {self.unit}"
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """A worker's GPU memory: its memory limit's size, and what its command line states.
+
+    ``gpus`` and ``gpu_memory`` are the worker's ``--gpus`` and ``--gpu-memory``
+    (its broker places memory requests on them); both ``None`` where its GPUs'
+    memory differs, so that the worker reads each GPU's own from NVML.
+    """
+
+    gib: int
+    gpus: int | None
+    gpu_memory: str | None
+
+
+@dataclass(frozen=True)
 class ServiceWorker:
-    """One Prefect worker the service runs, and its limit."""
+    """One Prefect worker the service runs, and its limits."""
 
     name: str  # the worker's WORKER_ID and Prefect worker name
     limit_prefix: str
@@ -123,10 +208,20 @@ class ServiceWorker:
     flow_runs: int
     visible_devices: str | None  # CUDA_VISIBLE_DEVICES; None: inherit (all devices)
     devices: tuple[str, ...]  # descriptions, for output
+    memory: WorkerMemory | None = None  # None: its devices' memory is unknown, no memory limit
 
     @property
     def limit_name(self) -> str:
         return limit_name(self.name, self.limit_prefix)
+
+    @property
+    def limits(self) -> tuple[PlannedLimit, ...]:
+        """Its slot limit, then its memory limit where its memory is known."""
+        slot_limit = PlannedLimit(self.limit_name, self.slots, "slot(s)")
+        if self.memory is None:
+            return (slot_limit,)
+        return slot_limit, PlannedLimit(memory_limit_name(self.name, self.limit_prefix),
+                                        self.memory.gib, "GiB")  # fmt: skip
 
     def env(self) -> dict[str, str]:
         """Variables this worker (and every flow run it starts) gets on top of the service's."""
@@ -154,11 +249,59 @@ def _device_slots(device: Device, sizing: Sizing) -> tuple[int, str]:
     if device.memory_mib is None:
         raise ValueError(
             f"--memory-per-slot {format_bytes(sizing.bytes_per_slot)} needs each GPU's memory, "
-            f"which NVML gives; {device.description} has none. With stated --gpus, size with "
-            "--slots-per-gpu"
+            f"which NVML gives; {device.description} has none. With stated --gpus, state "
+            "--gpu-memory too, or size with --slots-per-gpu"
         )
     sized = slots_for_memory(device.memory_mib, sizing.bytes_per_slot, device.description)
     return sized.slots, sized.message
+
+
+def worker_memory(devices: Sequence[Device]) -> WorkerMemory | None:
+    """The GPU memory of a worker over ``devices``; ``None`` when any device's is unknown.
+
+    Its memory limit is the sum of each device's memory in whole GiB, each
+    rounded down on its own (what :func:`~prefect_gpu_workers.naming.gib_capacity`
+    adds per GPU). Its command line states ``--gpus``/``--gpu-memory`` only
+    where every device has the same memory.
+
+    Raises:
+        ValueError: the devices hold under 1 GiB together (a memory limit of 0
+            would block every step that asks for memory).
+
+    Example:
+        >>> a100 = Device("gpu0", "0", "GPU 0", 81920)
+        >>> h100 = Device("gpu1", "1", "GPU 1", 81559)
+        >>> worker_memory([a100, a100])
+        WorkerMemory(gib=160, gpus=2, gpu_memory='80GiB')
+        >>> worker_memory([a100, h100])
+        WorkerMemory(gib=159, gpus=None, gpu_memory=None)
+    """
+    known = [device.memory_mib for device in devices if device.memory_mib is not None]
+    if not devices or len(known) < len(devices):
+        return None
+    gib = sum(gib_capacity(mib) for mib in known)
+    if gib < 1:
+        raise ValueError(
+            f"{', '.join(d.description for d in devices)}: under 1 GiB of GPU memory, "
+            "the unit of a memory limit"
+        )
+    if len(set(known)) > 1:
+        return WorkerMemory(gib, None, None)
+    return WorkerMemory(gib, len(known), memory_text(known[0]))
+
+
+def _worker_line(worker: ServiceWorker) -> str:
+    """One line per worker: its limits, flow runs, pinning and memory placement."""
+    limits = ", ".join(f"{limit.name} = {limit.amount(limit.size)}" for limit in worker.limits)
+    line = f"worker {worker.name}: limit(s) {limits}, {worker.flow_runs} flow run(s) at once"
+    if worker.visible_devices is not None:
+        line += f", {CUDA_VISIBLE_DEVICES}={worker.visible_devices}"
+    if worker.memory is not None:
+        if worker.memory.gpus is None:
+            line += ", GPU memory placed per GPU as the worker reads it from NVML (they differ)"
+        else:
+            line += f", GPU memory placed on {worker.memory.gpus} x {worker.memory.gpu_memory}"
+    return line
 
 
 def plan_service(
@@ -201,19 +344,20 @@ def plan_service(
         runs = flow_runs if flow_runs is not None else FLOW_RUNS_PER_SLOT * slots
         visible = ",".join(device.visible_id for device, _s, _m in group) if pinned else None
         return ServiceWorker(name, limit_prefix, slots, runs, visible,
-                             tuple(device.description for device, _s, _m in group))  # fmt: skip
+                             tuple(device.description for device, _s, _m in group),
+                             worker_memory([device for device, _s, _m in group]))  # fmt: skip
 
     if per_gpu:
         workers = tuple(worker(f"{worker_id}-{item[0].label}", [item], True) for item in sized)
     else:
         workers = (worker(worker_id, sized, False),)
-    for planned in workers:
-        pinned = planned.visible_devices
-        pinned = f", {CUDA_VISIBLE_DEVICES}={pinned}" if pinned is not None else ""
+    if any(planned.memory is None for planned in workers):
         messages.append(
-            f"worker {planned.name}: limit {planned.limit_name} = {planned.slots} slot(s), "
-            f"{planned.flow_runs} flow run(s) at once{pinned}"
+            "GPU memory unknown (NVML finds no GPU and no --gpu-memory is stated): no memory "
+            f"limit {limit_prefix}{MEMORY_LIMIT_SUFFIX}:<worker>; GPU steps are limited by "
+            "slots alone"
         )
+    messages.extend(_worker_line(planned) for planned in workers)
     return ServicePlan(workers, tuple(messages))
 
 

@@ -1,4 +1,4 @@
-"""The Prefect calls a ``start`` service makes: work pool, limits, worker records.
+"""The Prefect calls a ``start`` service makes: work pool, slot and memory limits, workers.
 
 Synchronous client (the service is a plain loop); every function takes the
 client so that a caller opens one per step. Pages of 200: the server caps one
@@ -8,7 +8,6 @@ read at ``PREFECT_API_DEFAULT_LIMIT``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from urllib.parse import quote
 
 import httpx
@@ -22,7 +21,7 @@ from prefect.client.schemas.objects import Worker, WorkPool
 from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-from prefect_gpu_workers.service.plan import WorkerSighting
+from prefect_gpu_workers.service.plan import PlannedLimit, WorkerSighting
 
 PAGE = 200
 
@@ -106,50 +105,53 @@ def all_limits(client: SyncPrefectClient) -> list[GlobalConcurrencyLimitResponse
             return limits
 
 
+def _create(client: SyncPrefectClient, limit: PlannedLimit) -> None:
+    client.create_global_concurrency_limit(
+        GlobalConcurrencyLimitCreate(name=limit.name, limit=limit.size, active=True)
+    )
+
+
 def recreate_limit(
-    client: SyncPrefectClient, name: str, slots: int, after_crash: bool = False
+    client: SyncPrefectClient, limit: PlannedLimit, after_crash: bool = False
 ) -> str:
-    """Create the limit fresh, deleting one of that name first; says what it found.
+    """Create the limit (a slot or a memory limit) fresh, deleting one of that
+    name first; says what it found.
 
     Only called once the name is known not to be live, or its worker crashed
-    and its flow runs were stopped: any slot the old limit holds belongs to a
+    and its flow runs were stopped: anything the old limit holds belongs to a
     dead holder. Leases of a deleted limit can never
     decrement a new limit of the same name (it has a new id and starts at 0),
     so recreating drops those slots instead of adding the new worker's on top.
     """
+    name, size = limit.name, limit.amount(limit.size)
     old = read_limit(client, name)
     if old is not None:
         client.delete_global_concurrency_limit_by_name(name)
-    client.create_global_concurrency_limit(
-        GlobalConcurrencyLimitCreate(name=name, limit=slots, active=True)
-    )
+    _create(client, limit)
     if old is None:
-        return f"created limit {name} with {slots} slot(s)"
-    held = f"{old.active_slots}/{old.limit} slot(s) held by dead holders"
+        return f"created limit {name} with {size}"
+    held = f"{old.active_slots}/{limit.amount(old.limit)} held by dead holders"
     if after_crash:
-        return (
-            f"recreated limit {name} after its worker crashed ({held}): {slots} slot(s), 0 in use"
-        )
+        return f"recreated limit {name} after its worker crashed ({held}): {size}, 0 in use"
     return (
         f"took over limit {name} left by a stopped service ({held}): "
-        f"recreated with {slots} slot(s), 0 in use"
+        f"recreated with {size}, 0 in use"
     )
 
 
-def enforce_limit(client: SyncPrefectClient, name: str, slots: int) -> str | None:
+def enforce_limit(client: SyncPrefectClient, limit: PlannedLimit) -> str | None:
     """Put the limit back as planned if someone changed it; a message when it acted."""
-    limit = read_limit(client, name)
-    if limit is None:
-        client.create_global_concurrency_limit(
-            GlobalConcurrencyLimitCreate(name=name, limit=slots, active=True)
-        )
-        return f"limit {name} was gone: created it again with {slots} slot(s)"
-    if limit.limit != slots or not limit.active:
+    name, size = limit.name, limit.amount(limit.size)
+    found = read_limit(client, name)
+    if found is None:
+        _create(client, limit)
+        return f"limit {name} was gone: created it again with {size}"
+    if found.limit != limit.size or not found.active:
         client.update_global_concurrency_limit(
-            name, GlobalConcurrencyLimitUpdate(limit=slots, active=True)
+            name, GlobalConcurrencyLimitUpdate(limit=limit.size, active=True)
         )
-        was = f"{limit.limit} slot(s){'' if limit.active else ', inactive'}"
-        return f"limit {name} had {was}: resized to {slots} slot(s), active"
+        was = f"{limit.amount(found.limit)}{'' if found.active else ', inactive'}"
+        return f"limit {name} had {was}: resized to {size}, active"
     return None
 
 
@@ -175,16 +177,3 @@ def delete_worker_record(client: SyncPrefectClient, pool: str, name: str) -> boo
             return False
         raise
     return True
-
-
-@dataclass(frozen=True)
-class LimitRow:
-    """One limit as ``status`` shows it, with the worker records of its worker id."""
-
-    name: str
-    limit_prefix: str
-    worker_id: str
-    size: int
-    in_use: int
-    active: bool
-    workers: tuple[WorkerSighting, ...]

@@ -7,12 +7,13 @@ Life of a service (each step said aloud):
    left with that name (its flow runs) is stopped;
 3. the process work pool is created if missing; a name whose Prefect worker is
    *live* (see :mod:`.plan`) is refused, with the reason;
-4. each limit is created fresh (a stale one of the same name, left by a crash,
-   is recreated: its slots belong to dead holders, so they are dropped rather
-   than doubled);
+4. each limit (a worker's slot limit, and its memory limit where its GPUs'
+   memory is known) is created fresh (a stale one of the same name, left by a
+   crash, is recreated: its slots belong to dead holders, so they are dropped
+   rather than doubled);
 5. each worker runs the worker entrypoint (``prefect-gpu-workers worker``), is
    restarted after a crash with backoff (its leftover flow runs stopped and its
-   limit recreated first), and the service exits 1 after a crash loop;
+   limits recreated first), and the service exits 1 after a crash loop;
    every 15 s the limits are put back as planned if someone changed them;
 6. on SIGTERM or Ctrl-C: SIGTERM to every worker (the entrypoint drains), wait
    up to the drain timeout (a second signal cuts it short), stop what is left,
@@ -88,6 +89,7 @@ class StartOptions:
     memory_per_slot: int | None = None  # bytes
     slots_per_gpu: int | None = None
     gpus: int | None = None
+    gpu_memory_mib: int | None = None  # each stated GPU's memory (--gpu-memory)
     flow_runs: int | None = None
     drain_timeout_s: float = 600.0
     limit_prefix: str = DEFAULT_LIMIT_PREFIX
@@ -115,6 +117,8 @@ def worker_argv(
         program=module_program(sys.executable),
         drain_s=drain_s,
         launcher=launcher,
+        gpus=None if worker.memory is None else worker.memory.gpus,
+        gpu_memory=None if worker.memory is None else worker.memory.gpu_memory,
     )
 
 
@@ -132,7 +136,7 @@ def build_plan(
     try:
         room = PER_GPU_SUFFIX_ROOM if options.per_gpu else 0
         choice = resolve_worker_id(options.worker_id, env, host_name, room)
-        devices = devices_from(inventory, options.gpus)
+        devices = devices_from(inventory, options.gpus, options.gpu_memory_mib)
         sizing = (
             MemoryPerSlot(options.memory_per_slot)
             if options.memory_per_slot is not None
@@ -294,8 +298,9 @@ class StartService:
             return EXIT_OK
         with self._client() as client:
             for worker in plan.workers:
-                self.created_limits.append(worker.limit_name)
-                self.say(prefect_ops.recreate_limit(client, worker.limit_name, worker.slots))
+                for limit in worker.limits:
+                    self.created_limits.append(limit.name)
+                    self.say(prefect_ops.recreate_limit(client, limit))
         for worker in plan.workers:
             self.running[worker.name] = _Running(worker)
             self._start(self.running[worker.name])
@@ -349,17 +354,15 @@ class StartService:
                      "giving up (exit 1)")  # fmt: skip
             return True
         delay = self.options.restart.delay(state.crashes)
-        worker = state.worker
+        limits = state.worker.limits
         try:
             with self._client() as client:
-                self.say(
-                    prefect_ops.recreate_limit(
-                        client, worker.limit_name, worker.slots, after_crash=True
-                    )
-                )
+                for limit in limits:
+                    self.say(prefect_ops.recreate_limit(client, limit, after_crash=True))
         except Exception as exc:  # the restarted entrypoint waits for its limit anyway
-            self.say(f"could not recreate limit {worker.limit_name} ({exc}); "
-                     "the next check puts it back")  # fmt: skip
+            names = ", ".join(limit.name for limit in limits)
+            self.say(f"could not recreate limit(s) {names} ({exc}); "
+                     "the next check puts them back")  # fmt: skip
         self.say(f"worker {name} exited with code {code}; restarting in {delay:.0f}s "
                  f"(crash {state.crashes} in a row)")  # fmt: skip
         state.restart_at = now + delay
@@ -369,10 +372,10 @@ class StartService:
         try:
             with self._client() as client:
                 for state in self.running.values():
-                    worker = state.worker
-                    changed = prefect_ops.enforce_limit(client, worker.limit_name, worker.slots)
-                    if changed:
-                        self.say(changed)
+                    for limit in state.worker.limits:
+                        changed = prefect_ops.enforce_limit(client, limit)
+                        if changed:
+                            self.say(changed)
         except Exception as exc:  # Prefect away for a while: the workers carry on
             self.say(f"could not check the limits ({type(exc).__name__}: {exc}); retrying")
 

@@ -1,11 +1,15 @@
 """``prefect-gpu-workers status``: limits, what holds them, and the workers behind them.
 
-A row per limit named ``{limit prefix}:{worker id}``: its size, the slots in
-use now (Prefect's ``active_slots``; Prefect keeps no list of lease holders,
-so the holder shown is the worker the limit belongs to) and that worker's
-Prefect record (status, last heartbeat). With ``--pool``, only the limits of
-that pool's workers, plus its workers that have no limit (their GPU steps fail
-closed with ``gpu_slot``, or run unlimited with a plain ``concurrency()``).
+A row per worker id with a limit named ``{limit prefix}:{worker id}``: its
+size, the slots in use now (Prefect's ``active_slots``; Prefect keeps no list
+of lease holders, so the holder shown is the worker the limit belongs to), its
+memory limit ``{limit prefix}-memory:{worker id}`` (GiB held of its size)
+where it has one, and that worker's Prefect record (status, last heartbeat).
+A prefix ending in ``-memory`` is read as a memory limit's (the naming
+contract's suffix); one whose slot limit is gone gets a row of its own. With
+``--pool``, only the limits of that pool's workers, plus its workers that have
+no limit (their GPU steps fail closed with ``gpu_slot``, or run unlimited with
+a plain ``concurrency()``).
 """
 
 from __future__ import annotations
@@ -18,20 +22,37 @@ from typing import Any
 from prefect.client.orchestration import SyncPrefectClient
 from rich.table import Table
 
-from prefect_gpu_workers.naming import parse_limit_name
+from prefect_gpu_workers.naming import MEMORY_LIMIT_SUFFIX, parse_limit_name
 from prefect_gpu_workers.service import prefect_ops
 from prefect_gpu_workers.service.plan import WorkerSighting
 
 
 @dataclass(frozen=True)
-class LimitStatus:
+class LimitUse:
+    """One Prefect limit: its size and what is held of it (slots, or GiB)."""
+
     name: str
-    limit_prefix: str
-    worker_id: str
     size: int
     in_use: int
     active: bool
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """A worker id's limits: its slot limit and its memory limit (either may be missing)."""
+
+    limit_prefix: str
+    worker_id: str
+    slots: LimitUse | None
+    memory: LimitUse | None
     workers: tuple[WorkerSighting, ...]
+
+    @property
+    def name(self) -> str:
+        """The slot limit's name, else the memory limit's."""
+        use = self.slots or self.memory
+        assert use is not None, "a row has at least one limit"
+        return use.name
 
 
 @dataclass(frozen=True)
@@ -52,26 +73,23 @@ def read_status(client: SyncPrefectClient, pool: str | None = None) -> PoolStatu
     by_name: dict[str, list[WorkerSighting]] = {}
     for seen in sightings:
         by_name.setdefault(seen.name, []).append(seen)
-    limits: list[LimitStatus] = []
+    # (limit prefix, worker id) -> [slot limit, memory limit]
+    rows: dict[tuple[str, str], list[LimitUse | None]] = {}
     for limit in prefect_ops.all_limits(client):
         parsed = parse_limit_name(limit.name)
         if parsed is None:
             continue  # not a per-worker limit
         prefix, worker_id = parsed
-        workers = tuple(by_name.get(worker_id, ()))
-        if pool is not None and not workers:
-            continue
-        limits.append(
-            LimitStatus(
-                limit.name,
-                prefix,
-                worker_id,
-                limit.limit,
-                limit.active_slots,
-                limit.active,
-                workers,
-            )
-        )
+        base = prefix.removesuffix(MEMORY_LIMIT_SUFFIX)
+        kind = 1 if base and base != prefix else 0
+        use = LimitUse(limit.name, limit.limit, limit.active_slots, limit.active)
+        rows.setdefault((base if kind else prefix, worker_id), [None, None])[kind] = use
+    limits = [
+        LimitStatus(prefix, worker_id, slots, memory, tuple(by_name.get(worker_id, ())))
+        for (prefix, worker_id), (slots, memory) in rows.items()
+    ]
+    if pool is not None:
+        limits = [status for status in limits if status.workers]
     limited = {status.worker_id for status in limits}
     without = tuple(s for s in sightings if s.name not in limited)
     return PoolStatus(tuple(sorted(limits, key=lambda s: s.name)), without)
@@ -99,21 +117,33 @@ def _worker_cells(workers: Sequence[WorkerSighting], now: datetime) -> tuple[str
     return pools, states, beats
 
 
+def _used(use: LimitUse | None, unit: str = "") -> str:
+    if use is None:
+        return "-"
+    used = f"{use.in_use}/{use.size}{unit}"
+    if not use.active:
+        return used + " [yellow](inactive)[/yellow]"
+    return f"[bold]{used}[/bold]" if use.in_use >= use.size else used
+
+
 def render_status(status: PoolStatus, now: datetime | None = None) -> Table:
-    """A table a person reads at a glance: one row per limit, then workers without one."""
+    """A table a person reads at a glance: one row per worker's limits, then workers without."""
     now = now or datetime.now(UTC)
     table = Table(title="GPU limits and their workers", title_justify="left")
-    for column in ("limit", "slots in use", "worker", "pool", "worker status", "heartbeat"):
-        table.add_column(column, justify="right" if column == "slots in use" else "left")
+    columns = ("limit", "slots in use", "GPU memory in use", "worker", "pool", "worker status",
+               "heartbeat")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right" if "in use" in column else "left")
     for limit in status.limits:
-        used = f"{limit.in_use}/{limit.size}"
-        if not limit.active:
-            used += " [yellow](inactive)[/yellow]"
-        elif limit.in_use >= limit.size:
-            used = f"[bold]{used}[/bold]"
-        table.add_row(limit.name, used, limit.worker_id, *_worker_cells(limit.workers, now))
+        table.add_row(
+            limit.name,
+            _used(limit.slots),
+            _used(limit.memory, " GiB"),
+            limit.worker_id,
+            *_worker_cells(limit.workers, now),
+        )
     for worker in status.workers_without_limit:
-        table.add_row("[red]none[/red]", "-", worker.name, *_worker_cells([worker], now))
+        table.add_row("[red]none[/red]", "-", "-", worker.name, *_worker_cells([worker], now))
     if not status.limits and not status.workers_without_limit:
         table.caption = "no per-worker limit and no worker"
     return table
@@ -130,16 +160,29 @@ def _sighting_json(seen: WorkerSighting) -> dict[str, Any]:
 
 
 def status_json(status: PoolStatus) -> dict[str, Any]:
-    """The same as :func:`render_status`, as one JSON-ready object."""
+    """The same as :func:`render_status`, as one JSON-ready object.
+
+    Each limit's ``size``, ``in_use`` and ``active`` are its slot limit's
+    (``null`` where only a memory limit is left); ``memory`` is its memory
+    limit (``size_gib``, ``in_use_gib``, ``active``, ``name``) or ``null``.
+    """
     return {
         "limits": [
             {
                 "name": limit.name,
                 "limit_prefix": limit.limit_prefix,
                 "worker_id": limit.worker_id,
-                "size": limit.size,
-                "in_use": limit.in_use,
-                "active": limit.active,
+                "size": limit.slots.size if limit.slots else None,
+                "in_use": limit.slots.in_use if limit.slots else None,
+                "active": limit.slots.active if limit.slots else None,
+                "memory": None
+                if limit.memory is None
+                else {
+                    "name": limit.memory.name,
+                    "size_gib": limit.memory.size,
+                    "in_use_gib": limit.memory.in_use,
+                    "active": limit.memory.active,
+                },
                 "workers": [_sighting_json(w) for w in limit.workers],
             }
             for limit in status.limits
