@@ -85,6 +85,22 @@ def prefect_limit(name: str, limit: int = 1, active: bool = True, slots: int = 0
     return PrefectLimit(f"gpu:{name}", limit, active, slots)
 
 
+def memory_entry(
+    name: str, size: int = 80, restarts: int = 0, state: EntryState = "Ready"
+) -> LedgerEntry:
+    """The ledger entry of pod ``name``'s GPU memory limit ``gpu-memory:<name>`` (GiB) on gpu-8."""
+    return LedgerEntry(
+        f"gpu-memory:{name}", name, "gpu-8", size, "1", restarts, state, kind="memory"
+    )
+
+
+def prefect_memory_limit(
+    name: str, limit: int = 80, active: bool = True, slots: int = 0
+) -> PrefectLimit:
+    """Prefect's view of the memory limit ``gpu-memory:<name>``."""
+    return PrefectLimit(f"gpu-memory:{name}", limit, active, slots)
+
+
 def by_name(*limits: PrefectLimit) -> dict[str, PrefectLimit]:
     return {limit.name: limit for limit in limits}
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from pgw_operator.spec import (
     DEFAULTS,
+    GPU_MEMORY_AUTO,
     GROUP,
     KIND,
     MANAGED_BY,
@@ -226,7 +227,12 @@ def worker_command(spec: PoolSpec) -> list[str]:
 
     On SIGTERM it drains for the pod's grace period less a margin
     (``drain_seconds_within``), so it stops its last runs itself, before the kubelet's kill.
+    With ``spec.gpu.memory`` its slot broker places memory requests on its GPUs:
+    ``--gpus`` where the spec fixes them (``perWorker``), ``--gpu-memory`` where
+    the spec states each GPU's memory (``auto``: NVML in the pod, else the memory
+    limit split over the GPUs). Without it the command is as before.
     """
+    memory = spec.gpu_memory
     return entrypoint_command(
         spec.work_pool,
         flow_runs=spec.flow_runs_per_worker,
@@ -234,6 +240,8 @@ def worker_command(spec: PoolSpec) -> list[str]:
         wait_timeout_s=spec.limit_wait_timeout_s,
         with_healthcheck=True,
         drain_s=drain_seconds_within(spec.drain_grace_period_s),
+        gpus=spec.gpus_per_worker if memory is not None else None,
+        gpu_memory=memory if memory not in (None, GPU_MEMORY_AUTO) else None,
     )
 
 

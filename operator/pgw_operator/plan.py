@@ -5,21 +5,31 @@ in the pool's ``status.workers``. It is written *before* Prefect is touched
 (write-ahead), so a crash can leave a ledger entry without a limit, never a
 limit without a ledger entry. Only ledger entries are ever deleted: a limit
 this operator did not create is never touched, whatever its name.
+
+A worker pod has one ledger entry per limit it gets: its slot limit
+(``{prefix}:{pod}``, kind ``slots``) and, with ``spec.gpu.memory``, its GPU
+memory limit (``{prefix}-memory:{pod}``, kind ``memory``, sized in GiB). Each
+entry is planned alike: created, resized, recreated after a restart in place,
+deleted when its pod is gone or the spec no longer names it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pgw_operator.facts import NodeFacts, PodFacts
-from pgw_operator.sizing import LimitSize, SizingProblem, size_limit
+from pgw_operator.sizing import LimitSize, SizingProblem, size_limit, size_memory_limit
 from pgw_operator.spec import PoolSpec
-from prefect_gpu_workers.naming import limit_name
+from prefect_gpu_workers.naming import limit_name, memory_limit_name
 
 EntryState = Literal["Creating", "Ready", "Deleting"]
+# slots: the worker's slot limit; memory: its GPU memory limit (GiB).
+LimitKind = Literal["slots", "memory"]
+Sizer = Callable[[PodFacts, NodeFacts | None, PoolSpec], LimitSize | SizingProblem]
+_SIZERS: dict[LimitKind, Sizer] = {"slots": size_limit, "memory": size_memory_limit}
 
 
 @dataclass(frozen=True)
@@ -32,10 +42,12 @@ class LedgerEntry:
     restarts: int
     state: EntryState
     active_slots: int = 0
+    kind: LimitKind = "slots"
 
     def to_status(self) -> dict[str, Any]:
         return {
             "limitName": self.limit_name,
+            "kind": self.kind,
             "pod": self.pod,
             "node": self.node or "",
             "limitSize": self.size,
@@ -48,6 +60,7 @@ class LedgerEntry:
     @classmethod
     def from_status(cls, item: Mapping[str, Any]) -> LedgerEntry:
         state = item.get("state", "Ready")
+        kind = item.get("kind", "slots")  # entries written before memory limits had none
         return cls(
             limit_name=item["limitName"],
             pod=item.get("pod", ""),
@@ -57,6 +70,7 @@ class LedgerEntry:
             restarts=int(item.get("restarts", 0)),
             state=state if state in ("Creating", "Ready", "Deleting") else "Ready",
             active_slots=int(item.get("activeSlots", 0)),
+            kind="memory" if kind == "memory" else "slots",
         )
 
 
@@ -71,6 +85,12 @@ def ledger_from_status(status: Mapping[str, Any] | None) -> Ledger:
 
 def ledger_to_status(ledger: Ledger) -> list[dict[str, Any]]:
     return [ledger[name].to_status() for name in sorted(ledger)]
+
+
+def slot_entries(ledger: Ledger) -> list[LedgerEntry]:
+    """The ledger's slot limits: what counts GPU slots and workers (memory limits
+    are in GiB, a second entry of the same pod)."""
+    return [entry for entry in ledger.values() if entry.kind == "slots"]
 
 
 @dataclass(frozen=True)
@@ -108,8 +128,32 @@ def _desired_pods(pods: Mapping[str, PodFacts]) -> list[PodFacts]:
     return [pod for pod in pods.values() if pod.node and not pod.finished]
 
 
+def pod_limits(spec: PoolSpec, pod: str) -> dict[LimitKind, str]:
+    """The limits a worker pod gets, by kind: its slot limit, and its memory limit
+    when ``spec.gpu.memory`` is set.
+
+    Example:
+        >>> spec = PoolSpec.from_dict({"workPool": {"name": "p"}, "prefect": {"apiUrl": "x"},
+        ...     "gpu": {"perWorker": 1, "memory": "40Gi"}, "worker": {"image": "i"}})
+        >>> pod_limits(spec, "w-0")
+        {'slots': 'gpu:w-0', 'memory': 'gpu-memory:w-0'}
+    """
+    names: dict[LimitKind, str] = {"slots": limit_name(pod, spec.limit_prefix)}
+    if spec.gpu_memory is not None:
+        names["memory"] = memory_limit_name(pod, spec.limit_prefix)
+    return names
+
+
+def _desired_limits(
+    spec: PoolSpec, pods: Mapping[str, PodFacts]
+) -> Iterator[tuple[PodFacts, LimitKind, str]]:
+    for pod in sorted(_desired_pods(pods), key=lambda p: p.name):
+        for kind, name in pod_limits(spec, pod.name).items():
+            yield pod, kind, name
+
+
 def desired_limit_names(spec: PoolSpec, pods: Mapping[str, PodFacts]) -> set[str]:
-    return {limit_name(pod.name, spec.limit_prefix) for pod in _desired_pods(pods)}
+    return {name for _, _, name in _desired_limits(spec, pods)}
 
 
 def plan_limits(
@@ -126,21 +170,29 @@ def plan_limits(
     """
     plan = LimitPlan(ledger=dict(ledger))
     desired: set[str] = set()
-    for pod in sorted(_desired_pods(pods), key=lambda p: p.name):
-        name = limit_name(pod.name, spec.limit_prefix)
+    for pod, kind, name in _desired_limits(spec, pods):
         desired.add(name)
-        sized = size_limit(pod, nodes.get(pod.node or ""), spec)
+        sized = _SIZERS[kind](pod, nodes.get(pod.node or ""), spec)
         if isinstance(sized, SizingProblem):
-            plan.problems.append(sized.reason)
+            # One cause (no GPU on the pod) stops both of its limits: said once
+            # (a pod's limits come one after the other).
+            if not plan.problems or plan.problems[-1] != sized.reason:
+                plan.problems.append(sized.reason)
             continue
-        _plan_pod(plan, pod, name, sized, ledger.get(name), prefect_limits.get(name))
+        _plan_pod(plan, pod, kind, name, sized, ledger.get(name), prefect_limits.get(name))
 
+    wanted_pods = {pod.name for pod in _desired_pods(pods)}
     for name, entry in ledger.items():
         if name in desired:
             continue
         if name in prefect_limits:
             plan.ledger[name] = replace(entry, state="Deleting")
-            plan.actions.append(LimitAction("delete", name, why=f"pod {entry.pod} is gone"))
+            why = (
+                f"pod {entry.pod} is gone"
+                if entry.pod not in wanted_pods
+                else f"the pool's spec.gpu no longer names it for pod {entry.pod}"
+            )
+            plan.actions.append(LimitAction("delete", name, why=why))
         else:
             del plan.ledger[name]  # nothing left to delete
     return plan
@@ -149,6 +201,7 @@ def plan_limits(
 def _plan_pod(
     plan: LimitPlan,
     pod: PodFacts,
+    kind: LimitKind,
     name: str,
     sized: LimitSize,
     entry: LedgerEntry | None,
@@ -159,31 +212,32 @@ def _plan_pod(
             limit_name=name,
             pod=pod.name,
             node=pod.node,
-            size=sized.slots,
+            size=sized.size,
             gpus=sized.gpus,
             restarts=restarts,
             state=state,
             active_slots=existing.active_slots if existing else 0,
+            kind=kind,
         )
 
     if existing is None:
         record("Creating", pod.restarts)
-        plan.actions.append(LimitAction("create", name, sized.slots, sized.basis))
+        plan.actions.append(LimitAction("create", name, sized.size, sized.basis))
         return
     if entry is not None and pod.restarts > entry.restarts:
         # The worker container restarted in place: its flow runs died holding
-        # slots whose leases would only expire minutes from now. A new limit
+        # slots (and GiB) whose leases would only expire minutes from now. A new limit
         # with the same name starts at zero and the old leases can never
         # decrement it.
         record("Creating", pod.restarts)
         plan.actions.append(
-            LimitAction("recreate", name, sized.slots, f"worker restarted ({pod.restarts})")
+            LimitAction("recreate", name, sized.size, f"worker restarted ({pod.restarts})")
         )
         return
     restarts = entry.restarts if entry is not None else pod.restarts
-    if existing.limit != sized.slots or not existing.active:
+    if existing.limit != sized.size or not existing.active:
         record("Creating", restarts)
-        plan.actions.append(LimitAction("resize", name, sized.slots, sized.basis))
+        plan.actions.append(LimitAction("resize", name, sized.size, sized.basis))
         return
     record("Ready", restarts)
 
@@ -209,7 +263,7 @@ def deletion_costs(ledger: Ledger, pods: Mapping[str, PodFacts]) -> dict[str, in
     Only pods whose annotation differs are returned.
     """
     costs: dict[str, int] = {}
-    for entry in ledger.values():
+    for entry in slot_entries(ledger):
         pod = pods.get(entry.pod)
         if entry.state != "Ready" or pod is None or pod.terminating or pod.finished:
             continue

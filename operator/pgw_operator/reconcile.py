@@ -38,6 +38,7 @@ from pgw_operator.plan import (
     desired_limit_names,
     plan_limits,
     settle,
+    slot_entries,
 )
 from pgw_operator.pod_rules import PodPolicy, first_violations, violations
 from pgw_operator.prefect_api import PrefectApi, gather_bounded
@@ -330,7 +331,7 @@ def record_metrics(
     pool: PoolRef, spec: PoolSpec, ledger: Ledger, health: PoolHealth, done: list[LimitAction]
 ) -> None:
     labels = (pool.namespace, pool.name)
-    live = [e for e in ledger.values() if e.state != "Deleting"]
+    live = [e for e in slot_entries(ledger) if e.state != "Deleting"]
     metrics.SLOTS_TOTAL.labels(*labels).set(sum(e.size for e in live))
     metrics.SLOTS_IN_USE.labels(*labels).set(sum(e.active_slots for e in live))
     metrics.WORKERS_READY.labels(*labels).set(health.ready_workers)

@@ -26,7 +26,7 @@ from pgw_operator.autoscale import (
 )
 from pgw_operator.conditions import now_rfc3339
 from pgw_operator.errors import KubernetesError, PrefectError
-from pgw_operator.plan import Ledger
+from pgw_operator.plan import Ledger, slot_entries
 from pgw_operator.prefect_api import PrefectApi
 from pgw_operator.spec import PoolSpec
 
@@ -60,7 +60,7 @@ def slots_per_worker(spec: PoolSpec, ledger: Ledger) -> int | None:
     """GPU slots of one worker: from the spec when fixed per worker, else the largest limit."""
     if spec.gpus_per_worker is not None:
         return spec.gpus_per_worker * spec.slots_per_gpu
-    sizes = [e.size for e in ledger.values() if e.state != "Deleting"]
+    sizes = [e.size for e in slot_entries(ledger) if e.state != "Deleting"]
     return max(sizes) if sizes else None
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from pgw_operator.conditions import PoolHealth, merge_conditions, pool_conditions
 from pgw_operator.desired import selector_string
 from pgw_operator.facts import PodFacts
-from pgw_operator.plan import Ledger, LimitAction, ledger_to_status
+from pgw_operator.plan import Ledger, LimitAction, ledger_to_status, slot_entries
 
 
 def observed_health(
@@ -24,11 +24,14 @@ def observed_health(
     error_message: str = "",
     pods_rejected: str | None = None,
 ) -> PoolHealth:
-    """Health after a pass that planned: workers ready with a Ready limit, pending changes."""
-    ready = sum(
-        1
-        for entry in ledger.values()
-        if entry.state == "Ready" and (pod := pods.get(entry.pod)) is not None and pod.ready
+    """Health after a pass that planned: workers ready with a Ready slot limit (each
+    pod counted once), pending changes (of every limit, memory limits too)."""
+    ready = len(
+        {
+            entry.pod
+            for entry in slot_entries(ledger)
+            if entry.state == "Ready" and (pod := pods.get(entry.pod)) is not None and pod.ready
+        }
     )
     return PoolHealth(
         desired_replicas=desired_replicas,
@@ -73,7 +76,7 @@ def status_body(
         "readyReplicas": health.ready_workers,
         "selector": selector_string(pool),
         "deployment": pool,
-        "gpuSlots": sum(e.size for e in ledger.values() if e.state != "Deleting"),
+        "gpuSlots": sum(e.size for e in slot_entries(ledger) if e.state != "Deleting"),
         "workers": ledger_to_status(ledger),
         "conditions": merge_conditions(previous.get("conditions"), conditions, generation, now),
     }

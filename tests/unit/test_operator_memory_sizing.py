@@ -55,29 +55,29 @@ def test_kubernetes_memory_quantities(text: str, size: int) -> None:
 def test_slots_are_floor_of_gpu_memory_over_memory_per_slot() -> None:
     sized = size_limit(pod("a100", 2), A100_80, spec(perWorker=2, memoryPerSlot="20Gi"))
     assert isinstance(sized, LimitSize)
-    assert (sized.slots, sized.gpus) == (8, "2")  # 2 GPUs x floor(80 GiB / 20 GiB)
+    assert (sized.size, sized.gpus) == (8, "2")  # 2 GPUs x floor(80 GiB / 20 GiB)
     assert "nvidia.com/gpu.memory=81920 MiB / memoryPerSlot 20Gi = 4 slot(s) per GPU" in sized.basis
     # An "80GB" H100 has 79.6 GiB: 3 slots of 20 GiB, not 4.
     h100 = size_limit(pod("h100", 1), H100_80, spec(perWorker=1, memoryPerSlot="20Gi"))
     assert isinstance(h100, LimitSize)
-    assert h100.slots == 3
+    assert h100.size == 3
 
 
 def test_a_step_bigger_than_the_gpu_still_gets_one_slot() -> None:
     sized = size_limit(pod("a100", 1), A100_80, spec(perWorker=1, memoryPerSlot="100Gi"))
     assert isinstance(sized, LimitSize)
-    assert sized.slots == 1
+    assert sized.size == 1
 
 
 def test_time_sliced_and_mig_devices_use_their_own_memory() -> None:
     # 4 replicas of an 80 GiB GPU: 2 replicas are half a GPU, 4 slots x 0.5 = 2.
     sliced = size_limit(pod("sliced", 2), SLICED, spec(perWorker=2, memoryPerSlot="20Gi"))
     assert isinstance(sliced, LimitSize)
-    assert sliced.slots == 2
+    assert sliced.size == 2
     mig_spec = spec(perWorker=2, memoryPerSlot="10Gi", resourceName="nvidia.com/mig-2g.20gb")
     mig = size_limit(pod("mig", 2, "nvidia.com/mig-2g.20gb"), MIG, mig_spec)
     assert isinstance(mig, LimitSize)
-    assert mig.slots == 2  # floor(19.5 GiB / 10 GiB) = 1 per slice, 2 slices
+    assert mig.size == 2  # floor(19.5 GiB / 10 GiB) = 1 per slice, 2 slices
 
 
 def test_missing_memory_label_is_a_degraded_sizing_problem_naming_the_label() -> None:
@@ -96,4 +96,4 @@ def test_missing_memory_label_is_a_degraded_sizing_problem_naming_the_label() ->
 def test_slots_per_gpu_still_sizes_without_memory_per_slot() -> None:
     sized = size_limit(pod("bare", 2), NO_GFD, spec(perWorker=2, slotsPerGpu=3))
     assert isinstance(sized, LimitSize)
-    assert sized.slots == 6
+    assert sized.size == 6

@@ -16,7 +16,7 @@ def test_whole_node_uses_node_allocatable() -> None:
     spec = make_spec(wholeNode=True)
     sized = size_limit(pod("w", gpus=None), NODES["gpu-8"], spec)
     assert isinstance(sized, LimitSize)
-    assert (sized.slots, sized.gpus) == (8, "8")
+    assert (sized.size, sized.gpus) == (8, "8")
 
 
 def test_time_sliced_node_counts_physical_gpus() -> None:
@@ -24,23 +24,23 @@ def test_time_sliced_node_counts_physical_gpus() -> None:
         pod("w", "timesliced", gpus=None), NODES["timesliced"], make_spec(wholeNode=True)
     )
     assert isinstance(whole, LimitSize)
-    assert (whole.slots, whole.gpus) == (2, "2")
+    assert (whole.size, whole.gpus) == (2, "2")
     assert "time-sliced x4" in whole.basis
     one_replica = size_limit(pod("w", "timesliced", gpus=1), NODES["timesliced"], make_spec())
     assert isinstance(one_replica, LimitSize)
     # A quarter of a GPU still gets one slot, never a whole GPU's worth of many.
-    assert (one_replica.slots, one_replica.gpus) == (1, "0.25")
+    assert (one_replica.size, one_replica.gpus) == (1, "0.25")
     shared = make_spec(perWorker=2, slotsPerGpu=4)
     two_replicas = size_limit(pod("w", "timesliced", gpus=2), NODES["timesliced"], shared)
     assert isinstance(two_replicas, LimitSize)
-    assert (two_replicas.slots, two_replicas.gpus) == (2, "0.5")
+    assert (two_replicas.size, two_replicas.gpus) == (2, "0.5")
 
 
 def test_mig_slices_are_devices_not_gpus() -> None:
     spec = make_spec(resourceName="nvidia.com/mig-1g.10gb", wholeNode=True, slotsPerGpu=1)
     sized = size_limit(pod("w", "mig", gpus=None), NODES["mig"], spec)
     assert isinstance(sized, LimitSize)
-    assert (sized.slots, sized.gpus) == (7, "7 mig-1g.10gb")
+    assert (sized.size, sized.gpus) == (7, "7 mig-1g.10gb")
 
 
 def test_no_gpu_is_a_problem_not_a_zero_limit() -> None:
