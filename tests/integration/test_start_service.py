@@ -21,14 +21,19 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from prefect.client.schemas.actions import (
+    GlobalConcurrencyLimitCreate,
+    GlobalConcurrencyLimitUpdate,
+)
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from worker_harness import deploy_by_module
 
+from prefect_gpu_workers.naming import memory_limit_name
 from prefect_gpu_workers.procfs import ENVIRON_ROOM_ENV, env_value
 from prefect_gpu_workers.server import LocalPrefectServer
 from prefect_gpu_workers.service import prefect_ops
 from prefect_gpu_workers.service.processes import marked_pids
+from prefect_gpu_workers.service.status import read_status
 
 HERE = Path(__file__).resolve().parent
 # Each test starts Python services, workers and flow runs: on a loaded shared
@@ -157,8 +162,9 @@ def harness(
             service.proc.kill()
             service.proc.wait()
     for service in harness.services:
-        for pid in marked_pids(service.worker_id) + marked_pids(f"{service.worker_id}-gpu0"):
-            os.kill(pid, signal.SIGKILL)
+        for name in (service.worker_id, f"{service.worker_id}-gpu0", f"{service.worker_id}-gpu1"):
+            for pid in marked_pids(name):
+                os.kill(pid, signal.SIGKILL)
 
 
 def worker_pids(name: str) -> list[int]:
@@ -357,3 +363,66 @@ def test_sigkilled_per_gpu_service_is_taken_over_without_doubled_slots(harness: 
     assert second.stop() == 0, second.output()
     with client() as c:
         assert all(prefect_ops.read_limit(c, f"gpu:{name}") is None for name in names)
+
+
+# ---------------------------------------------------------------- GPU memory (issue 24)
+
+
+def test_stated_gpu_memory_makes_memory_limits_beside_slot_limits(harness: Harness) -> None:
+    suffix = uuid.uuid4().hex[:6]
+    one_id, per_id = f"box-m-{suffix}", f"box-p-{suffix}"
+    per_names = [f"{per_id}-gpu0", f"{per_id}-gpu1"]
+    stale = memory_limit_name(per_names[0])
+    with client() as c:
+        # A memory limit a stopped service left, with GiB its dead runs held.
+        c.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=stale, limit=7, active=True)
+        )
+        c.update_global_concurrency_limit(stale, GlobalConcurrencyLimitUpdate(active_slots=3))
+        left_behind = prefect_ops.read_limit(c, stale)
+    assert left_behind is not None
+    args = ("--gpus", "2", "--gpu-memory", "40GiB", "--slots-per-gpu", "1", "--drain-timeout", "30")
+    one = harness.start(*args, worker_id=one_id)
+    per = harness.start(*args, "--per-gpu", worker_id=per_id)
+    wait_ready(harness.pool, one_id, 2, one)
+    for name in per_names:
+        wait_ready(harness.pool, name, 1, per)
+
+    expected = {one_id: 80, per_names[0]: 40, per_names[1]: 40}
+    with client() as c:
+        memory = {name: prefect_ops.read_limit(c, memory_limit_name(name)) for name in expected}
+        rows = {
+            row.worker_id: (row.slots and row.slots.size, row.memory and row.memory.size)
+            for row in read_status(c, harness.pool).limits
+        }
+    assert {
+        name: (limit.limit, limit.active_slots, limit.active) if limit else None
+        for name, limit in memory.items()
+    } == {name: (size, 0, True) for name, size in expected.items()}
+    # Taken over as a slot limit is: recreated, the dead holders' GiB dropped.
+    taken_over = memory[per_names[0]]
+    assert taken_over is not None
+    assert taken_over.id != left_behind.id
+    assert f"took over limit {stale} left by a stopped service (3/7 GiB held by dead holders)" in (
+        per.output()
+    )
+    assert f"gpu-memory:{one_id} = 80 GiB" in one.output()
+    # status: each worker's memory limit on its row.
+    assert {name: rows.get(name) for name in expected} == {
+        one_id: (2, 80),
+        per_names[0]: (1, 40),
+        per_names[1]: (1, 40),
+    }
+    # Each worker places memory on what its limit was sized from.
+    for name, gpus in ((one_id, "2"), (per_names[0], "1"), (per_names[1], "1")):
+        (pid,) = worker_pids(name)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert argv[argv.index("--gpus") :][:4] == ["--gpus", gpus, "--gpu-memory", "40GiB"]
+
+    for service in (one, per):
+        assert service.stop() == 0, service.output()
+    for name in expected:
+        assert f"deleted limit {memory_limit_name(name)}" in (one.output() + per.output())
+    with client() as c:
+        left = {limit.name for limit in prefect_ops.all_limits(c)}
+    assert not left & ({f"gpu:{n}" for n in expected} | {memory_limit_name(n) for n in expected})
