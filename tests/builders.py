@@ -75,6 +75,27 @@ NODES = {
 }
 
 
+# Nodes whose GPU feature discovery labels say each device's memory (MiB): an
+# "80GB" H100 has 79.6 GiB; a 4-way time-sliced A100; MIG 2g.20gb slices; none.
+GFD_NODES = {
+    "a100": NodeFacts(
+        "a100",
+        {"nvidia.com/gpu": "8"},
+        {"nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.count": "8"},
+    ),
+    "h100": NodeFacts("h100", {"nvidia.com/gpu": "8"}, {"nvidia.com/gpu.memory": "81559"}),
+    "sliced": NodeFacts(
+        "sliced",
+        {"nvidia.com/gpu": "8"},
+        {"nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.replicas": "4"},
+    ),
+    "mig-2g": NodeFacts(
+        "mig-2g", {"nvidia.com/mig-2g.20gb": "3"}, {"nvidia.com/mig-2g.20gb.memory": "19968"}
+    ),
+    "bare": NodeFacts("bare", {"nvidia.com/gpu": "8"}, {}),
+}
+
+
 def entry(name: str, size: int = 1, restarts: int = 0, state: EntryState = "Ready") -> LedgerEntry:
     """The ledger entry of pod ``name``'s limit ``gpu:<name>`` on node gpu-8."""
     return LedgerEntry(f"gpu:{name}", name, "gpu-8", size, str(size), restarts, state)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -193,15 +194,28 @@ def pod_gpus(pod: PodFacts, node: NodeFacts | None, spec: PoolSpec) -> PodGpus |
     return PodGpus(devices, gpus, None, basis)
 
 
-def size_limit(pod: PodFacts, node: NodeFacts | None, spec: PoolSpec) -> LimitSize | SizingProblem:
-    """The slot limit a bound pod should have, or why it can have none."""
+PerGpu = Callable[[PoolSpec, NodeFacts | None, str], tuple[int, str] | SizingProblem]
+
+
+def _gpus_and_per_gpu(
+    pod: PodFacts, node: NodeFacts | None, spec: PoolSpec, per_gpu: PerGpu
+) -> tuple[PodGpus, int, str] | SizingProblem:
+    """The pod's GPUs and what each is worth (``per_gpu``: slots, MiB), or the first problem."""
     gpus = pod_gpus(pod, node, spec)
     if isinstance(gpus, SizingProblem):
         return gpus
-    per_gpu = slots_per_gpu(spec, node, pod.name)
-    if isinstance(per_gpu, SizingProblem):
-        return per_gpu
-    per_gpu_slots, per_gpu_basis = per_gpu
+    each = per_gpu(spec, node, pod.name)
+    if isinstance(each, SizingProblem):
+        return each
+    return gpus, *each
+
+
+def size_limit(pod: PodFacts, node: NodeFacts | None, spec: PoolSpec) -> LimitSize | SizingProblem:
+    """The slot limit a bound pod should have, or why it can have none."""
+    sized = _gpus_and_per_gpu(pod, node, spec, slots_per_gpu)
+    if isinstance(sized, SizingProblem):
+        return sized
+    gpus, per_gpu_slots, per_gpu_basis = sized
     basis = gpus.basis
     if spec.memory_per_slot is not None:
         basis += f", {per_gpu_basis}"
@@ -213,13 +227,10 @@ def size_memory_limit(
     pod: PodFacts, node: NodeFacts | None, spec: PoolSpec
 ) -> LimitSize | SizingProblem:
     """The GPU memory limit (whole GiB) a bound pod should have, or why it can have none."""
-    gpus = pod_gpus(pod, node, spec)
-    if isinstance(gpus, SizingProblem):
-        return gpus
-    memory = gpu_memory_mib(spec, node, pod.name)
-    if isinstance(memory, SizingProblem):
-        return memory
-    mib, source = memory
+    sized = _gpus_and_per_gpu(pod, node, spec, gpu_memory_mib)
+    if isinstance(sized, SizingProblem):
+        return sized
+    gpus, mib, source = sized
     per_gpu = gib_capacity(mib)
     gib = gpus.times(per_gpu)
     basis = f"{gpus.basis}, {source} -> {per_gpu} GiB per GPU x {gpus.label} = {gib} GiB"

@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from pgw_operator.desired import desired_deployment
-from pgw_operator.facts import NodeFacts
 from pgw_operator.plan import (
     LimitAction,
     deletion_costs,
@@ -38,6 +37,7 @@ from pgw_operator.status import observed_health, status_body
 from prefect_gpu_workers.naming import parse_memory_mib
 
 from builders import (
+    GFD_NODES,
     NODES,
     by_name,
     entry,
@@ -49,15 +49,8 @@ from builders import (
 )
 from builders import prefect_limit as prefect
 
-# GPU feature discovery says each GPU's memory in MiB: an "80GB" H100 has 79.6 GiB.
-H100 = NodeFacts("h100", {"nvidia.com/gpu": "8"}, {"nvidia.com/gpu.memory": "81559"})
-SLICED = NodeFacts(
-    "sliced",
-    {"nvidia.com/gpu": "8"},
-    {"nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.replicas": "4"},
-)
-MIG = NodeFacts("mig", {"nvidia.com/mig-2g.20gb": "3"}, {"nvidia.com/mig-2g.20gb.memory": "19968"})
-MEMORY_NODES = {**NODES, "h100": H100, "sliced": SLICED, "mig": MIG}
+MEMORY_NODES = {**NODES, **GFD_NODES}
+H100 = GFD_NODES["h100"]  # 81559 MiB: an "80GB" H100 has 79.6 GiB
 
 
 def kinds(actions: list[LimitAction]) -> list[tuple[str, str, int]]:
@@ -111,7 +104,7 @@ def test_auto_reads_each_gpus_memory_from_the_node_label_rounded_down_to_gib() -
         ("sliced", "nvidia.com/gpu", 2, "auto", 40, "0.5"),
         ("sliced", "nvidia.com/gpu", 1, "80Gi", 20, "0.25"),
         # A MIG slice is a device of its own memory (19968 MiB: 19 GiB).
-        ("mig", "nvidia.com/mig-2g.20gb", 2, "auto", 38, "2 mig-2g.20gb"),
+        ("mig-2g", "nvidia.com/mig-2g.20gb", 2, "auto", 38, "2 mig-2g.20gb"),
         ("gpu-8", "nvidia.com/gpu", 1, "40960Mi", 40, "1"),
         ("gpu-8", "nvidia.com/gpu", 1, "80G", 74, "1"),  # 80e9 bytes = 74.5 GiB
     ],

@@ -7,22 +7,16 @@ from typing import Any
 import pytest
 
 from pgw_operator.conditions import PoolHealth, pool_conditions
-from pgw_operator.facts import NodeFacts, PodFacts
+from pgw_operator.facts import PodFacts
 from pgw_operator.plan import plan_limits
 from pgw_operator.sizing import LimitSize, SizingProblem, parse_memory_quantity, size_limit
 from pgw_operator.spec import PoolSpec
 
-A100_80 = NodeFacts(
-    "a100", {"nvidia.com/gpu": "8"}, {"nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.count": "8"}
+from builders import GFD_NODES
+
+A100_80, H100_80, SLICED, MIG, NO_GFD = (
+    GFD_NODES[name] for name in ("a100", "h100", "sliced", "mig-2g", "bare")
 )
-H100_80 = NodeFacts("h100", {"nvidia.com/gpu": "8"}, {"nvidia.com/gpu.memory": "81559"})
-SLICED = NodeFacts(
-    "sliced",
-    {"nvidia.com/gpu": "8"},
-    {"nvidia.com/gpu.memory": "81920", "nvidia.com/gpu.replicas": "4"},
-)
-MIG = NodeFacts("mig", {"nvidia.com/mig-2g.20gb": "3"}, {"nvidia.com/mig-2g.20gb.memory": "19968"})
-NO_GFD = NodeFacts("bare", {"nvidia.com/gpu": "8"}, {})
 
 
 def spec(**gpu: Any) -> PoolSpec:
@@ -75,7 +69,7 @@ def test_time_sliced_and_mig_devices_use_their_own_memory() -> None:
     assert isinstance(sliced, LimitSize)
     assert sliced.size == 2
     mig_spec = spec(perWorker=2, memoryPerSlot="10Gi", resourceName="nvidia.com/mig-2g.20gb")
-    mig = size_limit(pod("mig", 2, "nvidia.com/mig-2g.20gb"), MIG, mig_spec)
+    mig = size_limit(pod("mig-2g", 2, "nvidia.com/mig-2g.20gb"), MIG, mig_spec)
     assert isinstance(mig, LimitSize)
     assert mig.size == 2  # floor(19.5 GiB / 10 GiB) = 1 per slice, 2 slices
 
