@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +222,14 @@ class Pools:
             {"metadata": {"annotations": {"pgw-test/touched": str(time.time())}}},
         )  # fmt: skip
 
+    def worker_container(self, pool: str) -> dict[str, Any]:
+        """The worker container of the pool's Deployment, as plain JSON."""
+        deployment = self.apps.api_client.sanitize_for_serialization(
+            self.apps.read_namespaced_deployment(pool, self.namespace)
+        )
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        return cast(dict[str, Any], container)
+
     def deletion_cost(self, pod: str) -> str | None:
         meta = self.core.read_namespaced_pod(pod, self.namespace).metadata
         annotations = (meta.annotations if meta else None) or {}
@@ -280,6 +288,12 @@ class PrefectLimits:
             timeout=10,
         )
         response.raise_for_status()
+
+    def delete(self, name: str) -> None:
+        """Delete a limit behind the operator's back (404: already gone)."""
+        response = httpx.delete(f"{self.api_url}/v2/concurrency_limits/{name}", timeout=10)
+        if response.status_code != 404:
+            response.raise_for_status()
 
     def hold_slot(self, name: str, lease_s: int = 300) -> None:
         """Take one slot of ``name``, as a GPU step does (released when the lease expires)."""
@@ -348,7 +362,14 @@ def ready_with_limits(
     ready = pools.condition(pool, "Ready")
     if len(running) != replicas or not ready or ready["status"] != "True":
         return None
-    found = {pod: limits.get(f"{prefix}:{pod}") for pod in running}
+    return limits_of(limits, running, prefix)
+
+
+def limits_of(
+    limits: PrefectLimits, pods: Iterable[str], prefix: str = "gpu"
+) -> dict[str, dict[str, Any]] | None:
+    """Each pod's limit ``{prefix}:{pod}``, once every one exists: pod -> limit."""
+    found = {pod: limits.get(f"{prefix}:{pod}") for pod in pods}
     if any(limit is None for limit in found.values()):
         return None
     return {pod: limit for pod, limit in found.items() if limit is not None}

@@ -28,6 +28,7 @@ from .operator_harness import (
     Pools,
     PrefectLimits,
     degraded_with,
+    limits_of,
     pool_spec,
     pool_text,
     ready_with_limits,
@@ -78,10 +79,7 @@ def test_limits_are_sized_from_the_gpus_each_pod_has(
     # Whole-node workers each took a node of their own.
     whole_nodes = set(pools.running_pods("whole").values())
     assert whole_nodes == {f"{node_group}-gpu8a", f"{node_group}-gpu8b"}
-    deployment = pools.apps.api_client.sanitize_for_serialization(
-        pools.apps.read_namespaced_deployment("two", pools.namespace)
-    )
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container = pools.worker_container("two")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     operator.assert_alive()
 
@@ -178,6 +176,73 @@ def test_orphans_removed_after_operator_downtime_hand_made_limits_untouched(
     for name in hand_made:
         assert (limits.get(name) or {}).get("limit") == 3, f"{name} was touched"
     assert len(new) == 2
+
+
+def test_gpu_memory_limits_live_and_die_with_their_pods(
+    operator: OperatorProcess,
+    pools: Pools,
+    limits: PrefectLimits,
+    node_group: str,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    """Issue 24: spec.gpu.memory gives each worker a memory limit beside its slot limit."""
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 2}, 2)
+    spec["gpu"]["memory"] = "40Gi"
+
+    def memory_limits(pods: set[str]) -> dict[str, int] | None:
+        found = limits_of(limits, pods, "gpu-memory")
+        return {pod: int(limit["limit"]) for pod, limit in found.items()} if found else None
+
+    slot_limits = start_pool(pools, limits, "memory", spec)
+    assert {int(limit["limit"]) for limit in slot_limits.values()} == {2}
+    # 40 GiB per GPU x 2 GPUs, beside each pod's slot limit.
+    first = wait_until(lambda: memory_limits(set(slot_limits)), "each pod's memory limit")
+    assert first == dict.fromkeys(slot_limits, 80)
+    status = wait_until(
+        lambda: (s := pools.get("memory")["status"]) and len(s["workers"]) == 4 and s,
+        "both limits of both pods in the ledger",
+    )
+    assert {(w["pod"], w["kind"], w["limitName"], w["limitSize"]) for w in status["workers"]} == {
+        entry
+        for pod in slot_limits
+        for entry in ((pod, "slots", f"gpu:{pod}", 2), (pod, "memory", f"gpu-memory:{pod}", 80))
+    }
+    assert status["gpuSlots"] == 4  # slots only, not GiB
+    assert status["readyReplicas"] == 2  # each pod once
+    command = pools.worker_container("memory")["command"]
+    assert command[command.index("--gpus") + 1] == "2"
+    assert command[command.index("--gpu-memory") + 1] == "40Gi"
+
+    # A memory limit deleted behind the operator's back comes back.
+    kept, gone = sorted(slot_limits)
+    limits.delete(f"gpu-memory:{kept}")
+    pools.touch("memory")
+    wait_until(lambda: memory_limits({kept}) == {kept: 80}, "the deleted memory limit again")
+
+    # A pod that goes takes both its limits; its replacement gets both.
+    pools.core.delete_namespaced_pod(gone, pools.namespace, grace_period_seconds=0)
+    wait_until(
+        lambda: limits.get(f"gpu:{gone}") is None and limits.get(f"gpu-memory:{gone}") is None,
+        "the deleted pod's slot and memory limits to go",
+    )
+    now = wait_until(
+        lambda: (
+            (found := ready_with_limits(pools, limits, "memory", 2))
+            and gone not in found
+            and memory_limits(set(found)) == dict.fromkeys(found, 80)
+            and found
+        ),
+        "the replacement pod's slot and memory limits",
+    )
+    assert kept in now
+    assert limits.get(f"gpu-memory:{kept}") is not None
+
+    # The pool's finalizer deletes the memory limits with the slot limits.
+    pools.delete("memory")
+    wait_until(lambda: not pools.exists("memory"), "the pool to go (finalizer released)")
+    left = {name for pod in now for name in (f"gpu:{pod}", f"gpu-memory:{pod}")}
+    assert not left & limits.all_names(), left & limits.all_names()
+    operator.assert_alive()
 
 
 def test_prefect_outage_is_a_condition_and_the_pool_recovers(
@@ -393,6 +458,13 @@ INVALID_SPECS: list[tuple[str, dict[str, Any], str]] = [
         "spec.gpu.memoryPerSlot",
     ),
     ("bad memory", {"gpu": {"perWorker": 1, "memoryPerSlot": "20GiB"}}, "spec.gpu.memoryPerSlot"),
+    ("gpu memory not a size", {"gpu": {"perWorker": 1, "memory": "lots"}}, "spec.gpu.memory"),
+    ("gpu memory without a unit", {"gpu": {"perWorker": 1, "memory": "80"}}, "spec.gpu.memory"),
+    (
+        "gpu memory with a long prefix",
+        {"gpu": {"perWorker": 1, "memory": "auto", "limitPrefix": "p" * 57}},
+        "spec.gpu.limitPrefix",
+    ),
     ("no image", {"worker": {}}, "spec.worker.image"),
     (
         "worker id override",
@@ -507,6 +579,15 @@ def test_plain_api_urls_are_admitted(
     spec = minimal_spec(prefect={"apiUrl": url})
     created = admit(dev_cluster, namespace, isolated_group, spec)
     assert created["spec"]["prefect"]["apiUrl"] == url
+
+
+@pytest.mark.parametrize("memory", ["auto", "80Gi", "40960Mi", "1.5Ti", "80G"])
+def test_gpu_memory_auto_or_a_size_with_a_unit_is_admitted(
+    dev_cluster: DevCluster, namespace: str, isolated_group: str, memory: str
+) -> None:
+    spec = minimal_spec(gpu={"perWorker": 2, "memory": memory})
+    created = admit(dev_cluster, namespace, isolated_group, spec)
+    assert created["spec"]["gpu"]["memory"] == memory
 
 
 @pytest.mark.parametrize("length", [64, 253])
