@@ -47,6 +47,11 @@ class PipelineParams:
     gpu_memory_fraction: float = 0.0
     # Run the GPU step without taking a slot: only to show what the limit prevents.
     unlimited: bool = False
+    # GPU memory the GPU step declares ("20GiB"): its worker's broker places it on
+    # a GPU with that much free. None: a slot alone, as before.
+    gpu_memory: str | None = None
+    # Other global limits the GPU step holds with its slot ({"licence:x": 1}).
+    gpu_also: dict[str, int] | None = None
 
     def as_parameters(self) -> dict[str, Any]:
         """Flow-run parameters; ``None`` values are left out so the flow's fallbacks apply."""

@@ -25,14 +25,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.naming import LAUNCHED_AT_ENV, WORKER_ID_ENV, limit_prefix_from_env
 from prefect_gpu_workers.records import StageRecord, append_record, record_dir_from
-from prefect_gpu_workers.slots.client import gpu_slot
+from prefect_gpu_workers.slots.client import GpuGrant, gpu_slot
 
 FLOW_NAME = "gpu-pipeline"
 # The signature below takes its defaults from here: the parameters are defined once.
@@ -116,6 +116,8 @@ def inference(
     batches: int | None = None,
     memory_fraction: float = 0.0,
     unlimited: bool = False,
+    gpu_memory: str | None = None,
+    gpu_also: dict[str, int] | None = None,
 ) -> Inference:
     """The GPU step: everything that touches the GPU happens inside the slot.
 
@@ -138,9 +140,18 @@ def inference(
         if batches is None and not device.startswith("cuda"):
             batches = _calibrated_batches(encoder.Engine(model, config, device), seconds)
     requested = time.time()
-    slot = _no_slot() if unlimited else gpu_slot(occupy, limit_prefix=limit_prefix)
+    slot = (
+        _no_slot()
+        if unlimited
+        else gpu_slot(occupy, memory=gpu_memory, also=gpu_also, limit_prefix=limit_prefix)
+    )
     with slot as limit:
         start = time.time()
+        placed_on = (
+            limit.device if isinstance(limit, GpuGrant) and limit.position is not None else None
+        )
+        if placed_on is not None and device is not None and device.startswith("cuda"):
+            device = placed_on  # the GPU the broker placed the step on
         work: Any = None
         engine: Any = None
         error: str | None = None
@@ -170,6 +181,14 @@ def inference(
                 # Inside the slot: the next step to get it must find the memory free.
                 with contextlib.suppress(Exception):
                     engine.close()
+            memory_gib = limit.memory_gib if isinstance(limit, GpuGrant) else None
+            if memory_gib is not None and peak is not None and peak > memory_gib * 1024:
+                get_run_logger().warning(
+                    "the GPU step used %.0f MiB at its peak, more than the %d GiB it declared: "
+                    "steps placed beside it may run out of memory",
+                    peak,
+                    memory_gib,
+                )
             # Recorded inside the slot, also when the step fails or is cancelled,
             # so the interval never claims more than the slot covered.
             end = time.time()
@@ -189,10 +208,13 @@ def inference(
                     batches=work.batches if work is not None else None,
                     error=error,
                     prepare_s=requested - began,
+                    memory_gib=memory_gib,
+                    placed_on=placed_on,
                 ),
             )
     batches_run = work.batches if work is not None else None
-    return Inference(labels, device or "unknown", limit, start, end, batches_run, peak)
+    limit_used = None if limit is None else str(limit)  # a plain str: results are serialized
+    return Inference(labels, device or "unknown", limit_used, start, end, batches_run, peak)
 
 
 def _calibrated_batches(engine: Any, gpu_s: float) -> int:
@@ -248,6 +270,8 @@ def gpu_pipeline(
     gpu_batches: int | None = _DEFAULTS.gpu_batches,
     gpu_memory_fraction: float = _DEFAULTS.gpu_memory_fraction,
     unlimited: bool = _DEFAULTS.unlimited,
+    gpu_memory: str | None = _DEFAULTS.gpu_memory,
+    gpu_also: dict[str, int] | None = _DEFAULTS.gpu_also,
 ) -> dict[str, Any]:
     """Download ``items`` inputs, classify them holding ``occupy`` GPU slots, save.
 
@@ -259,7 +283,9 @@ def gpu_pipeline(
     ``gpu_batches`` is the GPU step's work in encoder batches (None: calibrated
     for ``gpu_s`` once per machine); ``gpu_memory_fraction`` of the GPU's memory
     is set aside by each step (0: only what the model needs); ``unlimited``
-    runs the GPU step without a slot (``demo --no-limit`` only).
+    runs the GPU step without a slot (``demo --no-limit`` only); ``gpu_memory``
+    places the GPU step by the memory it declares ("20GiB") and ``gpu_also``
+    holds other limits with its slot.
     """
     run_id = str(flow_run.id or uuid.uuid4())
     batch = download(run_id, items, download_s, simulate, record_dir)
@@ -275,6 +301,8 @@ def gpu_pipeline(
         gpu_batches,
         gpu_memory_fraction,
         unlimited,
+        gpu_memory,
+        gpu_also,
     )
     save(run_id, result, save_s, record_dir)
     return {

@@ -53,6 +53,19 @@ class StageRecord:
     # CPU-seconds that process had spent when the stage began (its start-up).
     launched: float | None = None
     start_cpu_s: float | None = None
+    # GPU step placed by memory: the GiB it declared (held in the memory limit)
+    # and the device the broker placed it on ("cuda:1").
+    memory_gib: int | None = None
+    placed_on: str | None = None
+
+    @property
+    def over_declared(self) -> bool:
+        """A GPU step whose allocator peak (CUDA) passed the memory it declared."""
+        return (
+            self.memory_gib is not None
+            and self.peak_memory_mib is not None
+            and self.peak_memory_mib > self.memory_gib * 1024
+        )
 
     @property
     def start_up_s(self) -> float | None:
@@ -86,6 +99,8 @@ class StageRecord:
             prepare_s=_optional_float(data.get("prepare_s")),
             launched=_optional_float(data.get("launched")),
             start_cpu_s=_optional_float(data.get("start_cpu_s")),
+            memory_gib=_optional_int(data.get("memory_gib")),
+            placed_on=data.get("placed_on"),
         )
 
 

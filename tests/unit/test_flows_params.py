@@ -29,5 +29,8 @@ def test_parameters_leave_out_none_so_the_flow_falls_back() -> None:
     named = PipelineParams(limit_prefix="infer", record_dir="/r").as_parameters()
     assert (named["limit_prefix"], named["record_dir"]) == ("infer", "/r")
     # Every parameter the flow takes can be given, and no other.
-    every = dataclasses.replace(params, limit_prefix="x", record_dir="/r", gpu_batches=3)
+    every = dataclasses.replace(
+        params, limit_prefix="x", record_dir="/r", gpu_batches=3, gpu_memory="8GiB",
+        gpu_also={"licence:x": 1},
+    )  # fmt: skip
     assert set(every.as_parameters()) == set(inspect.signature(gpu_pipeline.fn).parameters)
