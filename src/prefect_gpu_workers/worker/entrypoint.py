@@ -178,6 +178,9 @@ def _process_worker_class() -> type[Any]:
             # Set when a poll left runs to others because the GPU queue was full:
             # the broker's next grant round then polls at once (see _intake_changed).
             self._intake_closed = False
+            # Set when a poll found more runs than this worker's free flow-run
+            # places: the next run to end polls at once (see _release_limit_slot).
+            self._runs_left_waiting = False
             self._poll_now: asyncio.Task[Any] | None = None
             if broker is not None and intake == "gpu-queue":
                 broker.on_dispatch = self._intake_changed
@@ -188,9 +191,19 @@ def _process_worker_class() -> type[Any]:
             if not self._broker.intake_open(self._gpu_limit):
                 return
             if self._poll_now is not None and not self._poll_now.done():
-                return
+                return  # keep it closed: the next grant round tries again
             self._intake_closed = False
-            self._poll_now = asyncio.get_running_loop().create_task(self._poll_once())
+            self._poll_soon()
+
+        def _poll_soon(self) -> None:
+            """Poll now, beside the regular polls, unless such a poll is under way."""
+            if self._poll_now is not None and not self._poll_now.done():
+                return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not on the worker's loop: the regular poll comes
+                return
+            self._poll_now = loop.create_task(self._poll_once())
 
         async def _poll_once(self) -> None:
             try:
@@ -223,6 +236,15 @@ def _process_worker_class() -> type[Any]:
             runs: list[Any] = await super()._submit_scheduled_flow_runs(flow_run_response)
             if runs:
                 self.runs.started(runs)
+            # More runs were offered than places were free: when a place frees,
+            # poll then rather than at the next interval (Prefect's 10 s by
+            # default, in which a GPU slot would wait for work).
+            limiter = self._limiter
+            self._runs_left_waiting = (
+                limiter is not None
+                and limiter.available_tokens == 0
+                and len(flow_run_response) > len(runs)
+            )
             return runs
 
         async def _give_worker_labels_to_flow_run(self, flow_run_id: Any) -> None:
@@ -283,6 +305,9 @@ def _process_worker_class() -> type[Any]:
                 self.runs.ended(flow_run_id)
             finally:
                 super()._release_limit_slot(flow_run_id)
+            if self._runs_left_waiting and not self.draining:
+                self._runs_left_waiting = False
+                self._poll_soon()
 
     return GpuProcessWorker
 
