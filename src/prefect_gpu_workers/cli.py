@@ -33,6 +33,7 @@ from prefect_gpu_workers.local.plan import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
     DEMO_PIPELINE,
+    MemoryMix,
 )
 from prefect_gpu_workers.naming import (
     DEFAULT_LIMIT_PREFIX,
@@ -208,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the limits allow on the GPU; 0: only what the model needs)",
     )
     _add_timeline(demo)
+    _add_memory_mix(demo)
     demo.add_argument(
         "--flow-runs-per-worker",
         type=positive_int,
@@ -228,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--gpu-seconds",
         type=positive_float,
-        default=4.0,
-        help="GPU step length; download and save take as long (4; try 32 for long steps)",
+        help="GPU step length; download and save take as long (4; try 32 for long steps; "
+        "with --memory-mix: 8, download and save an eighth of it)",
     )
     bench.add_argument("--runs", type=positive_int, help="runs per phase (5 per GPU slot)")
     bench.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -246,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only the two task-level phases (broker, polling): long GPU steps make the "
         "flow-level phase the longest",
+    )
+    _add_memory_mix(bench)
+    bench.add_argument(
+        "--licence-runs",
+        type=positive_int,
+        help="with --memory-mix: one more phase of N short runs on 4 workers whose GPU steps "
+        "also hold a seat of each of two licence limits (2 seats each), to show that none "
+        "deadlocks",
     )
     bench.add_argument(
         "--skip-launcher-comparison",
@@ -325,6 +335,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_start_parser(commands)
     add_status_parser(commands)
     return parser
+
+
+def _memory_mix(text: str) -> MemoryMix:
+    try:
+        return MemoryMix.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_memory_mix(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--memory-mix",
+        type=_memory_mix,
+        metavar="SIZE:SHARE,...",
+        help="GPU steps declare GPU memory in these proportions (8GiB:3,40GiB:1) and each "
+        "worker's broker places them on its GPUs by memory (gpu_slot(memory=...))",
+    )
+    parser.add_argument(
+        "--gpu-memory",
+        type=memory_size,
+        help="with --memory-mix: each GPU's memory (default: NVML's, else 80GiB)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -445,6 +477,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             database=args.database,
             api_timeout_s=args.api_timeout,
             launcher=args.launcher,
+            memory_mix=args.memory_mix,
+            gpu_memory=args.gpu_memory,
         )
         code = _or_failure(console, lambda: run_demo(options, console))
         return 1 if code is None else code
@@ -458,11 +492,13 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]--timeline: {exc}[/red]")
         return 2
 
+    if args.memory_mix is not None:
+        return _run_memory_bench(args, console)
     bench_options = BenchOptions(
         workers=args.workers,
         worker_prefix=args.worker_prefix,
         runs=args.runs,
-        gpu_seconds=args.gpu_seconds,
+        gpu_seconds=args.gpu_seconds or 4.0,
         gpus=args.gpus,
         slots_per_gpu=args.slots_per_gpu,
         pool=args.pool,
@@ -496,6 +532,51 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         render(result, console)
     ok = all(phase.runs_failed == 0 and phase.within_limits for phase in result.phases) and not any(
         result.slots_held_after.values()
+    )
+    return 0 if ok else 1
+
+
+def _run_memory_bench(args: argparse.Namespace, console: Console) -> int:
+    from prefect_gpu_workers.local.memory_bench import (
+        MemoryBenchOptions,
+        render_memory_bench,
+        run_memory_bench,
+    )
+
+    options = MemoryBenchOptions(
+        mix=args.memory_mix,
+        workers=args.workers,
+        worker_prefix=args.worker_prefix,
+        gpus=args.gpus or 2,
+        gpu_memory=args.gpu_memory or "80GiB",
+        runs=args.runs,
+        gpu_seconds=args.gpu_seconds or 8.0,
+        licence_runs=args.licence_runs or 0,
+        limit_prefix=args.limit_prefix,
+        worker_query_seconds=args.poll_seconds,
+        workdir=args.workdir,
+        keep_workdir=args.keep_workdir,
+        timeout_s=args.timeout,
+        timelines=tuple(args.timeline),
+        database=args.database,
+        api_timeout_s=args.api_timeout,
+        launcher=args.launcher,
+    )
+    result = _or_failure(console, lambda: run_memory_bench(options, console))
+    if result is None:
+        return 1
+    if args.json:
+        print(json.dumps(result.as_json(), sort_keys=True))
+    else:
+        render_memory_bench(result, console)
+    p, f, lic = result.placement, result.fixed, result.licences
+    ok = (
+        p.completed == p.submitted
+        and f.completed == f.submitted
+        and p.use.over_gpu == p.use.over_memory_limit == 0
+        and p.slot_over_admissions == f.slot_over_admissions == 0
+        and not any(p.slots_held_after.values())
+        and (lic is None or (lic.stalled == 0 and lic.peak_seats_held <= lic.seats))
     )
     return 0 if ok else 1
 

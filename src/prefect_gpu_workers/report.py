@@ -132,12 +132,80 @@ def over_admissions(records: Iterable[StageRecord], limits: Mapping[str, int]) -
     count = 0
     for worker, steps in by_worker(records, "gpu").items():
         limit = limits.get(worker)
-        if limit is None:
-            continue
-        for step in steps:
-            held = sum(s.occupy for s in steps if s.start <= step.start < s.end)
-            count += held > limit
+        if limit is not None:
+            count += starts_over(steps, lambda step: step.occupy, limit)
     return count
+
+
+def starts_over(
+    steps: Sequence[StageRecord], weight: Callable[[StageRecord], float], limit: float
+) -> int:
+    """Starts among ``steps`` at which their ``weight`` held at once passed ``limit``."""
+    return sum(
+        sum(weight(s) for s in steps if s.start <= step.start < s.end) > limit for step in steps
+    )
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Declared GPU memory held over a batch, and whether any GPU or limit was passed.
+
+    ``utilisation`` is GiB-seconds held over capacity x span, the span running
+    from the first GPU step's start to the last one's end.
+    """
+
+    declared_gib_s: float
+    capacity_gib: int
+    span_s: float
+    over_gpu: int  # step starts at which a GPU held more GiB than it has
+    over_memory_limit: int  # step starts at which a worker held more GiB than its limit
+    over_declared: int  # steps whose CUDA peak passed the memory they declared
+
+    @property
+    def utilisation(self) -> float | None:
+        capacity = self.capacity_gib * self.span_s
+        return self.declared_gib_s / capacity if capacity > 0 else None
+
+
+def memory_use(
+    records: Iterable[StageRecord],
+    gpu_gib: int,
+    worker_gib: Mapping[str, int],
+    declared: Mapping[str, int] | None = None,
+) -> MemoryUse:
+    """:class:`MemoryUse` of a batch's GPU steps.
+
+    Args:
+        records: the batch's records.
+        gpu_gib: each GPU's memory (GiB).
+        worker_gib: each worker's memory (its memory limit), whose sum is the capacity.
+        declared: GiB per run for steps that did not record their own (a
+            fixed-slot phase whose steps were not placed by memory).
+    """
+    steps = [r for r in records if r.stage == "gpu"]
+
+    def gib(step: StageRecord) -> int:
+        if step.memory_gib is not None:
+            return step.memory_gib
+        return (declared or {}).get(step.run_id, 0)
+
+    span = max((s.end for s in steps), default=0.0) - min((s.start for s in steps), default=0.0)
+    per_gpu: dict[tuple[str, str], list[StageRecord]] = defaultdict(list)
+    for step in steps:
+        if step.placed_on is not None:
+            per_gpu[(step.worker_id, step.placed_on)].append(step)
+    return MemoryUse(
+        declared_gib_s=sum(gib(s) * (s.end - s.start) for s in steps),
+        capacity_gib=sum(worker_gib.values()),
+        span_s=span,
+        over_gpu=sum(starts_over(group, gib, gpu_gib) for group in per_gpu.values()),
+        over_memory_limit=sum(
+            starts_over(group, gib, worker_gib.get(worker, 0))
+            for worker, group in by_worker(steps, "gpu").items()
+            if worker in worker_gib
+        ),
+        over_declared=sum(s.over_declared for s in steps),
+    )
 
 
 def _slot_units(steps: Sequence[StageRecord]) -> tuple[list[float], list[float]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from uuid import UUID
@@ -18,7 +18,7 @@ from prefect_gpu_workers.local.prefect_ops import (
     ensure_gpu_limit,
     ensure_process_pool,
     last_end_time,
-    submit_runs,
+    submit_each,
 )
 from prefect_gpu_workers.local.session import LocalSession, ProgressCallback
 from prefect_gpu_workers.local.watch import LatencySummary
@@ -40,6 +40,8 @@ class BatchResult:
     ended_at: float
     # Duration of the progress polls' API requests, as this client saw them.
     api_latency: LatencySummary
+    # The runs' ids in the order they were submitted (the ``vary`` index).
+    submitted: tuple[UUID, ...] = ()
 
     def failure_messages(self, most: int = 3) -> list[str]:
         """``name: STATE message`` of up to ``most`` runs that did not complete."""
@@ -63,7 +65,13 @@ def prepare_pool(
         ensure_process_pool(client, pool)
         for plan in plans:
             ensure_gpu_limit(client, plan.limit_name, plan.slots)
+            if plan.memory_limit_name is not None:
+                ensure_gpu_limit(client, plan.memory_limit_name, plan.memory_limit_gib)
     return deploy_for_local_workers(pool, deployment_name)
+
+
+def _same(index: int, params: PipelineParams) -> PipelineParams:
+    return params
 
 
 def run_batch(
@@ -75,17 +83,20 @@ def run_batch(
     record_dir: Path,
     on_progress: ProgressCallback | None = None,
     timeout_s: float = 900.0,
+    vary: Callable[[int, PipelineParams], PipelineParams] | None = None,
 ) -> BatchResult:
     """Submit ``runs`` flow runs, wait for all of them, and measure what happened.
 
     Every run records its stages in ``record_dir`` (it replaces ``params.record_dir``).
+    ``vary`` gives the ``index``-th run its own parameters (a memory mix).
     """
     record_dir.mkdir(parents=True, exist_ok=True)
     limit_names = [plan.limit_name for plan in plans]
-    parameters = replace(params, record_dir=str(record_dir)).as_parameters()
+    base = replace(params, record_dir=str(record_dir))
+    per_run = [(vary or _same)(index, base).as_parameters() for index in range(runs)]
     with session.client() as client:
         submitted_at = time.time()
-        ids = submit_runs(client, deployment_id, runs, parameters)
+        ids = submit_each(client, deployment_id, per_run)
     final, api_latency = session.watch_runs(
         ids, limit_names, on_progress, timeout_s, since=submitted_at
     )
@@ -103,4 +114,6 @@ def run_batch(
     )
     with session.client() as client:
         held = active_slots(client, limit_names)
-    return BatchResult(final, records, metrics, held, submitted_at, ended_at, api_latency)
+    return BatchResult(
+        final, records, metrics, held, submitted_at, ended_at, api_latency, tuple(ids)
+    )

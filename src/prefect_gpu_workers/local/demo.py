@@ -18,7 +18,7 @@ from rich.console import Console
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
 from prefect_gpu_workers.database import DatabaseKind
-from prefect_gpu_workers.gpu import detect_gpus
+from prefect_gpu_workers.gpu import GpuInventory, detect_gpus
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
 from prefect_gpu_workers.local.gpu_work import (
     GpuStepPlan,
@@ -34,6 +34,8 @@ from prefect_gpu_workers.local.plan import (
     DEFAULT_POOL,
     DEFAULT_WORKER_PREFIX,
     DEMO_PIPELINE,
+    MemoryMix,
+    WorkerPlan,
     flow_runs_per_worker,
     plan_capacity,
     plan_workers,
@@ -46,13 +48,15 @@ from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
 from prefect_gpu_workers.local.views import (
     ProgressView,
     describe_memory,
+    describe_memory_use,
     metrics_table,
     no_limit_table,
     plain_printer,
     plan_table,
     worker_table,
 )
-from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
+from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, gib_capacity, parse_memory_mib
+from prefect_gpu_workers.report import memory_use
 from prefect_gpu_workers.telemetry import (
     GpuSampler,
     describe_telemetry,
@@ -87,6 +91,53 @@ class DemoOptions:
     database: DatabaseKind = "postgres"
     api_timeout_s: float = DEFAULT_API_TIMEOUT_S
     launcher: str = DEFAULT_LAUNCHER
+    # GPU steps declare memory in these proportions and are placed by it.
+    memory_mix: MemoryMix | None = None
+    # Each GPU's memory for placement; None: NVML's, else 80GiB (said aloud).
+    gpu_memory: str | None = None
+
+
+# What local mode takes each GPU's memory to be for --memory-mix when NVML finds none.
+FALLBACK_GPU_MEMORY = "80GiB"
+
+
+def placing_by_memory(
+    plans: tuple[WorkerPlan, ...],
+    mix: MemoryMix,
+    gpus: int,
+    gpu_memory: str | None,
+    inventory: GpuInventory,
+) -> tuple[tuple[WorkerPlan, ...], str]:
+    """The plans placing by memory, and a line saying where each GPU's memory came from.
+
+    Each worker gets slots enough for its GPUs full of the mix's smallest step,
+    so memory, not slots, bounds it.
+    """
+    if gpu_memory is not None:
+        gib, source = gib_capacity(parse_memory_mib(gpu_memory)), "stated"
+    elif inventory.count:
+        gib, source = min(gib_capacity(d.memory_mib) for d in inventory.devices), "NVML"
+    else:
+        gib = gib_capacity(parse_memory_mib(FALLBACK_GPU_MEMORY))
+        source = f"no GPU found: taken to be {FALLBACK_GPU_MEMORY} (--gpu-memory)"
+    if mix.largest_gib > gib:
+        raise ValueError(
+            f"--memory-mix asks for {mix.largest_gib} GiB, more than a GPU's {gib} GiB"
+        )
+    placed = tuple(
+        replace(
+            plan,
+            gpus=gpus,
+            gpu_memory_gib=gib,
+            slots=max(plan.slots, gpus * (gib // mix.smallest_gib)),
+        )
+        for plan in plans
+    )
+    line = (
+        f"GPU steps declare {', '.join(f'{s} x{n}' for s, n in mix.sizes)} and are placed on "
+        f"{gpus} GPU(s) of {gib} GiB per worker ({source})"
+    )
+    return placed, line
 
 
 def make_workdir(requested: Path | None, prefix: str) -> tuple[Path, bool]:
@@ -131,6 +182,16 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             options.limit_prefix,
         )
     )
+    if options.memory_mix is not None:
+        try:
+            plans, placing = placing_by_memory(
+                plans, options.memory_mix, capacity_plan.capacity.gpus, options.gpu_memory,
+                inventory,
+            )  # fmt: skip
+        except ValueError as exc:
+            console.print(f"[red]{exc}[/red]")
+            return 2
+        console.print(f"[bold]GPU memory:[/bold] {placing}")
     step_plan = _plan_gpu_step(options, inventory.count, slots, console)
     p = replace(
         p,
@@ -152,6 +213,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         else f"starting a Prefect server on {options.database} for this demo ..."
     )
     ok = False
+    ok_memory = True
     with LocalSession(
         workdir,
         api_url=external,
@@ -186,6 +248,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             ProcessMemorySampler(SESSION_MARKER_ENV, session.marker) as memory,
             ProgressView(console, "demo", plans) as progress,
         ):
+            mix = options.memory_mix
             result = run_batch(
                 session,
                 deployment_id,
@@ -195,6 +258,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 workdir / "records",
                 progress,
                 options.timeout_s,
+                None if mix is None else lambda i, run: replace(run, gpu_memory=mix.for_run(i)),
             )
         samples = sampler.stop()
         metrics = result.metrics
@@ -209,6 +273,14 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         )
         telemetry = describe_telemetry(summary, sampler.unavailable_reason)
         console.print(telemetry)
+        if options.memory_mix is not None:
+            use = memory_use(
+                result.records,
+                plans[0].gpu_memory_gib or 0,
+                {plan.worker_id: plan.memory_limit_gib for plan in plans},
+            )
+            console.print(describe_memory_use(use))
+            ok_memory = use.over_gpu == 0 and use.over_memory_limit == 0
         peak = peak_step_memory_mib(result.records)
         if peak is not None:
             total = f" of {summary.memory_total_mib:.0f} MiB" if summary else ""
@@ -228,6 +300,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 and metrics.runs_finished == options.runs
                 and metrics.within_limits
                 and not leaked
+                and ok_memory
             )
     remaining = session.remaining_pids()
     if remaining:
@@ -244,6 +317,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             samples,
             result.submitted_at,
             result.ended_at,
+            plans[0].gpu_memory_gib,
         )
         written = write_timeline(path, phase, title=title, subtitle=telemetry)
         # Never wrapped: a person copies the path.

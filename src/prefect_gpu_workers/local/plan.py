@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
 from prefect_gpu_workers.gpu import Capacity, GpuInventory, resolve_capacity
-from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, limit_name, validate_worker_id
+from prefect_gpu_workers.naming import (
+    DEFAULT_LIMIT_PREFIX,
+    gib_held,
+    limit_name,
+    memory_limit_name,
+    parse_memory_mib,
+    validate_worker_id,
+)
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -45,10 +52,87 @@ class WorkerPlan:
     slot_broker: bool = True
     # How its flow runs start: forked from its warm launcher, or as subprocesses.
     launcher: str = DEFAULT_LAUNCHER
+    # Its GPUs and each one's memory (whole GiB): with memory, the worker has a
+    # memory limit and its broker places GPU steps that declare memory.
+    gpus: int = 1
+    gpu_memory_gib: int | None = None
 
     @property
     def limit_name(self) -> str:
         return limit_name(self.worker_id, self.limit_prefix)
+
+    @property
+    def memory_limit_name(self) -> str | None:
+        """``<prefix>-memory:<worker>`` when the worker places by memory."""
+        if self.gpu_memory_gib is None:
+            return None
+        return memory_limit_name(self.worker_id, self.limit_prefix)
+
+    @property
+    def memory_limit_gib(self) -> int:
+        return self.gpus * (self.gpu_memory_gib or 0)
+
+
+@dataclass(frozen=True)
+class MemoryMix:
+    """The GPU memory a batch's steps declare, and in what proportions.
+
+    Example:
+        >>> mix = MemoryMix.parse("8GiB:3,40GiB:1")
+        >>> [mix.for_run(i) for i in range(5)]
+        ['8GiB', '8GiB', '8GiB', '40GiB', '8GiB']
+        >>> mix.mean_gib, mix.largest_gib
+        (16.0, 40)
+    """
+
+    sizes: tuple[tuple[str, int], ...]  # (size as written, share)
+
+    @classmethod
+    def parse(cls, text: str) -> MemoryMix:
+        """``SIZE:SHARE,...`` (``8GiB:3,40GiB:1``; a share left out is 1).
+
+        Raises:
+            ValueError: a size that does not parse, or a share below 1.
+        """
+        sizes: list[tuple[str, int]] = []
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            size, _, share = part.partition(":")
+            parse_memory_mib(size)
+            count = int(share) if share else 1
+            if count < 1:
+                raise ValueError(f"{part!r}: a share must be at least 1")
+            sizes.append((size.strip(), count))
+        if not sizes:
+            raise ValueError(f"memory mix {text!r} names no size (e.g. 8GiB:3,40GiB:1)")
+        return cls(tuple(sizes))
+
+    @property
+    def pattern(self) -> tuple[str, ...]:
+        """One round of the mix: each size as many times as its share, in order."""
+        return tuple(size for size, share in self.sizes for _ in range(share))
+
+    def for_run(self, index: int) -> str:
+        """The size the ``index``-th run declares: the pattern, over and over."""
+        return self.pattern[index % len(self.pattern)]
+
+    def gib(self, size: str) -> int:
+        """What a step of ``size`` holds of a memory limit (whole GiB, rounded up)."""
+        return gib_held(parse_memory_mib(size))
+
+    @property
+    def largest_gib(self) -> int:
+        return max(self.gib(size) for size, _ in self.sizes)
+
+    @property
+    def smallest_gib(self) -> int:
+        return min(self.gib(size) for size, _ in self.sizes)
+
+    @property
+    def mean_gib(self) -> float:
+        pattern = self.pattern
+        return sum(self.gib(size) for size in pattern) / len(pattern)
 
 
 @dataclass(frozen=True)

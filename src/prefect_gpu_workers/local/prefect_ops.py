@@ -80,11 +80,21 @@ def submit_runs(
     tags: Sequence[str] = (),
 ) -> list[UUID]:
     """Create ``count`` flow runs of the deployment; returns their ids."""
+    return submit_each(client, deployment_id, [parameters] * count, tags)
+
+
+def submit_each(
+    client: SyncPrefectClient,
+    deployment_id: UUID,
+    parameters: Sequence[Mapping[str, Any]],
+    tags: Sequence[str] = (),
+) -> list[UUID]:
+    """Create one flow run of the deployment per entry of ``parameters``; returns their ids."""
     return [
         client.create_flow_run_from_deployment(
-            deployment_id, parameters=dict(parameters), tags=list(tags)
+            deployment_id, parameters=dict(each), tags=list(tags)
         ).id
-        for _ in range(count)
+        for each in parameters
     ]
 
 

@@ -145,4 +145,6 @@ def worker_command(plan: WorkerPlan, pool: str) -> list[str]:
         slot_broker=plan.slot_broker,
         drain_s=0,
         launcher=plan.launcher,
+        gpus=plan.gpus if plan.gpu_memory_gib is not None else None,
+        gpu_memory=f"{plan.gpu_memory_gib}GiB" if plan.gpu_memory_gib is not None else None,
     )

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -70,6 +70,9 @@ class TimelinePhase:
     samples: Sequence[GpuSample] = ()
     started_at: float | None = None
     ended_at: float | None = None
+    # Each GPU's memory (GiB) where steps were placed by memory: the dashed line
+    # of the declared-memory panel.
+    gpu_memory_gib: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class PhaseLayout:
     # Per GPU: (time, utilisation %, memory used %).
     gpu_series: dict[int, list[tuple[float, float, float]]] = field(default_factory=dict)
     duration: float = 0.0
+    # Per placed GPU ("local-1 cuda:0"): (time, declared GiB held) steps.
+    declared_memory: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    gpu_memory_gib: int | None = None
 
 
 def assign_rows(intervals: Sequence[tuple[K, float, float]]) -> dict[K, int]:
@@ -124,15 +130,20 @@ def assign_rows(intervals: Sequence[tuple[K, float, float]]) -> dict[K, int]:
     return assigned
 
 
-def occupancy_steps(records: Sequence[StageRecord], until: float) -> list[tuple[float, int]]:
-    """Slots held by GPU steps (weighted by ``occupy``) as steps from 0 to ``until``.
+def occupancy_steps(
+    records: Sequence[StageRecord],
+    until: float,
+    weight: Callable[[StageRecord], int] = lambda record: record.occupy,
+) -> list[tuple[float, int]]:
+    """Slots held by GPU steps (weighted by ``occupy``, or ``weight``) as steps from 0
+    to ``until``.
 
     Times are those of the records (already shifted by the caller). Releases
     sort before acquires at one instant, as in :func:`report.peak_overlap`.
     """
     events = sorted(
-        [(r.start, r.occupy) for r in records if r.stage == "gpu"]
-        + [(r.end, -r.occupy) for r in records if r.stage == "gpu"]
+        [(r.start, weight(r)) for r in records if r.stage == "gpu"]
+        + [(r.end, -weight(r)) for r in records if r.stage == "gpu"]
     )
     steps = [(0.0, 0)]
     held = 0
@@ -214,6 +225,14 @@ def layout_phase(phase: TimelinePhase) -> PhaseLayout:
         worker: occupancy_steps([r for r in shifted if r.worker_id == worker], duration)
         for worker in workers
     }
+    placed: dict[str, list[StageRecord]] = defaultdict(list)
+    for record in shifted:
+        if record.placed_on is not None and record.memory_gib is not None:
+            placed[f"{record.worker_id} {record.placed_on}"].append(record)
+    declared = {
+        gpu: occupancy_steps(steps, duration, lambda record: record.memory_gib or 0)
+        for gpu, steps in sorted(placed.items())
+    }
     series: dict[int, list[tuple[float, float, float]]] = defaultdict(list)
     for sample in sorted(phase.samples, key=lambda s: (s.gpu, s.time)):
         moment = sample.time - origin
@@ -229,14 +248,19 @@ def layout_phase(phase: TimelinePhase) -> PhaseLayout:
         limits={worker: phase.limits.get(worker, 0) for worker in workers},
         gpu_series=dict(series),
         duration=duration,
+        declared_memory=declared,
+        gpu_memory_gib=phase.gpu_memory_gib,
     )
 
 
 def _shift(record: StageRecord, origin: float) -> StageRecord:
-    return StageRecord(
-        record.run_id, record.worker_id, record.stage, record.requested - origin,
-        record.start - origin, record.end - origin, record.occupy, record.limit,
-    )  # fmt: skip
+    return replace(
+        record,
+        requested=record.requested - origin,
+        start=record.start - origin,
+        end=record.end - origin,
+        launched=None if record.launched is None else record.launched - origin,
+    )
 
 
 def _runs_count(layout: PhaseLayout) -> int:
@@ -262,8 +286,13 @@ def build_png_figure(layouts: Sequence[PhaseLayout], title: str = "", subtitle: 
         raise RuntimeError(f"PNG timelines need matplotlib: {VIZ_HINT}") from exc
 
     with_gpu = any(layout.gpu_series for layout in layouts)
+    with_memory = any(layout.declared_memory for layout in layouts)
     most_rows = max([1, *(len(layout.rows) for layout in layouts)])
-    heights = [max(2.2, 0.24 * most_rows + 0.8), 1.7] + ([1.7] if with_gpu else [])
+    heights = (
+        [max(2.2, 0.24 * most_rows + 0.8), 1.7]
+        + ([1.7] if with_memory else [])
+        + ([1.7] if with_gpu else [])
+    )
     width = 7.5 * len(layouts) + 2.5
     fig = Figure(figsize=(width, sum(heights) + 1.6), layout="constrained")
     axes = fig.subplots(
@@ -278,8 +307,10 @@ def build_png_figure(layouts: Sequence[PhaseLayout], title: str = "", subtitle: 
     for column, layout in enumerate(layouts):
         _draw_runs(axes[0][column], layout, first_column=column == 0)
         _draw_occupancy(axes[1][column], layout, peak_slots, first_column=column == 0)
+        if with_memory:
+            _draw_declared_memory(axes[2][column], layout, first_column=column == 0)
         if with_gpu:
-            _draw_gpu(axes[2][column], layout, first_column=column == 0)
+            _draw_gpu(axes[-1][column], layout, first_column=column == 0)
         axes[-1][column].set_xlabel("seconds since the runs were submitted")
         axes[0][column].set_xlim(0, span * 1.02)
     handles = [Patch(facecolor=COLOURS[kind], label=BAR_LABELS[kind]) for kind in BAR_KINDS]
@@ -342,6 +373,25 @@ def _draw_occupancy(ax: Any, layout: PhaseLayout, peak: int, first_column: bool)
     ax.grid(color="#eeeeee")
 
 
+def _draw_declared_memory(ax: Any, layout: PhaseLayout, first_column: bool) -> None:
+    for index, (gpu, steps) in enumerate(layout.declared_memory.items()):
+        ax.step(
+            [t for t, _ in steps], [gib for _, gib in steps], where="post",
+            color=WORKER_COLOURS[index % len(WORKER_COLOURS)], linewidth=1.4, label=gpu,
+        )  # fmt: skip
+    if layout.gpu_memory_gib is not None:
+        ax.axhline(layout.gpu_memory_gib, color="black", linestyle="--", linewidth=1.0)
+        ax.set_ylim(0, layout.gpu_memory_gib * 1.25)
+    if first_column:
+        ax.set_ylabel("declared GPU memory\nheld, GiB (dashed: a GPU)")
+    if layout.declared_memory:
+        ax.legend(loc="upper right", fontsize=8, frameon=False, ncols=2)
+    else:
+        ax.text(0.5, 0.5, "not placed by memory", transform=ax.transAxes, ha="center",
+                color="#777777")  # fmt: skip
+    ax.grid(color="#eeeeee")
+
+
 def _draw_gpu(ax: Any, layout: PhaseLayout, first_column: bool) -> None:
     for gpu, points in sorted(layout.gpu_series.items()):
         times = [t for t, _, _ in points]
@@ -372,9 +422,10 @@ def build_html_figure(layouts: Sequence[PhaseLayout], title: str = "", subtitle:
         raise RuntimeError(f"HTML timelines need plotly: {VIZ_HINT}") from exc
 
     with_gpu = any(layout.gpu_series for layout in layouts)
+    with_memory = any(layout.declared_memory for layout in layouts)
     most_rows = max([1, *(len(layout.rows) for layout in layouts)])
     runs_height = max(220, 22 * most_rows + 60)
-    heights = [runs_height, 180] + ([180] if with_gpu else [])
+    heights = [runs_height, 180] + ([180] if with_memory else []) + ([180] if with_gpu else [])
     fig = make_subplots(
         rows=len(heights),
         cols=len(layouts),
@@ -438,24 +489,40 @@ def build_html_figure(layouts: Sequence[PhaseLayout], title: str = "", subtitle:
         fig.update_yaxes(
             title_text="GPU slots held (dashed: limit)" if first else None, row=2, col=column
         )
+        if with_memory:
+            for placed, steps in layout.declared_memory.items():
+                fig.add_trace(
+                    go.Scatter(x=[t for t, _ in steps], y=[gib for _, gib in steps],
+                               line={"shape": "hv"}, name=f"{placed} declared GiB held",
+                               legendgroup=f"declared-{placed}", showlegend=first),
+                    row=3, col=column,
+                )  # fmt: skip
+            if layout.gpu_memory_gib is not None:
+                fig.add_hline(y=layout.gpu_memory_gib, line_dash="dash", line_color="black",
+                              row=3, col=column)  # fmt: skip
+            fig.update_yaxes(
+                title_text="declared GPU memory held, GiB" if first else None, row=3, col=column
+            )
         if with_gpu:
+            gpu_row = len(heights)
             for gpu, points in sorted(layout.gpu_series.items()):
                 times = [t for t, _, _ in points]
                 fig.add_trace(
                     go.Scatter(x=times, y=[u for _, u, _ in points],
                                name=f"GPU {gpu} utilisation %", legendgroup=f"util-{gpu}",
                                showlegend=first),
-                    row=3, col=column,
+                    row=gpu_row, col=column,
                 )  # fmt: skip
                 fig.add_trace(
                     go.Scatter(x=times, y=[m for _, _, m in points], line={"dash": "dot"},
                                name=f"GPU {gpu} memory used %", legendgroup=f"memory-{gpu}",
                                showlegend=first),
-                    row=3, col=column,
+                    row=gpu_row, col=column,
                 )  # fmt: skip
             fig.update_yaxes(
-                range=[0, 105], title_text="GPU (NVML) %" if first else None, row=3, col=column
-            )
+                range=[0, 105], title_text="GPU (NVML) %" if first else None, row=gpu_row,
+                col=column,
+            )  # fmt: skip
         fig.update_xaxes(title_text="seconds since the runs were submitted", row=len(heights),
                          col=column)  # fmt: skip
     fig.update_layout(

@@ -18,7 +18,7 @@ from prefect_gpu_workers.local.plan import BatchCounts, WorkerPlan, count_runs
 from prefect_gpu_workers.local.process_memory import MemoryFigures
 from prefect_gpu_workers.local.watch import LatencySummary
 from prefect_gpu_workers.records import StageRecord
-from prefect_gpu_workers.report import PhaseMetrics
+from prefect_gpu_workers.report import MemoryUse, PhaseMetrics
 from prefect_gpu_workers.telemetry import TelemetrySummary
 
 # The progress line says the API is silent once it has been for this long
@@ -330,3 +330,17 @@ def no_limit_table(
             f"({telemetry.peak_memory_used_mib / telemetry.memory_total_mib:.0%})",
         )
     return table
+
+
+def describe_memory_use(use: MemoryUse) -> str:
+    """One line on GPU steps placed by memory: how full the GPUs were kept, and any fault."""
+    utilisation = "-" if use.utilisation is None else f"{use.utilisation:.2f}"
+    line = (
+        f"GPU memory declared and held: {use.declared_gib_s:.0f} GiB-s of "
+        f"{use.capacity_gib} GiB x {use.span_s:.1f} s = {utilisation} in use; "
+        f"{use.over_gpu} placement(s) beyond a GPU's memory, "
+        f"{use.over_memory_limit} past a memory limit"
+    )
+    if use.over_declared:
+        line += f"; {use.over_declared} step(s) used more than they declared (see their logs)"
+    return line
