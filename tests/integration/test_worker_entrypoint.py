@@ -3,6 +3,7 @@ Prefect process worker; the worker's flow runs take their GPU slots at the broke
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -114,3 +115,57 @@ def test_worker_runs_flow_runs_whose_gpu_steps_wait_at_its_broker(
         stop_process_group(proc, grace_s=30)
     assert proc.returncode is not None
     assert not Path(socket_path).exists(), "the broker's socket outlived the worker"
+
+
+def test_a_run_that_ends_while_runs_wait_frees_its_place_for_one_at_once(
+    prefect_server: LocalPrefectServer, tmp_path: Path
+) -> None:
+    """With one flow-run place and a poll every 120 s (84-156 s with Prefect's jitter),
+    four waiting runs follow one another within seconds: each run that ends polls."""
+    worker = unique_worker()
+    pool = f"refill-{worker}"
+    with get_client(sync_client=True) as client:
+        ensure_process_pool(client, pool)
+        ensure_gpu_limit(client, f"gpu:{worker}", 1)
+    deployment_id = deploy_for_local_workers(pool, f"pipeline-{worker}")
+    record_dir = tmp_path / "records"
+    params = PipelineParams(items=1, gpu_s=0.5, simulate=True, record_dir=str(record_dir))
+    with get_client(sync_client=True) as client:  # waiting before the worker's first poll
+        ids = submit_runs(client, deployment_id, 4, params.as_parameters())
+    log_path = tmp_path / "worker.log"
+    env = {
+        **os.environ,
+        **prefect_server.env(),
+        WORKER_ID_ENV: worker,
+        "PREFECT_WORKER_QUERY_SECONDS": "120",
+    }
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect_gpu_workers.cli", "worker", "--pool", pool,
+             "--flow-runs", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        with get_client(sync_client=True) as client:
+
+            def all_final() -> bool:
+                runs = read_runs(client, ids)
+                return all(r.state is not None and r.state.is_final() for r in runs)
+
+            # Two regular polls at most (a first one may come before the worker's sync).
+            wait_until(all_final, "the four flow runs finish", 400)
+            states = [r.state.type.value for r in read_runs(client, ids) if r.state is not None]
+        assert states == ["COMPLETED"] * 4, log_path.read_text()[-3000:]
+        by_run: dict[str, list[float]] = {}
+        for record in read_records(record_dir):
+            times = by_run.setdefault(record.run_id, [float("inf"), 0.0])
+            times[0] = min(times[0], record.launched or times[0])
+            times[1] = max(times[1], record.end)
+        spans = sorted(by_run.values())
+        assert len(spans) == 4
+        gaps = [later[0] - earlier[1] for earlier, later in itertools.pairwise(spans)]
+        # Never two at once (one place), and each next run started long before the
+        # next regular poll (84 s at the soonest) could have taken it.
+        assert all(0 <= gap < 30 for gap in gaps), gaps
+    finally:
+        stop_process_group(proc, grace_s=30)
