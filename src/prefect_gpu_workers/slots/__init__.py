@@ -7,7 +7,7 @@ socket, FIFO and in milliseconds, holding a Prefect lease for every grant.
 | module | what it is |
 |---|---|
 | ``wire`` | stdlib, pure: the socket's messages (one JSON object per line) |
-| ``grants`` | stdlib, pure: who gets a slot next, who may ask (``admission``), intake |
+| ``grants`` | stdlib, pure: who gets a slot next and on which GPU, who may ask, intake |
 | ``leases`` | stdlib, pure: a lease as the broker knows it; how its slots go back |
 | ``metrics`` | stdlib: the broker's Prometheus text, bounded histograms |
 | ``prefect_io`` | the broker's Prefect calls, each once and bounded |
@@ -15,5 +15,5 @@ socket, FIFO and in milliseconds, holding a Prefect lease for every grant.
 | ``give_back`` | ``GiveBacks``: a finished holder's slots back to Prefect, whatever it answers |
 | ``upkeep`` | ``Upkeep``: limits re-read, holders of a recreated limit re-counted, renewals |
 | ``broker`` | ``SlotBroker``: sessions (one connection per step), dispatch, lease passing |
-| ``client`` | the step's side: ``gpu_slot`` / ``agpu_slot`` and the limit contract they check |
+| ``client`` | the step's side: ``gpu_slot`` / ``agpu_slot``, the ``GpuGrant`` they yield |
 """

@@ -41,11 +41,14 @@ Memory and other limits: a step may ask for GPU memory (``memory_gib``); the
 queue places it on one of the worker's GPUs with room (``grants``) and the
 grant names that GPU. The broker then holds, beside the slot lease, a lease of
 the worker's memory limit ``<prefix>-memory:<worker>`` for the step's GiB, and
-one of each ``also`` limit, taken one after the other in that order (``also`` by
-name), so that brokers taking the same global limits never wait on each other
-in a circle. Each is a companion holder with its own lease, renewed, re-counted
-and given back exactly as the slot lease is; a grant with companions never
-passes its leases on.
+one of each ``also`` limit. They are taken one after the other in one order:
+the memory limit, the ``also`` limits by name, the slot's last. Brokers taking
+the same global limits in name order never wait on each other in a circle,
+and the slot's lease taken last is refused by Prefect if the limit shrank
+while the others were awaited (taken first, it would let the step start past
+the smaller limit). Each is a companion holder with its own lease, renewed,
+re-counted and given back exactly as the slot lease is; a grant with
+companions never passes its leases on.
 """
 
 from __future__ import annotations
@@ -671,8 +674,9 @@ class SlotBroker:
             )
 
     async def _acquire(self, holder: Holder, slots: LimitSlots) -> None:
-        """Take the grant's leases one after the other: the slot's, then its companions'."""
-        for member in holder.group:
+        """Take the grant's leases one after the other: its companions' in order, then
+        the slot's (see the module docstring)."""
+        for member in (*holder.companions, holder):
             if member.lease is None:  # else passed on by the step before it (_pass_lease)
                 await self._take_lease(member, holder)
         self._granted(holder, slots)
@@ -687,7 +691,7 @@ class SlotBroker:
         """
         attempt = 0
         while True:
-            if grant.abandoned and member is not grant:
+            if grant.abandoned:
                 raise Abandoned(f"the step left while {member.limit} was taken")
             try:
                 outcome = await self.prefect.try_acquire(member.limit, member.occupy, member.holder)

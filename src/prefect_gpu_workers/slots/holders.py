@@ -51,7 +51,8 @@ class Holder:
     pid: int | None = None  # the step's process (SO_PEERCRED), for operators and fault drills
     run_id: str | None = None  # that process's flow run (its PREFECT__FLOW_RUN_ID)
     # The other limits held with this grant, in the order their leases are
-    # taken (the memory limit, then ``also`` by name); each its own lease.
+    # taken (the memory limit, then ``also`` by name, all before the slot's);
+    # each its own lease.
     companions: tuple[Holder, ...] = ()
     memory_gib: int | None = None  # GPU memory asked for (placed by the queue)
     abandoned: bool = False  # the step left before all its leases were taken
