@@ -2,6 +2,8 @@
 
 hack/simulate [--seeds N] [--first S] [--json]   run seeds S .. S+N-1
 hack/simulate --seed S --trace            replay one seed, print its schedule and trace
+hack/simulate --placement [...]           the same schedules, steps also placed by GPU
+                                          memory and holding a licence seat
 hack/simulate --workers [...]             the same for the workers' drain and journal
                                           (workers.py) instead of the slot broker
 """
@@ -33,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", action="store_true", help="simulate workers drained, killed, restarted"
     )
+    parser.add_argument(
+        "--placement",
+        action="store_true",
+        help="steps also ask for GPU memory (and some a licence seat) beside their slots",
+    )
     args = parser.parse_args(argv)
     with quiet_broker_logs(), quiet_worker_logs():
         if args.workers and args.seed is not None:
@@ -40,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers:
             return sweep_workers(args.first, args.seeds, args.json)
         if args.seed is not None:
-            return replay(args.seed, args.trace)
-        return sweep(args.first, args.seeds, args.json)
+            return replay(args.seed, args.trace, args.placement)
+        return sweep(args.first, args.seeds, args.json, args.placement)
 
 
-def replay(seed: int, trace: bool) -> int:
-    schedule = draw_schedule(seed)
+def replay(seed: int, trace: bool, placement: bool = False) -> int:
+    schedule = draw_schedule(seed, placement)
     report = simulate(schedule)
     print(schedule.describe())
     if trace:
@@ -136,17 +143,19 @@ def summary_line(report: Report) -> str:
 
 INVARIANTS = ("within the limit", "counted", "no repossession", "no leak", "progress",
               "no crash", "release answered")  # fmt: skip
+PLACEMENT_INVARIANTS = ("within the GPU", "within the licence")
 
 
-def sweep(first: int, count: int, as_json: bool = False) -> int:
+def sweep(first: int, count: int, as_json: bool = False, placement: bool = False) -> int:
     started = time.perf_counter()
     failed: dict[str, list[int]] = {}
     totals: Counter[str] = Counter()
     faults: Counter[str] = Counter()
     events: Counter[str] = Counter()
     crossings: Counter[str] = Counter()
+    invariants = INVARIANTS + (PLACEMENT_INVARIANTS if placement else ())
     for i, seed in enumerate(range(first, first + count), 1):
-        schedule = draw_schedule(seed)
+        schedule = draw_schedule(seed, placement)
         report = simulate(schedule)
         faults.update(report.fault_kinds)
         events.update(e.kind.value for e in schedule.events)
@@ -176,8 +185,9 @@ def sweep(first: int, count: int, as_json: bool = False) -> int:
             "orphan_leases": totals["orphans"],
             "schedules_where_a_restart_forgot_an_orphan": totals["forgot"],
             "schedules_where_a_delayed_request_crossed": dict(crossings),
-            "violations": {k: len(failed.get(k, [])) for k in INVARIANTS},
+            "violations": {k: len(failed.get(k, [])) for k in invariants},
             "failing_seeds": {k: v[:20] for k, v in failed.items()},
+            "placement": placement,
         }, indent=2))  # fmt: skip
         return 1 if failed else 0
     print(f"{count} schedules (seeds {first}..{first + count - 1}) in {elapsed:.1f} s: "
@@ -193,12 +203,13 @@ def sweep(first: int, count: int, as_json: bool = False) -> int:
     print("faults injected: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
     print("server events: " + ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
     print(f"{'invariant':<18} {'schedules':>9}  first seeds")
-    for invariant in INVARIANTS:
+    for invariant in invariants:
         seeds = failed.get(invariant, [])
         print(f"{invariant:<18} {len(seeds):>9}  {' '.join(map(str, seeds[:8]))}")
     if failed:
         worst = min(min(s) for s in failed.values())
-        print(f"replay: hack/simulate --seed {worst} --trace")
+        again = " --placement" if placement else ""
+        print(f"replay: hack/simulate --seed {worst} --trace{again}")
         return 1
     return 0
 

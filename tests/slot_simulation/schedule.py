@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prefect_gpu_workers.slots.prefect_io import FIRST_LEASE_S
 
@@ -33,6 +33,17 @@ class StepPlan:
     hold_s: float
     ending: Ending
     patience_s: float  # GIVE_UP: how long it waits
+    memory_gib: int | None = None  # placed by memory on one of the worker's GPUs
+    licence: bool = False  # also holds a seat of the licence limit
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The worker's GPUs (each one's GiB, the memory limit their sum) and a licence
+    limit (0 seats: none) that steps hold with their grant."""
+
+    gpus: tuple[int, ...]
+    licence_seats: int
 
 
 class EventKind(enum.Enum):
@@ -60,6 +71,8 @@ class Schedule:
     # Prefect's lease storage: "memory" forgets every lease in a restart, "file"
     # keeps them (PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE).
     lease_storage: str = "memory"
+    # Steps placed by memory, with a licence held beside (None: slots alone).
+    placement: Placement | None = None
 
     @property
     def busy_until(self) -> float:
@@ -74,22 +87,33 @@ class Schedule:
             f"seed {self.seed}: limit {self.capacity}, leases of {self.lease_duration:.0f} s, "
             f"{len(self.steps)} steps, faults {self.faults}{storage}",
         ]
+        if self.placement is not None:
+            lines.append(
+                f"  GPUs {list(self.placement.gpus)} GiB, licence of "
+                f"{self.placement.licence_seats} seat(s)"
+            )
         lines += [f"  t={e.at:7.2f} {e.kind.value} {e.value:g}" for e in self.events]
         lines += [
             f"  t={s.arrives_at:7.2f} {s.name} occupy={s.occupy} hold={s.hold_s:.2f} "
             f"{s.ending.value}"
             + (f" after {s.patience_s:.2f}" if s.ending is Ending.GIVE_UP else "")
+            + (f" memory={s.memory_gib}" if s.memory_gib is not None else "")
+            + (" +licence" if s.licence else "")
             for s in self.steps
         ]
         return "\n".join(lines)
 
 
-def draw_schedule(seed: int) -> Schedule:
+def draw_schedule(seed: int, placement: bool = False) -> Schedule:
     """The schedule of ``seed``: small limits and bursts of steps, so they contend.
 
     Outages stay shorter than a quarter of the shortest lease: a broker that
     renews as it should never loses a live lease to the repossessor, so any
     repossession of one is a defect, not bad luck.
+
+    ``placement``: the same schedule, its steps also asking for GPU memory on
+    one or two small GPUs and some for a licence seat, drawn from a source of
+    their own (each seed's slot schedule stays as it was).
     """
     rng = random.Random(seed)
     capacity = rng.randint(1, 4)
@@ -130,12 +154,29 @@ def draw_schedule(seed: int) -> Schedule:
     # From a source of its own: the draws above, and so every earlier seed's
     # schedule, stay as they were.
     storage = "file" if random.Random(seed ^ 0xF11E).random() < 0.3 else "memory"
+    ordered = sorted(steps, key=lambda s: s.arrives_at)
+    placed = None
+    if placement:
+        prng = random.Random(seed ^ 0x9E3)
+        placed = Placement(
+            tuple(prng.choice([8, 12, 16]) for _ in range(prng.randint(1, 2))),
+            prng.choice([0, 1, 2]),
+        )
+        ordered = [
+            replace(
+                step,
+                memory_gib=prng.randint(1, max(placed.gpus)) if prng.random() < 0.8 else None,
+                licence=placed.licence_seats > 0 and prng.random() < 0.5,
+            )
+            for step in ordered
+        ]
     return Schedule(
         seed,
         capacity,
         lease_duration,
-        tuple(sorted(steps, key=lambda s: s.arrives_at)),
+        tuple(ordered),
         tuple(sorted(events, key=lambda e: e.at)),
         faults,
         storage,
+        placed,
     )

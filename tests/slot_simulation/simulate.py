@@ -31,6 +31,13 @@ Prefect's real client; only the server behind the client is a model
 - **progress**: every step ends (granted and released, refused, or gave up)
   before a deadline far past the schedule's work;
 - **no crash**: the broker logs no error and leaves no unretrieved exception.
+
+With placement (``draw_schedule(seed, placement=True)``) steps also ask for GPU
+memory and some for a licence seat; the broker holds a lease of the memory
+limit and of the licence beside the slot's, and **within the GPU** (at every
+grant, the memory of the steps running on a GPU fits it) and **within the
+licence** (no more steps hold a seat than it has) join the invariants, while
+**counted**, **no repossession** and **no leak** cover every limit.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from prefect.settings import (
 )
 
 from prefect_gpu_workers.slots.broker import SlotBroker
+from prefect_gpu_workers.slots.grants import WorkerGpu
 from prefect_gpu_workers.slots.prefect_io import FIRST_LEASE_S
 from prefect_gpu_workers.slots.wire import decode, encode
 
@@ -76,6 +84,8 @@ from .schedule import Ending, EventKind, Schedule, StepPlan
 
 WORKER = "sim-worker"
 LIMIT = f"gpu:{WORKER}"
+MEMORY_LIMIT = f"gpu-memory:{WORKER}"
+LICENCE = "licence:sim"
 REPOSSESSOR_EVERY_S = 5.0  # Prefect's repossessor loop (server.services.repossessor)
 MAINTENANCE_S = 2.0  # the broker's default upkeep tick
 REQUEST_TIMEOUT_S = 10.0  # the broker's default bound on one Prefect answer
@@ -107,8 +117,18 @@ ENDED = {StepState.RELEASED, StepState.CRASHED, StepState.GAVE_UP, StepState.REF
 class StepRun:
     plan: StepPlan
     state: StepState = StepState.PENDING
-    lease_id: UUID | None = None
+    lease_id: UUID | None = None  # the slot's
+    lease_ids: tuple[UUID, ...] = ()  # every lease of its grant (slot, memory, licence)
+    gpu: int | None = None  # the GPU it was placed on
     excused: bool = False  # its lease was repossessed: already reported, not again
+
+    def holds(self, limit: str) -> int:
+        """What it holds of ``limit`` while it runs."""
+        if limit == LIMIT:
+            return self.plan.occupy
+        if limit == MEMORY_LIMIT:
+            return self.plan.memory_gib or 0
+        return int(self.plan.licence) if limit == LICENCE else 0
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,10 @@ class Simulation:
         if self.report.crossed is not None:
             return  # a decrement crossed a recreate: the new limit counts too few for good
         running = [s for s in self.steps if s.state is StepState.RUNNING and not s.excused]
+        for companion in self.limits[1:]:  # never resized or recreated: counted at once
+            held, counted = sum(s.holds(companion) for s in running), self.model.counted(companion)
+            if held > counted:
+                self.violate("counted", f"{held} of {companion} held, Prefect counts {counted}")
         slots = sum(s.plan.occupy for s in running)
         counted = self.model.counted(LIMIT)
         shortfall = slots - counted
@@ -227,8 +251,10 @@ class Simulation:
         return lease is not None and not self.model.counts_anything(lease)
 
     def check_within_limit(self, granted: StepRun) -> None:
-        """At a grant: the running steps fit the limit (see the module docstring)."""
+        """At a grant: the running steps fit the limit (see the module docstring),
+        each GPU and the licence."""
         assert self.model is not None
+        self.check_within_gpus(granted)
         if self.now() - self.shrunk_at < RECOUNT_GRACE_S:
             return
         running = sum(s.plan.occupy for s in self.steps if s.state is StepState.RUNNING)
@@ -238,6 +264,33 @@ class Simulation:
                 "within the limit",
                 f"{granted.plan.name} granted: {running} slot(s) run, the limit is {limit}",
             )
+
+    def check_within_gpus(self, granted: StepRun) -> None:
+        placement = self.schedule.placement
+        if placement is None:
+            return
+        running = [s for s in self.steps if s.state is StepState.RUNNING]
+        for position, size in enumerate(placement.gpus):
+            placed = sum(s.plan.memory_gib or 0 for s in running if s.gpu == position)
+            if placed > size:
+                self.violate(
+                    "within the GPU",
+                    f"{granted.plan.name} granted: {placed} GiB on GPU {position} of {size} GiB",
+                )
+        seats = sum(s.plan.licence for s in running)
+        if seats > placement.licence_seats:
+            self.violate(
+                "within the licence",
+                f"{granted.plan.name} granted: {seats} hold the licence's "
+                f"{placement.licence_seats} seat(s)",
+            )
+
+    @property
+    def limits(self) -> list[str]:
+        """The limits of this schedule, the slot limit first."""
+        if self.schedule.placement is None:
+            return [LIMIT]
+        return [LIMIT, MEMORY_LIMIT] + ([LICENCE] if self.schedule.placement.licence_seats else [])
 
     def check_repossessed(self, lease_ids: list[UUID]) -> None:
         assert self.model is not None
@@ -256,7 +309,7 @@ class Simulation:
                     self.violate("no repossession", f"orphan lease {lease_id} held {held:.0f} s")
                 continue
             holders = [
-                s for s in self.steps if s.lease_id == lease_id and s.state is StepState.RUNNING
+                s for s in self.steps if lease_id in s.lease_ids and s.state is StepState.RUNNING
             ]
             for step in holders:
                 step.excused = True
@@ -293,6 +346,10 @@ class Simulation:
         except asyncio.CancelledError:
             # Past the deadline (a forgotten orphan holds Prefect's count): the
             # step dies as its process would, and the broker must let go of it.
+            if run.state not in ENDED:
+                run.state = (
+                    StepState.CRASHED if run.state is StepState.RUNNING else StepState.GAVE_UP
+                )
             writer.close()
             raise
 
@@ -310,7 +367,12 @@ class Simulation:
         plan = run.plan
         run.state = StepState.WAITING
         self.note(f"{plan.name} asks for {plan.occupy}")
-        writer.write(encode({"op": "acquire", "limit": LIMIT, "occupy": plan.occupy}))
+        request: dict[str, Any] = {"op": "acquire", "limit": LIMIT, "occupy": plan.occupy}
+        if plan.memory_gib is not None:
+            request["memory_gib"] = plan.memory_gib
+        if plan.licence:
+            request["also"] = {LICENCE: 1}
+        writer.write(encode(request))
         try:
             patience = plan.patience_s if plan.ending is Ending.GIVE_UP else None
             async with asyncio.timeout(patience):
@@ -335,7 +397,12 @@ class Simulation:
             await serving
             return
         run.state, run.lease_id = StepState.RUNNING, UUID(message["lease_id"])
-        self.note(f"{plan.name} runs on lease {run.lease_id}")
+        run.lease_ids = tuple(UUID(lease) for lease in message.get("lease_ids") or [run.lease_id])
+        run.gpu = (message.get("gpu") or {}).get("position")
+        self.note(
+            f"{plan.name} runs on lease {run.lease_id}"
+            + (f", GPU {run.gpu}" if run.gpu is not None else "")
+        )
         self.check_counted()
         self.check_within_limit(run)
         await asyncio.sleep(plan.hold_s)
@@ -395,6 +462,11 @@ class Simulation:
         schedule = self.schedule
         model = self.model = PrefectModel(loop.time, seeded_ids(self.rng), schedule.lease_storage)
         model.create_limit(LIMIT, schedule.capacity)
+        placement = schedule.placement
+        if placement is not None:
+            model.create_limit(MEMORY_LIMIT, sum(placement.gpus))
+            if placement.licence_seats:
+                model.create_limit(LICENCE, placement.licence_seats)
 
         def observe(record: RequestRecord) -> None:
             if record.ambiguous and record.lease_id is not None:
@@ -410,22 +482,26 @@ class Simulation:
         errors = _ErrorLog()
         broker_log = logging.getLogger(SLOTS_LOGGER)
         broker_log.addHandler(errors)
-        options = {"lease_duration": schedule.lease_duration, **self.broker_options}
+        options: dict[str, Any] = {"lease_duration": schedule.lease_duration}
+        if placement is not None:
+            options["gpus"] = tuple(WorkerGpu(i, "", gib) for i, gib in enumerate(placement.gpus))
+        options.update(self.broker_options)
         try:
             async with broker_on_model(transport, **options) as self.broker:
                 background = [
                     asyncio.ensure_future(self.server_events()),
                     asyncio.ensure_future(self.repossessor()),
                 ]
-                steps = asyncio.gather(*(self.step(run) for run in self.steps))
-                deadline = schedule.busy_until + 600.0
-                try:
-                    async with asyncio.timeout(deadline):
-                        await steps
-                except TimeoutError:
+                steps = asyncio.ensure_future(
+                    asyncio.gather(*(self.step(run) for run in self.steps))
+                )
+                deadline = await self.progress_deadline(steps)
+                if deadline is not None:
+                    stuck = [f"{s.plan.name} ({s.state.value})" for s in self.steps
+                             if s.state not in ENDED]  # fmt: skip
+                    steps.cancel()
+                    await asyncio.gather(steps, return_exceptions=True)
                     if not self.beyond_clients():
-                        stuck = [f"{s.plan.name} ({s.state.value})" for s in self.steps
-                                 if s.state not in ENDED]  # fmt: skip
                         self.violate(
                             "progress", f"not ended {deadline:.0f} s in: {', '.join(stuck)}"
                         )
@@ -467,6 +543,24 @@ class Simulation:
         self.report.prefect_forgot_orphan = self.forgot_orphans()
         return self.report
 
+    async def progress_deadline(self, steps: asyncio.Future[Any]) -> float | None:
+        """Wait for ``steps``; the deadline passed (seconds after the start), or None.
+
+        The deadline is far past the schedule's work, plus, for each orphan lease
+        (an increment whose answer was lost), the time Prefect holds its slots
+        (a first lease and a repossessor pass): no client can give them back
+        sooner, and a limit of one seat waits that long for each.
+        """
+        start = self.now()
+        while not steps.done():
+            extra = len(self.orphans) * (FIRST_LEASE_S + 2 * REPOSSESSOR_EVERY_S)
+            deadline = self.schedule.busy_until + 600.0 + extra
+            left = start + deadline - self.now()
+            if left <= 0:
+                return deadline
+            await asyncio.wait({steps}, timeout=left)
+        return None
+
     def check_settled(self) -> None:
         """Quiet for :data:`BROKER_SETTLES_S`: Prefect counts only the orphan leases
         (which only the repossessor can take back)."""
@@ -479,7 +573,7 @@ class Simulation:
             for lease_id, lease in model.leases.items()
             if lease_id in self.orphans and model.counts_anything(lease)
         )
-        counted = model.counted(LIMIT)
+        counted = sum(model.counted(name) for name in self.limits)
         if counted != orphan_slots:
             self.violate(
                 "no leak",
@@ -491,7 +585,7 @@ class Simulation:
         model, broker = self.model, self.broker
         assert model is not None
         assert broker is not None
-        counted = model.counted(LIMIT)
+        counted = sum(model.counted(name) for name in self.limits)
         if self.beyond_clients():
             counted = 0  # Prefect's for good; nobody can give it back (module docstring)
         if counted:
