@@ -1,7 +1,7 @@
 """GPU steps placed by memory, and other limits held with the grant, against a real
 Prefect server: placement, first in first served per GPU, a step that asks for
-too much, a missing memory limit, ``also`` limits taken in name order, and every
-lease of a killed step given back at once."""
+too much, a missing memory limit, the leases taken in one order (memory, ``also``
+by name, the slot's last), and every lease of a killed step given back at once."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def test_a_missing_memory_limit_fails_closed(
         assert active_slots(slot_limit) == 0
 
 
-def test_also_limits_are_taken_after_the_gpu_in_name_order_and_released_with_it(
+def test_leases_are_taken_memory_first_also_by_name_slot_last_and_all_given_back(
     prefect_server: LocalPrefectServer, holders: list[HolderProcess]
 ) -> None:
     worker, slot_limit, memory_limit = _worker_limits(slots=4, memory_gib=160)
@@ -154,12 +154,13 @@ def test_also_limits_are_taken_after_the_gpu_in_name_order_and_released_with_it(
             step = HolderProcess(worker, env, memory="8GiB", also={licence_b: 1, licence_a: 1})
             holders.append(step)
             wait_until(
-                lambda: active_slots(slot_limit) == 1 and active_slots(memory_limit) == 8,
-                "the step holds its GPU slot and memory and waits for licence a",
+                lambda: active_slots(memory_limit) == 8,
+                "the step holds its memory and waits for licence a",
             )
-            # Taken in name order: a before b, so b is not held while a is waited for.
-            assert active_slots(licence_b) == 0
+            # One order: memory, licence a, licence b, the slot. Neither b nor the
+            # slot is held while a is waited for.
             assert step.proc.poll() is None
+            assert (active_slots(licence_b), active_slots(slot_limit)) == (0, 0)
         assert step.wait_held() == "cuda:0"
         assert (active_slots(licence_a), active_slots(licence_b)) == (1, 1)
         step.proc.kill()  # every lease of the grant comes back at once
