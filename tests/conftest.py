@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    from broker_harness import HolderProcess
     from worker_harness import DrainingWorker
 
     from prefect_gpu_workers.server import LocalPrefectServer
@@ -125,3 +126,12 @@ def start_worker(
     yield start
     for handle in started:
         stop_process_group(handle.proc, grace_s=30)
+
+
+@pytest.fixture
+def holders() -> Iterator[list[HolderProcess]]:
+    """Holder processes (``slot_holder.py``) a test starts; every one is gone after it."""
+    started: list[HolderProcess] = []
+    yield started
+    for holder in started:
+        holder.stop()

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 
@@ -458,25 +458,14 @@ def _run(args: argparse.Namespace, console: Console) -> int:
             simulate=args.simulate,
         )
         options = DemoOptions(
-            workers=args.workers,
-            worker_prefix=args.worker_prefix,
+            **_local_options(args),
             runs=args.runs,
             gpus=args.gpus,
             slots_per_gpu=args.slots_per_gpu,
             flow_runs_per_worker=args.flow_runs_per_worker,
-            pool=args.pool,
-            limit_prefix=args.limit_prefix,
             pipeline=pipeline,
-            worker_query_seconds=args.poll_seconds,
-            workdir=args.workdir,
-            keep_workdir=args.keep_workdir,
-            timeout_s=args.timeout,
-            timelines=tuple(args.timeline),
             no_limit=args.no_limit,
             gpu_memory_fraction=args.gpu_memory_fraction,
-            database=args.database,
-            api_timeout_s=args.api_timeout,
-            launcher=args.launcher,
             memory_mix=args.memory_mix,
             gpu_memory=args.gpu_memory,
         )
@@ -495,23 +484,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.memory_mix is not None:
         return _run_memory_bench(args, console)
     bench_options = BenchOptions(
-        workers=args.workers,
-        worker_prefix=args.worker_prefix,
+        **_local_options(args),
         runs=args.runs,
         gpu_seconds=args.gpu_seconds or 4.0,
         gpus=args.gpus,
         slots_per_gpu=args.slots_per_gpu,
-        pool=args.pool,
-        limit_prefix=args.limit_prefix,
-        worker_query_seconds=args.poll_seconds,
         flow_level=not args.skip_flow_level,
-        workdir=args.workdir,
-        keep_workdir=args.keep_workdir,
-        timeout_s=args.timeout,
-        timelines=tuple(args.timeline),
-        database=args.database,
-        api_timeout_s=args.api_timeout,
-        launcher=args.launcher,
         compare_launchers=not args.skip_launcher_comparison,
     )
     if args.faults:
@@ -536,6 +514,24 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     return 0 if ok else 1
 
 
+def _local_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What demo, bench and bench --memory-mix take alike from their common options."""
+    return {
+        "workers": args.workers,
+        "worker_prefix": args.worker_prefix,
+        "pool": args.pool,
+        "limit_prefix": args.limit_prefix,
+        "worker_query_seconds": args.poll_seconds,
+        "workdir": args.workdir,
+        "keep_workdir": args.keep_workdir,
+        "timeout_s": args.timeout,
+        "timelines": tuple(args.timeline),
+        "database": args.database,
+        "api_timeout_s": args.api_timeout,
+        "launcher": args.launcher,
+    }
+
+
 def _run_memory_bench(args: argparse.Namespace, console: Console) -> int:
     from prefect_gpu_workers.local.memory_bench import (
         MemoryBenchOptions,
@@ -544,23 +540,13 @@ def _run_memory_bench(args: argparse.Namespace, console: Console) -> int:
     )
 
     options = MemoryBenchOptions(
+        **_local_options(args),
         mix=args.memory_mix,
-        workers=args.workers,
-        worker_prefix=args.worker_prefix,
         gpus=args.gpus or 2,
         gpu_memory=args.gpu_memory or "80GiB",
         runs=args.runs,
         gpu_seconds=args.gpu_seconds or 8.0,
         licence_runs=args.licence_runs or 0,
-        limit_prefix=args.limit_prefix,
-        worker_query_seconds=args.poll_seconds,
-        workdir=args.workdir,
-        keep_workdir=args.keep_workdir,
-        timeout_s=args.timeout,
-        timelines=tuple(args.timeline),
-        database=args.database,
-        api_timeout_s=args.api_timeout,
-        launcher=args.launcher,
     )
     result = _or_failure(console, lambda: run_memory_bench(options, console))
     if result is None:

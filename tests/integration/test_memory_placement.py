@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import select
 import socket
-from collections.abc import Iterator
 
 import pytest
 from broker_harness import (
@@ -28,14 +27,6 @@ from prefect_gpu_workers.slots.grants import WorkerGpu
 from prefect_gpu_workers.slots.wire import decode, encode
 
 TWO_80 = (WorkerGpu(0, "GPU-a", 80), WorkerGpu(1, "GPU-b", 80))
-
-
-@pytest.fixture
-def holders() -> Iterator[list[HolderProcess]]:
-    started: list[HolderProcess] = []
-    yield started
-    for holder in started:
-        holder.stop()
 
 
 def _worker_limits(slots: int, memory_gib: int | None) -> tuple[str, str, str]:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -72,15 +72,6 @@ class Steps:
 
 def _queued(broker: BrokerThread, name: str, count: int) -> bool:
     return broker.waiters(name) == count
-
-
-@pytest.fixture
-def holders() -> Iterator[list[HolderProcess]]:
-    """Holder processes a test starts; every one is gone after the test."""
-    started: list[HolderProcess] = []
-    yield started
-    for holder in started:
-        holder.stop()
 
 
 @pytest.fixture

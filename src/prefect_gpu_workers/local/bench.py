@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,16 +41,13 @@ import prefect
 from rich.console import Console
 
 from pgw_flows.params import PipelineParams
-from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
-from prefect_gpu_workers.database import DatabaseKind
 from prefect_gpu_workers.gpu import detect_gpus
 from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
 from prefect_gpu_workers.local.demo import make_workdir
 from prefect_gpu_workers.local.gpu_work import check_timeline_paths, step_gpus
 from prefect_gpu_workers.local.plan import (
-    DEFAULT_API_TIMEOUT_S,
     DEFAULT_POOL,
-    DEFAULT_WORKER_PREFIX,
+    LocalOptions,
     WorkerPlan,
     flow_runs_to_fill,
     plan_capacity,
@@ -68,7 +66,6 @@ from prefect_gpu_workers.local.views import (
     plain_printer,
 )
 from prefect_gpu_workers.local.watch import LatencySummary, summarize_latencies
-from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX
 from prefect_gpu_workers.report import PhaseMetrics, speedup
 from prefect_gpu_workers.telemetry import (
     GpuSample,
@@ -89,26 +86,14 @@ SIMULATION_NOTE = (
 
 
 @dataclass(frozen=True)
-class BenchOptions:
-    workers: int = 1
-    worker_prefix: str = DEFAULT_WORKER_PREFIX
+class BenchOptions(LocalOptions):
+    pool: str = f"{DEFAULT_POOL}-bench"
     runs: int | None = None  # per phase; None: enough to reach a steady state
     gpu_seconds: float = 4.0
     gpus: int | None = None
     slots_per_gpu: int | None = None
-    pool: str = f"{DEFAULT_POOL}-bench"
-    limit_prefix: str = DEFAULT_LIMIT_PREFIX
-    worker_query_seconds: float | None = None
     # False: leave out the flow-level phase (with long GPU steps it takes longest).
     flow_level: bool = True
-    workdir: Path | None = None
-    keep_workdir: bool = False
-    timeout_s: float = 1800.0
-    # Pictures of both phases side by side (.png or .html).
-    timelines: tuple[Path, ...] = ()
-    database: DatabaseKind = "postgres"
-    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
-    launcher: str = DEFAULT_LAUNCHER
     # With the fork launcher: one more task-level phase whose runs start as
     # subprocesses, so both start-ups are measured in one run.
     compare_launchers: bool = True
@@ -262,25 +247,30 @@ class BenchResult:
         }
 
 
-def _phase(
+def run_phase(
     session: LocalSession,
     console: Console,
     label: str,
     plans: tuple[WorkerPlan, ...],
-    options: BenchOptions,
+    options: LocalOptions,
     deployment_id: Any,
     params: PipelineParams,
     runs: int,
     workdir: Path,
+    vary: Callable[[int, PipelineParams], PipelineParams] | None = None,
 ) -> BatchResult:
+    """One phase of a bench: start ``plans``' workers, run ``runs`` runs, stop them."""
     worker_env = (
         {WORKER_QUERY_SECONDS_ENV: str(options.worker_query_seconds)}
         if options.worker_query_seconds
         else {}
     )
+    memory = plans[0].memory_limit_gib
     console.print(
         f"[bold]{label}[/bold]: {len(plans)} worker(s), {plans[0].flow_runs} flow run(s) "
-        f"at once each, {plans[0].slots} GPU slot(s) each, {runs} runs"
+        f"at once each, {plans[0].slots} GPU slot(s) each"
+        + (f", {memory} GiB placed by memory each" if memory else "")
+        + f", {runs} runs"
     )
     session.start_workers(plans, options.pool, worker_env)
     try:
@@ -295,6 +285,7 @@ def _phase(
                 workdir / "records" / label,
                 progress,
                 options.timeout_s,
+                vary,
             )
     finally:
         session.stop_workers()
@@ -348,7 +339,7 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
                 GpuSampler() as sampler,
                 ProcessMemorySampler(SESSION_MARKER_ENV, session.marker) as memory_sampler,
             ):
-                batch = _phase(
+                batch = run_phase(
                     session, console, label, plans, options, deployment_id, params, runs, workdir
                 )
             sampled[label] = (sampler.stop(), sampler.unavailable_reason)

@@ -16,8 +16,6 @@ from pathlib import Path
 from rich.console import Console
 
 from pgw_flows.params import PipelineParams
-from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
-from prefect_gpu_workers.database import DatabaseKind
 from prefect_gpu_workers.gpu import GpuInventory, detect_gpus
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
 from prefect_gpu_workers.local.gpu_work import (
@@ -30,10 +28,8 @@ from prefect_gpu_workers.local.gpu_work import (
     step_gpus,
 )
 from prefect_gpu_workers.local.plan import (
-    DEFAULT_API_TIMEOUT_S,
-    DEFAULT_POOL,
-    DEFAULT_WORKER_PREFIX,
     DEMO_PIPELINE,
+    LocalOptions,
     MemoryMix,
     WorkerPlan,
     flow_runs_per_worker,
@@ -55,7 +51,7 @@ from prefect_gpu_workers.local.views import (
     plan_table,
     worker_table,
 )
-from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, gib_capacity, parse_memory_mib
+from prefect_gpu_workers.naming import gib_capacity, parse_memory_mib
 from prefect_gpu_workers.report import memory_use
 from prefect_gpu_workers.telemetry import (
     GpuSampler,
@@ -68,29 +64,18 @@ DEMO_DEPLOYMENT = "gpu-pipeline-demo"
 
 
 @dataclass(frozen=True)
-class DemoOptions:
+class DemoOptions(LocalOptions):
     workers: int = 2
-    worker_prefix: str = DEFAULT_WORKER_PREFIX
+    timeout_s: float = 900.0
     runs: int = 12
     gpus: int | None = None
     slots_per_gpu: int | None = None
     flow_runs_per_worker: int | None = None
-    pool: str = DEFAULT_POOL
-    limit_prefix: str = DEFAULT_LIMIT_PREFIX
     pipeline: PipelineParams = DEMO_PIPELINE
-    worker_query_seconds: float | None = None
-    workdir: Path | None = None
-    keep_workdir: bool = False
-    timeout_s: float = 900.0
-    # Pictures to write at the end (.png or .html).
-    timelines: tuple[Path, ...] = ()
     # GPU machines only: the same GPU steps without taking a slot.
     no_limit: bool = False
     # Share of the GPU's memory each step sets aside; None: 0.85 / steps sharing the GPU.
     gpu_memory_fraction: float | None = None
-    database: DatabaseKind = "postgres"
-    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
-    launcher: str = DEFAULT_LAUNCHER
     # GPU steps declare memory in these proportions and are placed by it.
     memory_mix: MemoryMix | None = None
     # Each GPU's memory for placement; None: NVML's, else 80GiB (said aloud).

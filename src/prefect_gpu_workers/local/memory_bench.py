@@ -34,14 +34,12 @@ from rich.console import Console
 from rich.table import Table
 
 from pgw_flows.params import PipelineParams
-from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
-from prefect_gpu_workers.database import DatabaseKind
-from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
+from prefect_gpu_workers.local.batch import BatchResult, prepare_pool
+from prefect_gpu_workers.local.bench import run_phase
 from prefect_gpu_workers.local.demo import make_workdir
 from prefect_gpu_workers.local.plan import (
-    DEFAULT_API_TIMEOUT_S,
     DEFAULT_POOL,
-    DEFAULT_WORKER_PREFIX,
+    LocalOptions,
     MemoryMix,
     WorkerPlan,
     flow_runs_to_fill,
@@ -49,11 +47,10 @@ from prefect_gpu_workers.local.plan import (
     worker_ids,
 )
 from prefect_gpu_workers.local.prefect_ops import active_slots, ensure_gpu_limit
-from prefect_gpu_workers.local.processes import WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
 from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
-from prefect_gpu_workers.local.views import ProgressView, plain_printer
-from prefect_gpu_workers.naming import DEFAULT_LIMIT_PREFIX, gib_capacity, parse_memory_mib
+from prefect_gpu_workers.local.views import plain_printer
+from prefect_gpu_workers.naming import gib_capacity, parse_memory_mib
 from prefect_gpu_workers.report import (
     MemoryUse,
     PhaseMetrics,
@@ -67,31 +64,21 @@ SIMULATION_NOTE = (
     "stage work is simulated: each GPU step sleeps; the figures measure placement and "
     "Prefect's coordination, not a model"
 )
+DEFAULT_MIX = MemoryMix.parse("8GiB:3,40GiB:1")
 LICENCE_WORKERS = 4
 LICENCE_SEATS = 2
 LICENCE_GPU_S = 0.5
 
 
 @dataclass(frozen=True)
-class MemoryBenchOptions:
-    mix: MemoryMix
-    workers: int = 1
-    worker_prefix: str = DEFAULT_WORKER_PREFIX
+class MemoryBenchOptions(LocalOptions):
+    mix: MemoryMix = DEFAULT_MIX
+    pool: str = f"{DEFAULT_POOL}-memory-bench"
     gpus: int = 2
     gpu_memory: str = "80GiB"
     runs: int | None = None  # per phase; None: 8 rounds of the mix per GPU
     gpu_seconds: float = 8.0
     licence_runs: int = 0  # 0: no licence phase
-    pool: str = f"{DEFAULT_POOL}-memory-bench"
-    limit_prefix: str = DEFAULT_LIMIT_PREFIX
-    worker_query_seconds: float | None = None
-    workdir: Path | None = None
-    keep_workdir: bool = False
-    timeout_s: float = 1800.0
-    timelines: tuple[Path, ...] = ()
-    database: DatabaseKind = "postgres"
-    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
-    launcher: str = DEFAULT_LAUNCHER
 
     @property
     def gpu_gib(self) -> int:
@@ -247,7 +234,7 @@ def run_memory_bench(options: MemoryBenchOptions, console: Console) -> MemoryBen
             plans: tuple[WorkerPlan, ...],
             changes: Callable[[int, PipelineParams], PipelineParams] | None,
         ) -> BatchResult:
-            return _run_phase(session, console, label, plans, options, deployment, params, runs,
+            return run_phase(session, console, label, plans, options, deployment, params, runs,
                               workdir, changes)  # fmt: skip
 
         placed = phase("placement", placing, vary)
@@ -319,41 +306,6 @@ def _memory_phase(
     )
 
 
-def _run_phase(
-    session: LocalSession,
-    console: Console,
-    label: str,
-    plans: tuple[WorkerPlan, ...],
-    options: MemoryBenchOptions,
-    deployment_id: Any,
-    params: PipelineParams,
-    runs: int,
-    workdir: Path,
-    vary: Callable[[int, PipelineParams], PipelineParams] | None,
-) -> BatchResult:
-    worker_env = (
-        {WORKER_QUERY_SECONDS_ENV: str(options.worker_query_seconds)}
-        if options.worker_query_seconds
-        else {}
-    )
-    console.print(
-        f"[bold]{label}[/bold]: {len(plans)} worker(s), {plans[0].slots} GPU slot(s) and "
-        f"{plans[0].flow_runs} flow run(s) at once each"
-        + (f", {plans[0].memory_limit_gib} GiB placed by memory" if plans[0].gpu_memory_gib else "")
-    )
-    session.start_workers(plans, options.pool, worker_env)
-    try:
-        session.wait_for_workers(options.pool)
-        with ProgressView(console, label, plans) as progress:
-            records = workdir / "records" / label
-            return run_batch(
-                session, deployment_id, plans, params, runs, records, progress,
-                options.timeout_s, vary,
-            )  # fmt: skip
-    finally:
-        session.stop_workers()
-
-
 def _licence_phase(
     session: LocalSession, console: Console, options: MemoryBenchOptions, workdir: Path
 ) -> LicencePhase:
@@ -379,7 +331,7 @@ def _licence_phase(
         return replace(run, gpu_memory=options.mix.for_run(index), gpu_also=dict.fromkeys(names, 1))
 
     label = f"licences ({LICENCE_SEATS} seats each of 2)"
-    batch = _run_phase(
+    batch = run_phase(
         session, console, label, plans, options, deployment, params, options.licence_runs,
         workdir, vary,
     )  # fmt: skip

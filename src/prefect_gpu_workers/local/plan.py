@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.commands import DEFAULT_LAUNCHER
+from prefect_gpu_workers.database import DatabaseKind
 from prefect_gpu_workers.gpu import Capacity, GpuInventory, resolve_capacity
 from prefect_gpu_workers.naming import (
     DEFAULT_LIMIT_PREFIX,
@@ -38,6 +40,26 @@ DEMO_PIPELINE = PipelineParams(download_s=2.0, gpu_s=3.0, save_s=2.0)
 # How long the Prefect API may stay silent before the demo or bench gives up,
 # stops everything it started and exits non-zero.
 DEFAULT_API_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """What demo, bench and bench --memory-mix share: their workers and names, where
+    they keep logs and records, how long they wait, and which server they start."""
+
+    workers: int = 1
+    worker_prefix: str = DEFAULT_WORKER_PREFIX
+    pool: str = DEFAULT_POOL
+    limit_prefix: str = DEFAULT_LIMIT_PREFIX
+    worker_query_seconds: float | None = None
+    workdir: Path | None = None
+    keep_workdir: bool = False
+    timeout_s: float = 1800.0
+    # Pictures to write at the end (.png or .html).
+    timelines: tuple[Path, ...] = ()
+    database: DatabaseKind = "postgres"
+    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
+    launcher: str = DEFAULT_LAUNCHER
 
 
 @dataclass(frozen=True)
