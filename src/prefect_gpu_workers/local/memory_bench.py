@@ -179,11 +179,12 @@ def _load() -> float | None:
 
 def placement_plans(options: MemoryBenchOptions, ids: list[str]) -> tuple[WorkerPlan, ...]:
     """Workers that place by memory: slots enough that memory, not slots, is the bound
-    (as many as the smallest step fits), and flow runs for twice the steps the
-    memory holds on average (half of them download, save or wait)."""
+    (as many as the smallest step fits), and flow runs for three times the steps
+    the memory holds on average: the others start, download, save, or wait
+    where a freed hole can take them."""
     mix, gib = options.mix, options.gpu_gib
     slots = options.gpus * max(1, gib // mix.smallest_gib)
-    flow_runs = math.ceil(2 * options.gpus * gib / mix.mean_gib)
+    flow_runs = math.ceil(3 * options.gpus * gib / mix.mean_gib)
     return tuple(
         replace(plan, launcher=options.launcher, gpus=options.gpus, gpu_memory_gib=gib)
         for plan in plan_workers(ids, slots, max(flow_runs, 1), options.limit_prefix)
