@@ -53,8 +53,9 @@ def test_a_step_s_request_names_each_limit_it_holds_in_the_order_taken() -> None
     request = GpuSlotRequest.for_worker(
         2, worker_id="w", memory="20.5GiB", also={"lic-b": 1, "lic-a": 1}
     )
+    # The broker's order, which the fallback through Prefect follows too.
     assert request.limits == [
-        ("gpu:w", 2), ("gpu-memory:w", 21), ("lic-a", 1), ("lic-b", 1),
+        ("gpu-memory:w", 21), ("lic-a", 1), ("lic-b", 1), ("gpu:w", 2),
     ]  # fmt: skip
     assert GpuSlotRequest.for_worker(worker_id="w").limits == [("gpu:w", 1)]
     with pytest.raises(ValueError, match="another limit"):

@@ -140,11 +140,12 @@ class GpuSlotRequest:
 
     @property
     def limits(self) -> list[tuple[str, int]]:
-        """Every limit the step holds and how much of each, in the order taken."""
-        held = [(self.name, self.occupy)]
+        """Every limit the step holds and how much of each, in the order the broker
+        takes them: the memory limit, ``also`` by name, the slot limit last."""
+        held = []
         if self.memory_limit is not None and self.memory_gib is not None:
             held.append((self.memory_limit, self.memory_gib))
-        return held + list(self.also)
+        return [*held, *self.also, (self.name, self.occupy)]
 
     def check(self, limit: GlobalConcurrencyLimitResponse | None) -> None:
         """Raise unless ``limit`` (as read from Prefect) can gate this request's slots."""
@@ -394,8 +395,9 @@ def gpu_slot(
             much free and holds it (rounded up to whole GiB) in
             ``<prefix>-memory:<worker>``. Use ``grant.device``.
         also: other global limits held with the grant, ``{name: slots}``,
-            taken after the GPU's in name order (two workers never wait on
-            each other for them) and released with it.
+            taken after the memory limit and before the slot limit, in name
+            order (two workers never wait on each other for them), and
+            released with it.
         limit_prefix, worker_id: whose limits (default: ``gpu``, ``WORKER_ID``).
         timeout_seconds: give up waiting after this.
 
