@@ -181,37 +181,34 @@ def inference(
                 # Inside the slot: the next step to get it must find the memory free.
                 with contextlib.suppress(Exception):
                     engine.close()
-            memory_gib = limit.memory_gib if isinstance(limit, GpuGrant) else None
-            if memory_gib is not None and peak is not None and peak > memory_gib * 1024:
-                get_run_logger().warning(
-                    "the GPU step used %.0f MiB at its peak, more than the %d GiB it declared: "
-                    "steps placed beside it may run out of memory",
-                    peak,
-                    memory_gib,
-                )
             # Recorded inside the slot, also when the step fails or is cancelled,
             # so the interval never claims more than the slot covered.
             end = time.time()
-            _record(
-                record_dir,
-                StageRecord(
-                    run_id,
-                    _worker_id(),
-                    "gpu",
-                    requested,
-                    start,
-                    end,
-                    occupy,
-                    limit,
-                    device,
-                    peak_memory_mib=peak,
-                    batches=work.batches if work is not None else None,
-                    error=error,
-                    prepare_s=requested - began,
-                    memory_gib=memory_gib,
-                    placed_on=placed_on,
-                ),
+            record = StageRecord(
+                run_id,
+                _worker_id(),
+                "gpu",
+                requested,
+                start,
+                end,
+                occupy,
+                limit,
+                device,
+                peak_memory_mib=peak,
+                batches=work.batches if work is not None else None,
+                error=error,
+                prepare_s=requested - began,
+                memory_gib=limit.memory_gib if isinstance(limit, GpuGrant) else None,
+                placed_on=placed_on,
             )
+            if record.over_declared:
+                get_run_logger().warning(
+                    "the GPU step used %.0f MiB at its peak, more than the %d GiB it declared: "
+                    "steps placed beside it may run out of memory",
+                    record.peak_memory_mib,
+                    record.memory_gib,
+                )
+            _record(record_dir, record)
     batches_run = work.batches if work is not None else None
     limit_used = None if limit is None else str(limit)  # a plain str: results are serialized
     return Inference(labels, device or "unknown", limit_used, start, end, batches_run, peak)

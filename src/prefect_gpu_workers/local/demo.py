@@ -33,6 +33,7 @@ from prefect_gpu_workers.local.plan import (
     MemoryMix,
     WorkerPlan,
     flow_runs_per_worker,
+    placing_plans,
     plan_capacity,
     plan_workers,
     worker_ids,
@@ -95,8 +96,8 @@ def placing_by_memory(
 ) -> tuple[tuple[WorkerPlan, ...], str]:
     """The plans placing by memory, and a line saying where each GPU's memory came from.
 
-    Each worker gets slots enough for its GPUs full of the mix's smallest step,
-    so memory, not slots, bounds it.
+    Each worker gets slots enough for its GPUs full of the mix's smallest step
+    (:func:`plan.placing_plans`).
     """
     if gpu_memory is not None:
         gib, source = gib_capacity(parse_memory_mib(gpu_memory)), "stated"
@@ -109,15 +110,7 @@ def placing_by_memory(
         raise ValueError(
             f"--memory-mix asks for {mix.largest_gib} GiB, more than a GPU's {gib} GiB"
         )
-    placed = tuple(
-        replace(
-            plan,
-            gpus=gpus,
-            gpu_memory_gib=gib,
-            slots=max(plan.slots, gpus * (gib // mix.smallest_gib)),
-        )
-        for plan in plans
-    )
+    placed = placing_plans(plans, mix, gpus, gib)
     line = (
         f"GPU steps declare {', '.join(f'{s} x{n}' for s, n in mix.sizes)} and are placed on "
         f"{gpus} GPU(s) of {gib} GiB per worker ({source})"

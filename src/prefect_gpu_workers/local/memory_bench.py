@@ -43,6 +43,7 @@ from prefect_gpu_workers.local.plan import (
     MemoryMix,
     WorkerPlan,
     flow_runs_to_fill,
+    placing_plans,
     plan_workers,
     worker_ids,
 )
@@ -178,17 +179,17 @@ def _load() -> float | None:
 
 
 def placement_plans(options: MemoryBenchOptions, ids: list[str]) -> tuple[WorkerPlan, ...]:
-    """Workers that place by memory: slots enough that memory, not slots, is the bound
-    (as many as the smallest step fits), and flow runs for three times the steps
-    the memory holds on average: the others start, download, save, or wait
-    where a freed hole can take them."""
+    """Workers that place by memory (:func:`plan.placing_plans`: memory, not slots,
+    is the bound), and flow runs for three times the steps the memory holds on
+    average: the others start, download, save, or wait where a freed hole can
+    take them."""
     mix, gib = options.mix, options.gpu_gib
-    slots = options.gpus * max(1, gib // mix.smallest_gib)
     flow_runs = math.ceil(3 * options.gpus * gib / mix.mean_gib)
-    return tuple(
-        replace(plan, launcher=options.launcher, gpus=options.gpus, gpu_memory_gib=gib)
-        for plan in plan_workers(ids, slots, max(flow_runs, 1), options.limit_prefix)
+    plans = tuple(
+        replace(plan, launcher=options.launcher)
+        for plan in plan_workers(ids, 1, max(flow_runs, 1), options.limit_prefix)
     )
+    return placing_plans(plans, mix, options.gpus, gib)
 
 
 def fixed_plans(options: MemoryBenchOptions, ids: list[str]) -> tuple[WorkerPlan, ...]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,6 +155,25 @@ class MemoryMix:
     def mean_gib(self) -> float:
         pattern = self.pattern
         return sum(self.gib(size) for size in pattern) / len(pattern)
+
+
+def placing_plans(
+    plans: tuple[WorkerPlan, ...], mix: MemoryMix, gpus: int, gpu_gib: int
+) -> tuple[WorkerPlan, ...]:
+    """``plans`` placing by memory on ``gpus`` GPUs of ``gpu_gib`` each, with slots
+    enough for their GPUs full of the mix's smallest step: memory, not slots,
+    bounds them.
+
+    Example:
+        >>> (plan,) = placing_plans(plan_workers(["w-1"], 4, 8), MemoryMix.parse("8GiB"), 2, 80)
+        >>> (plan.slots, plan.memory_limit_gib)
+        (20, 160)
+    """
+    slots = gpus * max(1, gpu_gib // mix.smallest_gib)
+    return tuple(
+        replace(plan, gpus=gpus, gpu_memory_gib=gpu_gib, slots=max(plan.slots, slots))
+        for plan in plans
+    )
 
 
 @dataclass(frozen=True)

@@ -565,7 +565,6 @@ class SlotBroker:
                 holder_info = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id))
         slots.queue.request(ticket, occupy, acquire.memory_gib)
         holder = Holder(ticket, slots.name, occupy, holder_info, self.clock())
-        holder.pid, holder.run_id, holder.memory_gib = pid, run_id, acquire.memory_gib
         holder.companions = tuple(
             Holder(next(self._tickets), name, slots_asked, holder_info, holder.queued_at)
             for name, slots_asked in companion_limits

@@ -54,7 +54,6 @@ class Holder:
     # taken (the memory limit, then ``also`` by name, all before the slot's);
     # each its own lease.
     companions: tuple[Holder, ...] = ()
-    memory_gib: int | None = None  # GPU memory asked for (placed by the queue)
     abandoned: bool = False  # the step left before all its leases were taken
 
     @property
