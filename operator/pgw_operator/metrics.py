@@ -36,6 +36,14 @@ BACKLOG_RUNS = Gauge(
     (*POOL, "state"),
 )
 
+# One series per process, no labels: which replica leads is the pod label the
+# scrape adds; the identity as a label would make a new series per pod.
+LEADER = Gauge(
+    "pgw_operator_leader",
+    "1 while this operator process leads (holds the leader-election Lease, or runs "
+    "without --leader-elect), else 0 (standby)",
+)
+
 
 def serve(address: str) -> None:
     """Serve /metrics on ``host:port``."""
