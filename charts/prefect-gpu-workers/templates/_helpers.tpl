@@ -115,8 +115,60 @@ remove Deployments and pods.
 {{- end }}
 {{- end }}
 
+{{/*
+Operator pods: replicaCount, or 2 with leader election and 1 without. More
+than one without election would be several writers: refused.
+*/}}
+{{- define "pgw.replicas" -}}
+{{- $set := not (kindIs "invalid" .Values.replicaCount) }}
+{{- if .Values.leaderElection.enabled }}
+{{- if $set }}{{ int .Values.replicaCount }}{{ else }}2{{ end }}
+{{- else if and $set (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "replicaCount %d needs leaderElection.enabled=true: replicas without leader election would all write to the same pools and limits" (int .Values.replicaCount)) }}
+{{- else }}1
+{{- end }}
+{{- end }}
+
+{{/* The leader-election Lease: one per release unless named. */}}
+{{- define "pgw.leaseName" -}}
+{{- default (printf "%s-leader" (include "pgw.fullname" .)) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{/*
+The operator pod's affinity: .Values.affinity, plus anti-affinity between the
+replicas (podAntiAffinity) when there are several and affinity has none.
+*/}}
+{{- define "pgw.affinity" -}}
+{{- $affinity := deepCopy (default dict .Values.affinity) }}
+{{- $spread := .Values.podAntiAffinity }}
+{{- if and (gt (include "pgw.replicas" . | int) 1) (ne $spread.type "none") (not (hasKey $affinity "podAntiAffinity")) }}
+{{- $term := dict "labelSelector" (dict "matchLabels" (include "pgw.selectorLabels" . | fromYaml)) "topologyKey" $spread.topologyKey }}
+{{- if eq $spread.type "required" }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+{{- else }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) }}
+{{- end }}
+{{- end }}
+{{- if $affinity }}{{ toYaml $affinity }}{{ end }}
+{{- end }}
+
 {{/* Fail early on combinations the schema cannot express. */}}
 {{- define "pgw.validate" -}}
+{{- with .Values.leaderElection }}
+{{- if .enabled }}
+{{- if ge (int .renewDeadlineSeconds) (int .leaseDurationSeconds) }}
+{{- fail (printf "leaderElection.renewDeadlineSeconds (%d) must be less than leaseDurationSeconds (%d): a leader that cannot renew must stop before a standby may take over" (int .renewDeadlineSeconds) (int .leaseDurationSeconds)) }}
+{{- end }}
+{{- if ge (int .retryPeriodSeconds) (int .renewDeadlineSeconds) }}
+{{- fail (printf "leaderElection.retryPeriodSeconds (%d) must be less than renewDeadlineSeconds (%d): the leader needs more than one try to renew" (int .retryPeriodSeconds) (int .renewDeadlineSeconds)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $replicas := include "pgw.replicas" . | int }}
+{{- $minAvailable := .Values.podDisruptionBudget.minAvailable }}
+{{- if and .Values.podDisruptionBudget.enabled (gt $replicas 1) (not (kindIs "string" $minAvailable)) (ge (int $minAvailable) $replicas) }}
+{{- fail (printf "podDisruptionBudget.minAvailable (%d) must be less than the operator's replicas (%d): no eviction could ever proceed, so node drains would hang" (int $minAvailable) $replicas) }}
+{{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled=true needs metrics.enabled=true (the ServiceMonitor scrapes the metrics Service)" }}
 {{- end }}

@@ -170,6 +170,10 @@ class Release:
         return f"{self.name}-prefect-gpu-workers"
 
     @property
+    def lease(self) -> str:
+        return f"{self.fullname}-leader"
+
+    @property
     def service_account(self) -> str:
         return self.fullname
 
@@ -275,8 +279,15 @@ def test_helm_install_creates_the_operator_and_its_rbac(
 
     deployment = get_json(dev_cluster, "deployment", release.fullname, "-n", release.namespace)
     assert deployment is not None
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
-    assert deployment["status"].get("readyReplicas") == 1  # on the real node, probes passing
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    # A leader and a hot standby, both on the real node, probes passing.
+    assert deployment["status"].get("readyReplicas") == 2
+    pods = {p["metadata"]["name"] for p in release_pods(dev_cluster, release)}
+    assert wait_for(lambda: lease_holder(dev_cluster, release) in pods, timeout=60,
+                    what="one of the operator's pods holding the Lease")  # fmt: skip
+    for kind in ("role", "rolebinding"):
+        assert get_json(dev_cluster, kind, f"{release.fullname}-leader-election",
+                        "-n", release.namespace)  # fmt: skip
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert f"--namespace={release.pools_namespace}" in args
     assert get_json(dev_cluster, "sa", release.service_account, "-n", release.namespace)
@@ -304,8 +315,12 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
     dev_cluster: DevCluster, release: Release
 ) -> None:
     pools, own = release.pools_namespace, release.namespace
+    lease = f"leases.coordination.k8s.io/{release.lease}"
     allowed = [
         ("get", f"secrets/{API_KEY_SECRET}", pools),
+        ("get", lease, own),  # leader election, its one Lease
+        ("update", lease, own),
+        ("create", "leases.coordination.k8s.io", own),  # create cannot name its object
         ("list", "gpuworkerpools.gpuworkers.dev", pools),
         ("watch", "gpuworkerpools.gpuworkers.dev", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev", pools),
@@ -326,6 +341,11 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("watch", "namespaces", None),
     ]
     denied = [
+        ("get", "leases.coordination.k8s.io/kube-scheduler", own),  # no other Lease
+        ("update", "leases.coordination.k8s.io/another", own),
+        ("delete", lease, own),
+        ("list", "leases.coordination.k8s.io", own),
+        ("create", "leases.coordination.k8s.io", pools),  # in its own namespace only
         ("get", f"secrets/{OTHER_SECRET}", pools),  # only the Secret it is given
         ("list", "secrets", pools),
         ("get", f"secrets/{API_KEY_SECRET}", own),  # only in watched namespaces
@@ -419,11 +439,23 @@ class OperatorPod:
         return parse_metrics(response.text)
 
 
-def operator_pod(cluster: DevCluster, release: Release) -> OperatorPod:
-    (pod,) = list_items(
+def release_pods(cluster: DevCluster, release: Release) -> list[dict[str, Any]]:
+    return list_items(
         cluster, "pods", "-n", release.namespace,
         "-l", f"app.kubernetes.io/instance={release.name}",
     )  # fmt: skip
+
+
+def lease_holder(cluster: DevCluster, release: Release) -> str | None:
+    lease = get_json(cluster, "lease", release.lease, "-n", release.namespace) or {}
+    holder = (lease.get("spec") or {}).get("holderIdentity")
+    return str(holder) if holder else None
+
+
+def operator_pod(cluster: DevCluster, release: Release) -> OperatorPod:
+    """The leading replica (the Lease's holder): the one that acts."""
+    holder = wait_for(lambda: lease_holder(cluster, release), timeout=60, what="the Lease's holder")
+    (pod,) = [p for p in release_pods(cluster, release) if p["metadata"]["name"] == holder]
     return OperatorPod(cluster, release.namespace, pod["metadata"]["name"], pod["status"]["podIP"])
 
 

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from k8s.cluster import REPO_ROOT
 
-from pgw_operator.__main__ import parse_args, pod_policy_of
+from pgw_operator.__main__ import leader_settings_of, parse_args, pod_policy_of
+from pgw_operator.leader import LeaseSettings
 from pgw_operator.pod_rules import PodPolicy
 
 from .conftest import (
@@ -96,15 +97,39 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "logFormat": "json",
         "image": {"repository": "registry.example.com/pgw/operator", "tag": "0.1.0-rc1"},
     },
+    "ha-custom": {
+        "replicaCount": 3,
+        "leaderElection": {
+            "leaseName": "pgw-lock",
+            "leaseDurationSeconds": 30,
+            "renewDeadlineSeconds": 20,
+            "retryPeriodSeconds": 4,
+        },
+        "podAntiAffinity": {"type": "required", "topologyKey": "topology.kubernetes.io/zone"},
+        "podDisruptionBudget": {"minAvailable": 2},
+    },
+    "no-leader-election": {"leaderElection": {"enabled": False}},
 }
 
 FORBIDDEN_VERBS = {"*", "delete", "deletecollection", "update", "escalate", "bind", "impersonate"}
+# The only grants of those verbs, each as narrow as it can be: the operator
+# renews its one leader-election Lease (update, by name).
+LEASE = f"{FULLNAME}-leader"
+ALLOWED_WRITES = {
+    ("coordination.k8s.io", "leases", "update", (LEASE,)),
+    ("coordination.k8s.io", "leases", "update", ("pgw-lock",)),  # ha-custom's leaseName
+}
 
 
 def render(helm: Helm, tmp_path: Path, values: dict[str, Any] | None = None) -> list[Manifest]:
     return parse_manifests(
         helm.render(values, release=RELEASE, namespace=NAMESPACE, tmp_dir=tmp_path)
     )
+
+
+def chart_values() -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((CHART / "values.yaml").read_text())
+    return values
 
 
 def rules_of(role: Manifest) -> list[dict[str, Any]]:
@@ -132,6 +157,13 @@ NAMESPACED_GRANTS = {
     ("", "events", "create", ()),
     *(("", "serviceaccounts", v, ()) for v in ("get", "create", "patch")),
     *(("policy", "poddisruptionbudgets", v, ()) for v in ("get", "create", "patch")),
+}
+# The leader-election Role, in the release namespace: create cannot name its
+# object; get and update name the one Lease.
+LEASE_GRANTS = {
+    ("coordination.k8s.io", "leases", "create", ()),
+    ("coordination.k8s.io", "leases", "get", (LEASE,)),
+    ("coordination.k8s.io", "leases", "update", (LEASE,)),
 }
 CLUSTER_READ_GRANTS = {
     *(("", "nodes", v, ()) for v in ("get", "list", "watch")),
@@ -196,7 +228,21 @@ def test_helm_lint_strict_is_clean(helm: Helm, tmp_path: Path, name: str) -> Non
         ({"image": {"tag": "v1 beta"}}, "at '/image/tag'"),
         ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
         ({"watchNamespaces": ["team-a", "team-a"]}, "at '/watchNamespaces'"),
-        ({"replicaCount": 2}, "additional properties 'replicaCount' not allowed"),
+        ({"replicas": 2}, "additional properties 'replicas' not allowed"),
+        ({"replicaCount": 0}, "at '/replicaCount'"),
+        (
+            {"leaderElection": {"leaseDurationSeconds": "15s"}},
+            "at '/leaderElection/leaseDurationSeconds'",
+        ),
+        ({"leaderElection": {"retryPeriodSeconds": 0}}, "at '/leaderElection/retryPeriodSeconds'"),
+        ({"leaderElection": {"leaseName": "Op_Lease"}}, "at '/leaderElection/leaseName'"),
+        ({"leaderElection": {"enable": True}}, "additional properties 'enable' not allowed"),
+        ({"podAntiAffinity": {"type": "soft"}}, "at '/podAntiAffinity/type'"),
+        (
+            {"podDisruptionBudget": {"minAvailable": "half"}},
+            "at '/podDisruptionBudget/minAvailable'",
+        ),
+        ({"podDisruptionBudget": {"minAvailable": -1}}, "at '/podDisruptionBudget/minAvailable'"),
         (
             {"securityContext": {"readOnlyRootFS": True}},
             "additional properties 'readOnlyRootFS' not allowed",
@@ -253,6 +299,22 @@ def test_schema_rejects_invalid_values_with_the_path(
             {"serviceAccount": {"create": False}},
             "serviceAccount.name is required when serviceAccount.create=false",
         ),
+        (
+            {"leaderElection": {"enabled": False}, "replicaCount": 2},
+            "replicaCount 2 needs leaderElection.enabled=true",
+        ),
+        (
+            {"leaderElection": {"leaseDurationSeconds": 10}},
+            "leaderElection.renewDeadlineSeconds (10) must be less than leaseDurationSeconds (10)",
+        ),
+        (
+            {"leaderElection": {"retryPeriodSeconds": 10}},
+            "leaderElection.retryPeriodSeconds (10) must be less than renewDeadlineSeconds (10)",
+        ),
+        (
+            {"podDisruptionBudget": {"minAvailable": 2}},
+            "podDisruptionBudget.minAvailable (2) must be less than the operator's replicas (2)",
+        ),
     ],
 )
 def test_templates_reject_inconsistent_values_with_a_message(
@@ -289,6 +351,9 @@ def test_defaults_render_the_operator_and_cluster_wide_rbac_only(
         ("ClusterRoleBinding", f"{NAMESPACE}-{FULLNAME}-read"),
         ("Deployment", FULLNAME),
         ("NetworkPolicy", FULLNAME),
+        ("PodDisruptionBudget", FULLNAME),
+        ("Role", f"{FULLNAME}-leader-election"),
+        ("RoleBinding", f"{FULLNAME}-leader-election"),
         ("ServiceAccount", FULLNAME),
         ("ValidatingAdmissionPolicy", f"{NAMESPACE}-{FULLNAME}-operator"),
         ("ValidatingAdmissionPolicy", f"{NAMESPACE}-{FULLNAME}-pools"),
@@ -304,16 +369,32 @@ def test_defaults_render_the_operator_and_cluster_wide_rbac_only(
         admission = m["kind"].startswith("ValidatingAdmissionPolicy")
         assert labels["app.kubernetes.io/component"] == ("admission" if admission else "operator")
         assert labels["helm.sh/chart"] == "prefect-gpu-workers-0.1.0"
-        if m["kind"] in ("Deployment", "ServiceAccount"):
+        if m["kind"] in ("Deployment", "ServiceAccount", "PodDisruptionBudget", "Role"):
             assert m["metadata"]["namespace"] == NAMESPACE
 
 
-def test_operator_deployment_is_one_recreated_hardened_replica(helm: Helm, tmp_path: Path) -> None:
+LEADER_ARGS = [
+    "--leader-elect",
+    f"--leader-elect-lease-name={LEASE}",
+    "--leader-elect-lease-duration=15",
+    "--leader-elect-renew-deadline=10",
+    "--leader-elect-retry-period=2",
+]
+
+
+def test_operator_deployment_is_a_leader_and_a_hot_standby_hardened(
+    helm: Helm, tmp_path: Path
+) -> None:
     manifests = render(helm, tmp_path)
     deployment = one(manifests, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Two replicas, one acting (the Lease's holder): a rollout adds a standby
+    # before it stops a pod, and a stopped leader releases the Lease.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = spec["template"]["spec"]
     selector = spec["selector"]["matchLabels"]
     assert selector.items() <= spec["template"]["metadata"]["labels"].items()
@@ -338,8 +419,13 @@ def test_operator_deployment_is_one_recreated_hardened_replica(helm: Helm, tmp_p
         "--allow-any-api-url",  # what with_api_url_policy adds
         "--allowed-toleration-key=nvidia.com/gpu",
         "--max-drain-grace-seconds=3600",
+        *LEADER_ARGS,
         "--log-format=full",
     ]
+    # The identity and the Lease's namespace, from the downward API.
+    env = {e["name"]: e.get("valueFrom") for e in container["env"]}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert container["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"}]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -361,13 +447,18 @@ def test_default_rbac_is_exactly_what_the_operator_uses(helm: Helm, tmp_path: Pa
     # resourceNames list would mean every Secret).
     assert grants(rules_of(namespaced)) == NAMESPACED_GRANTS
     assert grants(rules_of(cluster_read)) == CLUSTER_READ_GRANTS
-    for binding in by_kind(manifests, "ClusterRoleBinding"):
+    for binding in by_kind(manifests, "ClusterRoleBinding") + by_kind(manifests, "RoleBinding"):
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
         ]
         assert binding["roleRef"]["name"] == binding["metadata"]["name"]
-    assert not by_kind(manifests, "Role")
-    assert not by_kind(manifests, "RoleBinding")
+    # The only Role: leader election's, in the release namespace, to one Lease.
+    (role,) = by_kind(manifests, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert grants(rules_of(role)) == LEASE_GRANTS
+    (binding,) = by_kind(manifests, "RoleBinding")
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"]["kind"] == "Role"
 
 
 def test_secret_access_is_scoped_to_the_named_secrets(helm: Helm, tmp_path: Path) -> None:
@@ -398,6 +489,8 @@ def test_no_role_grants_writes_beyond_what_the_operator_does(
         if role["kind"] not in ("ClusterRole", "Role"):
             continue
         for group, resource, verb, names in grants(rules_of(role)):
+            if (group, resource, verb, names) in ALLOWED_WRITES:
+                continue
             assert verb not in FORBIDDEN_VERBS, (role["metadata"]["name"], resource, verb)
             assert "*" not in (group, resource)
             if resource == "secrets":
@@ -415,14 +508,15 @@ def test_watch_namespaces_render_one_role_per_namespace(helm: Helm, tmp_path: Pa
         "--allow-any-api-url",
         "--allowed-toleration-key=nvidia.com/gpu",
         "--max-drain-grace-seconds=3600",
+        *LEADER_ARGS,
         "--log-format=full",
     ]
-    roles = by_kind(manifests, "Role")
+    roles = [r for r in by_kind(manifests, "Role") if r["metadata"]["name"] == FULLNAME]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     expected = NAMESPACED_GRANTS | {("", "secrets", "get", ("prefect-api-key",))}
     for role in roles:
         assert grants(rules_of(role)) == expected
-    bindings = by_kind(manifests, "RoleBinding")
+    bindings = [b for b in by_kind(manifests, "RoleBinding") if b["metadata"]["name"] == FULLNAME]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["roleRef"] == {
@@ -525,11 +619,16 @@ def test_custom_security_context_and_resources_merge_with_the_hardened_defaults(
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_operator_accepts_the_arguments_the_chart_passes(
-    helm: Helm, tmp_path: Path, name: str
+    helm: Helm, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The chart's args parse with the operator's own argument parser, to the same meaning."""
     values = VALUE_SETS[name]
     container = operator_container(render(helm, tmp_path, values))
+    # What the downward API gives the pod (the chart's env names these fields).
+    downward = {"metadata.name": "pgw-7c9f-abcde", "metadata.namespace": NAMESPACE}
+    for env in container["env"]:
+        if "valueFrom" in env:
+            monkeypatch.setenv(env["name"], downward[env["valueFrom"]["fieldRef"]["fieldPath"]])
     assert container["command"][1:3] == ["-m", "pgw_operator"]
     args = parse_args(container["args"])
     assert args.namespace == values.get("watchNamespaces", [])
@@ -541,7 +640,7 @@ def test_operator_accepts_the_arguments_the_chart_passes(
     prefect = with_api_url_policy(values)["prefect"]
     assert args.allowed_api_url == prefect.get("allowedApiUrls", [])
     assert args.allow_any_api_url is prefect.get("allowAnyApiUrl", False)
-    chart_defaults = yaml.safe_load((CHART / "values.yaml").read_text())["pools"]
+    chart_defaults = chart_values()["pools"]
     pools = {**chart_defaults, **values.get("pools", {})}
     assert pod_policy_of(args) == PodPolicy(
         service_accounts=frozenset(pools["allowedServiceAccounts"]),
@@ -549,6 +648,20 @@ def test_operator_accepts_the_arguments_the_chart_passes(
         priority_classes=frozenset(pools["allowedPriorityClasses"]),
         max_drain_grace_s=pools["maxDrainGraceSeconds"],
     )
+    election = {**chart_values()["leaderElection"], **values.get("leaderElection", {})}
+    expected = (
+        LeaseSettings(
+            name=election["leaseName"] or LEASE,
+            namespace=NAMESPACE,
+            identity="pgw-7c9f-abcde",
+            lease_duration_s=election["leaseDurationSeconds"],
+            renew_deadline_s=election["renewDeadlineSeconds"],
+            retry_period_s=election["retryPeriodSeconds"],
+        )
+        if election["enabled"]
+        else None
+    )
+    assert leader_settings_of(args) == expected
 
 
 def test_the_network_policy_lets_in_only_probes_and_metrics_and_out_only_dns_api_and_prefect(
@@ -617,3 +730,112 @@ def test_image_digest_wins_over_tag(helm: Helm, tmp_path: Path) -> None:
     assert operator_container(manifests)["image"] == (
         f"ghcr.io/prefect-gpu-workers/operator@{digest}"
     )
+
+
+# --- the hot standby -------------------------------------------------------------------
+
+
+def pod_spec(manifests: list[Manifest]) -> dict[str, Any]:
+    spec: dict[str, Any] = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    return spec
+
+
+def test_the_replicas_spread_across_nodes_and_evictions_leave_a_standby(
+    helm: Helm, tmp_path: Path
+) -> None:
+    manifests = render(helm, tmp_path)
+    selector = one(manifests, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert pod_spec(manifests)["affinity"] == {
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": {"matchLabels": selector},
+                        "topologyKey": "kubernetes.io/hostname",
+                    },
+                }
+            ]
+        }
+    }
+    budget = one(manifests, "PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+
+
+def test_without_leader_election_one_replica_is_recreated_with_no_lease_rights(
+    helm: Helm, tmp_path: Path
+) -> None:
+    manifests = render(helm, tmp_path, VALUE_SETS["no-leader-election"])
+    spec = one(manifests, "Deployment")["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    assert not [a for a in operator_container(manifests)["args"] if a.startswith("--leader")]
+    assert "affinity" not in pod_spec(manifests)
+    assert not by_kind(manifests, "PodDisruptionBudget")  # it would block every drain
+    assert not by_kind(manifests, "Role")
+    assert not by_kind(manifests, "RoleBinding")
+    explicit = render(helm, tmp_path, {"leaderElection": {"enabled": False}, "replicaCount": 1})
+    assert one(explicit, "Deployment")["spec"]["replicas"] == 1
+
+
+def test_custom_ha_values_reach_the_flags_the_role_the_budget_and_the_rollout(
+    helm: Helm, tmp_path: Path
+) -> None:
+    manifests = render(helm, tmp_path, VALUE_SETS["ha-custom"])
+    spec = one(manifests, "Deployment")["spec"]
+    assert spec["replicas"] == 3
+    # One pod per zone, required: a surge pod could find no room, so the
+    # rollout replaces one pod at a time instead.
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    (term,) = pod_spec(manifests)["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "topology.kubernetes.io/zone"
+    assert one(manifests, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
+    args = operator_container(manifests)["args"]
+    assert [a for a in args if a.startswith("--leader")] == [
+        "--leader-elect",
+        "--leader-elect-lease-name=pgw-lock",
+        "--leader-elect-lease-duration=30",
+        "--leader-elect-renew-deadline=20",
+        "--leader-elect-retry-period=4",
+    ]
+    (role,) = by_kind(manifests, "Role")
+    assert ("coordination.k8s.io", "leases", "update", ("pgw-lock",)) in grants(rules_of(role))
+    assert ("coordination.k8s.io", "leases", "get", ("pgw-lock",)) in grants(rules_of(role))
+
+
+def test_an_affinity_of_your_own_keeps_or_replaces_the_spreading(
+    helm: Helm, tmp_path: Path
+) -> None:
+    node_affinity = {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ops"]}]}
+            ]
+        }
+    }
+    merged = pod_spec(render(helm, tmp_path, {"affinity": {"nodeAffinity": node_affinity}}))
+    assert merged["affinity"]["nodeAffinity"] == node_affinity
+    assert (
+        "preferredDuringSchedulingIgnoredDuringExecution" in (merged["affinity"]["podAntiAffinity"])
+    )
+    own: dict[str, list[Any]] = {"preferredDuringSchedulingIgnoredDuringExecution": []}
+    replaced = pod_spec(render(helm, tmp_path, {"affinity": {"podAntiAffinity": own}}))
+    assert replaced["affinity"] == {"podAntiAffinity": own}
+    spread_off = pod_spec(render(helm, tmp_path, {"podAntiAffinity": {"type": "none"}}))
+    assert "affinity" not in spread_off
+
+
+def test_the_budget_can_be_a_percentage_or_off(helm: Helm, tmp_path: Path) -> None:
+    percent = render(helm, tmp_path, {"podDisruptionBudget": {"minAvailable": "50%"}})
+    assert one(percent, "PodDisruptionBudget")["spec"]["minAvailable"] == "50%"
+    off = render(helm, tmp_path, {"podDisruptionBudget": {"enabled": False}})
+    assert not by_kind(off, "PodDisruptionBudget")
+
+
+def test_no_rbac_means_no_lease_role_either(helm: Helm, tmp_path: Path) -> None:
+    manifests = render(helm, tmp_path, {"rbac": {"create": False}})
+    assert not by_kind(manifests, "Role")
+    assert "--leader-elect" in operator_container(manifests)["args"]
