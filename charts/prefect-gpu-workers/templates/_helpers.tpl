@@ -71,7 +71,8 @@ all namespaces, one Role per watched namespace otherwise). Verbs are the ones
 its code and kopf use: kopf lists/watches and merge/JSON-patches the pools
 (finalizer, annotations), the operator patches their status, server-side
 applies (create + patch) the worker Deployments, watches their pods and posts
-core v1 Events. No delete anywhere: owner references let the garbage collector
+core v1 Events. The one delete is of its own GpuWorkerLimit records, once the
+Prefect limits they name are gone; owner references let the garbage collector
 remove Deployments and pods.
 */}}
 {{- define "pgw.operatorRules" -}}
@@ -81,6 +82,15 @@ remove Deployments and pods.
 - apiGroups: [gpuworkers.dev]
   resources: [gpuworkerpools/status]
   verbs: [get, patch]
+- apiGroups: [gpuworkers.dev]
+  resources: [gpuworkerlimits]
+  # One per worker pod: the operator's record of that pod's Prefect limits,
+  # written before it creates them; deleted (its finalizer released) once the
+  # limits it names are deleted. Tenants may read these, never write them.
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [gpuworkers.dev]
+  resources: [gpuworkerlimits/status]
+  verbs: [patch]
 - apiGroups: [gpuworkers.dev]
   resources: [gpuworkerpools/scale]
   # spec.autoscaling: the operator sets a pool's replicas as HPA would, through /scale

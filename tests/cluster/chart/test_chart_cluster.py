@@ -321,6 +321,11 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("get", lease, own),  # leader election, its one Lease
         ("update", lease, own),
         ("create", "leases.coordination.k8s.io", own),  # create cannot name its object
+        ("create", "gpuworkerlimits.gpuworkers.dev", pools),  # its records of the limits
+        ("patch", "gpuworkerlimits.gpuworkers.dev", pools),
+        ("delete", "gpuworkerlimits.gpuworkers.dev", pools),
+        ("watch", "gpuworkerlimits.gpuworkers.dev", pools),
+        ("patch", "gpuworkerlimits.gpuworkers.dev/status", pools),
         ("list", "gpuworkerpools.gpuworkers.dev", pools),
         ("watch", "gpuworkerpools.gpuworkers.dev", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev", pools),
@@ -346,6 +351,8 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("delete", lease, own),
         ("list", "leases.coordination.k8s.io", own),
         ("create", "leases.coordination.k8s.io", pools),  # in its own namespace only
+        ("update", "gpuworkerlimits.gpuworkers.dev", pools),
+        ("delete", "gpuworkerlimits.gpuworkers.dev", own),  # not a watched namespace
         ("get", f"secrets/{OTHER_SECRET}", pools),  # only the Secret it is given
         ("list", "secrets", pools),
         ("get", f"secrets/{API_KEY_SECRET}", own),  # only in watched namespaces

@@ -113,9 +113,11 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 
 FORBIDDEN_VERBS = {"*", "delete", "deletecollection", "update", "escalate", "bind", "impersonate"}
 # The only grants of those verbs, each as narrow as it can be: the operator
-# renews its one leader-election Lease (update, by name).
+# deletes its own GpuWorkerLimit records once their Prefect limits are gone,
+# and renews its one leader-election Lease (update, by name).
 LEASE = f"{FULLNAME}-leader"
 ALLOWED_WRITES = {
+    ("gpuworkers.dev", "gpuworkerlimits", "delete", ()),
     ("coordination.k8s.io", "leases", "update", (LEASE,)),
     ("coordination.k8s.io", "leases", "update", ("pgw-lock",)),  # ha-custom's leaseName
 }
@@ -151,6 +153,11 @@ def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str, tuple[str, .
 NAMESPACED_GRANTS = {
     *(("gpuworkers.dev", "gpuworkerpools", v, ()) for v in ("get", "list", "watch", "patch")),
     *(("gpuworkers.dev", "gpuworkerpools/status", v, ()) for v in ("get", "patch")),
+    *(
+        ("gpuworkers.dev", "gpuworkerlimits", v, ())
+        for v in ("get", "list", "watch", "create", "patch", "delete")
+    ),
+    ("gpuworkers.dev", "gpuworkerlimits/status", "patch", ()),
     ("gpuworkers.dev", "gpuworkerpools/scale", "patch", ()),  # spec.autoscaling
     *(("apps", "deployments", v, ()) for v in ("get", "list", "watch", "create", "patch")),
     *(("", "pods", v, ()) for v in ("get", "list", "watch", "patch")),
