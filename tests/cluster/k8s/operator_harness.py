@@ -6,9 +6,11 @@ exactly as in its container, so tests can stop and restart it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -106,6 +108,43 @@ class OperatorProcess:
         response = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5)
         response.raise_for_status()
         return parse_metrics(response.text)
+
+    def kill(self) -> None:
+        """SIGKILL its process group, as a node lost or an OOM kill would: no cleanup."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def leader_election_args(
+    namespace: str, identity: str, lease: str, timing: tuple[float, float, float] = (4, 3, 1)
+) -> tuple[str, ...]:
+    """``--leader-elect`` flags for a test operator: its Lease in ``namespace``, a short
+    lease duration, renew deadline and retry period (seconds) so failover is quick."""
+    duration, deadline, retry = timing
+    return (
+        "--leader-elect", f"--leader-elect-namespace={namespace}",
+        f"--leader-elect-identity={identity}", f"--leader-elect-lease-name={lease}",
+        f"--leader-elect-lease-duration={duration:g}",
+        f"--leader-elect-renew-deadline={deadline:g}",
+        f"--leader-elect-retry-period={retry:g}",
+    )  # fmt: skip
+
+
+def lease_holder(cluster: DevCluster, namespace: str, name: str) -> str | None:
+    """The Lease's holderIdentity; None when there is no Lease or no holder."""
+    try:
+        lease = client.CoordinationV1Api(cluster.api_client()).read_namespaced_lease(
+            name, namespace
+        )
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    holder = lease.spec.holder_identity if lease.spec else None
+    return str(holder) if holder else None
 
 
 @contextmanager
