@@ -49,6 +49,7 @@ class PodFacts:
     # The worker container's resource limits, e.g. {"nvidia.com/gpu": "2"}.
     limits: Mapping[str, str] = field(default_factory=dict)
     deletion_cost: int | None = None
+    uid: str = ""  # owns the pod's GpuWorkerLimit
 
     @property
     def finished(self) -> bool:
@@ -78,6 +79,7 @@ class PodFacts:
             deletion_cost=_int_or_none(
                 (meta.get("annotations") or {}).get(DELETION_COST_ANNOTATION)
             ),
+            uid=str(meta.get("uid") or ""),
         )
 
 

@@ -1,16 +1,20 @@
 """Kopf wiring: indexes, wake-ups, one reconcile daemon per pool, and deletion cleanup.
 
-Every change that matters (the pool, its pods, its Deployment, a timer) leads to
-the same single reconcile loop per pool, so exactly one writer touches a pool's
-limits and status. Pod events only wake that loop; the pod facts come from an
-in-memory index, not from API calls.
+Every change that matters (the pool, its pods, their GpuWorkerLimit objects,
+its Deployment, a timer) leads to the same single reconcile loop per pool, so
+exactly one writer touches a pool's limits and status. Handlers only say what
+changed (a pod by name, the Deployment); the loop reconciles just that, from
+in-memory indexes, not API reads. A standby replica (``--leader-elect``) keeps
+the indexes warm and writes nothing until it leads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,9 +26,11 @@ from pgw_operator.errors import ReconcileError
 from pgw_operator.facts import NodeFacts, PodFacts
 from pgw_operator.plan import cleanup_deadline, ledger_from_status
 from pgw_operator.pod_rules import PodPolicy
+from pgw_operator.prefect_api import gather_bounded
 from pgw_operator.reconcile import (
     EventFn,
     Logger,
+    PassScope,
     PoolRef,
     PoolState,
     checked_api_url,
@@ -32,11 +38,17 @@ from pgw_operator.reconcile import (
     reconcile_pool,
     report_failure,
 )
-from pgw_operator.registry import PoolKey, PoolRegistry
+from pgw_operator.registry import PendingWork, PoolKey, PoolRegistry
 from pgw_operator.spec import GROUP, PLURAL, POOL_LABEL, VERSION, PoolSpec
+from pgw_operator.worker_limits import LIMIT_PLURAL, WorkerLimitRecord, ledger_of
 
-RESYNC_S = 30.0  # periodic pass: garbage collection, drift, active-slot counts
+RESYNC_S = 30.0  # full pass: garbage collection, drift, active-slot counts
+# A Deployment's status changes many times while it scales: its pass (apply,
+# budget, backlog) runs at most this often; pod passes are not held by it.
+DEPLOYMENT_PASS_EVERY_S = 2.0
 MAX_BACKOFF_S = 60.0
+# How long a standby's deletion handler waits to lead before kopf retries it.
+STANDBY_DELETE_WAIT_S = 60.0
 
 # Wake-ups and locks of the pools this process serves.
 POOLS = PoolRegistry()
@@ -52,6 +64,21 @@ def pod_policy(memo: kopf.Memo) -> PodPolicy:
     """What the admin allows pools' pods beyond the fixed rules (``__main__``'s flags)."""
     policy = memo.get("pod_policy")
     return policy if isinstance(policy, PodPolicy) else PodPolicy()
+
+
+class _AlwaysLeading:
+    """Leadership without election: one replica, always leading."""
+
+    is_leading = True
+
+    async def wait_leading(self) -> None:
+        return None
+
+
+def leadership(memo: kopf.Memo) -> Any:
+    """The replica's leadership (``__main__``'s ``--leader-elect``); without it, always leading."""
+    found = memo.get("leadership")
+    return found if found is not None and hasattr(found, "wait_leading") else _AlwaysLeading()
 
 
 def backoff_delay(failures: int) -> float:
@@ -94,18 +121,67 @@ def nodes_by_name(
     return {name: NodeFacts.from_node(name, status, labels)}
 
 
+@kopf.index(GROUP, VERSION, LIMIT_PLURAL)
+def worker_limits_by_pool(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[PoolKey, WorkerLimitRecord]:
+    record = WorkerLimitRecord.from_object(body)
+    return {(namespace or "", record.pool): record}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def pools_by_key(namespace: str | None, name: str, **_: Any) -> dict[PoolKey, bool]:
+    return {(namespace or "", name): True}
+
+
 @kopf.on.event("pods", labels={POOL_LABEL: kopf.PRESENT})
-def pod_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    POOLS.wake(namespace, labels.get(POOL_LABEL))
+def pod_changed(namespace: str | None, name: str, labels: Mapping[str, str], **_: Any) -> None:
+    POOLS.pod_changed(namespace, labels.get(POOL_LABEL), name)
+
+
+@kopf.on.event(GROUP, VERSION, LIMIT_PLURAL)
+async def worker_limit_changed(
+    type: str | None,
+    namespace: str | None,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: Logger,
+    **kwargs: Any,
+) -> None:
+    """An object deleted (by the garbage collector with its pod, or by hand): its
+    pod's limits go. The operator's own writes need no pass (they echo back here)."""
+    if type != "DELETED" and not body.metadata.get("deletionTimestamp"):
+        return
+    record = WorkerLimitRecord.from_object(body)
+    pools: kopf.Index[PoolKey, bool] = kwargs["pools_by_key"]
+    key: PoolKey = (namespace or "", record.pool)
+    if key in pools:
+        POOLS.pod_changed(namespace, record.pool, record.pod)
+    elif type != "DELETED" and leadership(memo).is_leading:
+        await release_orphan(key, body, logger)
+
+
+async def release_orphan(key: PoolKey, body: kopf.Body, logger: Logger) -> None:
+    """An object being deleted whose pool is gone (its finalizer was removed by hand):
+    nothing says where its limits live any more, so it goes, and says so."""
+    names = [limit.name for limit in WorkerLimitRecord.from_object(body).limits]
+
+    def emit(kind: str, reason: str, message: str) -> None:
+        kopf.event(body, type=kind, reason=reason, message=message)
+
+    why = f"pool {key[0]}/{key[1]} is gone, so its Prefect API is unknown"
+    _left_behind(logger, emit, "PoolGone", why, names)
+    await asyncio.to_thread(kube.release_worker_limit, key[0], body.metadata.name or "")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={POOL_LABEL: kopf.PRESENT})
 def deployment_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    POOLS.wake(namespace, labels.get(POOL_LABEL))
+    POOLS.deployment_changed(namespace, labels.get(POOL_LABEL))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def pool_changed(namespace: str | None, name: str, **_: Any) -> None:
+    # The daemon compares generation and annotations: its own status writes cost no pass.
     POOLS.wake(namespace, name)
 
 
@@ -128,6 +204,62 @@ def _nodes(index: kopf.Index[str, NodeFacts]) -> dict[str, NodeFacts]:
     return {name: next(iter(store)) for name, store in index.items() if store}
 
 
+def _records_of(
+    index: kopf.Index[PoolKey, WorkerLimitRecord], key: PoolKey
+) -> dict[str, WorkerLimitRecord]:
+    return {record.pod: record for record in index.get(key, [])}
+
+
+PoolSeen = tuple[int, frozenset[tuple[str, str]]]  # (generation, annotations)
+
+
+def pool_seen(body: kopf.Body) -> PoolSeen:
+    annotations = body.metadata.annotations or {}
+    return int(body.metadata.get("generation") or 0), frozenset(annotations.items())
+
+
+@dataclass
+class PassClock:
+    """When the daemon last finished each kind of pass, and so what the next one covers."""
+
+    # The pool's generation and annotations the last full pass saw: a spec change,
+    # or an annotation (a nudge, as `kubectl annotate`), asks for a full pass;
+    # the operator's own status writes change neither.
+    seen: PoolSeen | None = None
+    full_at: float = float("-inf")
+    pool_at: float = float("-inf")
+    pool_due_at: float | None = None  # autoscaling asks for a pool pass then
+
+    def scope(self, now: float, seen: PoolSeen, work: PendingWork) -> PassScope | None:
+        """The next pass's scope, or None when nothing is due."""
+        if seen != self.seen or now - self.full_at >= RESYNC_S:
+            return PassScope.everything()
+        pool = (self.pool_due_at is not None and now >= self.pool_due_at) or (
+            work.deployment and now - self.pool_at >= DEPLOYMENT_PASS_EVERY_S
+        )
+        if not pool and not work.pods:
+            return None
+        return PassScope(pool=pool, pods=frozenset(work.pods))
+
+    def passed(
+        self, scope: PassScope, now: float, seen: PoolSeen, next_pool_s: float | None
+    ) -> None:
+        if scope.full:
+            self.seen, self.full_at = seen, now
+        if scope.pool:
+            self.pool_at = now
+            self.pool_due_at = now + next_pool_s if next_pool_s is not None else None
+
+    def wait_s(self, now: float, work: PendingWork) -> float:
+        """How long until the next pass is due without a change."""
+        due = [self.full_at + RESYNC_S]
+        if self.pool_due_at is not None:
+            due.append(self.pool_due_at)
+        if work.deployment:
+            due.append(self.pool_at + DEPLOYMENT_PASS_EVERY_S)
+        return max(0.0, min(due) - now)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=30.0)
 async def pool_reconciler(
     stopped: kopf.DaemonStopped,
@@ -136,54 +268,82 @@ async def pool_reconciler(
     memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
-    """The one reconcile loop of a pool: on every wake-up, and every RESYNC_S."""
+    """The one reconcile loop of a pool: on every change, each RESYNC_S, and when
+    autoscaling asks. Nothing before this replica leads."""
     # Indexes arrive as kwargs named after their functions; they are live views.
     pod_index: kopf.Index[PoolKey, PodFacts] = kwargs["pods_by_pool"]
     node_index: kopf.Index[str, NodeFacts] = kwargs["nodes_by_name"]
+    limit_index: kopf.Index[PoolKey, WorkerLimitRecord] = kwargs["worker_limits_by_pool"]
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
     event = POOLS.wakeup(key)
+    await _until_leading(leadership(memo), stopped)
     allowed = allowed_api_urls(memo)
     policy = pod_policy(memo)
-    state = PoolState(ledger=ledger_from_status(body.status))
+    # The objects as the (warm) index has them when this replica starts to lead.
+    state = PoolState.from_objects(_records_of(limit_index, key), body.status)
+    clock = PassClock()
     failures = 0
 
     def emit(kind: str, reason: str, message: str) -> None:
         kopf.event(body, type=kind, reason=reason, message=message)
 
-    while not stopped:
-        event.clear()
-        if body.metadata.get("deletionTimestamp"):
-            return  # pool_deleted cleans up under the same lock, then forgets the pool
-        pool = _pool_ref(body)
-        try:
-            async with POOLS.lock(key):
-                with metrics.RECONCILE_SECONDS.labels(*key).time():
-                    await reconcile_pool(
-                        pool,
-                        state,
-                        _pods_of(pod_index, key),
-                        _nodes(node_index),
-                        emit,
-                        logger,
-                        allowed,
-                        policy,
-                    )
-            if failures:
-                emit("Normal", "Recovered", "reconcile succeeded again")
-            failures, delay = 0, min(RESYNC_S, state.next_pass_s or RESYNC_S)
-        except Exception as exc:  # the loop must outlive any one failure
-            error = as_reconcile_error(exc)
-            failures += 1
-            delay = backoff_delay(failures)
-            metrics.RECONCILE_ERRORS.labels(*key, error.reason).inc()
-            logger.warning(
-                "reconcile failed (%s), retry in %.0fs: %s", error.reason, delay, error,
-                exc_info=not isinstance(exc, ReconcileError),
-                extra={"reason": error.reason},  # a field of its own in --log-format json
-            )  # fmt: skip
-            emit("Warning", error.reason, str(error)[:1000])
-            await _report(pool, state, error, logger)
-        await _wait(event, stopped, delay)
+    try:
+        while not stopped:
+            event.clear()
+            if body.metadata.get("deletionTimestamp"):
+                return  # pool_deleted cleans up under the same lock, then forgets the pool
+            now = time.monotonic()
+            seen = pool_seen(body)
+            work = POOLS.take(key)
+            scope = clock.scope(now, seen, work)
+            if scope is None:
+                POOLS.requeue(key, work)
+                await _wait(event, stopped, clock.wait_s(now, work))
+                continue
+            if not scope.pool:
+                POOLS.requeue(key, PendingWork(deployment=work.deployment))
+            pool = _pool_ref(body)
+            try:
+                async with POOLS.lock(key):
+                    with metrics.RECONCILE_SECONDS.labels(*key).time():
+                        await reconcile_pool(
+                            pool, state, _pods_of(pod_index, key), _nodes(node_index), emit,
+                            logger, allowed, policy, scope, _records_of(limit_index, key),
+                        )  # fmt: skip
+                clock.passed(scope, now, seen, state.next_pass_s)
+                if failures:
+                    emit("Normal", "Recovered", "reconcile succeeded again")
+                failures = 0
+                delay = clock.wait_s(time.monotonic(), PendingWork())
+            except Exception as exc:  # the loop must outlive any one failure
+                POOLS.requeue(key, work)
+                error = as_reconcile_error(exc)
+                failures += 1
+                delay = backoff_delay(failures)
+                metrics.RECONCILE_ERRORS.labels(*key, error.reason).inc()
+                logger.warning(
+                    "reconcile failed (%s), retry in %.0fs: %s", error.reason, delay, error,
+                    exc_info=not isinstance(exc, ReconcileError),
+                    extra={"reason": error.reason},  # a field of its own in --log-format json
+                )  # fmt: skip
+                emit("Warning", error.reason, str(error)[:1000])
+                await _report(pool, state, error, logger)
+            await _wait(event, stopped, delay)
+    finally:
+        await state.aclose()
+
+
+async def _until_leading(leader: Any, stopped: kopf.DaemonStopped) -> None:
+    """Return once this replica leads (at once without election), or once stopped."""
+    if leader.is_leading:
+        return
+    leading = asyncio.ensure_future(leader.wait_leading())
+    halted = asyncio.ensure_future(stopped.wait())
+    try:
+        await asyncio.wait({leading, halted}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leading.cancel()
+        halted.cancel()
 
 
 def as_reconcile_error(exc: Exception) -> ReconcileError:
@@ -215,17 +375,29 @@ async def _wait(event: asyncio.Event, stopped: kopf.DaemonStopped, delay_s: floa
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-async def pool_deleted(body: kopf.Body, logger: Logger, memo: kopf.Memo, **_: Any) -> None:
-    """Delete every limit in the pool's ledger before the pool goes (finalizer).
+async def pool_deleted(body: kopf.Body, logger: Logger, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Delete every limit of the pool's GpuWorkerLimit objects (and of an older
+    release's ledger in its status) before the pool goes (finalizer).
 
     Retried while Prefect cannot delete them, for ``spec.prefect.finalizerTimeoutSeconds``
     after the deletion began; then the pool goes and an Event names what was left.
+    A standby waits to lead (kopf retries it) and deletes nothing meanwhile.
     """
 
     def emit(kind: str, reason: str, message: str) -> None:
         kopf.event(body, type=kind, reason=reason, message=message)
 
-    await delete_pool(body, logger, allowed_api_urls(memo), emit)
+    leader = leadership(memo)
+    if not leader.is_leading:
+        try:
+            await asyncio.wait_for(leader.wait_leading(), STANDBY_DELETE_WAIT_S)
+        except TimeoutError:
+            why = "standby: the leader deletes the pool's limits"
+            raise kopf.TemporaryError(why, delay=5.0) from None
+    key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
+    limit_index: kopf.Index[PoolKey, WorkerLimitRecord] | None = kwargs.get("worker_limits_by_pool")
+    records = _records_of(limit_index, key) if limit_index is not None else {}
+    await delete_pool(body, logger, allowed_api_urls(memo), emit, records)
 
 
 def _no_events(kind: str, reason: str, message: str) -> None:
@@ -233,9 +405,14 @@ def _no_events(kind: str, reason: str, message: str) -> None:
 
 
 async def delete_pool(
-    body: kopf.Body, logger: Logger, allowed: AllowedApiUrls, emit: EventFn = _no_events
+    body: kopf.Body,
+    logger: Logger,
+    allowed: AllowedApiUrls,
+    emit: EventFn = _no_events,
+    records: Mapping[str, WorkerLimitRecord] | None = None,
 ) -> None:
-    """What ``pool_deleted`` does: delete the ledger's limits, then forget the pool.
+    """What ``pool_deleted`` does: delete the limits the pool's objects (``records``,
+    by pod) and status name, let the objects go, then forget the pool.
 
     Raises:
         kopf.TemporaryError: Prefect could not delete a limit and the pool's
@@ -244,10 +421,15 @@ async def delete_pool(
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
     spec = PoolSpec.from_dict(dict(body.spec))
     deadline = cleanup_deadline(body.metadata.get("deletionTimestamp"), spec.finalizer_timeout_s)
+    records = dict(records or {})
     async with POOLS.lock(key):
-        ledger = ledger_from_status(body.status)
+        ledger = {**ledger_from_status(body.status), **ledger_of(records.values())}
         if ledger:
             await _delete_limits(key, spec, sorted(ledger), allowed, logger, emit, deadline)
+        # Their limits are gone (or left behind, said above): the objects go too.
+        await gather_bounded(
+            asyncio.to_thread(kube.release_worker_limit, key[0], pod) for pod in sorted(records)
+        )
     POOLS.forget(key)
     metrics.forget_pool(*key)
 

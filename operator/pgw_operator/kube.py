@@ -15,9 +15,11 @@ from typing import Any, TypeVar
 import kubernetes
 import urllib3
 
+from pgw_operator import metrics
 from pgw_operator.desired import replica_failure
 from pgw_operator.errors import KubernetesError
 from pgw_operator.spec import FIELD_MANAGER, GROUP, PLURAL, VERSION
+from pgw_operator.worker_limits import LIMIT_PLURAL
 
 T = TypeVar("T")
 
@@ -59,7 +61,10 @@ def as_kubernetes_error(
     return None
 
 
-def _call(what: str, call: Callable[[], T], rejected: str = "KubernetesApiError") -> T:
+def _call(
+    what: str, call: Callable[[], T], rejected: str = "KubernetesApiError", verb: str = "other"
+) -> T:
+    metrics.KUBERNETES_REQUESTS.labels(verb).inc()
     try:
         return call()
     except (kubernetes.client.ApiException, urllib3.exceptions.HTTPError) as exc:
@@ -93,6 +98,7 @@ def _server_side_apply(
             _content_type="application/apply-patch+yaml",
         ),
         rejected=rejected,
+        verb="apply",
     )
 
 
@@ -115,7 +121,7 @@ def owner_references(kind: str, namespace: str, name: str) -> list[dict[str, Any
         ),
     }[kind]
     try:
-        found: Any = _call(f"{kind} {namespace}/{name}", read)
+        found: Any = _call(f"{kind} {namespace}/{name}", read, verb="get")
     except KubernetesError as exc:
         if exc.status == 404:
             return None
@@ -160,6 +166,7 @@ def patch_pool_status(namespace: str, name: str, status: dict[str, Any]) -> None
         lambda: kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
         ),
+        verb="patch",
     )
 
 
@@ -170,6 +177,7 @@ def read_secret_value(namespace: str, name: str, key: str) -> str:
         what,
         lambda: kubernetes.client.CoreV1Api().read_namespaced_secret(name, namespace),
         rejected="ApiKeySecretUnavailable",
+        verb="get",
     )
     data = (secret.data or {}).get(key)
     if data is None:
@@ -183,6 +191,7 @@ def annotate_pod(namespace: str, name: str, annotations: dict[str, str]) -> None
         lambda: kubernetes.client.CoreV1Api().patch_namespaced_pod(
             name, namespace, {"metadata": {"annotations": annotations}}
         ),
+        verb="patch",
     )
 
 
@@ -198,6 +207,7 @@ def scale_pool(namespace: str, name: str, replicas: int) -> None:
             GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": replicas}}
         ),
         rejected="ScaleRejected",
+        verb="patch",
     )
 
 
@@ -224,9 +234,85 @@ def patch_pdb_if_present(namespace: str, name: str, patch: dict[str, Any]) -> bo
                 name, namespace, patch, field_manager=FIELD_MANAGER
             ),
             rejected="DisruptionBudgetRejected",
+            verb="patch",
         )
     except KubernetesError as exc:
         if exc.status == 404:
             return False
         raise
     return True
+
+
+# GpuWorkerLimit objects ---------------------------------------------------------------
+
+
+def _limits_api() -> Any:
+    return kubernetes.client.CustomObjectsApi()
+
+
+def create_worker_limit(manifest: dict[str, Any]) -> None:
+    """Create a pod's GpuWorkerLimit (the write ahead of its Prefect limits).
+
+    Raises:
+        KubernetesError: ``WorkerLimitRejected`` (409 when one of its name exists).
+    """
+    meta = manifest["metadata"]
+    _call(
+        f"GpuWorkerLimit {meta['namespace']}/{meta['name']}",
+        lambda: _limits_api().create_namespaced_custom_object(
+            GROUP, VERSION, meta["namespace"], LIMIT_PLURAL, manifest,
+            field_manager=FIELD_MANAGER,
+        ),
+        rejected="WorkerLimitRejected",
+        verb="create",
+    )  # fmt: skip
+
+
+def patch_worker_limit(namespace: str, name: str, spec: dict[str, Any]) -> None:
+    """Replace a GpuWorkerLimit's spec (merge patch; ``limits`` is replaced whole)."""
+    _call(
+        f"GpuWorkerLimit {namespace}/{name}",
+        lambda: _limits_api().patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, LIMIT_PLURAL, name, {"spec": spec},
+            field_manager=FIELD_MANAGER,
+        ),
+        rejected="WorkerLimitRejected",
+        verb="patch",
+    )  # fmt: skip
+
+
+def patch_worker_limit_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    _call(
+        f"status of GpuWorkerLimit {namespace}/{name}",
+        lambda: _limits_api().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, LIMIT_PLURAL, name, {"status": status},
+            field_manager=FIELD_MANAGER,
+        ),
+        rejected="WorkerLimitRejected",
+        verb="patch",
+    )  # fmt: skip
+
+
+def release_worker_limit(namespace: str, name: str) -> None:
+    """Let a GpuWorkerLimit go once its limits are gone: its finalizer off, then delete it
+    (already gone is fine: the garbage collector may have deleted it with its pod)."""
+    what = f"GpuWorkerLimit {namespace}/{name}"
+    try:
+        _call(
+            what,
+            lambda: _limits_api().patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, LIMIT_PLURAL, name,
+                {"metadata": {"finalizers": None}},
+            ),
+            verb="patch",
+        )  # fmt: skip
+        _call(
+            what,
+            lambda: _limits_api().delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, LIMIT_PLURAL, name
+            ),
+            verb="delete",
+        )
+    except KubernetesError as exc:
+        if exc.status != 404:
+            raise

@@ -45,6 +45,18 @@ LEADER = Gauge(
 )
 
 
+# What the operator costs the servers it talks to, per process (the benchmark
+# divides them by pods): bounded labels, never an object's name.
+KUBERNETES_REQUESTS = Counter(
+    "pgw_operator_kubernetes_requests_total",
+    "Requests to the Kubernetes API made by the reconciler (kopf's watches not counted)",
+    ("verb",),
+)
+PREFECT_REQUESTS = Counter(
+    "pgw_operator_prefect_requests_total", "Requests to Prefect APIs", ("method",)
+)
+
+
 def serve(address: str) -> None:
     """Serve /metrics on ``host:port``."""
     host, _, port = address.rpartition(":")

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import httpx
 
+from pgw_operator import metrics
 from pgw_operator.api_url import DEFAULT_PORTS, ApiUrl
 from pgw_operator.autoscale import Backlog
 from pgw_operator.errors import PrefectError
@@ -54,6 +55,8 @@ DEBUG_BODY_CHARS = 4000
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # A page of 200 limits each: 20,000 limits, twenty times a 1000-pod fleet's.
 MAX_PAGES = 100
+# Up to this many limits are read one GET each (a pod's own, in a pass for a few pods).
+BY_NAME_AT_MOST = 8
 # The longest one call may take, connect to last byte.
 CALL_DEADLINE_S = 30.0
 
@@ -150,6 +153,7 @@ class PrefectApi:
     ) -> httpx.Response:
         """Send one request; any status but 2xx and ``ok`` raises a PrefectError."""
         path = "/" + "/".join(segments)  # the operator's own path, for messages
+        metrics.PREFECT_REQUESTS.labels(method).inc()
         try:
             async with asyncio.timeout(self.deadline_s):
                 url = self._url(segments)
@@ -211,11 +215,28 @@ class PrefectApi:
     # Global concurrency limits -------------------------------------------------
 
     async def read_limits(self, names: set[str], page: int = 200) -> dict[str, PrefectLimit]:
-        """The limits among ``names`` that exist, read a page of 200 at a time.
+        """The limits among ``names`` that exist: a few read by name, more a page
+        of 200 at a time (one request per 200 limits where reading by name costs one
+        per limit, which made large scale-ups slow on a busy server)."""
+        if len(names) <= BY_NAME_AT_MOST:
+            return await self._read_limits_by_name(names)
+        return await self._read_limit_pages(names, page)
 
-        One paged listing costs a request per 200 limits where reading by name
-        costs one per pod, which made large scale-ups slow on a busy server.
-        """
+    async def _read_limits_by_name(self, names: set[str]) -> dict[str, PrefectLimit]:
+        async def one(name: str) -> PrefectLimit | None:
+            path = ("v2", "concurrency_limits", name)
+            response = await self._request("GET", *path, ok=(404,))
+            if response.status_code == 404:
+                return None
+            try:
+                return _limit_from(response.json())
+            except (ValueError, KeyError, TypeError) as exc:
+                raise self._bad_response("GET", "/" + "/".join(path), response) from exc
+
+        found = await gather_bounded(one(name) for name in sorted(names))
+        return {limit.name: limit for limit in found if limit is not None and limit.name in names}
+
+    async def _read_limit_pages(self, names: set[str], page: int) -> dict[str, PrefectLimit]:
         found: dict[str, PrefectLimit] = {}
         offset = 0
         segments = ("v2", "concurrency_limits", "filter")

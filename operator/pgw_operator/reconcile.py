@@ -1,11 +1,18 @@
 """One reconcile pass for one pool: Deployment, work pool, backlog, limits, status.
 
-The pure decisions live in api_url.py, desired.py, autoscale.py, plan.py and
-status.py; this module only gathers their inputs and carries out their
-outputs, in this order: check the pool's API URL (no request before that),
-apply the Deployment and the disruption budget, ensure the work pool, read the
-backlog and autoscale (scaling.py), read the limits, persist the ledger
-(write-ahead), act on Prefect, write status.
+The pure decisions live in api_url.py, desired.py, autoscale.py, plan.py,
+worker_limits.py and status.py; this module only gathers their inputs and
+carries out their outputs, in this order: check the pool's API URL (no request
+before that), apply the Deployment and the disruption budget, ensure the work
+pool, read the backlog and autoscale (scaling.py), plan the limits, write the
+pods' GpuWorkerLimit objects ahead of Prefect, act on Prefect, write the
+objects' outcome, write status.
+
+A pass has a scope (:class:`PassScope`): a pod's event reconciles that pod's
+limits only (O(1) calls whatever the pool's size, Prefect trusted to match the
+Ready records); the Deployment's, the Deployment part only; a spec change or
+the periodic resync, everything, with every limit read back from Prefect
+(drift, active slots, orphans).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pgw_operator import kube, metrics
@@ -34,8 +41,11 @@ from pgw_operator.facts import DELETION_COST_ANNOTATION, NodeFacts, PodFacts
 from pgw_operator.plan import (
     Ledger,
     LimitAction,
+    PrefectLimit,
     deletion_costs,
     desired_limit_names,
+    ledger_from_status,
+    ledger_to_status,
     plan_limits,
     settle,
     slot_entries,
@@ -51,6 +61,14 @@ from pgw_operator.scaling import (
 )
 from pgw_operator.spec import PoolSpec
 from pgw_operator.status import action_events, failure_health, observed_health, status_body
+from pgw_operator.worker_limits import (
+    RecordWrite,
+    WorkerLimitRecord,
+    ledger_of,
+    limit_manifest,
+    record_writes,
+    records_of,
+)
 
 EventFn = Callable[[str, str, str], None]  # (type, reason, message)
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -63,12 +81,58 @@ class PoolState:
     """What the reconciler remembers about one pool between passes."""
 
     ledger: Ledger
+    # The pool's GpuWorkerLimit objects as last written (or read at start), by pod.
+    records: dict[str, WorkerLimitRecord] = field(default_factory=dict)
+    # status.workers still holds the ledger of a release before GpuWorkerLimit
+    # objects: cleared once each of its entries has an object or is gone.
+    legacy_ledger: bool = False
     ensured_work_pool: tuple[str, str] | None = None  # (api_url, work pool) already ensured
     written_status: dict[str, Any] | None = None  # skip patches that would change nothing
     scaling: ScalingState = field(default_factory=ScalingState)
     next_pass_s: float | None = None  # sooner than the resync, for autoscaling
     budget_off_generation: int | None = None  # generation whose unset budget was turned off
     worker_account_applied: bool = False  # the workers' ServiceAccount, this run
+    pods_rejected: str | None = None  # why the Deployment's pods cannot be created
+    # The Prefect client of the last pass, kept while the pool's API and key stay.
+    api: PrefectApi | None = None
+    api_for: tuple[str, str | None, str | None] | None = None
+
+    @classmethod
+    def from_objects(
+        cls, records: Mapping[str, WorkerLimitRecord], status: Mapping[str, Any] | None
+    ) -> PoolState:
+        """The state of a pool at start: its GpuWorkerLimit objects, and any entry of
+        an older release's ledger in ``status.workers`` that no object holds yet."""
+        ledger = ledger_of(records.values())
+        legacy = ledger_from_status(status)
+        ledger.update({name: e for name, e in legacy.items() if name not in ledger})
+        return cls(ledger=ledger, records=dict(records), legacy_ledger=bool(legacy))
+
+    async def aclose(self) -> None:
+        if self.api is not None:
+            await self.api.aclose()
+        self.api, self.api_for = None, None
+
+
+@dataclass(frozen=True)
+class PassScope:
+    """What one pass reconciles.
+
+    Args:
+        pool: the Deployment, budget, work pool and backlog.
+        pods: the limits of these pods; None for every pod's, read back from Prefect.
+    """
+
+    pool: bool
+    pods: frozenset[str] | None
+
+    @classmethod
+    def everything(cls) -> PassScope:
+        return cls(pool=True, pods=None)
+
+    @property
+    def full(self) -> bool:
+        return self.pool and self.pods is None
 
 
 @dataclass(frozen=True)
@@ -183,6 +247,17 @@ async def ensure_disruption_budget(pool: PoolRef, state: PoolState) -> None:
         state.budget_off_generation = pool.generation
 
 
+def _status(pool: PoolRef, state: PoolState, health: PoolHealth) -> dict[str, Any]:
+    status = status_body(pool.name, pool.generation, pool.status, state.ledger, health)
+    # An older release's ledger stays in status.workers until every entry of it
+    # has an object (or is gone): a crash meanwhile must still find them all.
+    held = {limit.name for record in state.records.values() for limit in record.limits}
+    legacy = {name: entry for name, entry in state.ledger.items() if name not in held}
+    if state.legacy_ledger:
+        status["workers"] = ledger_to_status(legacy) if legacy else None
+    return status
+
+
 async def _write_status(pool: PoolRef, state: PoolState, status: dict[str, Any]) -> None:
     """Patch status unless this pass would write exactly what the last one did."""
     autoscaling = autoscaling_status_of(state.scaling, autoscaling_of(pool.spec), pool.status)
@@ -192,6 +267,8 @@ async def _write_status(pool: PoolRef, state: PoolState, status: dict[str, Any])
         return
     await asyncio.to_thread(kube.patch_pool_status, pool.namespace, pool.name, status)
     state.written_status = status
+    if state.legacy_ledger and status.get("workers") is None:
+        state.legacy_ledger = False  # cleared: every entry is in an object now
 
 
 async def _act(api: PrefectApi, action: LimitAction) -> None:
@@ -239,8 +316,156 @@ async def _act_all(
     return await gather_bounded(one(a) for a in actions)
 
 
-def _status(pool: PoolRef, ledger: Ledger, health: PoolHealth) -> dict[str, Any]:
-    return status_body(pool.name, pool.generation, pool.status, ledger, health)
+async def _write_record(namespace: str, write: RecordWrite, pods: Mapping[str, PodFacts]) -> None:
+    record = write.record
+    if write.kind == "create":
+        assert record is not None
+        pod = pods.get(write.pod)
+        manifest = limit_manifest(record, namespace, pod.uid if pod is not None else "")
+        await asyncio.to_thread(kube.create_worker_limit, manifest)
+    elif write.kind == "spec":
+        assert record is not None
+        await asyncio.to_thread(kube.patch_worker_limit, namespace, write.pod, record.spec())
+    elif write.kind == "status":
+        assert record is not None
+        status = {"state": record.state}
+        await asyncio.to_thread(kube.patch_worker_limit_status, namespace, write.pod, status)
+    else:
+        await asyncio.to_thread(kube.release_worker_limit, namespace, write.pod)
+
+
+async def write_records(
+    pool: PoolRef,
+    state: PoolState,
+    writes: list[RecordWrite],
+    pods: Mapping[str, PodFacts],
+) -> None:
+    """Carry out the writes to the pods' GpuWorkerLimit objects, a few pods at a time
+    (a pod's own writes in order), and note each one done in ``state.records``.
+
+    Raises:
+        KubernetesError: the first pod's failed write (the other pods' went on).
+    """
+    by_pod: dict[str, list[RecordWrite]] = {}
+    for write in writes:
+        by_pod.setdefault(write.pod, []).append(write)
+    failed: dict[str, KubernetesError] = {}
+
+    async def one(pod: str, pod_writes: list[RecordWrite]) -> None:
+        for write in pod_writes:
+            try:
+                await _write_record(pool.namespace, write, pods)
+            except KubernetesError as exc:
+                failed[pod] = exc
+                return
+            if write.kind == "release":
+                state.records.pop(pod, None)
+            elif write.record is not None:
+                done = write.record
+                if write.kind == "create":
+                    # A new object has no status: Creating until its status is written.
+                    done = replace(done, state="Creating")
+                elif write.kind == "spec" and pod in state.records:
+                    done = replace(done, state=state.records[pod].state)
+                state.records[pod] = done
+
+    await gather_bounded(one(pod, pod_writes) for pod, pod_writes in by_pod.items())
+    if failed:
+        raise failed[min(failed)]
+
+
+def _trusted_limits(ledger: Ledger) -> dict[str, PrefectLimit]:
+    """Prefect as the Ready entries say it is: a pass over a few pods trusts them
+    (the periodic full pass reads every limit back and corrects drift)."""
+    return {
+        name: PrefectLimit(name, entry.size, True, entry.active_slots)
+        for name, entry in ledger.items()
+        if entry.state == "Ready"
+    }
+
+
+@dataclass
+class LimitsOutcome:
+    done: list[LimitAction]
+    failure: PrefectError | None
+    problems: tuple[str, ...]
+
+
+async def reconcile_limits(
+    pool: PoolRef,
+    state: PoolState,
+    spec: PoolSpec,
+    scope: PassScope,
+    pods: Mapping[str, PodFacts],
+    nodes: Mapping[str, NodeFacts],
+    objects: Mapping[str, WorkerLimitRecord],
+    api: PrefectApi,
+    emit: EventFn,
+) -> LimitsOutcome:
+    """Plan the limits of the pods in scope, write their objects ahead, act, write the outcome.
+
+    ``objects`` are the pool's GpuWorkerLimit objects as the watch shows them: one
+    being deleted (by the garbage collector with its pod, or by hand) has its
+    limits deleted now, and a pod still there gets new ones on its next pass.
+    """
+    if scope.pods is None:
+        in_scope = set(pods) | {e.pod for e in state.ledger.values()} | set(state.records)
+        in_scope |= set(objects)
+    else:
+        in_scope = set(scope.pods)
+    ledger = {name: e for name, e in state.ledger.items() if e.pod in in_scope}
+    deleting = {pod for pod in in_scope if (o := objects.get(pod)) is not None and o.deleting}
+    scoped_pods = {
+        name: pod for name, pod in pods.items() if name in in_scope and name not in deleting
+    }
+    if scope.pods is None:
+        limits = await api.read_limits(set(ledger) | desired_limit_names(spec, scoped_pods))
+    else:
+        # Only what is not known Ready; a pod without an entry has no limit of ours
+        # (one of its name made by hand answers the create with 409: it is resized).
+        unsure = {name for name, e in ledger.items() if e.state != "Ready"}
+        limits = {**_trusted_limits(ledger), **await api.read_limits(unsure)}
+    plan = plan_limits(spec, ledger, scoped_pods, nodes, limits)
+
+    # Write-ahead: every limit about to be created is named in its pod's object first.
+    ahead = [
+        write
+        for write in record_writes(state.records, records_of(pool.name, plan.ledger), in_scope)
+        if write.kind in ("create", "spec")
+    ]
+    await write_records(pool, state, ahead, pods)
+    state.ledger = {**{n: e for n, e in state.ledger.items() if e.pod not in in_scope},
+                    **plan.ledger}  # fmt: skip
+
+    outcomes = await _act_all(api, plan.actions)
+    done = [action for action, error in outcomes if error is None]
+    failure = next((error for _, error in outcomes if error is not None), None)
+    for action in done:
+        # The module's logger: kopf's object logger would post each line as an Event too.
+        LOG.info("limit %s %s size=%s (%s)", action.kind, action.name, action.size, action.why)
+    for reason, message in action_events(done):
+        emit("Normal", reason, message)
+    settled = settle(plan, done)
+    state.ledger = {**{n: e for n, e in state.ledger.items() if e.pod not in in_scope},
+                    **settled}  # fmt: skip
+    after = record_writes(state.records, records_of(pool.name, settled), in_scope)
+    await write_records(pool, state, after, pods)
+    return LimitsOutcome(done, failure, tuple(plan.problems))
+
+
+async def _prefect_api(
+    pool: PoolRef, state: PoolState, spec: PoolSpec, allowed: AllowedApiUrls, fresh: bool
+) -> PrefectApi:
+    """The pool's Prefect client: kept between passes while its URL and key reference
+    stay; made anew (the key read again) when ``fresh``."""
+    ref = spec.api_key
+    wanted = (spec.api_url, ref.name if ref else None, ref.key if ref else None)
+    checked_api_url(pool.namespace, spec, allowed)  # every pass: the allowlist may change
+    if state.api is None or fresh or state.api_for != wanted:
+        await state.aclose()
+        state.api = await prefect_api_for(pool.namespace, spec, allowed)
+        state.api_for = wanted
+    return state.api
 
 
 async def reconcile_pool(
@@ -252,8 +477,16 @@ async def reconcile_pool(
     log: Logger,
     allowed: AllowedApiUrls,
     pod_policy: PodPolicy,
+    scope: PassScope | None = None,
+    objects: Mapping[str, WorkerLimitRecord] | None = None,
 ) -> None:
-    """One pass. Raises ReconcileError when it cannot finish (status then says why)."""
+    """One pass over ``scope`` (everything by default).
+
+    Raises:
+        ReconcileError: it could not finish (status then says why).
+    """
+    scope = scope or PassScope.everything()
+    objects = objects if objects is not None else state.records
     spec = PoolSpec.from_dict(dict(pool.spec))
     # Before anything: a refused URL gets no worker either, nor does a pod template
     # that breaks a rule (a pool admitted before the rule, or without the policy).
@@ -261,70 +494,57 @@ async def reconcile_pool(
     found = violations(pool.spec, pod_policy)
     if found:
         raise ReconcileError("PodTemplateNotAllowed", "; ".join(first_violations(found)))
-    await ensure_worker_account(pool, state)
-    await ensure_not_foreign("Deployment", pool, "DeploymentNotOwned")
-    pods_rejected = await asyncio.to_thread(
-        kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
-    )
-    if pods_rejected:
-        state.worker_account_applied = False  # apply it again next pass
-    await ensure_disruption_budget(pool, state)
-    live_pods = {name: pod for name, pod in pods.items() if not pod.finished}
-    api = await prefect_api_for(pool.namespace, spec, allowed)
+    if scope.pool:
+        await ensure_worker_account(pool, state)
+        await ensure_not_foreign("Deployment", pool, "DeploymentNotOwned")
+        state.pods_rejected = await asyncio.to_thread(
+            kube.apply_deployment, desired_deployment(pool.name, pool.namespace, pool.uid, spec)
+        )
+        if state.pods_rejected:
+            state.worker_account_applied = False  # apply it again next pass
+        await ensure_disruption_budget(pool, state)
+    api = await _prefect_api(pool, state, spec, allowed, fresh=scope.full)
     try:
-        if spec.create_work_pool and state.ensured_work_pool != (spec.api_url, spec.work_pool):
-            if await api.ensure_work_pool(spec.work_pool):
-                emit("Normal", "WorkPoolCreated", f"created Prefect work pool {spec.work_pool}")
-            state.ensured_work_pool = (spec.api_url, spec.work_pool)
+        if scope.pool:
+            if spec.create_work_pool and state.ensured_work_pool != (spec.api_url, spec.work_pool):
+                if await api.ensure_work_pool(spec.work_pool):
+                    emit("Normal", "WorkPoolCreated", f"created Prefect work pool {spec.work_pool}")
+                state.ensured_work_pool = (spec.api_url, spec.work_pool)
 
-        auto = autoscaling_of(pool.spec)
-        backlog = await current_backlog(api, spec, auto, state.scaling, log)
-        if backlog is not None:
-            record_backlog(pool.namespace, pool.name, backlog)
-            if auto is not None:
-                # Sets spec.replicas through /scale; the next pass applies it.
-                await autoscale(pool.namespace, pool.name, spec, auto, backlog, state.scaling,
-                                state.ledger, emit)  # fmt: skip
-        state.next_pass_s = state.scaling.next_pass_s(auto)
-
-        # Read exactly the limits that matter: the ledger's and the desired ones.
-        names = set(state.ledger) | desired_limit_names(spec, pods)
-        limits = await api.read_limits(names)
-        plan = plan_limits(spec, state.ledger, pods, nodes, limits)
-        if plan.ledger != state.ledger:
-            # Write-ahead: the ledger names every limit before it exists.
-            pending = PoolHealth(
-                spec.replicas, len(live_pods), 0, len(plan.actions), tuple(plan.problems)
+            auto = autoscaling_of(pool.spec)
+            backlog = await current_backlog(api, spec, auto, state.scaling, log)
+            if backlog is not None:
+                record_backlog(pool.namespace, pool.name, backlog)
+                if auto is not None:
+                    # Sets spec.replicas through /scale; the next pass applies it.
+                    await autoscale(pool.namespace, pool.name, spec, auto, backlog, state.scaling,
+                                    state.ledger, emit)  # fmt: skip
+            state.next_pass_s = state.scaling.next_pass_s(auto)
+        outcome = LimitsOutcome([], None, ())
+        if scope.pods is None or scope.pods:
+            outcome = await reconcile_limits(
+                pool, state, spec, scope, pods, nodes, objects, api, emit
             )
-            await _write_status(pool, state, _status(pool, plan.ledger, pending))
-            state.ledger = plan.ledger
-
-        outcomes = await _act_all(api, plan.actions)
-        done = [action for action, error in outcomes if error is None]
-        failure = next((error for _, error in outcomes if error is not None), None)
-        for action in done:
-            # The module's logger: kopf's object logger would post each line as an Event too.
-            LOG.info("limit %s %s size=%s (%s)", action.kind, action.name, action.size, action.why)
-        for reason, message in action_events(done):
-            emit("Normal", reason, message)
-        state.ledger = settle(plan, done)
-    finally:
-        await api.aclose()
+    except PrefectError as exc:
+        if exc.reason == "PrefectUnauthorized":
+            await state.aclose()  # read the key again next pass
+        raise
 
     health = observed_health(
         spec.replicas,
         state.ledger,
         pods,
-        tuple(plan.problems),
-        error_reason=failure.reason if failure else None,
-        error_message=str(failure) if failure else "",
-        pods_rejected=pods_rejected,
+        outcome.problems,
+        error_reason=outcome.failure.reason if outcome.failure else None,
+        error_message=str(outcome.failure) if outcome.failure else "",
+        pods_rejected=state.pods_rejected,
     )
-    await _write_status(pool, state, _status(pool, state.ledger, health))
-    await _set_deletion_costs(pool, state.ledger, pods, log)
-    record_metrics(pool, spec, state.ledger, health, done)
-    if failure is not None:
-        raise failure
+    await _write_status(pool, state, _status(pool, state, health))
+    if scope.pods is None:
+        await _set_deletion_costs(pool, state.ledger, pods, log)
+    record_metrics(pool, spec, state.ledger, health, outcome.done)
+    if outcome.failure is not None:
+        raise outcome.failure
 
 
 def record_metrics(
@@ -344,4 +564,4 @@ async def report_failure(pool: PoolRef, state: PoolState, error: ReconcileError)
     """Status for a pass that failed before it could plan (Prefect unreachable...)."""
     spec = PoolSpec.from_dict(dict(pool.spec))
     health = failure_health(spec.replicas, pool.status, error.reason, str(error))
-    await _write_status(pool, state, _status(pool, state.ledger, health))
+    await _write_status(pool, state, _status(pool, state, health))

@@ -1,36 +1,52 @@
-"""Per-pool wake-up events and locks, in one place, forgotten together.
+"""Per-pool wake-ups, pending work and locks, in one place, forgotten together.
 
-The pool's daemon waits on its wake-up event; event handlers set it. The lock
-makes the daemon and the deletion handler the pool's only, and exclusive,
-writers. :meth:`PoolRegistry.forget` drops both once a pool is gone.
+The pool's daemon waits on its wake-up event; event handlers set it and say
+what changed: a pod (or its GpuWorkerLimit) by name, or the pool's Deployment.
+The daemon takes that work and reconciles only it, so a pod's event costs a
+pass over that pod, not over the pool. The lock makes the daemon and the
+deletion handler the pool's only, and exclusive, writers.
+:meth:`PoolRegistry.forget` drops everything once a pool is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 PoolKey = tuple[str, str]  # (namespace, pool name)
 
 
 @dataclass
+class PendingWork:
+    """What changed since the daemon last looked."""
+
+    pods: set[str] = field(default_factory=set)
+    deployment: bool = False  # the pool's Deployment changed (status, drift)
+
+
+@dataclass
 class PoolRegistry:
-    """Wake-ups and locks of the pools this process serves.
+    """Wake-ups, pending work and locks of the pools this process serves.
 
     Example:
         >>> registry = PoolRegistry()
         >>> event = registry.wakeup(("ns", "pool"))
-        >>> registry.wake("ns", "pool"); event.is_set()
+        >>> registry.pod_changed("ns", "pool", "w-0"); event.is_set()
         True
+        >>> registry.take(("ns", "pool")).pods
+        {'w-0'}
         >>> registry.forget(("ns", "pool")); registry.pools()
         set()
     """
 
     _wakeups: dict[PoolKey, asyncio.Event] = field(default_factory=dict)
+    _pending: dict[PoolKey, PendingWork] = field(default_factory=dict)
     _locks: dict[PoolKey, asyncio.Lock] = field(default_factory=dict)
 
     def wakeup(self, key: PoolKey) -> asyncio.Event:
-        """The pool's wake-up event (created on first use)."""
+        """The pool's wake-up event (created on first use: the daemon serves the pool)."""
+        self._pending.setdefault(key, PendingWork())
         return self._wakeups.setdefault(key, asyncio.Event())
 
     def lock(self, key: PoolKey) -> asyncio.Lock:
@@ -42,9 +58,39 @@ class PoolRegistry:
         if namespace and pool and (event := self._wakeups.get((namespace, pool))):
             event.set()
 
+    def pod_changed(self, namespace: str | None, pool: str | None, pod: str) -> None:
+        """A pod of the pool (or its GpuWorkerLimit) changed: reconcile its limits."""
+        self.pods_changed(namespace, pool, (pod,))
+
+    def pods_changed(self, namespace: str | None, pool: str | None, pods: Iterable[str]) -> None:
+        if namespace and pool and (pending := self._pending.get((namespace, pool))):
+            pending.pods.update(pods)
+            self.wake(namespace, pool)
+
+    def deployment_changed(self, namespace: str | None, pool: str | None) -> None:
+        if namespace and pool and (pending := self._pending.get((namespace, pool))):
+            pending.deployment = True
+            self.wake(namespace, pool)
+
+    def requeue(self, key: PoolKey, work: PendingWork) -> None:
+        """Put back work a failed pass did not finish, without waking the daemon (it
+        comes back to it after its backoff, or with the next change)."""
+        if (pending := self._pending.get(key)) is not None:
+            pending.pods.update(work.pods)
+            pending.deployment = pending.deployment or work.deployment
+
+    def take(self, key: PoolKey) -> PendingWork:
+        """The work pending for the pool, which is then none."""
+        pending = self._pending.get(key)
+        if pending is None:
+            return PendingWork()
+        self._pending[key] = PendingWork()
+        return pending
+
     def forget(self, key: PoolKey) -> None:
         """Drop everything held for a pool that is gone."""
         self._wakeups.pop(key, None)
+        self._pending.pop(key, None)
         self._locks.pop(key, None)
 
     def pools(self) -> set[PoolKey]:

@@ -12,7 +12,7 @@ from typing import Any
 from pgw_operator.conditions import PoolHealth, merge_conditions, pool_conditions
 from pgw_operator.desired import selector_string
 from pgw_operator.facts import PodFacts
-from pgw_operator.plan import Ledger, LimitAction, ledger_to_status, slot_entries
+from pgw_operator.plan import Ledger, LimitAction, slot_entries
 
 
 def observed_health(
@@ -67,7 +67,9 @@ def status_body(
     health: PoolHealth,
     now: str | None = None,
 ) -> dict[str, Any]:
-    """The whole ``status`` of a pool (``previous`` keeps conditions' transition times)."""
+    """The whole ``status`` of a pool (``previous`` keeps conditions' transition times):
+    counts and conditions, bounded whatever the pool's size (each worker's limits
+    are its GpuWorkerLimit object)."""
     conditions, phase = pool_conditions(health)
     return {
         "observedGeneration": generation,
@@ -77,7 +79,7 @@ def status_body(
         "selector": selector_string(pool),
         "deployment": pool,
         "gpuSlots": sum(e.size for e in slot_entries(ledger) if e.state != "Deleting"),
-        "workers": ledger_to_status(ledger),
+        "pendingLimits": health.pending_limits,
         "conditions": merge_conditions(previous.get("conditions"), conditions, generation, now),
     }
 

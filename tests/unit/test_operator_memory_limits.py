@@ -34,6 +34,7 @@ from pgw_operator.sizing import (
     size_memory_limit,
 )
 from pgw_operator.status import observed_health, status_body
+from pgw_operator.worker_limits import records_of
 from prefect_gpu_workers.naming import parse_memory_mib
 
 from builders import (
@@ -216,9 +217,14 @@ def test_memory_limits_count_neither_slots_nor_workers() -> None:
     assert health.pending_limits == 1  # b's memory limit is still being made
     status = status_body("pool", 1, {}, ledger, health)
     assert status["gpuSlots"] == 4
-    assert {w["limitName"]: w["kind"] for w in status["workers"]} == {
-        "gpu:a": "slots", "gpu-memory:a": "memory", "gpu:b": "slots", "gpu-memory:b": "memory",
-    }  # fmt: skip
+    assert status["pendingLimits"] == 1
+    # Each pod's object names both of its limits, its slot limit first.
+    records = records_of("pool", ledger)
+    assert {pod: [(r.kind, r.name) for r in rec.limits] for pod, rec in records.items()} == {
+        "a": [("slots", "gpu:a"), ("memory", "gpu-memory:a")],
+        "b": [("slots", "gpu:b"), ("memory", "gpu-memory:b")],
+    }
+    assert (records["a"].state, records["b"].state) == ("Ready", "Creating")
     # Scale-down cost is slots held, not GiB; autoscaling counts slots per worker.
     assert deletion_costs(ledger, pods) == {"a": 1}
     assert slots_per_worker(make_spec(wholeNode=True, memory="80Gi"), ledger) == 2

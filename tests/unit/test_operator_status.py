@@ -39,7 +39,9 @@ def test_status_body_is_the_whole_status() -> None:
     assert status["gpuSlots"] == 2  # a Deleting limit no longer counts
     assert status["selector"] == "gpuworkers.dev/pool=pool"
     assert status["deployment"] == "pool"
-    assert [w["limitName"] for w in status["workers"]] == ["gpu:a", "gpu:b"]
+    assert status["pendingLimits"] == 1
+    # Counts and conditions only: the limits themselves are GpuWorkerLimit objects.
+    assert "workers" not in status
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["lastTransitionTime"] == "2026-01-01T00:00:00Z"
     assert ready["observedGeneration"] == 4

@@ -26,7 +26,7 @@ def test_check_names_drift_and_sync_repairs_it(tmp_path: Path) -> None:
     shutil.copy(REPO_ROOT / "hack" / "sync-crds", tmp_path / "hack" / "sync-crds")
     shutil.copytree(REPO_ROOT / "crds", tmp_path / "crds")
     shutil.copytree(REPO_ROOT / CHART_CRDS, tmp_path / CHART_CRDS)
-    (crd,) = (tmp_path / "crds").glob("*.yaml")
+    crd = tmp_path / "crds" / "gpuworkerpools.gpuworkers.dev.yaml"
     crd.write_text(crd.read_text() + "# edited\n")
     (tmp_path / CHART_CRDS / "stale.yaml").write_text("{}\n")
 

@@ -1,26 +1,36 @@
-"""Benchmark: how fast a pod's limit follows the pod, on the dev control plane.
+"""Benchmark: how fast a pod's limit follows the pod, and what each pod costs, on the
+dev control plane.
 
-    hack/dev-cluster up && .venv/bin/python -m tests.cluster.k8s.bench_operator_latency [--pods 60]
+    hack/dev-cluster up && .venv/bin/python -m tests.cluster.k8s.bench_operator_latency \
+        [--pods 60 1000] [--pools 100x10] [--failover 200] [--json]
 
-Starts a real Prefect server (on the embedded PostgreSQL) and the operator (as
-a subprocess, as in its container), scales a GpuWorkerPool from 0 to N on fresh fake nodes, and
-records, on this machine's clock:
+Starts a real Prefect server (on the embedded PostgreSQL) and, per scenario, a
+fresh operator (as a subprocess, as in its container), scales GpuWorkerPools
+from 0 to N on fresh fake nodes and back, and records, on this machine's clock:
 - bound -> limit: from the watch event that shows the pod bound to a node to
   the first poll (every 50 ms) that finds ``gpu:<pod>`` in Prefect;
 - deleted -> limit gone: from the watch event that shows the pod gone from the
-  API server to the first poll that no longer finds its limit.
-Prints a table (median, p95, max) and, with --json, one JSON object.
+  API server to the first poll that no longer finds its limit;
+- all limits after the last pod bound, the scale's total times;
+- per pod: the operator's Kubernetes and Prefect requests (its own counters),
+  its CPU seconds (/proc), and its peak memory.
+Scenarios: one pool of N pods (``--pods``), P pools of N pods scaled at once
+(``--pools PxN``), and a failover (``--failover N``): two replicas with leader
+election (15/10/2 s), the leader SIGKILLed while a pool scales 0 -> N.
+Prints one table and, with --json, one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +41,13 @@ from kubernetes import client, watch
 from prefect_gpu_workers.server import LocalPrefectServer, free_port
 
 from .cluster import BUILD_TOOLS, DEV_CLUSTER, DevCluster, run
-from .operator_harness import OperatorProcess, Pools, install_crd
+from .operator_harness import (
+    OperatorProcess,
+    Pools,
+    install_crd,
+    leader_election_args,
+    lease_holder,
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -43,9 +59,9 @@ def percentile(values: list[float], q: float) -> float:
 class PodClock(threading.Thread):
     """Watch the pool's pods; note when each is bound and when it is gone."""
 
-    def __init__(self, core: client.CoreV1Api, namespace: str, pool: str) -> None:
+    def __init__(self, core: client.CoreV1Api, namespace: str, selector: str) -> None:
         super().__init__(daemon=True)
-        self.core, self.namespace, self.pool = core, namespace, pool
+        self.core, self.namespace, self.selector = core, namespace, selector
         self.bound: dict[str, float] = {}
         self.gone: dict[str, float] = {}
         self.running = True
@@ -57,7 +73,7 @@ class PodClock(threading.Thread):
         while self.running:
             try:
                 listed: Any = self.core.list_namespaced_pod(
-                    self.namespace, label_selector=f"gpuworkers.dev/pool={self.pool}"
+                    self.namespace, label_selector=self.selector
                 )
                 now = time.monotonic()
                 names = {pod.metadata.name for pod in listed.items}
@@ -69,7 +85,7 @@ class PodClock(threading.Thread):
                 stream = self._watch.stream(  # type: ignore[no-untyped-call]
                     self.core.list_namespaced_pod,
                     self.namespace,
-                    label_selector=f"gpuworkers.dev/pool={self.pool}",
+                    label_selector=self.selector,
                     resource_version=listed.metadata.resource_version,
                     timeout_seconds=3600,
                 )
@@ -112,6 +128,10 @@ class LimitClock(threading.Thread):
                 return names
             offset += 200
 
+    def seen_names(self) -> set[str]:
+        """The pods whose limits exist now (by the last look)."""
+        return set(self.appeared) - set(self.vanished)
+
     def run(self) -> None:
         seen: set[str] = set()
         with httpx.Client(timeout=30) as http:
@@ -134,97 +154,221 @@ def wait(what: str, probe: Any, timeout: float) -> None:
     while not probe():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
-def measure(cluster: DevCluster, pods: int, workdir: Path) -> dict[str, Any]:
-    namespace = f"bench-{uuid.uuid4().hex[:5]}"
-    cluster.kubectl("create", "namespace", namespace)
-    install_crd(cluster)
-    group = f"bench-{uuid.uuid4().hex[:4]}"
-    node_names = [f"{group}-{i}" for i in range((pods + 63) // 64)]
-    for name in node_names:
-        cluster.add_node(name, gpus=64, labels={"pgw-bench": group},
-                         resources={"pods": "200"})  # fmt: skip
-    # PostgreSQL, as a production server: on SQLite concurrent deletes queue on its lock.
-    server = LocalPrefectServer(home=workdir / "prefect", database="postgres").start(timeout_s=600)
-    operator = OperatorProcess(
-        cluster.kubeconfig, namespace, workdir / "operator.log", metrics_port=free_port()
-    ).start()
-    pools = Pools(cluster, namespace)
-    pod_clock = PodClock(pools.core, namespace, "bench")
-    limit_clock = LimitClock(server.api_url, "gpu:")
-    try:
-        wait("ServiceAccount default", lambda: cluster.kubectl(
-            "-n", namespace, "get", "sa", "default", check=False).returncode == 0, 30)  # fmt: skip
-        pools.create("bench", {
-            "replicas": 0,
-            "workPool": {"name": "bench"},
-            "prefect": {"apiUrl": server.api_url},
-            "gpu": {"perWorker": 1},
-            "worker": {"image": "registry.invalid/worker:bench", "drainGracePeriodSeconds": 0,
-                       "podTemplate": {"nodeSelector": {"pgw-bench": group}}},
-        })  # fmt: skip
-        pod_clock.start()
-        limit_clock.start()
-        started = time.monotonic()
-        print(f"scaling 0 -> {pods} ...", flush=True)
-        pools.scale("bench", pods)
-        wait(f"{pods} limits", lambda: len(limit_clock.appeared) >= pods, 1800)
-        scale_up_s = time.monotonic() - started
-        # The write-ahead ledger lives in the pool's status: how big at full size
-        # (etcd refuses objects over 1.5 MiB).
-        pool_bytes = len(json.dumps(pools.get("bench")))
-        status_bytes = len(json.dumps(pools.get("bench").get("status") or {}))
-        print(f"scaling {pods} -> 0 ...", flush=True)
-        started = time.monotonic()
-        pools.scale("bench", 0)
-        wait("all limits gone", lambda: len(limit_clock.vanished) >= pods, 1800)
-        scale_down_s = time.monotonic() - started
-        operator.assert_alive()
-        # How many reconcile passes it took, and how long one lasted on average.
+def process_cost(pid: int) -> tuple[float, int]:
+    """CPU seconds used so far and peak resident memory (bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    peak_kib = next(
+        int(line.split()[1])
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith("VmHWM:")
+    )
+    return cpu_s, peak_kib * 1024
+
+
+@dataclass
+class Meter:
+    """The operator's counters at one moment: requests by kind, CPU seconds."""
+
+    kubernetes: float
+    prefect: float
+    cpu_s: float
+
+    @classmethod
+    def read(cls, operator: OperatorProcess) -> Meter:
         samples = operator.metrics()
-        passes = samples.get(
-            f'pgw_reconcile_duration_seconds_count{{namespace="{namespace}",pool="bench"}}', 0
-        )
-        pass_s = samples.get(
-            f'pgw_reconcile_duration_seconds_sum{{namespace="{namespace}",pool="bench"}}', 0
-        )
-    finally:
-        limit_clock.running = False
-        pod_clock.stop()
-        operator.stop()
-        server.stop()
-        cluster.kubectl("delete", "namespace", namespace, "--wait=false")
-        for name in node_names:
-            cluster.remove_node(name)
+        kube = sum(v for k, v in samples.items()
+                   if k.startswith("pgw_operator_kubernetes_requests_total{"))  # fmt: skip
+        prefect = sum(v for k, v in samples.items()
+                      if k.startswith("pgw_operator_prefect_requests_total{"))  # fmt: skip
+        assert operator._proc is not None
+        return cls(kube, prefect, process_cost(operator._proc.pid)[0])
 
+    def per_pod(self, later: Meter, pods: int) -> dict[str, float]:
+        return {
+            "kubernetes_requests_per_pod": (later.kubernetes - self.kubernetes) / pods,
+            "prefect_requests_per_pod": (later.prefect - self.prefect) / pods,
+            "cpu_ms_per_pod": 1000 * (later.cpu_s - self.cpu_s) / pods,
+        }
+
+
+def pool_body(server_url: str, group: str) -> dict[str, Any]:
+    return {
+        "replicas": 0,
+        "workPool": {"name": "bench"},
+        "prefect": {"apiUrl": server_url},
+        "gpu": {"perWorker": 1},
+        "worker": {"image": "registry.invalid/worker:bench", "drainGracePeriodSeconds": 0,
+                   "podTemplate": {"nodeSelector": {"pgw-bench": group}}},
+    }  # fmt: skip
+
+
+def latencies(pod_clock: PodClock, limit_clock: LimitClock) -> dict[str, Any]:
     to_limit = [limit_clock.appeared[p] - t for p, t in pod_clock.bound.items()
                 if p in limit_clock.appeared]  # fmt: skip
     to_gone = [limit_clock.vanished[p] - t for p, t in pod_clock.gone.items()
                if p in limit_clock.vanished]  # fmt: skip
-    return {
-        "pods": pods,
-        "bound_to_limit_p50_s": statistics.median(to_limit),
-        "bound_to_limit_p95_s": percentile(to_limit, 0.95),
-        "bound_to_limit_max_s": max(to_limit),
-        "deleted_to_limit_gone_p50_s": statistics.median(to_gone),
-        "deleted_to_limit_gone_p95_s": percentile(to_gone, 0.95),
-        "deleted_to_limit_gone_max_s": max(to_gone),
-        "samples_bound": len(to_limit),
-        "samples_deleted": len(to_gone),
-        "scale_up_all_limits_s": scale_up_s,
-        "scale_down_all_limits_gone_s": scale_down_s,
-        "pool_object_bytes_at_full_size": pool_bytes,
-        "pool_status_bytes_at_full_size": status_bytes,
-        "reconcile_passes": passes,
-        "reconcile_pass_mean_s": pass_s / passes if passes else None,
-    }
+    result: dict[str, Any] = {"samples_bound": len(to_limit), "samples_deleted": len(to_gone)}
+    for key, values in (("bound_to_limit", to_limit), ("deleted_to_limit_gone", to_gone)):
+        if values:
+            result[f"{key}_p50_s"] = statistics.median(values)
+            result[f"{key}_p95_s"] = percentile(values, 0.95)
+            result[f"{key}_max_s"] = max(values)
+    return result
+
+
+@dataclass
+class Bench:
+    cluster: DevCluster
+    server: LocalPrefectServer
+    workdir: Path
+
+    def scenario(self, name: str, pools: int, pods: int, failover: bool = False) -> dict[str, Any]:
+        """Scale ``pools`` pools from 0 to ``pods`` pods each and back; with
+        ``failover``, two operator replicas and the leader killed on the way up."""
+        cluster, total = self.cluster, pools * pods
+        namespace = f"bench-{uuid.uuid4().hex[:5]}"
+        cluster.kubectl("create", "namespace", namespace)
+        group = f"bench-{uuid.uuid4().hex[:4]}"
+        node_names = [f"{group}-{i}" for i in range((total + 63) // 64)]
+        for node in node_names:
+            cluster.add_node(node, gpus=64, labels={"pgw-bench": group},
+                             resources={"pods": "200"})  # fmt: skip
+        replicas = 2 if failover else 1
+        operators = [
+            OperatorProcess(
+                cluster.kubeconfig, namespace, self.workdir / f"{name}-operator-{i}.log",
+                metrics_port=free_port(),
+                extra_args=(*OperatorProcess.extra_args,
+                            *(leader_election_args(namespace, f"op-{i}", "bench", (15, 10, 2))
+                              if failover else ())),
+            )
+            for i in range(replicas)
+        ]  # fmt: skip
+        handle = Pools(cluster, namespace)
+        prefix = "gpu:"
+        pod_clock = PodClock(handle.core, namespace, "gpuworkers.dev/pool")
+        limit_clock = LimitClock(self.server.api_url, prefix)
+        names = [f"bench-{i}" for i in range(pools)]
+        result: dict[str, Any] = {"scenario": name, "pools": pools, "pods": total}
+        try:
+            for operator in operators:
+                operator.start()
+                time.sleep(1.0)  # the first one started leads
+            has_account = lambda: cluster.kubectl(  # noqa: E731
+                "-n", namespace, "get", "sa", "default", check=False).returncode == 0  # fmt: skip
+            wait("ServiceAccount default", has_account, 30)
+            for pool in names:
+                handle.create(pool, pool_body(self.server.api_url, group))
+            leader = operators[0]
+            if failover:
+                wait("a leader", lambda: lease_holder(cluster, namespace, "bench") == "op-0", 60)
+            time.sleep(3.0)  # the pools' first passes
+            pod_clock.start()
+            limit_clock.start()
+            before = Meter.read(leader)
+            started = time.monotonic()
+            print(f"[{name}] scaling 0 -> {total} ...", flush=True)
+            for pool in names:
+                handle.scale(pool, pods)
+            if failover:
+                wait(
+                    "a quarter of the limits", lambda: len(limit_clock.appeared) >= total // 4, 600
+                )
+                killed_at = time.monotonic()
+                leader.kill()
+                seen_then = set(limit_clock.appeared)
+                print(f"[{name}] leader killed with {len(seen_then)} limits", flush=True)
+                wait("the standby to lead",
+                     lambda: lease_holder(cluster, namespace, "bench") == "op-1", 120)  # fmt: skip
+                result["failover_lease_taken_s"] = time.monotonic() - killed_at
+                wait("the standby's first limit",
+                     lambda: len(limit_clock.appeared) > len(seen_then), 120)  # fmt: skip
+                first_new = min(t for p, t in limit_clock.appeared.items() if p not in seen_then)
+                result["failover_standby_acts_s"] = first_new - killed_at
+                leader = operators[1]
+            wait(f"{total} limits", lambda: len(limit_clock.appeared) >= total, 1800)
+            up_done = time.monotonic()
+            result["scale_up_all_limits_s"] = up_done - started
+            last_bound = max(pod_clock.bound.values())
+            result["all_limits_after_last_bound_s"] = (
+                max(limit_clock.appeared.values()) - last_bound
+            )
+            time.sleep(1.0)
+            if not failover:
+                up = Meter.read(leader)
+                result.update({f"up_{k}": v for k, v in before.per_pod(up, total).items()})
+            pool_status = handle.get(names[0]).get("status") or {}
+            result["pool_status_bytes"] = len(json.dumps(pool_status))
+            result["worker_limit_objects"] = sum(len(handle.worker_limits(p)) for p in names)
+            result["limits_in_prefect"] = len(limit_clock.seen_names())
+            print(f"[{name}] scaling {total} -> 0 ...", flush=True)
+            down_from = Meter.read(leader)
+            started = time.monotonic()
+            for pool in names:
+                handle.scale(pool, 0)
+            wait("all limits gone", lambda: len(limit_clock.vanished) >= total, 1800)
+            result["scale_down_all_limits_gone_s"] = time.monotonic() - started
+            time.sleep(1.0)
+            down = Meter.read(leader)
+            result.update({f"down_{k}": v for k, v in down_from.per_pod(down, total).items()})
+            assert leader._proc is not None
+            result["operator_peak_rss_mib"] = process_cost(leader._proc.pid)[1] / 2**20
+            leader.assert_alive()
+        finally:
+            limit_clock.running = False
+            pod_clock.stop()
+            for operator in operators:
+                operator.stop()
+            cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+            for node in node_names:
+                cluster.remove_node(node)
+        result.update(latencies(pod_clock, limit_clock))
+        return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """One row per scenario: latencies, totals, cost per pod."""
+    rows = [("scenario", "bound->limit p50/p95/max s", "deleted->gone p50/p95/max s",
+             "last bound->all s", "k8s req/pod up/down", "Prefect req/pod up/down",
+             "CPU ms/pod up/down", "peak MiB")]  # fmt: skip
+
+    def trio(r: dict[str, Any], key: str) -> str:
+        return "/".join(f"{r.get(f'{key}_{q}_s', float('nan')):.2f}" for q in ("p50", "p95", "max"))
+
+    def pair(r: dict[str, Any], key: str) -> str:
+        return "/".join(f"{r.get(f'{d}_{key}', float('nan')):.1f}" for d in ("up", "down"))
+
+    for r in results:
+        rows.append((
+            f"{r['scenario']} ({r['pods']} pods)", trio(r, "bound_to_limit"),
+            trio(r, "deleted_to_limit_gone"), f"{r['all_limits_after_last_bound_s']:.2f}",
+            pair(r, "kubernetes_requests_per_pod"), pair(r, "prefect_requests_per_pod"),
+            pair(r, "cpu_ms_per_pod"), f"{r.get('operator_peak_rss_mib', 0):.0f}",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    for r in results:
+        if "failover_lease_taken_s" in r:
+            lines.append(
+                f"failover: lease taken {r['failover_lease_taken_s']:.1f} s after the leader's "
+                f"SIGKILL, standby's first limit {r['failover_standby_acts_s']:.1f} s after; "
+                f"{r['worker_limit_objects']} objects, {r['limits_in_prefect']} limits for "
+                f"{r['pods']} pods"
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pods", type=int, default=60)
+    parser.add_argument("--pods", type=int, nargs="*", default=[60],
+                        help="one pool of each size, in turn")  # fmt: skip
+    parser.add_argument("--pools", default="", metavar="PxN", help="P pools of N pods at once")
+    parser.add_argument("--failover", type=int, default=0, metavar="N",
+                        help="leader killed as a pool scales 0 -> N")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     up = run([DEV_CLUSTER, "up"], timeout=3600)
@@ -232,25 +376,29 @@ def main() -> None:
         raise SystemExit(f"hack/dev-cluster up failed:\n{up.stderr}")
     kubectl = Path(run([BUILD_TOOLS, "kubernetes"]).stdout.strip().splitlines()[-1]) / "kubectl"
     cluster = DevCluster(Path(up.stdout.strip().splitlines()[-1]), kubectl, started_here=False)
+    install_crd(cluster)
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pgw-bench-") as tmp:
-        result = measure(cluster, args.pods, Path(tmp))
+        workdir = Path(tmp)
+        # PostgreSQL, as a production server: on SQLite concurrent deletes queue on its lock.
+        server = LocalPrefectServer(home=workdir / "prefect", database="postgres")
+        server.start(timeout_s=600)
+        try:
+            bench = Bench(cluster, server, workdir)
+            for pods in args.pods:
+                results.append(bench.scenario("one pool", 1, pods))
+            if args.pools:
+                count, size = (int(part) for part in args.pools.split("x"))
+                results.append(bench.scenario(f"{count} pools", count, size))
+            if args.failover:
+                results.append(bench.scenario("failover", 1, args.failover, failover=True))
+        finally:
+            server.stop()
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(results))
         return
-    print(f"\noperator latency over {result['pods']} pods (dev control plane, this machine)")
-    print(f"{'':28}{'median':>9}{'p95':>9}{'max':>9}")
-    for label, key in (("pod bound -> limit present", "bound_to_limit"),
-                       ("pod deleted -> limit gone", "deleted_to_limit_gone")):  # fmt: skip
-        row = [result[f"{key}_{q}_s"] for q in ("p50", "p95", "max")]
-        print(f"{label:28}" + "".join(f"{v:8.2f}s" for v in row))
-    print(f"scale 0->{result['pods']}: all limits in {result['scale_up_all_limits_s']:.1f}s; "
-          f"back to 0: all gone in {result['scale_down_all_limits_gone_s']:.1f}s")  # fmt: skip
-    object_kib = result["pool_object_bytes_at_full_size"] / 1024
-    status_kib = result["pool_status_bytes_at_full_size"] / 1024
-    print(f"reconcile passes: {result['reconcile_passes']:.0f}, "
-          f"{result['reconcile_pass_mean_s'] or 0:.2f} s each on average")  # fmt: skip
-    print(f"pool object at {result['pods']} pods: {object_kib:.0f} KiB "
-          f"(status {status_kib:.0f} KiB; etcd refuses over 1536 KiB)")  # fmt: skip
+    print(f"\noperator per pod (dev control plane, this machine, load {os.getloadavg()[0]:.1f})")
+    print(table(results))
 
 
 if __name__ == "__main__":

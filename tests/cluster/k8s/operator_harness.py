@@ -30,7 +30,9 @@ from .cluster import REPO_ROOT, DevCluster, wait_for
 from .real_node import TAINT_KEY
 
 CRD = REPO_ROOT / "crds" / "gpuworkerpools.gpuworkers.dev.yaml"
+LIMIT_CRD = REPO_ROOT / "crds" / "gpuworkerlimits.gpuworkers.dev.yaml"
 GROUP, VERSION, PLURAL = "gpuworkers.dev", "v1alpha1", "gpuworkerpools"
+LIMIT_PLURAL = "gpuworkerlimits"
 POOL_LABEL = "gpuworkers.dev/pool"
 # Fake nodes of one test module carry its group (label and taint) and a kind.
 GROUP_LABEL = "pgw-test/group"
@@ -40,10 +42,13 @@ KIND_LABEL = "pgw-test/kind"
 
 
 def install_crd(cluster: DevCluster) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    """Both of this checkout's CRDs: GpuWorkerPool and GpuWorkerLimit."""
+    for crd in (CRD, LIMIT_CRD):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
     cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/gpuworkerpools.gpuworkers.dev", "--timeout=60s"
-    )
+        "wait", "--for=condition=Established", "crd/gpuworkerpools.gpuworkers.dev",
+        "crd/gpuworkerlimits.gpuworkers.dev", "--timeout=60s",
+    )  # fmt: skip
 
 
 @dataclass
@@ -294,6 +299,25 @@ class Pools:
             if status.phase == "Running" and meta.deletion_timestamp is None:
                 running[str(meta.name)] = str(spec.node_name)
         return running
+
+    def worker_limits(self, pool: str) -> list[dict[str, Any]]:
+        """The pool's GpuWorkerLimit objects (one per worker pod)."""
+        listed = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, LIMIT_PLURAL, label_selector=f"{POOL_LABEL}={pool}"
+        )
+        return cast(list[dict[str, Any]], cast(dict[str, Any], listed)["items"])
+
+    def limit_entries(self, pool: str) -> list[dict[str, Any]]:
+        """One entry per limit the pool's objects name: pod, node, kind, name, size,
+        gpus, restarts, state (the ledger, as the old ``status.workers`` had it)."""
+        return [
+            {"pod": o["spec"]["pod"], "node": o["spec"].get("node", ""),
+             "restarts": o["spec"].get("restarts", 0),
+             "state": (o.get("status") or {}).get("state", "Creating"),
+             "kind": limit["kind"], "limitName": limit["name"], "limitSize": limit["size"],
+             "gpus": limit.get("gpus", "")}
+            for o in self.worker_limits(pool) for limit in o["spec"]["limits"]
+        ]  # fmt: skip
 
     def condition(self, name: str, kind: str) -> dict[str, Any] | None:
         conditions = (self.get(name).get("status") or {}).get("conditions") or []

@@ -73,9 +73,11 @@ def test_limits_are_sized_from_the_gpus_each_pod_has(
         assert status["gpuSlots"] == slots * replicas
         assert status["readyReplicas"] == replicas
         assert status["observedGeneration"] == pools.get(name)["metadata"]["generation"]
-        workers = {w["pod"]: w for w in status["workers"]}
+        assert "workers" not in status  # counts only: each pod's limits are its own object
+        workers = {w["pod"]: w for w in pools.limit_entries(name)}
         assert set(workers) == set(found)
         assert {w["gpus"] for w in workers.values()} == {gpus}
+        assert {w["state"] for w in workers.values()} == {"Ready"}
     # Whole-node workers each took a node of their own.
     whole_nodes = set(pools.running_pods("whole").values())
     assert whole_nodes == {f"{node_group}-gpu8a", f"{node_group}-gpu8b"}
@@ -116,7 +118,7 @@ def test_scale_down_removes_exactly_the_removed_pods_limits(
     pools.scale("scaler", 4)
     grown = wait_until(lambda: ready_with_limits(pools, limits, "scaler", 4), "4 limits")
     assert kept in grown
-    assert len(pools.get("scaler")["status"]["workers"]) == 4
+    assert len(pools.worker_limits("scaler")) == 4
 
 
 def test_deleting_the_pool_removes_deployment_pods_and_limits(
@@ -178,6 +180,60 @@ def test_orphans_removed_after_operator_downtime_hand_made_limits_untouched(
     assert len(new) == 2
 
 
+def test_a_pool_with_the_old_ledger_in_its_status_moves_it_into_objects_losing_no_limit(
+    operator: OperatorProcess,
+    pools: Pools,
+    limits: PrefectLimits,
+    node_group: str,
+    prefect_server: LocalPrefectServer,
+) -> None:
+    """An upgrade from a release that kept the ledger in ``status.workers``: each
+    live pod's entry becomes its GpuWorkerLimit (the limit kept as it is, slots
+    held and all), a gone pod's limit is deleted, then ``status.workers`` is cleared."""
+    spec = pool_spec(prefect_server.api_url, node_group, "gpu8", {"perWorker": 1}, 2)
+    found = start_pool(pools, limits, "upgraded", spec)
+    wait_until(lambda: len(pools.worker_limits("upgraded")) == 2, "both objects")
+    operator.stop()
+    # What the old release left: its ledger in status, no objects, and the
+    # limit of a pod that went while nobody watched.
+    entries = [
+        {"limitName": f"gpu:{pod}", "kind": "slots", "pod": pod, "node": "n",
+         "limitSize": 1, "gpus": "1", "restarts": 0, "state": "Ready", "activeSlots": 0}
+        for pod in [*sorted(found), "upgraded-gone"]
+    ]  # fmt: skip
+    limits.create("gpu:upgraded-gone", 1)
+    for obj in pools.worker_limits("upgraded"):
+        name = obj["metadata"]["name"]
+        pools.custom.patch_namespaced_custom_object(
+            "gpuworkers.dev", "v1alpha1", pools.namespace, "gpuworkerlimits", name,
+            {"metadata": {"finalizers": None}},
+        )  # fmt: skip
+        pools.custom.delete_namespaced_custom_object(
+            "gpuworkers.dev", "v1alpha1", pools.namespace, "gpuworkerlimits", name
+        )
+    pools.custom.patch_namespaced_custom_object_status(
+        "gpuworkers.dev", "v1alpha1", pools.namespace, "gpuworkerpools", "upgraded",
+        {"status": {"workers": entries}},
+    )  # fmt: skip
+    busy = sorted(found)[0]
+    limits.hold_slot(f"gpu:{busy}")  # a recreated limit would start at 0 slots
+
+    operator.start()
+    wait_until(
+        lambda: (
+            "workers" not in pools.get("upgraded")["status"]
+            and {e["pod"] for e in pools.limit_entries("upgraded")} == set(found)
+        ),
+        "the old ledger moved into objects and cleared",
+    )
+    wait_until(lambda: limits.get("gpu:upgraded-gone") is None, "the gone pod's limit deleted")
+    held = limits.get(f"gpu:{busy}")
+    assert held is not None
+    assert held["active_slots"] == 1, "the busy worker's limit was recreated, not kept"
+    assert all(limits.get(f"gpu:{pod}") is not None for pod in found)
+    operator.assert_alive()
+
+
 def test_gpu_memory_limits_live_and_die_with_their_pods(
     operator: OperatorProcess,
     pools: Pools,
@@ -198,11 +254,12 @@ def test_gpu_memory_limits_live_and_die_with_their_pods(
     # 40 GiB per GPU x 2 GPUs, beside each pod's slot limit.
     first = wait_until(lambda: memory_limits(set(slot_limits)), "each pod's memory limit")
     assert first == dict.fromkeys(slot_limits, 80)
-    status = wait_until(
-        lambda: (s := pools.get("memory")["status"]) and len(s["workers"]) == 4 and s,
-        "both limits of both pods in the ledger",
+    entries = wait_until(
+        lambda: len(found := pools.limit_entries("memory")) == 4 and found,
+        "both limits of both pods in their objects",
     )
-    assert {(w["pod"], w["kind"], w["limitName"], w["limitSize"]) for w in status["workers"]} == {
+    status = pools.get("memory")["status"]
+    assert {(w["pod"], w["kind"], w["limitName"], w["limitSize"]) for w in entries} == {
         entry
         for pod in slot_limits
         for entry in ((pod, "slots", f"gpu:{pod}", 2), (pod, "memory", f"gpu-memory:{pod}", 80))
@@ -321,7 +378,7 @@ def test_prefect_answers_never_reach_status_or_events(
         base = f"{server.url}/internal/admin"
         # Ensuring the work pool (GET, POST /work_pools/) ...
         pools.create("probe", pool_spec(base, node_group, "gpu8", {"perWorker": 1}, 0))
-        # ... and reading limits for a bound pod (POST /v2/concurrency_limits/filter).
+        # ... and reading the limit of a bound pod (GET /v2/concurrency_limits/gpu:<pod>).
         limits_spec = pool_spec(base, node_group, "gpu8", {"perWorker": 1}, 1)
         limits_spec["workPool"]["create"] = False
         pools.create("probe-limits", limits_spec)
@@ -343,8 +400,13 @@ def test_prefect_answers_never_reach_status_or_events(
     assert {(h.method, h.target) for h in hits} >= {
         ("GET", "/internal/admin/work_pools/pool-" + node_group),
         ("POST", "/internal/admin/work_pools/"),
-        ("POST", "/internal/admin/v2/concurrency_limits/filter"),
     }
+    limit_reads = {
+        h.target for h in hits if h.method == "GET" and "/concurrency_limits/" in h.target
+    }
+    assert limit_reads, "the bound pod's limit was never read"
+    assert all(t.startswith("/internal/admin/v2/concurrency_limits/gpu%3Aprobe-limits-")
+               for t in limit_reads), limit_reads  # fmt: skip
     assert all(h.target.startswith("/internal/admin/") and "?" not in h.target for h in hits)
     operator.assert_alive()
 
