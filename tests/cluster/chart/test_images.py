@@ -304,7 +304,8 @@ def test_operator_image_matches_the_chart(helm: Helm, tmp_path: Path) -> None:
     assert values_of(instructions, "USER") == [f"{uid}:{uid}"]
     assert any(f"useradd --uid {uid}" in run for run in values_of(instructions, "RUN"))
     # Same environment in the image and in the chart's pod (read-only root, /tmp writable).
-    chart_env = {e["name"]: e["value"] for e in container["env"]}
+    # (Values, not the downward API's POD_NAME/POD_NAMESPACE.)
+    chart_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     image_env = env_of(instructions)
     for key in ("PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PREFECT_HOME"):
         assert chart_env[key] == image_env[key], key
