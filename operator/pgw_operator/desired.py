@@ -263,7 +263,7 @@ def worker_resources(spec: PoolSpec) -> dict[str, Any]:
         ...     "gpu": {"perWorker": 2}, "worker": {"image": "i", "podTemplate": {
         ...     "resources": {"limits": {"memory": "64Gi"}}}}})
         >>> worker_resources(spec)["limits"]
-        {'memory': '64Gi', 'nvidia.com/gpu': '2', 'cpu': '4'}
+        {'memory': '64Gi', 'cpu': '4', 'nvidia.com/gpu': '2'}
     """
     resources: dict[str, Any] = {
         k: dict(v) for k, v in (spec.pod_template.get("resources") or {}).items()

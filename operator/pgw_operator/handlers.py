@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,7 @@ from pgw_operator import kube, metrics
 from pgw_operator.api_url import AllowedApiUrls
 from pgw_operator.errors import ReconcileError
 from pgw_operator.facts import NodeFacts, PodFacts
+from pgw_operator.leader import Leadership
 from pgw_operator.plan import cleanup_deadline, ledger_from_status
 from pgw_operator.pod_rules import PodPolicy
 from pgw_operator.prefect_api import gather_bounded
@@ -35,8 +37,10 @@ from pgw_operator.reconcile import (
     PoolState,
     checked_api_url,
     prefect_api_for,
+    reconcile_pods,
     reconcile_pool,
     report_failure,
+    write_pool_status,
 )
 from pgw_operator.registry import PendingWork, PoolKey, PoolRegistry
 from pgw_operator.spec import GROUP, PLURAL, POOL_LABEL, VERSION, PoolSpec
@@ -46,6 +50,13 @@ RESYNC_S = 30.0  # full pass: garbage collection, drift, active-slot counts
 # A Deployment's status changes many times while it scales: its pass (apply,
 # budget, backlog) runs at most this often; pod passes are not held by it.
 DEPLOYMENT_PASS_EVERY_S = 2.0
+# Passes over pods of one pool at once, each over at most POD_PASS_PODS pods (a
+# few Kubernetes and Prefect calls each): a pod bound while others are handled
+# starts at once, not after them.
+POD_PASSES_AT_ONCE = 16
+POD_PASS_PODS = 4
+# The status after passes over pods is written at most this often (its counts).
+STATUS_EVERY_S = 1.0
 MAX_BACKOFF_S = 60.0
 # How long a standby's deletion handler waits to lead before kopf retries it.
 STANDBY_DELETE_WAIT_S = 60.0
@@ -66,19 +77,10 @@ def pod_policy(memo: kopf.Memo) -> PodPolicy:
     return policy if isinstance(policy, PodPolicy) else PodPolicy()
 
 
-class _AlwaysLeading:
-    """Leadership without election: one replica, always leading."""
-
-    is_leading = True
-
-    async def wait_leading(self) -> None:
-        return None
-
-
-def leadership(memo: kopf.Memo) -> Any:
+def leadership(memo: kopf.Memo) -> Leadership:
     """The replica's leadership (``__main__``'s ``--leader-elect``); without it, always leading."""
     found = memo.get("leadership")
-    return found if found is not None and hasattr(found, "wait_leading") else _AlwaysLeading()
+    return found if isinstance(found, Leadership) else Leadership.always()
 
 
 def backoff_delay(failures: int) -> float:
@@ -86,8 +88,13 @@ def backoff_delay(failures: int) -> float:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube.load_config()
+    # Blocking Kubernetes calls run on threads (asyncio.to_thread): as many as
+    # connections, so that passes over pods side by side do not queue for threads.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=kube.CONNECTIONS, thread_name_prefix="pgw-kube")
+    )
     # Unset, watches can stall silently (kopf #585, #847, #957).
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -102,7 +109,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.index("pods", labels={POOL_LABEL: kopf.PRESENT})
-def pods_by_pool(
+async def pods_by_pool(
     name: str,
     namespace: str | None,
     labels: Mapping[str, str],
@@ -115,14 +122,14 @@ def pods_by_pool(
 
 
 @kopf.index("nodes")
-def nodes_by_name(
+async def nodes_by_name(
     name: str, status: kopf.Status, labels: Mapping[str, str], **_: Any
 ) -> dict[str, NodeFacts]:
     return {name: NodeFacts.from_node(name, status, labels)}
 
 
 @kopf.index(GROUP, VERSION, LIMIT_PLURAL)
-def worker_limits_by_pool(
+async def worker_limits_by_pool(
     namespace: str | None, body: kopf.Body, **_: Any
 ) -> dict[PoolKey, WorkerLimitRecord]:
     record = WorkerLimitRecord.from_object(body)
@@ -130,12 +137,14 @@ def worker_limits_by_pool(
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def pools_by_key(namespace: str | None, name: str, **_: Any) -> dict[PoolKey, bool]:
+async def pools_by_key(namespace: str | None, name: str, **_: Any) -> dict[PoolKey, bool]:
     return {(namespace or "", name): True}
 
 
 @kopf.on.event("pods", labels={POOL_LABEL: kopf.PRESENT})
-def pod_changed(namespace: str | None, name: str, labels: Mapping[str, str], **_: Any) -> None:
+async def pod_changed(
+    namespace: str | None, name: str, labels: Mapping[str, str], **_: Any
+) -> None:
     POOLS.pod_changed(namespace, labels.get(POOL_LABEL), name)
 
 
@@ -175,12 +184,12 @@ async def release_orphan(key: PoolKey, body: kopf.Body, logger: Logger) -> None:
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={POOL_LABEL: kopf.PRESENT})
-def deployment_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+async def deployment_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     POOLS.deployment_changed(namespace, labels.get(POOL_LABEL))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def pool_changed(namespace: str | None, name: str, **_: Any) -> None:
+async def pool_changed(namespace: str | None, name: str, **_: Any) -> None:
     # The daemon compares generation and annotations: its own status writes cost no pass.
     POOLS.wake(namespace, name)
 
@@ -260,6 +269,24 @@ class PassClock:
         return max(0.0, min(due) - now)
 
 
+@dataclass
+class PodPasses:
+    """The passes over pods a pool's daemon has in flight, and the pods they hold."""
+
+    tasks: set[asyncio.Task[None]]
+    pods: set[str]
+    failures: int = 0
+    retry_at: float = float("-inf")  # after a failure, no new pod pass before this
+
+    def free(self, now: float) -> bool:
+        return len(self.tasks) < POD_PASSES_AT_ONCE and now >= self.retry_at
+
+    async def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=30.0)
 async def pool_reconciler(
     stopped: kopf.DaemonStopped,
@@ -269,71 +296,148 @@ async def pool_reconciler(
     **kwargs: Any,
 ) -> None:
     """The one reconcile loop of a pool: on every change, each RESYNC_S, and when
-    autoscaling asks. Nothing before this replica leads."""
+    autoscaling asks. A pod's change starts a pass over that pod (and any other
+    changed since), beside passes in flight over other pods; a pass over the whole
+    pool waits for those, and runs alone. Nothing before this replica leads."""
     # Indexes arrive as kwargs named after their functions; they are live views.
     pod_index: kopf.Index[PoolKey, PodFacts] = kwargs["pods_by_pool"]
     node_index: kopf.Index[str, NodeFacts] = kwargs["nodes_by_name"]
     limit_index: kopf.Index[PoolKey, WorkerLimitRecord] = kwargs["worker_limits_by_pool"]
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
     event = POOLS.wakeup(key)
+    gate = POOLS.gate(key)
     await _until_leading(leadership(memo), stopped)
     allowed = allowed_api_urls(memo)
     policy = pod_policy(memo)
     # The objects as the (warm) index has them when this replica starts to lead.
     state = PoolState.from_objects(_records_of(limit_index, key), body.status)
     clock = PassClock()
+    passes = PodPasses(set(), set())
     failures = 0
+    status_due_at: float | None = None
 
     def emit(kind: str, reason: str, message: str) -> None:
         kopf.event(body, type=kind, reason=reason, message=message)
+
+    def failed(error: ReconcileError, exc: Exception, delay: float, announce: bool) -> None:
+        metrics.RECONCILE_ERRORS.labels(*key, error.reason).inc()
+        logger.warning(
+            "reconcile failed (%s), retry in %.0fs: %s", error.reason, delay, error,
+            exc_info=not isinstance(exc, ReconcileError),
+            extra={"reason": error.reason},  # a field of its own in --log-format json
+        )  # fmt: skip
+        if announce:
+            emit("Warning", error.reason, str(error)[:1000])
+
+    async def pod_pass(pods: frozenset[str]) -> None:
+        nonlocal status_due_at
+        try:
+            async with gate.shared():
+                with metrics.RECONCILE_SECONDS.labels(*key).time():
+                    await reconcile_pods(
+                        _pool_ref(body), state, _pods_of(pod_index, key), _nodes(node_index),
+                        emit, allowed, pods, _records_of(limit_index, key),
+                    )  # fmt: skip
+            if passes.failures:
+                emit("Normal", "Recovered", "reconcile succeeded again")
+            passes.failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a pod pass must not end the daemon
+            POOLS.requeue(key, PendingWork(pods=set(pods)))
+            error = as_reconcile_error(exc)
+            passes.failures += 1
+            delay = backoff_delay(passes.failures)
+            passes.retry_at = time.monotonic() + delay
+            # Pod passes fail together (Prefect down): one Event per new reason.
+            last = state.limit_failure
+            failed(error, exc, delay, announce=last is None or last.reason != error.reason)
+            state.limit_failure = error
+        finally:
+            passes.pods.difference_update(pods)
+            if status_due_at is None:
+                status_due_at = time.monotonic() + STATUS_EVERY_S
+            event.set()
 
     try:
         while not stopped:
             event.clear()
             if body.metadata.get("deletionTimestamp"):
-                return  # pool_deleted cleans up under the same lock, then forgets the pool
+                return  # pool_deleted cleans up alone (the gate), then forgets the pool
             now = time.monotonic()
             seen = pool_seen(body)
             work = POOLS.take(key)
             scope = clock.scope(now, seen, work)
-            if scope is None:
-                POOLS.requeue(key, work)
-                await _wait(event, stopped, clock.wait_s(now, work))
-                continue
-            if not scope.pool:
-                POOLS.requeue(key, PendingWork(deployment=work.deployment))
-            pool = _pool_ref(body)
-            try:
-                async with POOLS.lock(key):
-                    with metrics.RECONCILE_SECONDS.labels(*key).time():
-                        await reconcile_pool(
-                            pool, state, _pods_of(pod_index, key), _nodes(node_index), emit,
-                            logger, allowed, policy, scope, _records_of(limit_index, key),
-                        )  # fmt: skip
-                clock.passed(scope, now, seen, state.next_pass_s)
-                if failures:
-                    emit("Normal", "Recovered", "reconcile succeeded again")
-                failures = 0
-                delay = clock.wait_s(time.monotonic(), PendingWork())
-            except Exception as exc:  # the loop must outlive any one failure
-                POOLS.requeue(key, work)
-                error = as_reconcile_error(exc)
-                failures += 1
-                delay = backoff_delay(failures)
-                metrics.RECONCILE_ERRORS.labels(*key, error.reason).inc()
-                logger.warning(
-                    "reconcile failed (%s), retry in %.0fs: %s", error.reason, delay, error,
-                    exc_info=not isinstance(exc, ReconcileError),
-                    extra={"reason": error.reason},  # a field of its own in --log-format json
-                )  # fmt: skip
-                emit("Warning", error.reason, str(error)[:1000])
-                await _report(pool, state, error, logger)
-            await _wait(event, stopped, delay)
+            delay = clock.wait_s(now, work)
+            if scope is not None and not scope.pool:
+                # Pods only: passes of their own, but never two over one pod at once.
+                busy = work.pods & passes.pods  # again once their pass is over
+                ready = sorted(work.pods - busy)
+                while ready and passes.free(now):
+                    chunk, ready = frozenset(ready[:POD_PASS_PODS]), ready[POD_PASS_PODS:]
+                    passes.pods.update(chunk)
+                    task = asyncio.create_task(pod_pass(chunk))
+                    passes.tasks.add(task)
+                    task.add_done_callback(passes.tasks.discard)
+                held = busy | set(ready)
+                POOLS.requeue(key, PendingWork(pods=held, deployment=work.deployment))
+                if not passes.free(now) and passes.retry_at > now:
+                    delay = min(delay, passes.retry_at - now)
+                scope = None
+            if scope is not None:
+                if not scope.full:
+                    POOLS.requeue(key, PendingWork(deployment=work.deployment and not scope.pool))
+                pool = _pool_ref(body)
+                try:
+                    async with gate.exclusive():
+                        with metrics.RECONCILE_SECONDS.labels(*key).time():
+                            await reconcile_pool(
+                                pool, state, _pods_of(pod_index, key), _nodes(node_index),
+                                emit, logger, allowed, policy, scope,
+                                _records_of(limit_index, key),
+                            )  # fmt: skip
+                    clock.passed(scope, now, seen, state.next_pass_s)
+                    status_due_at = None  # the pass wrote it
+                    if failures:
+                        emit("Normal", "Recovered", "reconcile succeeded again")
+                    failures = 0
+                    delay = clock.wait_s(time.monotonic(), PendingWork())
+                except Exception as exc:  # the loop must outlive any one failure
+                    POOLS.requeue(key, work)
+                    error = as_reconcile_error(exc)
+                    failures += 1
+                    delay = backoff_delay(failures)
+                    failed(error, exc, delay, announce=True)
+                    await _report(pool, state, error, logger)
+            if status_due_at is not None:
+                if time.monotonic() >= status_due_at:
+                    status_due_at = None
+                    await _write_pod_status(body, state, pod_index, key, logger)
+                else:
+                    delay = min(delay, status_due_at - time.monotonic())
+            await _wait(event, stopped, max(0.0, delay))
     finally:
+        await passes.cancel()
         await state.aclose()
 
 
-async def _until_leading(leader: Any, stopped: kopf.DaemonStopped) -> None:
+async def _write_pod_status(
+    body: kopf.Body,
+    state: PoolState,
+    pod_index: kopf.Index[PoolKey, PodFacts],
+    key: PoolKey,
+    log: Logger,
+) -> None:
+    """The status after passes over pods, coalesced (one write for many passes)."""
+    pool = _pool_ref(body)
+    try:
+        spec = PoolSpec.from_dict(dict(pool.spec))
+        await write_pool_status(pool, state, spec, _pods_of(pod_index, key))
+    except Exception as exc:  # the next pass writes it again
+        log.info("could not write status: %s", exc)
+
+
+async def _until_leading(leader: Leadership, stopped: kopf.DaemonStopped) -> None:
     """Return once this replica leads (at once without election), or once stopped."""
     if leader.is_leading:
         return
@@ -394,10 +498,7 @@ async def pool_deleted(body: kopf.Body, logger: Logger, memo: kopf.Memo, **kwarg
         except TimeoutError:
             why = "standby: the leader deletes the pool's limits"
             raise kopf.TemporaryError(why, delay=5.0) from None
-    key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
-    limit_index: kopf.Index[PoolKey, WorkerLimitRecord] | None = kwargs.get("worker_limits_by_pool")
-    records = _records_of(limit_index, key) if limit_index is not None else {}
-    await delete_pool(body, logger, allowed_api_urls(memo), emit, records)
+    await delete_pool(body, logger, allowed_api_urls(memo), emit)
 
 
 def _no_events(kind: str, reason: str, message: str) -> None:
@@ -411,8 +512,9 @@ async def delete_pool(
     emit: EventFn = _no_events,
     records: Mapping[str, WorkerLimitRecord] | None = None,
 ) -> None:
-    """What ``pool_deleted`` does: delete the limits the pool's objects (``records``,
-    by pod) and status name, let the objects go, then forget the pool.
+    """What ``pool_deleted`` does: delete the limits the pool's objects (``records``
+    by pod; listed from the API server when None) and status name, let the objects
+    go, then forget the pool.
 
     Raises:
         kopf.TemporaryError: Prefect could not delete a limit and the pool's
@@ -421,14 +523,18 @@ async def delete_pool(
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
     spec = PoolSpec.from_dict(dict(body.spec))
     deadline = cleanup_deadline(body.metadata.get("deletionTimestamp"), spec.finalizer_timeout_s)
-    records = dict(records or {})
-    async with POOLS.lock(key):
+    async with POOLS.gate(key).exclusive():
+        if records is None:
+            # From the API server, not the watch: an object written a moment ago counts.
+            listed = await asyncio.to_thread(kube.list_worker_limits, key[0], key[1])
+            records = {r.pod: r for r in map(WorkerLimitRecord.from_object, listed)}
         ledger = {**ledger_from_status(body.status), **ledger_of(records.values())}
         if ledger:
             await _delete_limits(key, spec, sorted(ledger), allowed, logger, emit, deadline)
         # Their limits are gone (or left behind, said above): the objects go too.
         await gather_bounded(
-            asyncio.to_thread(kube.release_worker_limit, key[0], pod) for pod in sorted(records)
+            asyncio.to_thread(kube.release_worker_limit, key[0], pod, record.deleting)
+            for pod, record in sorted(records.items())
         )
     POOLS.forget(key)
     metrics.forget_pool(*key)

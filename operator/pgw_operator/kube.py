@@ -18,7 +18,7 @@ import urllib3
 from pgw_operator import metrics
 from pgw_operator.desired import replica_failure
 from pgw_operator.errors import KubernetesError
-from pgw_operator.spec import FIELD_MANAGER, GROUP, PLURAL, VERSION
+from pgw_operator.spec import FIELD_MANAGER, GROUP, PLURAL, POOL_LABEL, VERSION
 from pgw_operator.worker_limits import LIMIT_PLURAL
 
 T = TypeVar("T")
@@ -79,6 +79,23 @@ def load_config() -> None:
         kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    _CLIENT.clear()
+
+
+# Threads that run blocking calls at once (the reconciler's, kopf's sync handlers'):
+# the connections kept open to the API server.
+CONNECTIONS = 32
+_CLIENT: list[kubernetes.client.ApiClient] = []
+
+
+def _client() -> kubernetes.client.ApiClient:
+    """One API client for every call: an API class built without one makes its own
+    connection pool, a new TLS connection per call."""
+    if not _CLIENT:
+        configuration = kubernetes.client.Configuration.get_default_copy()
+        configuration.connection_pool_maxsize = CONNECTIONS
+        _CLIENT.append(kubernetes.client.ApiClient(configuration))
+    return _CLIENT[0]
 
 
 def _server_side_apply(
@@ -110,15 +127,15 @@ def owner_references(kind: str, namespace: str, name: str) -> list[dict[str, Any
         KubernetesError: any failure but 404.
     """
     read = {
-        "Deployment": lambda: kubernetes.client.AppsV1Api().read_namespaced_deployment(
+        "Deployment": lambda: kubernetes.client.AppsV1Api(_client()).read_namespaced_deployment(
             name, namespace
         ),
-        "PodDisruptionBudget": lambda: (
-            kubernetes.client.PolicyV1Api().read_namespaced_pod_disruption_budget(name, namespace)
-        ),
-        "ServiceAccount": lambda: kubernetes.client.CoreV1Api().read_namespaced_service_account(
-            name, namespace
-        ),
+        "PodDisruptionBudget": lambda: kubernetes.client.PolicyV1Api(
+            _client()
+        ).read_namespaced_pod_disruption_budget(name, namespace),
+        "ServiceAccount": lambda: kubernetes.client.CoreV1Api(
+            _client()
+        ).read_namespaced_service_account(name, namespace),
     }[kind]
     try:
         found: Any = _call(f"{kind} {namespace}/{name}", read, verb="get")
@@ -138,7 +155,7 @@ def apply_service_account(manifest: dict[str, Any]) -> None:
     Raises:
         KubernetesError: ``ServiceAccountRejected`` when the API server refuses it.
     """
-    patch = kubernetes.client.CoreV1Api().patch_namespaced_service_account
+    patch = kubernetes.client.CoreV1Api(_client()).patch_namespaced_service_account
     _server_side_apply("ServiceAccount", patch, manifest, "ServiceAccountRejected")
 
 
@@ -152,7 +169,7 @@ def apply_deployment(manifest: dict[str, Any]) -> str | None:
     Raises:
         KubernetesError: ``DeploymentRejected`` when the API server refuses the manifest.
     """
-    patch = kubernetes.client.AppsV1Api().patch_namespaced_deployment
+    patch = kubernetes.client.AppsV1Api(_client()).patch_namespaced_deployment
     applied = _server_side_apply("worker Deployment", patch, manifest, "DeploymentRejected")
     conditions = (applied.status.conditions or []) if applied and applied.status else []
     return replica_failure(
@@ -163,7 +180,7 @@ def apply_deployment(manifest: dict[str, Any]) -> str | None:
 def patch_pool_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     _call(
         f"status of pool {namespace}/{name}",
-        lambda: kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+        lambda: kubernetes.client.CustomObjectsApi(_client()).patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": status}
         ),
         verb="patch",
@@ -175,7 +192,7 @@ def read_secret_value(namespace: str, name: str, key: str) -> str:
     what = f"secret {namespace}/{name}"
     secret = _call(
         what,
-        lambda: kubernetes.client.CoreV1Api().read_namespaced_secret(name, namespace),
+        lambda: kubernetes.client.CoreV1Api(_client()).read_namespaced_secret(name, namespace),
         rejected="ApiKeySecretUnavailable",
         verb="get",
     )
@@ -188,7 +205,7 @@ def read_secret_value(namespace: str, name: str, key: str) -> str:
 def annotate_pod(namespace: str, name: str, annotations: dict[str, str]) -> None:
     _call(
         f"pod {namespace}/{name}",
-        lambda: kubernetes.client.CoreV1Api().patch_namespaced_pod(
+        lambda: kubernetes.client.CoreV1Api(_client()).patch_namespaced_pod(
             name, namespace, {"metadata": {"annotations": annotations}}
         ),
         verb="patch",
@@ -203,7 +220,7 @@ def scale_pool(namespace: str, name: str, replicas: int) -> None:
     """
     _call(
         f"scale of pool {namespace}/{name}",
-        lambda: kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_scale(
+        lambda: kubernetes.client.CustomObjectsApi(_client()).patch_namespaced_custom_object_scale(
             GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": replicas}}
         ),
         rejected="ScaleRejected",
@@ -217,7 +234,7 @@ def apply_pdb(manifest: dict[str, Any]) -> None:
     Raises:
         KubernetesError: ``DisruptionBudgetRejected`` when the API server refuses it.
     """
-    patch = kubernetes.client.PolicyV1Api().patch_namespaced_pod_disruption_budget
+    patch = kubernetes.client.PolicyV1Api(_client()).patch_namespaced_pod_disruption_budget
     _server_side_apply("PodDisruptionBudget", patch, manifest, "DisruptionBudgetRejected")
 
 
@@ -230,7 +247,7 @@ def patch_pdb_if_present(namespace: str, name: str, patch: dict[str, Any]) -> bo
     try:
         _call(
             f"PodDisruptionBudget {namespace}/{name}",
-            lambda: kubernetes.client.PolicyV1Api().patch_namespaced_pod_disruption_budget(
+            lambda: kubernetes.client.PolicyV1Api(_client()).patch_namespaced_pod_disruption_budget(
                 name, namespace, patch, field_manager=FIELD_MANAGER
             ),
             rejected="DisruptionBudgetRejected",
@@ -247,7 +264,7 @@ def patch_pdb_if_present(namespace: str, name: str, patch: dict[str, Any]) -> bo
 
 
 def _limits_api() -> Any:
-    return kubernetes.client.CustomObjectsApi()
+    return kubernetes.client.CustomObjectsApi(_client())
 
 
 def create_worker_limit(manifest: dict[str, Any]) -> None:
@@ -281,21 +298,22 @@ def patch_worker_limit(namespace: str, name: str, spec: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-def patch_worker_limit_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    _call(
-        f"status of GpuWorkerLimit {namespace}/{name}",
-        lambda: _limits_api().patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, LIMIT_PLURAL, name, {"status": status},
-            field_manager=FIELD_MANAGER,
+def list_worker_limits(namespace: str, pool: str) -> list[dict[str, Any]]:
+    """The pool's GpuWorkerLimit objects as the API server has them now (not a cache)."""
+    listed = _call(
+        f"GpuWorkerLimits of pool {namespace}/{pool}",
+        lambda: _limits_api().list_namespaced_custom_object(
+            GROUP, VERSION, namespace, LIMIT_PLURAL, label_selector=f"{POOL_LABEL}={pool}"
         ),
-        rejected="WorkerLimitRejected",
-        verb="patch",
-    )  # fmt: skip
+        verb="list",
+    )
+    return list(listed.get("items") or [])
 
 
-def release_worker_limit(namespace: str, name: str) -> None:
-    """Let a GpuWorkerLimit go once its limits are gone: its finalizer off, then delete it
-    (already gone is fine: the garbage collector may have deleted it with its pod)."""
+def release_worker_limit(namespace: str, name: str, deleting: bool = False) -> None:
+    """Let a GpuWorkerLimit go once its limits are gone: its finalizer off, then delete
+    it unless it is ``deleting`` already (then the patch lets it go). Gone already is
+    fine: the garbage collector may have deleted it with its pod."""
     what = f"GpuWorkerLimit {namespace}/{name}"
     try:
         _call(
@@ -306,6 +324,8 @@ def release_worker_limit(namespace: str, name: str) -> None:
             ),
             verb="patch",
         )  # fmt: skip
+        if deleting:
+            return
         _call(
             what,
             lambda: _limits_api().delete_namespaced_custom_object(

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from pgw_operator import kube, metrics
@@ -93,6 +93,9 @@ class PoolState:
     budget_off_generation: int | None = None  # generation whose unset budget was turned off
     worker_account_applied: bool = False  # the workers' ServiceAccount, this run
     pods_rejected: str | None = None  # why the Deployment's pods cannot be created
+    # What the last passes over pods saw, for the status written after them.
+    problems: dict[str, None] = field(default_factory=dict)  # sizing problems, in order
+    limit_failure: ReconcileError | None = None  # why the last pass over pods failed
     # The Prefect client of the last pass, kept while the pool's API and key stay.
     api: PrefectApi | None = None
     api_for: tuple[str, str | None, str | None] | None = None
@@ -316,7 +319,9 @@ async def _act_all(
     return await gather_bounded(one(a) for a in actions)
 
 
-async def _write_record(namespace: str, write: RecordWrite, pods: Mapping[str, PodFacts]) -> None:
+async def _write_record(
+    namespace: str, write: RecordWrite, pods: Mapping[str, PodFacts], deleting_pods: set[str]
+) -> None:
     record = write.record
     if write.kind == "create":
         assert record is not None
@@ -326,12 +331,9 @@ async def _write_record(namespace: str, write: RecordWrite, pods: Mapping[str, P
     elif write.kind == "spec":
         assert record is not None
         await asyncio.to_thread(kube.patch_worker_limit, namespace, write.pod, record.spec())
-    elif write.kind == "status":
-        assert record is not None
-        status = {"state": record.state}
-        await asyncio.to_thread(kube.patch_worker_limit_status, namespace, write.pod, status)
     else:
-        await asyncio.to_thread(kube.release_worker_limit, namespace, write.pod)
+        deleting = write.pod in deleting_pods
+        await asyncio.to_thread(kube.release_worker_limit, namespace, write.pod, deleting)
 
 
 async def write_records(
@@ -339,6 +341,7 @@ async def write_records(
     state: PoolState,
     writes: list[RecordWrite],
     pods: Mapping[str, PodFacts],
+    deleting: set[str] | None = None,
 ) -> None:
     """Carry out the writes to the pods' GpuWorkerLimit objects, a few pods at a time
     (a pod's own writes in order), and note each one done in ``state.records``.
@@ -354,20 +357,14 @@ async def write_records(
     async def one(pod: str, pod_writes: list[RecordWrite]) -> None:
         for write in pod_writes:
             try:
-                await _write_record(pool.namespace, write, pods)
+                await _write_record(pool.namespace, write, pods, deleting or set())
             except KubernetesError as exc:
                 failed[pod] = exc
                 return
             if write.kind == "release":
                 state.records.pop(pod, None)
             elif write.record is not None:
-                done = write.record
-                if write.kind == "create":
-                    # A new object has no status: Creating until its status is written.
-                    done = replace(done, state="Creating")
-                elif write.kind == "spec" and pod in state.records:
-                    done = replace(done, state=state.records[pod].state)
-                state.records[pod] = done
+                state.records[pod] = write.record
 
     await gather_bounded(one(pod, pod_writes) for pod, pod_writes in by_pod.items())
     if failed:
@@ -431,7 +428,7 @@ async def reconcile_limits(
     ahead = [
         write
         for write in record_writes(state.records, records_of(pool.name, plan.ledger), in_scope)
-        if write.kind in ("create", "spec")
+        if write.kind != "release"
     ]
     await write_records(pool, state, ahead, pods)
     state.ledger = {**{n: e for n, e in state.ledger.items() if e.pod not in in_scope},
@@ -449,7 +446,7 @@ async def reconcile_limits(
     state.ledger = {**{n: e for n, e in state.ledger.items() if e.pod not in in_scope},
                     **settled}  # fmt: skip
     after = record_writes(state.records, records_of(pool.name, settled), in_scope)
-    await write_records(pool, state, after, pods)
+    await write_records(pool, state, after, pods, deleting)
     return LimitsOutcome(done, failure, tuple(plan.problems))
 
 
@@ -530,31 +527,76 @@ async def reconcile_pool(
             await state.aclose()  # read the key again next pass
         raise
 
-    health = observed_health(
-        spec.replicas,
-        state.ledger,
-        pods,
-        outcome.problems,
-        error_reason=outcome.failure.reason if outcome.failure else None,
-        error_message=str(outcome.failure) if outcome.failure else "",
-        pods_rejected=state.pods_rejected,
-    )
-    await _write_status(pool, state, _status(pool, state, health))
+    if scope.pods is None:
+        state.problems = dict.fromkeys(outcome.problems)
+    else:
+        state.problems.update(dict.fromkeys(outcome.problems))
+    state.limit_failure = outcome.failure
+    await write_pool_status(pool, state, spec, pods)
     if scope.pods is None:
         await _set_deletion_costs(pool, state.ledger, pods, log)
-    record_metrics(pool, spec, state.ledger, health, outcome.done)
+    record_metrics(pool, spec, state.ledger, outcome.done)
     if outcome.failure is not None:
         raise outcome.failure
 
 
-def record_metrics(
-    pool: PoolRef, spec: PoolSpec, ledger: Ledger, health: PoolHealth, done: list[LimitAction]
+async def reconcile_pods(
+    pool: PoolRef,
+    state: PoolState,
+    pods: Mapping[str, PodFacts],
+    nodes: Mapping[str, NodeFacts],
+    emit: EventFn,
+    allowed: AllowedApiUrls,
+    scope: frozenset[str],
+    objects: Mapping[str, WorkerLimitRecord],
 ) -> None:
+    """A pass over the limits of a few pods, beside other such passes (disjoint pods):
+    no Deployment, no status (the daemon writes it after, coalesced).
+
+    Raises:
+        ReconcileError: it could not finish; the pods' limits wait for the next pass.
+    """
+    spec = PoolSpec.from_dict(dict(pool.spec))
+    api = await _prefect_api(pool, state, spec, allowed, fresh=False)
+    try:
+        outcome = await reconcile_limits(
+            pool, state, spec, PassScope(pool=False, pods=scope), pods, nodes, objects, api, emit
+        )
+    except PrefectError as exc:
+        if exc.reason == "PrefectUnauthorized":
+            await state.aclose()
+        raise
+    state.problems.update(dict.fromkeys(outcome.problems))
+    state.limit_failure = outcome.failure
+    record_metrics(pool, spec, state.ledger, outcome.done)
+    if outcome.failure is not None:
+        raise outcome.failure
+
+
+async def write_pool_status(
+    pool: PoolRef, state: PoolState, spec: PoolSpec, pods: Mapping[str, PodFacts]
+) -> None:
+    """The pool's status from what the passes so far saw (unless it would not change)."""
+    failure = state.limit_failure
+    health = observed_health(
+        spec.replicas,
+        state.ledger,
+        pods,
+        tuple(state.problems),
+        error_reason=failure.reason if failure else None,
+        error_message=str(failure) if failure else "",
+        pods_rejected=state.pods_rejected,
+    )
+    await _write_status(pool, state, _status(pool, state, health))
+    labels = (pool.namespace, pool.name)
+    metrics.WORKERS_READY.labels(*labels).set(health.ready_workers)
+
+
+def record_metrics(pool: PoolRef, spec: PoolSpec, ledger: Ledger, done: list[LimitAction]) -> None:
     labels = (pool.namespace, pool.name)
     live = [e for e in slot_entries(ledger) if e.state != "Deleting"]
     metrics.SLOTS_TOTAL.labels(*labels).set(sum(e.size for e in live))
     metrics.SLOTS_IN_USE.labels(*labels).set(sum(e.active_slots for e in live))
-    metrics.WORKERS_READY.labels(*labels).set(health.ready_workers)
     metrics.WORKERS_DESIRED.labels(*labels).set(spec.replicas)
     for action in done:
         metrics.LIMIT_ACTIONS.labels(*labels, action.kind).inc()

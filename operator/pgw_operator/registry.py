@@ -3,15 +3,16 @@
 The pool's daemon waits on its wake-up event; event handlers set it and say
 what changed: a pod (or its GpuWorkerLimit) by name, or the pool's Deployment.
 The daemon takes that work and reconciles only it, so a pod's event costs a
-pass over that pod, not over the pool. The lock makes the daemon and the
-deletion handler the pool's only, and exclusive, writers.
+pass over that pod, not over the pool. The gate lets passes over disjoint pods
+run side by side while a pass over the whole pool, or its deletion, runs alone.
 :meth:`PoolRegistry.forget` drops everything once a pool is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 PoolKey = tuple[str, str]  # (namespace, pool name)
@@ -23,6 +24,53 @@ class PendingWork:
 
     pods: set[str] = field(default_factory=set)
     deployment: bool = False  # the pool's Deployment changed (status, drift)
+
+
+class PassGate:
+    """Pod passes share the pool; a whole-pool pass or the pool's deletion has it alone
+    (waiting for the pod passes in flight; none starts meanwhile).
+
+    Example:
+        >>> async def demo() -> list[str]:
+        ...     gate, seen = PassGate(), []
+        ...     async with gate.shared():
+        ...         seen.append(f"pods in flight: {gate.in_flight}")
+        ...     async with gate.exclusive():
+        ...         seen.append(f"alone: {gate.in_flight}")
+        ...     return seen
+        >>> asyncio.run(demo())
+        ['pods in flight: 1', 'alone: 0']
+    """
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self.in_flight = 0
+        self._alone = False
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._alone)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.in_flight -= 1
+                self._changed.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self._alone)
+            self._alone = True
+            await self._changed.wait_for(lambda: self.in_flight == 0)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._alone = False
+                self._changed.notify_all()
 
 
 @dataclass
@@ -42,16 +90,16 @@ class PoolRegistry:
 
     _wakeups: dict[PoolKey, asyncio.Event] = field(default_factory=dict)
     _pending: dict[PoolKey, PendingWork] = field(default_factory=dict)
-    _locks: dict[PoolKey, asyncio.Lock] = field(default_factory=dict)
+    _gates: dict[PoolKey, PassGate] = field(default_factory=dict)
 
     def wakeup(self, key: PoolKey) -> asyncio.Event:
         """The pool's wake-up event (created on first use: the daemon serves the pool)."""
         self._pending.setdefault(key, PendingWork())
         return self._wakeups.setdefault(key, asyncio.Event())
 
-    def lock(self, key: PoolKey) -> asyncio.Lock:
-        """The pool's writer lock (created on first use)."""
-        return self._locks.setdefault(key, asyncio.Lock())
+    def gate(self, key: PoolKey) -> PassGate:
+        """The pool's pass gate (created on first use)."""
+        return self._gates.setdefault(key, PassGate())
 
     def wake(self, namespace: str | None, pool: str | None) -> None:
         """Wake the pool's daemon, if it runs; events of unknown pools are dropped."""
@@ -91,8 +139,8 @@ class PoolRegistry:
         """Drop everything held for a pool that is gone."""
         self._wakeups.pop(key, None)
         self._pending.pop(key, None)
-        self._locks.pop(key, None)
+        self._gates.pop(key, None)
 
     def pools(self) -> set[PoolKey]:
         """Pools with anything held (for tests and debugging)."""
-        return set(self._wakeups) | set(self._locks)
+        return set(self._wakeups) | set(self._gates)

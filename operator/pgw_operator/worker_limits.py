@@ -50,13 +50,13 @@ class WorkerLimitRecord:
     node: str | None
     restarts: int
     limits: tuple[LimitRecord, ...]
-    state: EntryState = "Creating"  # no status yet: written ahead of Prefect
+    # Not written: what the operator knows of Prefect (Creating until a pass saw it so).
+    state: EntryState = "Creating"
     deleting: bool = False  # deletionTimestamp set (the pod went, or someone deleted it)
 
     @classmethod
     def from_object(cls, body: Mapping[str, Any]) -> WorkerLimitRecord:
         spec = body.get("spec") or {}
-        status = body.get("status") or {}
         meta = body.get("metadata") or {}
         limits = tuple(
             LimitRecord(
@@ -68,14 +68,12 @@ class WorkerLimitRecord:
             for item in spec.get("limits") or []
             if item.get("name")
         )
-        state = status.get("state")
         return cls(
             pool=str(spec.get("pool") or ""),
             pod=str(spec.get("pod") or meta.get("name") or ""),
             node=spec.get("node") or None,
             restarts=int(spec.get("restarts") or 0),
             limits=limits,
-            state=state if state in ("Ready", "Deleting") else "Creating",
             deleting=bool(meta.get("deletionTimestamp")),
         )
 
@@ -146,16 +144,17 @@ def _record_state(entries: list[LedgerEntry]) -> EntryState:
     return "Creating" if "Creating" in states else "Ready"
 
 
-WriteKind = Literal["create", "spec", "status", "release"]
+WriteKind = Literal["create", "spec", "release"]
 
 
 @dataclass(frozen=True)
 class RecordWrite:
     """One write to a pod's GpuWorkerLimit.
 
-    create: a new object (its state Creating until a status write);
-    spec: its limits, node or restarts changed; status: its state changed;
-    release: its limits are gone from Prefect, so its finalizer comes off and it goes.
+    create: a new object, ahead of its limits; spec: its limits, node or restarts
+    changed, ahead of the change; release: its limits are gone from Prefect, so its
+    finalizer comes off and it goes. Its state (Creating, Ready) is the operator's
+    memory, not written: after a restart the first full pass reads every limit back.
     """
 
     kind: WriteKind
@@ -176,8 +175,8 @@ def record_writes(
         >>> [w.kind for w in record_writes({}, {"w-0": record}, ["w-0"])]
         ['create']
         >>> ready = WorkerLimitRecord("p", "w-0", "n", 0, record.limits, "Ready")
-        >>> [w.kind for w in record_writes({"w-0": record}, {"w-0": ready}, ["w-0"])]
-        ['status']
+        >>> record_writes({"w-0": record}, {"w-0": ready}, ["w-0"])
+        []
         >>> [w.kind for w in record_writes({"w-0": ready}, {}, ["w-0"])]
         ['release']
     """
@@ -187,16 +186,10 @@ def record_writes(
         if new is None:
             if old is not None:
                 writes.append(RecordWrite("release", pod))
-            continue
-        if old is None:
+        elif old is None:
             writes.append(RecordWrite("create", pod, new))
-            if new.state != "Creating":
-                writes.append(RecordWrite("status", pod, new))
-            continue
-        if old.spec() != new.spec():
+        elif old.spec() != new.spec():
             writes.append(RecordWrite("spec", pod, new))
-        if old.state != new.state:
-            writes.append(RecordWrite("status", pod, new))
     return writes
 
 

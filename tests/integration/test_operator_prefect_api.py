@@ -157,7 +157,9 @@ def test_deleting_a_pool_whose_url_is_not_allowed_sends_no_request(
         body = deleted_pool(f"{server.url}/api", rfc3339(0))
         allowed = AllowedApiUrls.parse(["http://prefect.prefect.svc:4200/api"])
         with caplog.at_level(logging.WARNING, logger="test"):
-            asyncio.run(handlers.delete_pool(body, logging.getLogger("test"), allowed, events))
+            asyncio.run(
+                handlers.delete_pool(body, logging.getLogger("test"), allowed, events, records={})
+            )
     assert server.hits == []
     assert "ApiUrlNotAllowed" in caplog.text
     assert "gpu:a" in caplog.text  # the limits left behind are named
@@ -179,7 +181,9 @@ def test_a_pool_whose_limits_cannot_be_deleted_waits_until_its_finalizer_timeout
         events = Events()
         early = deleted_pool(url, rfc3339(10), timeout_s=60)
         with pytest.raises(kopf.TemporaryError) as info:
-            asyncio.run(handlers.delete_pool(early, logging.getLogger("test"), allowed, events))
+            asyncio.run(
+                handlers.delete_pool(early, logging.getLogger("test"), allowed, events, records={})
+            )
         assert info.value.delay is not None
         assert 0 < info.value.delay <= 30
         ((kind, reason, message),) = events
@@ -188,7 +192,9 @@ def test_a_pool_whose_limits_cannot_be_deleted_waits_until_its_finalizer_timeout
 
         events.clear()
         late = deleted_pool(url, rfc3339(61), timeout_s=60)
-        asyncio.run(handlers.delete_pool(late, logging.getLogger("test"), allowed, events))
+        asyncio.run(
+            handlers.delete_pool(late, logging.getLogger("test"), allowed, events, records={})
+        )
         ((kind, reason, message),) = events
         assert (kind, reason) == ("Warning", "LimitsLeftInPrefect")
         assert "finalizerTimeoutSeconds=60" in message

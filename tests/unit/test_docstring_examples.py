@@ -1,4 +1,5 @@
-"""The Example sections of the package's docstrings run as written (doctest).
+"""The Example sections of the packages' docstrings run as written (doctest):
+the core's and the operator's.
 
 An example that no longer matches its code misleads the reader who copies it;
 examples that need a live server or a GPU say ``# doctest: +SKIP``.
@@ -12,11 +13,13 @@ import pkgutil
 
 import pytest
 
+import pgw_operator
 import prefect_gpu_workers
 
 MODULES = sorted(
     info.name
-    for info in pkgutil.walk_packages(prefect_gpu_workers.__path__, "prefect_gpu_workers.")
+    for package in (prefect_gpu_workers, pgw_operator)
+    for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
     if not info.name.endswith("__main__")
 )
 

@@ -42,27 +42,27 @@ def series(namespace: str, pool: str) -> dict[str, float | None]:
     }
 
 
-def test_deleting_a_pool_with_an_empty_ledger_forgets_its_lock_wakeup_and_metrics() -> None:
+def test_deleting_a_pool_with_an_empty_ledger_forgets_its_gate_wakeup_and_metrics() -> None:
     namespace, pool = "ns", f"pool-{uuid.uuid4().hex[:6]}"
     key = (namespace, pool)
     handlers.POOLS.wakeup(key)
-    handlers.POOLS.lock(key)
+    handlers.POOLS.gate(key)
     metrics.WORKERS_DESIRED.labels(*key).set(2)
     metrics.RECONCILE_SECONDS.labels(*key).observe(0.1)
     metrics.RECONCILE_ERRORS.labels(*key, "PrefectUnreachable").inc()
     assert all(value is not None for value in series(*key).values())
 
     body = pool_body(namespace, pool, {"workers": []})
-    asyncio.run(handlers.delete_pool(body, logging.getLogger("test"), AllowedApiUrls()))
+    asyncio.run(handlers.delete_pool(body, logging.getLogger("test"), AllowedApiUrls(), records={}))
     assert key not in handlers.POOLS.pools()
     assert series(*key) == {"desired": None, "passes": None, "errors": None}
 
 
-def test_forget_drops_wakeup_and_lock_together() -> None:
+def test_forget_drops_wakeup_and_gate_together() -> None:
     registry = PoolRegistry()
     event = registry.wakeup(("ns", "a"))
-    registry.lock(("ns", "a"))
-    registry.lock(("ns", "b"))
+    registry.gate(("ns", "a"))
+    registry.gate(("ns", "b"))
     registry.wake("ns", "a")
     registry.wake("ns", "unknown")  # a pool without a daemon: nothing to wake
     assert event.is_set()

@@ -24,10 +24,11 @@ from builders import NODES, entry, memory_entry, pod, pool_spec, prefect_limit
 def test_an_object_round_trips_its_entries() -> None:
     ledger = {e.limit_name: e for e in (entry("a", size=2), memory_entry("a", size=160))}
     (record,) = records_of("pool", ledger).values()
-    manifest = limit_manifest(record, "ns", "uid-a")
-    read = WorkerLimitRecord.from_object({**manifest, "status": {"state": "Ready"}})
-    assert read == record
-    assert ledger_of([read]) == ledger
+    read = WorkerLimitRecord.from_object(limit_manifest(record, "ns", "uid-a"))
+    # The state is the operator's memory, not written: read back, it is Creating
+    # until a full pass has seen Prefect.
+    assert read == replace(record, state="Creating")
+    assert ledger_of([read]) == {n: replace(e, state="Creating") for n, e in ledger.items()}
 
 
 def test_the_manifest_is_owned_by_its_pod_and_held_by_the_finalizer() -> None:
@@ -43,25 +44,23 @@ def test_the_manifest_is_owned_by_its_pod_and_held_by_the_finalizer() -> None:
     assert limit_manifest(record, "ns", "")["metadata"]["ownerReferences"] == []
 
 
-def test_an_object_without_status_was_written_ahead_and_is_creating() -> None:
+def test_an_object_being_deleted_says_so() -> None:
     record = WorkerLimitRecord("pool", "w-0", "n", 0, (LimitRecord("slots", "gpu:w-0", 1, "1"),))
-    read = WorkerLimitRecord.from_object(limit_manifest(record, "ns", "u"))
-    assert read.state == "Creating"
+    assert not WorkerLimitRecord.from_object(limit_manifest(record, "ns", "u")).deleting
     deleting = limit_manifest(record, "ns", "u")
     deleting["metadata"]["deletionTimestamp"] = "2026-12-06T00:00:00Z"
     assert WorkerLimitRecord.from_object(deleting).deleting
 
 
-def test_a_new_pod_costs_one_write_ahead_and_one_after() -> None:
+def test_a_new_pod_costs_one_write_ahead_and_none_after() -> None:
     spec = pool_spec()
     plan = plan_limits(spec, {}, {"a": pod("a")}, NODES, {})
     ahead = record_writes({}, records_of("pool", plan.ledger), {"a"})
     assert [(w.kind, w.pod) for w in ahead] == [("create", "a")]
     assert ahead[0].record is not None
-    assert ahead[0].record.state == "Creating"
     written = {"a": ahead[0].record}
     after = record_writes(written, records_of("pool", settle(plan, plan.actions)), {"a"})
-    assert [(w.kind, w.pod) for w in after] == [("status", "a")]
+    assert after == []
 
 
 def test_only_the_pods_in_scope_are_written() -> None:
@@ -83,7 +82,7 @@ def test_an_object_stays_until_its_limit_is_deleted() -> None:
     plan = plan_limits(spec, ledger, {}, NODES, {"gpu:a": prefect_limit("a")})
     assert [a.kind for a in plan.actions] == ["delete"]
     failed = records_of("pool", settle(plan, []))
-    assert [w.kind for w in record_writes(written, failed, {"a"})] == ["status"]
+    assert record_writes(written, failed, {"a"}) == []
     assert failed["a"].state == "Deleting"
     done = records_of("pool", settle(plan, plan.actions))
     assert [w.kind for w in record_writes(written, done, {"a"})] == ["release"]
@@ -98,7 +97,7 @@ def test_a_restart_rewrites_the_spec_ahead_of_the_recreate() -> None:
     )
     assert [a.kind for a in plan.actions] == ["recreate"]
     ahead = record_writes(written, records_of("pool", plan.ledger), {"a"})
-    assert [w.kind for w in ahead] == ["spec", "status"]
+    assert [w.kind for w in ahead] == ["spec"]
     assert ahead[0].record is not None
     assert ahead[0].record.restarts == 1
 

@@ -89,9 +89,6 @@ remove Deployments and pods.
   # limits it names are deleted. Tenants may read these, never write them.
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [gpuworkers.dev]
-  resources: [gpuworkerlimits/status]
-  verbs: [patch]
-- apiGroups: [gpuworkers.dev]
   resources: [gpuworkerpools/scale]
   # spec.autoscaling: the operator sets a pool's replicas as HPA would, through /scale
   verbs: [patch]

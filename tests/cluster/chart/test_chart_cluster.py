@@ -325,7 +325,6 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("patch", "gpuworkerlimits.gpuworkers.dev", pools),
         ("delete", "gpuworkerlimits.gpuworkers.dev", pools),
         ("watch", "gpuworkerlimits.gpuworkers.dev", pools),
-        ("patch", "gpuworkerlimits.gpuworkers.dev/status", pools),
         ("list", "gpuworkerpools.gpuworkers.dev", pools),
         ("watch", "gpuworkerpools.gpuworkers.dev", pools),
         ("patch", "gpuworkerpools.gpuworkers.dev", pools),
@@ -352,6 +351,7 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("list", "leases.coordination.k8s.io", own),
         ("create", "leases.coordination.k8s.io", pools),  # in its own namespace only
         ("update", "gpuworkerlimits.gpuworkers.dev", pools),
+        ("patch", "gpuworkerlimits.gpuworkers.dev/status", pools),  # none: state not written
         ("delete", "gpuworkerlimits.gpuworkers.dev", own),  # not a watched namespace
         ("get", f"secrets/{OTHER_SECRET}", pools),  # only the Secret it is given
         ("list", "secrets", pools),

@@ -157,7 +157,6 @@ NAMESPACED_GRANTS = {
         ("gpuworkers.dev", "gpuworkerlimits", v, ())
         for v in ("get", "list", "watch", "create", "patch", "delete")
     ),
-    ("gpuworkers.dev", "gpuworkerlimits/status", "patch", ()),
     ("gpuworkers.dev", "gpuworkerpools/scale", "patch", ()),  # spec.autoscaling
     *(("apps", "deployments", v, ()) for v in ("get", "list", "watch", "create", "patch")),
     *(("", "pods", v, ()) for v in ("get", "list", "watch", "patch")),

@@ -169,6 +169,45 @@ def process_cost(pid: int) -> tuple[float, int]:
     return cpu_s, peak_kib * 1024
 
 
+# Components of the dev control plane and the bench, by process name (comm) or,
+# for Python processes, a marker in their command line.
+COMPONENTS = {
+    "etcd": "etcd", "kube-apiserver": "kube-apiserver", "kube-controller": "controller-manager",
+    "kube-scheduler": "scheduler", "kwok": "kwok", "postgres": "postgres",
+}  # fmt: skip
+
+
+def component_cpu(operators: list[int]) -> dict[str, float]:
+    """CPU seconds used so far by each component on this machine (all its processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        if int(proc.name) in operators:
+            name = "operator"
+        elif "prefect server start" in args:
+            name = "prefect"
+        else:
+            name = COMPONENTS.get(comm, "")
+        if name:
+            used[name] = used.get(name, 0.0) + cpu
+    return used
+
+
+def cpu_per_pod(before: dict[str, float], after: dict[str, float], pods: int) -> dict[str, float]:
+    """CPU milliseconds per pod of each component between two samples."""
+    return {name: 1000 * (after.get(name, 0.0) - used) / pods for name, used in before.items()}
+
+
 @dataclass
 class Meter:
     """The operator's counters at one moment: requests by kind, CPU seconds."""
@@ -270,6 +309,9 @@ class Bench:
             pod_clock.start()
             limit_clock.start()
             before = Meter.read(leader)
+            pids = [o._proc.pid for o in operators if o._proc is not None]
+            machine_before = component_cpu(pids)
+            load_before = os.getloadavg()[0]
             started = time.monotonic()
             print(f"[{name}] scaling 0 -> {total} ...", flush=True)
             for pool in names:
@@ -297,6 +339,10 @@ class Bench:
             result["all_limits_after_last_bound_s"] = (
                 max(limit_clock.appeared.values()) - last_bound
             )
+            result["machine_cpu_ms_per_pod_up"] = cpu_per_pod(
+                machine_before, component_cpu(pids), total
+            )
+            result["load_before"] = load_before
             time.sleep(1.0)
             if not failover:
                 up = Meter.read(leader)
@@ -307,16 +353,27 @@ class Bench:
             result["limits_in_prefect"] = len(limit_clock.seen_names())
             print(f"[{name}] scaling {total} -> 0 ...", flush=True)
             down_from = Meter.read(leader)
+            machine_before = component_cpu(pids)
             started = time.monotonic()
             for pool in names:
                 handle.scale(pool, 0)
             wait("all limits gone", lambda: len(limit_clock.vanished) >= total, 1800)
             result["scale_down_all_limits_gone_s"] = time.monotonic() - started
+            result["machine_cpu_ms_per_pod_down"] = cpu_per_pod(
+                machine_before, component_cpu(pids), total
+            )
             time.sleep(1.0)
             down = Meter.read(leader)
             result.update({f"down_{k}": v for k, v in down_from.per_pod(down, total).items()})
             assert leader._proc is not None
             result["operator_peak_rss_mib"] = process_cost(leader._proc.pid)[1] / 2**20
+            samples = leader.metrics()
+            passes = sum(v for k, v in samples.items()
+                         if k.startswith("pgw_reconcile_duration_seconds_count{"))  # fmt: skip
+            pass_s = sum(v for k, v in samples.items()
+                         if k.startswith("pgw_reconcile_duration_seconds_sum{"))  # fmt: skip
+            result["reconcile_passes"] = passes
+            result["reconcile_pass_mean_s"] = pass_s / passes if passes else None
             leader.assert_alive()
         finally:
             limit_clock.running = False
@@ -359,6 +416,14 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{r['worker_limit_objects']} objects, {r['limits_in_prefect']} limits for "
                 f"{r['pods']} pods"
             )
+    for r in results:
+        for way in ("up", "down"):
+            used = r.get(f"machine_cpu_ms_per_pod_{way}") or {}
+            shares = ", ".join(f"{k} {v:.1f}" for k, v in sorted(used.items(), key=lambda i: -i[1]))
+            lines.append(f"{r['scenario']} ({r['pods']} pods), CPU ms per pod ({way}): {shares}")
+        lines.append(f"{r['scenario']}: {r.get('reconcile_passes', 0):.0f} passes, "
+                     f"{r.get('reconcile_pass_mean_s') or 0:.3f} s each; pool status "
+                     f"{r['pool_status_bytes']} bytes")  # fmt: skip
     return "\n".join(lines)
 
 

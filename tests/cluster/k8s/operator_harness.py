@@ -66,6 +66,8 @@ class OperatorProcess:
     # --log-format json: one record per line, which denied_api_calls() reads by field.
     log_format: str = "json"
     metrics_port: int | None = None  # serve /metrics on 127.0.0.1:PORT when set
+    # Put first on the import path: another release's operator and core (upgrade tests).
+    pythonpath: tuple[Path, ...] = ()
     # The tests' Prefect servers are on 127.0.0.1 over http: allowed out loud,
     # unless a test gives its own (e.g. ("--allowed-api-url", URL)); and the
     # taints of the tests' nodes may be tolerated.
@@ -79,6 +81,8 @@ class OperatorProcess:
         # In-cluster settings would win over KUBECONFIG; this is not a pod.
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         env["KUBECONFIG"] = str(self.kubeconfig)
+        if self.pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(str(p) for p in self.pythonpath)
         command = [sys.executable, "-m", "pgw_operator", "--namespace", self.namespace,
                    "--liveness", self.liveness, "--log-format", self.log_format]  # fmt: skip
         if self.metrics_port is not None:
@@ -309,11 +313,10 @@ class Pools:
 
     def limit_entries(self, pool: str) -> list[dict[str, Any]]:
         """One entry per limit the pool's objects name: pod, node, kind, name, size,
-        gpus, restarts, state (the ledger, as the old ``status.workers`` had it)."""
+        gpus, restarts (the ledger, as the old ``status.workers`` had it)."""
         return [
             {"pod": o["spec"]["pod"], "node": o["spec"].get("node", ""),
              "restarts": o["spec"].get("restarts", 0),
-             "state": (o.get("status") or {}).get("state", "Creating"),
              "kind": limit["kind"], "limitName": limit["name"], "limitSize": limit["size"],
              "gpus": limit.get("gpus", "")}
             for o in self.worker_limits(pool) for limit in o["spec"]["limits"]
