@@ -11,6 +11,7 @@ the indexes warm and writes nothing until it leads.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ import kopf
 
 from pgw_operator import kube, metrics
 from pgw_operator.api_url import AllowedApiUrls
+from pgw_operator.desired import replica_failure
 from pgw_operator.errors import ReconcileError
 from pgw_operator.facts import NodeFacts, PodFacts
 from pgw_operator.leader import Leadership
@@ -106,6 +108,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.persistence.finalizer = f"{GROUP}/limits-cleanup"
     settings.posting.level = logging.INFO
+    # httpx logs every request at INFO: a line per Prefect call, thousands in a scale.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 @kopf.index("pods", labels={POOL_LABEL: kopf.PRESENT})
@@ -121,6 +125,19 @@ async def pods_by_pool(
     return {(namespace or "", labels[POOL_LABEL]): PodFacts.from_pod(name, spec, status, meta)}
 
 
+@kopf.index("pods", labels={POOL_LABEL: kopf.PRESENT})
+async def pod_by_name(
+    name: str,
+    namespace: str | None,
+    spec: kopf.Spec,
+    status: kopf.Status,
+    meta: kopf.Meta,
+    **_: Any,
+) -> dict[PodKey, PodFacts]:
+    """The same facts by pod: a pass over a few pods looks them up, O(1) each."""
+    return {(namespace or "", name): PodFacts.from_pod(name, spec, status, meta)}
+
+
 @kopf.index("nodes")
 async def nodes_by_name(
     name: str, status: kopf.Status, labels: Mapping[str, str], **_: Any
@@ -134,6 +151,14 @@ async def worker_limits_by_pool(
 ) -> dict[PoolKey, WorkerLimitRecord]:
     record = WorkerLimitRecord.from_object(body)
     return {(namespace or "", record.pool): record}
+
+
+@kopf.index(GROUP, VERSION, LIMIT_PLURAL)
+async def worker_limit_by_pod(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[PodKey, WorkerLimitRecord]:
+    record = WorkerLimitRecord.from_object(body)
+    return {(namespace or "", record.pod): record}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -184,8 +209,14 @@ async def release_orphan(key: PoolKey, body: kopf.Body, logger: Logger) -> None:
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={POOL_LABEL: kopf.PRESENT})
-async def deployment_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    POOLS.deployment_changed(namespace, labels.get(POOL_LABEL))
+async def deployment_changed(
+    namespace: str | None, labels: Mapping[str, str], meta: kopf.Meta, status: kopf.Status, **_: Any
+) -> None:
+    # Only what a pass acts on: its spec (drift: a new generation) and whether its
+    # pods can be created. Its replica counts change with every pod of a scale.
+    conditions = [dict(c) for c in status.get("conditions") or []]
+    seen = (str(meta.get("generation")), replica_failure(conditions))
+    POOLS.deployment_changed(namespace, labels.get(POOL_LABEL), seen)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -209,6 +240,21 @@ def _pods_of(index: kopf.Index[PoolKey, PodFacts], key: PoolKey) -> dict[str, Po
     return {pod.name: pod for pod in index.get(key, [])}
 
 
+PodKey = tuple[str, str]  # (namespace, pod name)
+
+
+def _some_of(
+    index: kopf.Index[PodKey, Any], namespace: str, names: frozenset[str]
+) -> dict[str, Any]:
+    """The index's entries for a few pods, by pod name: O(pods asked), not O(pool)."""
+    found: dict[str, Any] = {}
+    for name in names:
+        store = index.get((namespace, name))
+        if store:
+            found[name] = next(iter(store))
+    return found
+
+
 def _nodes(index: kopf.Index[str, NodeFacts]) -> dict[str, NodeFacts]:
     return {name: next(iter(store)) for name, store in index.items() if store}
 
@@ -219,32 +265,49 @@ def _records_of(
     return {record.pod: record for record in index.get(key, [])}
 
 
-PoolSeen = tuple[int, frozenset[tuple[str, str]]]  # (generation, annotations)
+@dataclass(frozen=True)
+class PoolSeen:
+    """What of the pool decides a pass: its spec but replicas, its annotations,
+    its replicas (a scale needs the Deployment's pass, not every limit read back)."""
+
+    spec: str
+    annotations: frozenset[tuple[str, str]]
+    replicas: int
 
 
 def pool_seen(body: kopf.Body) -> PoolSeen:
-    annotations = body.metadata.annotations or {}
-    return int(body.metadata.get("generation") or 0), frozenset(annotations.items())
+    spec = {k: v for k, v in body.spec.items() if k != "replicas"}
+    return PoolSeen(
+        json.dumps(spec, sort_keys=True, default=str),
+        frozenset((body.metadata.annotations or {}).items()),
+        int(body.spec.get("replicas") or 0),
+    )
 
 
 @dataclass
 class PassClock:
     """When the daemon last finished each kind of pass, and so what the next one covers."""
 
-    # The pool's generation and annotations the last full pass saw: a spec change,
-    # or an annotation (a nudge, as `kubectl annotate`), asks for a full pass;
-    # the operator's own status writes change neither.
+    # What the last full pass saw: a spec change, or an annotation (a nudge, as
+    # `kubectl annotate`), asks for a full pass, a scale for the Deployment's;
+    # the operator's own status writes change none of it.
     seen: PoolSeen | None = None
+    replicas: int | None = None  # as the last pass over the Deployment saw them
     full_at: float = float("-inf")
     pool_at: float = float("-inf")
     pool_due_at: float | None = None  # autoscaling asks for a pool pass then
 
     def scope(self, now: float, seen: PoolSeen, work: PendingWork) -> PassScope | None:
         """The next pass's scope, or None when nothing is due."""
-        if seen != self.seen or now - self.full_at >= RESYNC_S:
+        last = self.seen
+        if last is None or (seen.spec, seen.annotations) != (last.spec, last.annotations):
             return PassScope.everything()
-        pool = (self.pool_due_at is not None and now >= self.pool_due_at) or (
-            work.deployment and now - self.pool_at >= DEPLOYMENT_PASS_EVERY_S
+        if now - self.full_at >= RESYNC_S:
+            return PassScope.everything()
+        pool = (
+            seen.replicas != self.replicas
+            or (self.pool_due_at is not None and now >= self.pool_due_at)
+            or (work.deployment and now - self.pool_at >= DEPLOYMENT_PASS_EVERY_S)
         )
         if not pool and not work.pods:
             return None
@@ -256,7 +319,7 @@ class PassClock:
         if scope.full:
             self.seen, self.full_at = seen, now
         if scope.pool:
-            self.pool_at = now
+            self.pool_at, self.replicas = now, seen.replicas
             self.pool_due_at = now + next_pool_s if next_pool_s is not None else None
 
     def wait_s(self, now: float, work: PendingWork) -> float:
@@ -303,6 +366,8 @@ async def pool_reconciler(
     pod_index: kopf.Index[PoolKey, PodFacts] = kwargs["pods_by_pool"]
     node_index: kopf.Index[str, NodeFacts] = kwargs["nodes_by_name"]
     limit_index: kopf.Index[PoolKey, WorkerLimitRecord] = kwargs["worker_limits_by_pool"]
+    pod_facts: kopf.Index[PodKey, PodFacts] = kwargs["pod_by_name"]
+    pod_limits: kopf.Index[PodKey, WorkerLimitRecord] = kwargs["worker_limit_by_pod"]
     key: PoolKey = (body.metadata.namespace or "", body.metadata.name or "")
     event = POOLS.wakeup(key)
     gate = POOLS.gate(key)
@@ -335,8 +400,9 @@ async def pool_reconciler(
             async with gate.shared():
                 with metrics.RECONCILE_SECONDS.labels(*key).time():
                     await reconcile_pods(
-                        _pool_ref(body), state, _pods_of(pod_index, key), _nodes(node_index),
-                        emit, allowed, pods, _records_of(limit_index, key),
+                        _pool_ref(body), state, _some_of(pod_facts, key[0], pods),
+                        _nodes(node_index), emit, allowed, pods,
+                        _some_of(pod_limits, key[0], pods),
                     )  # fmt: skip
             if passes.failures:
                 emit("Normal", "Recovered", "reconcile succeeded again")

@@ -185,16 +185,17 @@ def plan_limits(
     for name, entry in ledger.items():
         if name in desired:
             continue
-        if name in prefect_limits:
-            plan.ledger[name] = replace(entry, state="Deleting")
-            why = (
-                f"pod {entry.pod} is gone"
-                if entry.pod not in wanted_pods
-                else f"the pool's spec.gpu no longer names it for pod {entry.pod}"
-            )
-            plan.actions.append(LimitAction("delete", name, why=why))
-        else:
-            del plan.ledger[name]  # nothing left to delete
+        # Deleted even when a read did not find it: a paged listing skips items
+        # that shift while limits come and go, and a create without an answer may
+        # land late. Deleting a limit that is gone costs a 404; forgetting one that
+        # is not leaks it for good.
+        plan.ledger[name] = replace(entry, state="Deleting")
+        why = (
+            f"pod {entry.pod} is gone"
+            if entry.pod not in wanted_pods
+            else f"the pool's spec.gpu no longer names it for pod {entry.pod}"
+        )
+        plan.actions.append(LimitAction("delete", name, why=why))
     return plan
 
 

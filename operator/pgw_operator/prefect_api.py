@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -55,10 +56,27 @@ DEBUG_BODY_CHARS = 4000
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # A page of 200 limits each: 20,000 limits, twenty times a 1000-pod fleet's.
 MAX_PAGES = 100
-# Up to this many limits are read one GET each (a pod's own, in a pass for a few pods).
-BY_NAME_AT_MOST = 8
+# Up to this many limits are read one GET each (a pass over a few pods, a small
+# pool's full pass); more, a page of 200 at a time. Pages list every limit in
+# Prefect, not only the pool's: 100 pools of 10 paging through 1000 limits
+# every resync cost Prefect more than their own 10 GETs each.
+BY_NAME_AT_MOST = 50
 # The longest one call may take, connect to last byte.
 CALL_DEADLINE_S = 30.0
+# Requests in flight at once from this process, over every pool: 100 pools
+# scaling at once must queue here, not time out in an overloaded Prefect server.
+MAX_IN_FLIGHT = 16
+_IN_FLIGHT: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _in_flight() -> asyncio.Semaphore:
+    """The running loop's bound (a semaphore belongs to one loop; tests run several)."""
+    loop = asyncio.get_running_loop()
+    if loop not in _IN_FLIGHT:
+        _IN_FLIGHT[loop] = asyncio.Semaphore(MAX_IN_FLIGHT)
+    return _IN_FLIGHT[loop]
 
 
 class _TooLarge(Exception):
@@ -153,6 +171,12 @@ class PrefectApi:
     ) -> httpx.Response:
         """Send one request; any status but 2xx and ``ok`` raises a PrefectError."""
         path = "/" + "/".join(segments)  # the operator's own path, for messages
+        async with _in_flight():
+            return await self._request_now(method, path, segments, json, ok)
+
+    async def _request_now(
+        self, method: str, path: str, segments: tuple[str, ...], json: Any, ok: tuple[int, ...]
+    ) -> httpx.Response:
         metrics.PREFECT_REQUESTS.labels(method).inc()
         try:
             async with asyncio.timeout(self.deadline_s):

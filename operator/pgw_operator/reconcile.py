@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +52,7 @@ from pgw_operator.plan import (
     slot_entries,
 )
 from pgw_operator.pod_rules import PodPolicy, first_violations, violations
-from pgw_operator.prefect_api import PrefectApi, gather_bounded
+from pgw_operator.prefect_api import CALL_DEADLINE_S, PrefectApi, gather_bounded
 from pgw_operator.scaling import (
     ScalingState,
     autoscale,
@@ -93,6 +94,10 @@ class PoolState:
     budget_off_generation: int | None = None  # generation whose unset budget was turned off
     worker_account_applied: bool = False  # the workers' ServiceAccount, this run
     pods_rejected: str | None = None  # why the Deployment's pods cannot be created
+    # Limits whose create, recreate or resize got no answer (timeout, connection
+    # lost), by when: Prefect may still carry it out, so a read that finds no such
+    # limit proves nothing for UNCERTAIN_S; its record stays, and it is deleted again.
+    uncertain: dict[str, float] = field(default_factory=dict)
     # What the last passes over pods saw, for the status written after them.
     problems: dict[str, None] = field(default_factory=dict)  # sizing problems, in order
     limit_failure: ReconcileError | None = None  # why the last pass over pods failed
@@ -381,6 +386,18 @@ def _trusted_limits(ledger: Ledger) -> dict[str, PrefectLimit]:
     }
 
 
+# How long a call without an answer may still be carried out by Prefect (a
+# request queued in an overloaded server): twice the operator's own deadline.
+UNCERTAIN_S = 2 * CALL_DEADLINE_S
+_UNANSWERED = "PrefectUnreachable"  # a timeout or a lost connection: outcome unknown
+
+
+def _unanswered_lately(state: PoolState, now: float) -> set[str]:
+    """Limits whose last change got no answer within UNCERTAIN_S: a delete of one
+    keeps its record (and is sent again) until Prefect cannot still create it."""
+    return {name for name, when in state.uncertain.items() if now - when < UNCERTAIN_S}
+
+
 @dataclass
 class LimitsOutcome:
     done: list[LimitAction]
@@ -422,6 +439,8 @@ async def reconcile_limits(
         # (one of its name made by hand answers the create with 409: it is resized).
         unsure = {name for name, e in ledger.items() if e.state != "Ready"}
         limits = {**_trusted_limits(ledger), **await api.read_limits(unsure)}
+    now = time.monotonic()
+    recent = _unanswered_lately(state, now)
     plan = plan_limits(spec, ledger, scoped_pods, nodes, limits)
 
     # Write-ahead: every limit about to be created is named in its pod's object first.
@@ -442,7 +461,17 @@ async def reconcile_limits(
         LOG.info("limit %s %s size=%s (%s)", action.kind, action.name, action.size, action.why)
     for reason, message in action_events(done):
         emit("Normal", reason, message)
-    settled = settle(plan, done)
+    for action, error in outcomes:
+        if action.kind in ("create", "recreate", "resize"):
+            if error is not None and error.reason == _UNANSWERED:
+                state.uncertain[action.name] = now
+            elif error is None:
+                state.uncertain.pop(action.name, None)
+    # A delete of a limit whose create may still land keeps its record until then.
+    settled = settle(plan, [a for a in done if a.kind != "delete" or a.name not in recent])
+    for action in done:
+        if action.kind == "delete" and action.name not in recent:
+            state.uncertain.pop(action.name, None)  # gone, and it cannot come back
     state.ledger = {**{n: e for n, e in state.ledger.items() if e.pod not in in_scope},
                     **settled}  # fmt: skip
     after = record_writes(state.records, records_of(pool.name, settled), in_scope)

@@ -11,7 +11,7 @@ run side by side while a pass over the whole pool, or its deletion, runs alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Hashable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -91,6 +91,7 @@ class PoolRegistry:
     _wakeups: dict[PoolKey, asyncio.Event] = field(default_factory=dict)
     _pending: dict[PoolKey, PendingWork] = field(default_factory=dict)
     _gates: dict[PoolKey, PassGate] = field(default_factory=dict)
+    _deployments: dict[PoolKey, Hashable] = field(default_factory=dict)  # last seen, per pool
 
     def wakeup(self, key: PoolKey) -> asyncio.Event:
         """The pool's wake-up event (created on first use: the daemon serves the pool)."""
@@ -115,8 +116,16 @@ class PoolRegistry:
             pending.pods.update(pods)
             self.wake(namespace, pool)
 
-    def deployment_changed(self, namespace: str | None, pool: str | None) -> None:
-        if namespace and pool and (pending := self._pending.get((namespace, pool))):
+    def deployment_changed(
+        self, namespace: str | None, pool: str | None, seen: Hashable = None
+    ) -> None:
+        """The pool's Deployment changed in what ``seen`` sums up (the same again is
+        no work: its status changes with every pod of a scale)."""
+        key = (namespace or "", pool or "")
+        if namespace and pool and (pending := self._pending.get(key)):
+            if seen is not None and self._deployments.get(key) == seen:
+                return
+            self._deployments[key] = seen
             pending.deployment = True
             self.wake(namespace, pool)
 
@@ -140,6 +149,7 @@ class PoolRegistry:
         self._wakeups.pop(key, None)
         self._pending.pop(key, None)
         self._gates.pop(key, None)
+        self._deployments.pop(key, None)
 
     def pools(self) -> set[PoolKey]:
         """Pools with anything held (for tests and debugging)."""

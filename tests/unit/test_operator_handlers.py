@@ -76,3 +76,22 @@ def test_unexpected_errors_report_their_type_only() -> None:
     assert error.reason == "InternalError"
     assert "SECRET" not in str(error)
     assert "ValueError" in str(error)
+
+
+def test_a_deployment_event_is_work_only_when_what_a_pass_acts_on_changed() -> None:
+    """Its replica counts change with every pod of a scale: the same generation and
+    pod-creation failure again is no work; a new generation (drift) or a new failure is."""
+    registry = PoolRegistry()
+    key = ("ns", "a")
+    event = registry.wakeup(key)
+    registry.deployment_changed("ns", "a", ("3", None))
+    assert registry.take(key).deployment
+    event.clear()
+    registry.deployment_changed("ns", "a", ("3", None))
+    assert not event.is_set()
+    assert not registry.take(key).deployment
+    registry.deployment_changed("ns", "a", ("3", "pods are forbidden: exceeded quota"))
+    assert event.is_set()
+    assert registry.take(key).deployment
+    registry.deployment_changed("ns", "a", ("4", "pods are forbidden: exceeded quota"))
+    assert registry.take(key).deployment

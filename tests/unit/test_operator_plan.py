@@ -61,10 +61,15 @@ def test_limits_it_did_not_create_are_never_touched() -> None:
     assert plan.ledger == {}
 
 
-def test_ledger_entry_whose_limit_vanished_is_dropped_not_deleted() -> None:
+def test_ledger_entry_whose_limit_was_not_read_is_deleted_all_the_same() -> None:
+    """A paged read can miss a limit (pages shift as limits come and go) and a create
+    without an answer can land late: a gone pod's entry is deleted (a 404 is fine)
+    and leaves the ledger only once the delete succeeded."""
     plan = plan_limits(make_spec(), {"gpu:b": entry("b")}, {}, NODES, {})
-    assert plan.actions == []
-    assert plan.ledger == {}
+    assert [(a.kind, a.name) for a in plan.actions] == [("delete", "gpu:b")]
+    assert plan.ledger["gpu:b"].state == "Deleting"
+    assert settle(plan, []) == plan.ledger
+    assert settle(plan, plan.actions) == {}
 
 
 def test_restart_in_place_recreates_the_limit() -> None:

@@ -112,9 +112,13 @@ def test_state_at_start_takes_the_objects_and_what_only_an_old_ledger_holds() ->
     assert not PoolState.from_objects(objects, {}).legacy_ledger
 
 
+def seen_as(spec: str = "{}", replicas: int = 1, **annotations: str) -> PoolSeen:
+    return PoolSeen(spec, frozenset(annotations.items()), replicas)
+
+
 def test_the_pass_clock_scopes_each_pass_to_what_changed() -> None:
     clock = PassClock()
-    seen: PoolSeen = (1, frozenset())
+    seen = seen_as()
     nothing = PendingWork()
     assert clock.scope(0.0, seen, nothing) == PassScope.everything()  # the first pass
     clock.passed(PassScope.everything(), 0.0, seen, None)
@@ -126,16 +130,19 @@ def test_the_pass_clock_scopes_each_pass_to_what_changed() -> None:
     assert clock.scope(DEPLOYMENT_PASS_EVERY_S - 0.5, seen, busy) is None
     assert clock.wait_s(DEPLOYMENT_PASS_EVERY_S - 0.5, busy) == 0.5
     assert clock.scope(DEPLOYMENT_PASS_EVERY_S, seen, busy) == PassScope(True, frozenset())
+    # A scale: the Deployment's pass, not every limit read back.
+    assert clock.scope(3.0, seen_as(replicas=5), nothing) == PassScope(True, frozenset())
+    clock.passed(PassScope(True, frozenset()), 3.0, seen_as(replicas=5), None)
+    assert clock.scope(3.5, seen_as(replicas=5), nothing) is None
     # A spec change, an annotation, or the resync: everything.
-    assert clock.scope(3.0, (2, frozenset()), nothing) == PassScope.everything()
-    nudged = (1, frozenset({("note", "x")}))
-    assert clock.scope(3.0, nudged, nothing) == PassScope.everything()
-    assert clock.scope(RESYNC_S, seen, nothing) == PassScope.everything()
+    assert clock.scope(4.0, seen_as('{"gpu": 2}', 5), nothing) == PassScope.everything()
+    assert clock.scope(4.0, seen_as(replicas=5, note="x"), nothing) == PassScope.everything()
+    assert clock.scope(RESYNC_S, seen_as(replicas=5), nothing) == PassScope.everything()
 
 
 def test_autoscaling_asks_for_pool_passes_between_resyncs() -> None:
     clock = PassClock()
-    seen: PoolSeen = (1, frozenset())
+    seen = seen_as()
     clock.passed(PassScope.everything(), 0.0, seen, 5.0)
     assert clock.wait_s(0.0, PendingWork()) == 5.0
     assert clock.scope(5.0, seen, PendingWork()) == PassScope(True, frozenset())

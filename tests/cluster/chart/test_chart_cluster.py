@@ -26,6 +26,7 @@ from k8s.operator_harness import (
     install_crd,
     parse_metrics,
     unique,
+    wait_established,
 )
 from k8s.real_node import TAINT_KEY, Image, RealNode
 from kubernetes import client
@@ -72,12 +73,7 @@ def servicemonitor_crd(dev_cluster: DevCluster) -> Iterator[None]:
     existing = get_json(dev_cluster, "crd", "servicemonitors.monitoring.coreos.com")
     if existing is None:
         dev_cluster.kubectl("apply", "--server-side", "-f", str(SERVICEMONITOR_STUB))
-        dev_cluster.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/servicemonitors.monitoring.coreos.com",
-        )
+        wait_established(dev_cluster, "servicemonitors.monitoring.coreos.com")
     yield
     if existing is None:
         dev_cluster.kubectl("delete", "-f", str(SERVICEMONITOR_STUB), "--ignore-not-found")

@@ -41,14 +41,26 @@ TEST_TAINT_KEYS = (GROUP_LABEL, TAINT_KEY, "nvidia.com/gpu")
 KIND_LABEL = "pgw-test/kind"
 
 
+def wait_established(cluster: DevCluster, crd: str, timeout: float = 60.0) -> None:
+    """Wait until the API server serves ``crd``. Polled, not ``kubectl wait``: that
+    fails at once on a CRD whose status the API server has not written yet."""
+
+    def established() -> bool:
+        found = cluster.kubectl("get", "crd", crd, "-o", "json", check=False)
+        if found.returncode != 0:
+            return False
+        conditions = (json.loads(found.stdout).get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    wait_for(established, timeout=timeout, interval=0.2, what=f"CRD {crd} established")
+
+
 def install_crd(cluster: DevCluster) -> None:
     """Both of this checkout's CRDs: GpuWorkerPool and GpuWorkerLimit."""
     for crd in (CRD, LIMIT_CRD):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/gpuworkerpools.gpuworkers.dev",
-        "crd/gpuworkerlimits.gpuworkers.dev", "--timeout=60s",
-    )  # fmt: skip
+    for name in ("gpuworkerpools.gpuworkers.dev", "gpuworkerlimits.gpuworkers.dev"):
+        wait_established(cluster, name)
 
 
 @dataclass

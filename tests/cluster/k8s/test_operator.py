@@ -34,6 +34,7 @@ from .operator_harness import (
     ready_with_limits,
     start_pool,
     unique,
+    wait_established,
     wait_until,
 )
 
@@ -579,9 +580,7 @@ def isolated_group(dev_cluster: DevCluster) -> Iterator[str]:
     crd["metadata"]["name"] = f"gpuworkerpools.{group}"
     crd["spec"]["group"] = group
     dev_cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(crd))
-    dev_cluster.kubectl(
-        "wait", "--for=condition=Established", f"crd/gpuworkerpools.{group}", "--timeout=60s"
-    )
+    wait_established(dev_cluster, f"gpuworkerpools.{group}")
     yield group
     dev_cluster.kubectl("delete", "crd", f"gpuworkerpools.{group}", "--wait=false")
 
