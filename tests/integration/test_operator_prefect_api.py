@@ -20,7 +20,7 @@ from recording_server import RecordingServer
 from pgw_operator import handlers
 from pgw_operator.api_url import AllowedApiUrls, parse_api_url
 from pgw_operator.errors import PrefectError
-from pgw_operator.prefect_api import REASONS, PrefectApi
+from pgw_operator.prefect_api import BY_NAME_AT_MOST, REASONS, PrefectApi
 from prefect_gpu_workers.server import LocalPrefectServer
 
 MARKER = f"INTERNAL-SECRET-{uuid.uuid4().hex}"
@@ -30,7 +30,11 @@ async def call(api: PrefectApi, what: str) -> PrefectError:
     """Run one adapter call that must fail; its error."""
     calls: dict[str, Callable[[], Awaitable[object]]] = {
         "ensure_work_pool": lambda: api.ensure_work_pool("gpu"),
-        "read_limits": lambda: api.read_limits({"gpu:a"}),
+        # More names than are read one by one: the paged listing (one read by
+        # name answers 404 for a limit that does not exist, which is no error).
+        "read_limits": lambda: api.read_limits(
+            {"gpu:a", *(f"gpu:{i}" for i in range(BY_NAME_AT_MOST))}
+        ),
         "create_limit": lambda: api.create_limit("gpu:a", 1),
         "resize_limit": lambda: api.resize_limit("gpu:a", 1),
         "delete_limit": lambda: api.delete_limit("gpu:a"),
@@ -80,6 +84,25 @@ def test_a_2xx_answer_that_is_not_prefects_is_a_bad_response_without_its_body() 
     with RecordingServer(200, body).running() as server:
         error = asyncio.run(call(PrefectApi(parse_api_url(server.url)), "read_limits"))
     assert error.reason == "PrefectBadResponse"
+    assert MARKER not in str(error)
+
+
+def test_a_limit_read_by_name_that_is_not_prefects_is_a_bad_response_without_its_body() -> None:
+    body = json.dumps({"name": "gpu:a", "limit": MARKER, "active": True, "active_slots": 0})
+
+    async def read() -> PrefectError:
+        api = PrefectApi(parse_api_url(server.url))
+        try:
+            with pytest.raises(PrefectError) as info:
+                await api.read_limits({"gpu:a"})
+        finally:
+            await api.aclose()
+        return info.value
+
+    with RecordingServer(200, body).running() as server:
+        error = asyncio.run(read())
+    assert error.reason == "PrefectBadResponse"
+    assert "GET /v2/concurrency_limits/gpu:a" in str(error)
     assert MARKER not in str(error)
 
 
