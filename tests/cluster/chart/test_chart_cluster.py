@@ -347,7 +347,6 @@ def test_service_account_may_do_what_the_operator_does_and_nothing_more(
         ("list", "leases.coordination.k8s.io", own),
         ("create", "leases.coordination.k8s.io", pools),  # in its own namespace only
         ("update", "gpuworkerlimits.gpuworkers.dev", pools),
-        ("patch", "gpuworkerlimits.gpuworkers.dev/status", pools),  # none: state not written
         ("delete", "gpuworkerlimits.gpuworkers.dev", own),  # not a watched namespace
         ("get", f"secrets/{OTHER_SECRET}", pools),  # only the Secret it is given
         ("list", "secrets", pools),
