@@ -29,6 +29,7 @@ from .operator_harness import (
     PrefectLimits,
     pool_spec,
     ready_with_limits,
+    running_operator,
     start_pool,
     wait_until,
 )
@@ -110,8 +111,8 @@ def test_an_upgrade_from_the_status_ledger_keeps_every_limit(
     watchman.append(watcher)
     watcher.start()
 
-    new = OperatorProcess(dev_cluster.kubeconfig, namespace, tmp_path / "new.log").start()
-    try:
+    # Its log tail is printed when it stops (pytest shows it for a failed test).
+    with running_operator(dev_cluster, namespace, tmp_path / "new.log") as new:
         wait_until(
             lambda: (
                 "workers" not in pools.get("upgrade")["status"]
@@ -140,6 +141,3 @@ def test_an_upgrade_from_the_status_ledger_keeps_every_limit(
             "the removed pods' limits and objects gone",
         )
         new.assert_alive()
-    finally:
-        new.stop()
-        print(f"--- new operator log ---\n{new.log_tail(60)}")
