@@ -110,3 +110,19 @@ def pool_conditions(health: PoolHealth) -> tuple[list[Condition], str]:
         ],
         phase,
     )
+
+
+def is_degraded(conditions: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether a status's conditions (as written, ``status: "True"``) say Degraded.
+
+    What ``pgw_pool_degraded`` reports: it follows the condition the pool's
+    status shows, whatever made it (a failed pass, limit sizing, rejected pods).
+
+    Example:
+        >>> is_degraded([{"type": "Ready", "status": "False"},
+        ...              {"type": "Degraded", "status": "True"}])
+        True
+        >>> is_degraded([])
+        False
+    """
+    return any(c.get("type") == "Degraded" and c.get("status") == "True" for c in conditions)

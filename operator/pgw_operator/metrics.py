@@ -28,6 +28,12 @@ RECONCILE_ERRORS = Counter(
 LIMIT_ACTIONS = Counter(
     "pgw_limit_actions_total", "Limit changes made in Prefect", (*POOL, "action")
 )
+DEGRADED = Gauge(
+    "pgw_pool_degraded",
+    "1 while the pool's Degraded condition is True (a failed pass, limit sizing, "
+    "worker pods rejected), else 0",
+    POOL,
+)
 
 BACKLOG_RUNS = Gauge(
     "pgw_pool_backlog_runs",
@@ -64,7 +70,7 @@ def serve(address: str) -> None:
 
 
 ALL = (SLOTS_TOTAL, SLOTS_IN_USE, WORKERS_READY, WORKERS_DESIRED, RECONCILE_SECONDS,
-       RECONCILE_ERRORS, LIMIT_ACTIONS, BACKLOG_RUNS)  # fmt: skip
+       RECONCILE_ERRORS, LIMIT_ACTIONS, BACKLOG_RUNS, DEGRADED)  # fmt: skip
 
 
 def forget_pool(namespace: str, pool: str) -> None:

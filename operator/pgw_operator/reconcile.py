@@ -27,7 +27,7 @@ from typing import Any
 from pgw_operator import kube, metrics
 from pgw_operator.api_url import AllowedApiUrls, ApiUrl, ApiUrlRejected
 from pgw_operator.autoscale import autoscaling_of
-from pgw_operator.conditions import PoolHealth
+from pgw_operator.conditions import PoolHealth, is_degraded
 from pgw_operator.desired import (
     desired_deployment,
     desired_pdb,
@@ -616,9 +616,22 @@ async def write_pool_status(
         error_message=str(failure) if failure else "",
         pods_rejected=state.pods_rejected,
     )
-    await _write_status(pool, state, _status(pool, state, health))
+    status = _status(pool, state, health)
+    record_degraded(pool, status)
+    await _write_status(pool, state, status)
     labels = (pool.namespace, pool.name)
     metrics.WORKERS_READY.labels(*labels).set(health.ready_workers)
+
+
+def record_degraded(pool: PoolRef, status: Mapping[str, Any]) -> None:
+    """``pgw_pool_degraded`` from the conditions of the status about to be written.
+
+    Set before the write and whether or not the write is skipped as unchanged:
+    a write that fails fails the pass, whose status is Degraded in turn, and a
+    restarted operator reports the gauge on its first pass.
+    """
+    degraded = is_degraded(status.get("conditions") or [])
+    metrics.DEGRADED.labels(pool.namespace, pool.name).set(1 if degraded else 0)
 
 
 def record_metrics(pool: PoolRef, spec: PoolSpec, ledger: Ledger, done: list[LimitAction]) -> None:
@@ -635,4 +648,6 @@ async def report_failure(pool: PoolRef, state: PoolState, error: ReconcileError)
     """Status for a pass that failed before it could plan (Prefect unreachable...)."""
     spec = PoolSpec.from_dict(dict(pool.spec))
     health = failure_health(spec.replicas, pool.status, error.reason, str(error))
-    await _write_status(pool, state, _status(pool, state, health))
+    status = _status(pool, state, health)
+    record_degraded(pool, status)
+    await _write_status(pool, state, status)

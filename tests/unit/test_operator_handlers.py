@@ -39,6 +39,7 @@ def series(namespace: str, pool: str) -> dict[str, float | None]:
         "errors": REGISTRY.get_sample_value(
             "pgw_reconcile_errors_total", {**labels, "reason": "PrefectUnreachable"}
         ),
+        "degraded": REGISTRY.get_sample_value("pgw_pool_degraded", labels),
     }
 
 
@@ -50,12 +51,13 @@ def test_deleting_a_pool_with_an_empty_ledger_forgets_its_gate_wakeup_and_metric
     metrics.WORKERS_DESIRED.labels(*key).set(2)
     metrics.RECONCILE_SECONDS.labels(*key).observe(0.1)
     metrics.RECONCILE_ERRORS.labels(*key, "PrefectUnreachable").inc()
+    metrics.DEGRADED.labels(*key).set(1)
     assert all(value is not None for value in series(*key).values())
 
     body = pool_body(namespace, pool, {"workers": []})
     asyncio.run(handlers.delete_pool(body, logging.getLogger("test"), AllowedApiUrls(), records={}))
     assert key not in handlers.POOLS.pools()
-    assert series(*key) == {"desired": None, "passes": None, "errors": None}
+    assert series(*key) == {"desired": None, "passes": None, "errors": None, "degraded": None}
 
 
 def test_forget_drops_wakeup_and_gate_together() -> None:
