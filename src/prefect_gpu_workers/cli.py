@@ -26,7 +26,7 @@ from prefect_gpu_workers.argtypes import (
     positive_float,
     positive_int,
 )
-from prefect_gpu_workers.commands import DEFAULT_LAUNCHER, LAUNCHERS
+from prefect_gpu_workers.commands import DEFAULT_LAUNCHER, LAUNCHERS, validate_metrics_port
 from prefect_gpu_workers.database import DATABASES
 from prefect_gpu_workers.local.plan import (
     DEFAULT_API_TIMEOUT_S,
@@ -316,8 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--metrics-socket",
         type=Path,
-        help="serve the slot broker's Prometheus metrics on this Unix socket (none by default; "
-        "never TCP)",
+        help="serve the slot broker's Prometheus metrics on this Unix socket (none by default)",
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=_metrics_port,
+        metavar="PORT",
+        help="serve the worker's Prometheus metrics over HTTP on 0.0.0.0:PORT, path /metrics "
+        "(1..65535; none by default)",
     )
     worker.add_argument(
         "--gpus",
@@ -335,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_start_parser(commands)
     add_status_parser(commands)
     return parser
+
+
+def _metrics_port(text: str) -> int:
+    """``--metrics-port``: a TCP port, 1..65535."""
+    try:
+        return validate_metrics_port(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _memory_mix(text: str) -> MemoryMix:
@@ -440,6 +454,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 args.preload,
                 args.gpus,
                 args.gpu_memory,
+                args.metrics_port,
             )
             return 0
         except (TimeoutError, WorkerIdentityError) as exc:

@@ -28,6 +28,8 @@ DRAIN_MARGIN_S = 15
 # a warm launcher that has imported Prefect, or a new interpreter each.
 LAUNCHERS = ("fork", "subprocess")
 DEFAULT_LAUNCHER = "fork"
+# The TCP ports ``--metrics-port`` accepts.
+MIN_PORT, MAX_PORT = 1, 65535
 
 
 def module_program(python: str) -> list[str]:
@@ -62,6 +64,7 @@ def worker_command(
     preload: Sequence[str] = (),
     gpus: int | None = None,
     gpu_memory: str | None = None,
+    metrics_port: int | None = None,
 ) -> list[str]:
     """The worker entrypoint's command line.
 
@@ -83,10 +86,16 @@ def worker_command(
         gpus: the worker's GPUs (``--gpus``) where NVML cannot count them.
         gpu_memory: each GPU's memory (``--gpu-memory``, "80GiB") where NVML
             cannot read it; the broker places memory requests on it.
+        metrics_port: serve the worker's Prometheus metrics over HTTP on
+            0.0.0.0 at this TCP port (``--metrics-port``); None serves none.
 
     Raises:
-        ValueError: ``flow_runs`` below 1, a negative ``wait_timeout_s`` or an
-            unknown ``launcher``.
+        ValueError: ``flow_runs`` below 1, a negative ``wait_timeout_s``, an
+            unknown ``launcher`` or a ``metrics_port`` outside 1..65535.
+
+    Example:
+        >>> worker_command("p", 1, "gpu", 60, metrics_port=9400)[-2:]
+        ['--metrics-port', '9400']
     """
     if flow_runs < 1:
         raise ValueError(f"flow_runs must be at least 1, got {flow_runs}")
@@ -94,6 +103,8 @@ def worker_command(
         raise ValueError(f"wait_timeout_s must not be negative, got {wait_timeout_s}")
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
+    if metrics_port is not None:
+        validate_metrics_port(metrics_port)
     command = [
         *program, WORKER_SUBCOMMAND,
         "--pool", pool,
@@ -115,4 +126,21 @@ def worker_command(
         command += ["--gpus", str(gpus)]
     if gpu_memory is not None:
         command += ["--gpu-memory", gpu_memory]
+    if metrics_port is not None:
+        command += ["--metrics-port", str(metrics_port)]
     return command
+
+
+def validate_metrics_port(port: int) -> int:
+    """A TCP port the worker may serve its metrics on (1..65535; 0 would pick one at random).
+
+    Raises:
+        ValueError: the port is outside 1..65535.
+
+    Example:
+        >>> validate_metrics_port(9400)
+        9400
+    """
+    if not MIN_PORT <= port <= MAX_PORT:
+        raise ValueError(f"metrics port must be in {MIN_PORT}..{MAX_PORT}, got {port}")
+    return port

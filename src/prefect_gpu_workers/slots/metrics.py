@@ -1,8 +1,11 @@
-"""Prometheus metrics of a worker's slot broker, served on a Unix socket when asked.
+"""Prometheus metrics of a worker's slot broker, served over HTTP and a Unix socket when asked.
 
-Nothing listens on TCP: ``prefect-gpu-workers worker --metrics-socket PATH`` serves
-the text exposition format on ``PATH`` (mode 0600), readable with
-``curl --unix-socket PATH http://localhost/metrics`` or a sidecar that relays it.
+``prefect-gpu-workers worker --metrics-port PORT`` serves the text exposition
+format over HTTP on ``0.0.0.0:PORT`` (path ``/metrics``; Prometheus scrapes the
+pod's container port ``metrics``); ``--metrics-socket PATH`` serves the same
+text on ``PATH`` (mode 0600), readable with
+``curl --unix-socket PATH http://localhost/metrics``. Only ``GET /metrics`` is
+answered; anything else gets 404.
 
 Metrics (label ``limit``, the limit's name):
 - ``pgw_gpu_slots`` capacity, ``pgw_gpu_slots_held``, ``pgw_gpu_slot_waiters``;
@@ -18,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,31 +100,111 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-async def serve_metrics(path: Path, text: Callable[[], str]) -> asyncio.AbstractServer:
-    """Answer every HTTP request on the Unix socket ``path`` with ``text()``."""
+# The most a request line and its headers may take; a longer request is refused.
+MAX_REQUEST_BYTES = 8192
+# A client that has not sent its request by then is dropped (a stuck scraper
+# must not hold a connection open for ever).
+REQUEST_TIMEOUT_S = 10.0
+METRICS_PATH = "/metrics"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def http_answer(request: bytes) -> tuple[int, str]:
+    r"""The status and reason phrase a request line and headers get; pure.
+
+    Only ``GET /metrics`` (a query string allowed) is answered with the text.
+
+    Example:
+        >>> http_answer(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        (200, 'OK')
+        >>> http_answer(b"GET /other HTTP/1.1\r\n\r\n"), http_answer(b"\x00garbage")
+        ((404, 'Not Found'), (400, 'Bad Request'))
+    """
+    line = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0]
+    parts = line.split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return 400, "Bad Request"
+    method, target = parts[0], parts[1].split(b"?", 1)[0]
+    if method == b"GET" and target == METRICS_PATH.encode():
+        return 200, "OK"
+    return 404, "Not Found"
+
+
+def _response(status: int, reason: str, body: bytes) -> bytes:
+    content_type = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
+async def _discard(reader: asyncio.StreamReader, most: int = 16 * MAX_REQUEST_BYTES) -> None:
+    """Read until the client's end of input, or ``most`` bytes."""
+    left = most
+    while left > 0 and (chunk := await reader.read(min(left, MAX_REQUEST_BYTES))):
+        left -= len(chunk)
+
+
+def _handler(
+    text: Callable[[], str],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """One request per connection: read at most MAX_REQUEST_BYTES, answer, close."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while (await reader.readline()).strip():  # the request line and headers
-                pass
-            body = text().encode()
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
+            try:
+                request = await asyncio.wait_for(
+                    reader.readuntil(b"\r\n\r\n"), timeout=REQUEST_TIMEOUT_S
+                )
+            except asyncio.IncompleteReadError as exc:
+                # Closed before the blank line: answer what came (a bare
+                # request line still names what it wants).
+                request = exc.partial
+            except asyncio.LimitOverrunError:
+                # Read (and drop) what the client sent, boundedly, before the
+                # answer: closing on unread input resets the connection and
+                # the client would never see why.
+                await asyncio.wait_for(_discard(reader), timeout=REQUEST_TIMEOUT_S)
+                writer.write(_response(431, "Request Header Fields Too Large", b"too large\n"))
+                await writer.drain()
+                return
+            status, reason = http_answer(request)
+            body = text().encode() if status == 200 else f"{reason}\n".encode()
+            writer.write(_response(status, reason, body))
             await writer.drain()
-        except ConnectionError:
-            pass
+        except (ConnectionError, TimeoutError):
+            pass  # the client left or never asked: nothing to answer
         finally:
             writer.close()
 
+    return answer
+
+
+async def serve_metrics(path: Path, text: Callable[[], str]) -> asyncio.AbstractServer:
+    """Serve ``GET /metrics`` with ``text()`` on the Unix socket ``path`` (mode 0600)."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a stale socket of an earlier run
     old_umask = os.umask(0o177)
     try:
-        server = await asyncio.start_unix_server(answer, path=str(path))
+        server = await asyncio.start_unix_server(
+            _handler(text), path=str(path), limit=MAX_REQUEST_BYTES
+        )
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
     return server
+
+
+async def serve_metrics_http(
+    port: int, text: Callable[[], str], host: str = "0.0.0.0"
+) -> asyncio.Server:
+    """Serve ``GET /metrics`` with ``text()`` over TCP on ``host:port`` (port 0: any free one).
+
+    Every other request gets 404 (400 when it is not HTTP, 431 past
+    MAX_REQUEST_BYTES); a bad request never stops the server.
+
+    Example:
+        server = await serve_metrics_http(9400, broker.metrics_text)
+        port = server.sockets[0].getsockname()[1]
+    """
+    return await asyncio.start_server(_handler(text), host=host, port=port, limit=MAX_REQUEST_BYTES)

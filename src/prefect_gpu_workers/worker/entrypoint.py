@@ -788,6 +788,7 @@ async def serve_worker(
     drain_s: float = DEFAULT_DRAIN_S,
     launcher: WarmLauncher | None = None,
     gpus: tuple[WorkerGpu, ...] = (WorkerGpu(0),),
+    metrics_port: int | None = None,
 ) -> DrainReport | None:
     """Run the slot broker and the Prefect process worker in this event loop until drained."""
     from prefect_gpu_workers.slots.broker import SlotBroker
@@ -800,20 +801,25 @@ async def serve_worker(
         os.environ[SLOT_BROKER_ENV] = str(broker.socket_path)
         print(f"slot broker for {request.name} on {broker.socket_path}", flush=True)
         print(f"memory requests are placed on {describe_gpus(gpus)}", flush=True)
-        metrics_server = None
+        metrics_servers: list[asyncio.AbstractServer] = []
         if metrics_socket is not None:
             from prefect_gpu_workers.slots.metrics import serve_metrics
 
-            metrics_server = await serve_metrics(metrics_socket, broker.metrics_text)
+            metrics_servers.append(await serve_metrics(metrics_socket, broker.metrics_text))
             print(f"slot broker metrics on {metrics_socket}", flush=True)
+        if metrics_port is not None:
+            from prefect_gpu_workers.slots.metrics import serve_metrics_http
+
+            metrics_servers.append(await serve_metrics_http(metrics_port, broker.metrics_text))
+            print(f"worker metrics on http://0.0.0.0:{metrics_port}/metrics", flush=True)
         worker = _new_worker(pool, worker_id, flow_runs, broker, request.name, intake, launcher)
         # Only the processes of this worker's runs wait at its broker.
         broker.runs_in_flight = lambda: {str(run_id) for run_id in worker.runs.runs}
         try:
             return await run_until_stopped(worker, with_healthcheck, drain_s, broker)
         finally:
-            if metrics_server is not None:
-                metrics_server.close()
+            for server in metrics_servers:
+                server.close()
 
 
 async def serve_plain_worker(
@@ -846,6 +852,7 @@ def run_worker(
     preload: list[str] | None = None,
     gpus: int | None = None,
     gpu_memory: str | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Wait for the limit, then serve the broker and the Prefect worker until drained.
 
@@ -869,6 +876,8 @@ def run_worker(
                 "warm launcher ready" if not_ready is None else f"{not_ready}: runs fall back"
             )
         if not slot_broker:
+            if metrics_port is not None:
+                print_line("no slot broker: --metrics-port serves nothing")
             asyncio.run(
                 serve_plain_worker(
                     pool, worker_id, request, flow_runs, with_healthcheck, drain_s, launcher=warm
@@ -887,6 +896,7 @@ def run_worker(
                 drain_s=drain_s,
                 launcher=warm,
                 gpus=broker_gpus(gpus, gpu_memory),
+                metrics_port=metrics_port,
             )
         )
 
