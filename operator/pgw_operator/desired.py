@@ -230,7 +230,9 @@ def worker_command(spec: PoolSpec) -> list[str]:
     With ``spec.gpu.memory`` its slot broker places memory requests on its GPUs:
     ``--gpus`` where the spec fixes them (``perWorker``), ``--gpu-memory`` where
     the spec states each GPU's memory (``auto``: NVML in the pod, else the memory
-    limit split over the GPUs). Without it the command is as before.
+    limit split over the GPUs). Without it the command is as before. With
+    ``spec.worker.metricsPort`` the worker serves its metrics there
+    (``--metrics-port``); without it, as before.
     """
     memory = spec.gpu_memory
     return entrypoint_command(
@@ -242,7 +244,28 @@ def worker_command(spec: PoolSpec) -> list[str]:
         drain_s=drain_seconds_within(spec.drain_grace_period_s),
         gpus=spec.gpus_per_worker if memory is not None else None,
         gpu_memory=memory if memory not in (None, GPU_MEMORY_AUTO) else None,
+        metrics_port=spec.metrics_port,
     )
+
+
+def worker_ports(spec: PoolSpec) -> list[dict[str, Any]]:
+    """The worker container's ports: ``health`` (the probes), and ``metrics`` with
+    ``spec.worker.metricsPort`` (the worker's ``--metrics-port``, for a PodMonitor
+    or a scrape by pod IP). Unset, the list is exactly the one before metrics
+    existed, so the pod template of an existing pool does not change (no rollout
+    on upgrade).
+
+    Example:
+        >>> from pgw_operator.spec import PoolSpec
+        >>> spec = PoolSpec.from_dict({"workPool": {"name": "p"}, "prefect": {"apiUrl": "x"},
+        ...     "worker": {"image": "i", "metricsPort": 9400}})
+        >>> [port["name"] for port in worker_ports(spec)]
+        ['health', 'metrics']
+    """
+    ports = [{"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"}]
+    if spec.metrics_port is not None:
+        ports.append({"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"})
+    return ports
 
 
 # What a worker gets where its pod template says nothing: enough to schedule
@@ -305,7 +328,7 @@ def desired_deployment(pool: str, namespace: str, uid: str, spec: PoolSpec) -> d
         "command": worker_command(spec),
         "env": worker_env(spec),
         "resources": worker_resources(spec),
-        "ports": [{"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"}],
+        "ports": worker_ports(spec),
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": "health"},
             "initialDelaySeconds": 10,

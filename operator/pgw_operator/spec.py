@@ -95,6 +95,10 @@ class PoolSpec:
     # ("80Gi"): each worker also gets a GPU memory limit. None: no memory limit.
     gpu_memory: str | None = None
     finalizer_timeout_s: int = int(DEFAULTS["prefect.finalizerTimeoutSeconds"])
+    # spec.worker.metricsPort: the worker serves its slot broker's Prometheus
+    # text on this port (container port "metrics"). None: no metrics port, and
+    # the pod template exactly as before (existing pools do not roll).
+    metrics_port: int | None = None
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> PoolSpec:
@@ -124,4 +128,9 @@ class PoolSpec:
             memory_per_slot=(spec.get("gpu") or {}).get("memoryPerSlot"),
             gpu_memory=(spec.get("gpu") or {}).get("memory"),
             finalizer_timeout_s=int(spec_value(spec, "prefect.finalizerTimeoutSeconds")),
+            metrics_port=_optional_int(spec["worker"].get("metricsPort")),
         )
+
+
+def _optional_int(value: Any) -> int | None:
+    return int(value) if value is not None else None

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from pgw_operator.desired import DEFAULT_RESOURCES, desired_deployment, desired_service_account
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgw_operator.desired import (
+    DEFAULT_RESOURCES,
+    WORKER_HEALTH_PORT,
+    desired_deployment,
+    desired_service_account,
+)
 from pgw_operator.spec import POOL_LABEL
 
 from builders import make_spec, pool_spec
+
+CRD = Path(__file__).resolve().parents[2] / "crds" / "gpuworkerpools.gpuworkers.dev.yaml"
 
 
 def test_deployment_gives_each_pod_its_name_as_worker_id_and_the_gpu_limit() -> None:
@@ -93,3 +106,53 @@ def test_workers_run_as_the_pool_s_own_account_unless_the_template_names_one() -
     named = pool_spec(worker={"image": "i", "podTemplate": {"serviceAccountName": "reader"}})
     pod_spec = desired_deployment("p", "ns", "u", named)["spec"]["template"]["spec"]
     assert pod_spec["serviceAccountName"] == "reader"
+
+
+# --- spec.worker.metricsPort -------------------------------------------------------------
+
+
+def worker_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def test_metrics_port_adds_the_flag_and_a_named_container_port() -> None:
+    spec = pool_spec(worker={"image": "i", "metricsPort": 9400})
+    container = worker_container(desired_deployment("p", "ns", "u", spec))
+    assert container["command"][-2:] == ["--metrics-port", "9400"]
+    assert container["ports"] == [
+        {"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 9400, "protocol": "TCP"},
+    ]
+
+
+def test_without_metrics_port_the_pod_template_is_the_one_before_it_existed() -> None:
+    """An existing pool's template must not change on upgrade (a change rolls every
+    worker); with the port, the flag and the port are the only differences."""
+    plain = desired_deployment("p", "ns", "u", pool_spec())
+    container = worker_container(plain)
+    assert "--metrics-port" not in container["command"]
+    assert container["ports"] == [
+        {"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"}
+    ]
+    with_port = desired_deployment(
+        "p", "ns", "u", pool_spec(worker={"image": "worker:1", "metricsPort": 9400})
+    )
+    metrics_container = worker_container(with_port)
+    metrics_container["command"] = metrics_container["command"][:-2]
+    metrics_container["ports"] = metrics_container["ports"][:1]
+    with_port["spec"]["template"]["spec"]["containers"] = [metrics_container]
+    assert json.dumps(with_port, sort_keys=False) == json.dumps(plain, sort_keys=False)
+
+
+def test_the_crd_keeps_metrics_off_the_health_port() -> None:
+    """The CRD's CEL rule names the port the operator gives the probes."""
+    crd = yaml.safe_load(CRD.read_text())
+    (version,) = crd["spec"]["versions"]
+    worker = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["worker"]
+    port = worker["properties"]["metricsPort"]
+    assert (port["type"], port["minimum"], port["maximum"]) == ("integer", 1024, 65535)
+    (rule,) = [r for r in worker["x-kubernetes-validations"] if "metricsPort" in r["rule"]]
+    assert rule["rule"] == f"!has(self.metricsPort) || self.metricsPort != {WORKER_HEALTH_PORT}"
+    assert rule["fieldPath"] == ".metricsPort"
+    assert str(WORKER_HEALTH_PORT) in rule["message"]
