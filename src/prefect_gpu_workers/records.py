@@ -140,3 +140,60 @@ def _iter_records(paths: Iterable[Path]) -> Iterator[StageRecord]:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 yield StageRecord.from_json(json.loads(line))
+
+
+# A cell of an artifact's table: Prefect stores the rows as JSON and shows them as they are.
+Cell = str | int | float | None
+
+
+def _seconds(value: float) -> float:
+    # Milliseconds are what a person compares; more digits are noise in a table.
+    return round(value, 3)
+
+
+def gpu_step_row(record: StageRecord, gpu_uuid: str | None = None) -> dict[str, Cell]:
+    """One GPU step as a row of its table artifact: where it ran, how long it waited and held.
+
+    ``device`` is the CUDA device the step ran on ("cuda:1"), else "cpu" (the
+    step ran on the CPU, or simulated its work); ``gpu`` is that device's
+    position and ``gpu_uuid`` its UUID where the step could read it. Peak
+    memory is the allocator's (torch) where the step ran on CUDA; elsewhere
+    nothing was measured, and a step placed by memory names what it declared.
+
+    Raises:
+        ValueError: the record is not a GPU step's.
+
+    Example:
+        >>> step = StageRecord("r", "w-1", "gpu", 10.0, 12.5, 15.0, 1, "gpu:w-1", "simulated")
+        >>> row = gpu_step_row(step)
+        >>> row["device"], row["waited_s"], row["held_s"], row["limit"]
+        ('cpu', 2.5, 2.5, 'gpu:w-1')
+    """
+    if record.stage != "gpu":
+        raise ValueError(f"not a GPU step's record: stage {record.stage!r}")
+    device = record.device or ""
+    on_cuda = device.startswith("cuda")
+    position = device.partition(":")[2] if on_cuda else ""
+    if record.peak_memory_mib is not None:
+        memory_from = "torch (allocator peak)"
+    elif record.memory_gib is not None:
+        memory_from = f"not measured; declared {record.memory_gib} GiB"
+    else:
+        memory_from = "not measured (no CUDA)"
+    return {
+        "device": device if on_cuda else "cpu",
+        "gpu": int(position) if position.isdigit() else None,
+        "gpu_uuid": gpu_uuid if on_cuda else None,
+        "work": "simulated" if device == "simulated" else ("gpu" if on_cuda else "cpu"),
+        "limit": record.limit,
+        "slots": record.occupy,
+        "waited_s": _seconds(record.start - record.requested),
+        "held_s": _seconds(record.end - record.start),
+        "peak_memory_mib": (
+            None if record.peak_memory_mib is None else round(record.peak_memory_mib, 1)
+        ),
+        "peak_memory_from": memory_from,
+        "declared_memory_gib": record.memory_gib,
+        "worker": record.worker_id,
+        "error": record.error,
+    }

@@ -366,3 +366,77 @@ def speedup(task_level: PhaseMetrics, flow_level: PhaseMetrics) -> float | None:
     if flow_level.runs_per_s <= 0:
         return None
     return task_level.runs_per_s / flow_level.runs_per_s
+
+
+# A cell of a report's table artifact (stored as JSON).
+Cell = str | int | float | None
+
+
+def _rounded(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _percent_of(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 1)
+
+
+def _peaks_text(metrics: PhaseMetrics) -> str:
+    return ", ".join(
+        f"{worker} {metrics.max_gpu_overlap_per_worker.get(worker, 0)}/{limit}"
+        for worker, limit in sorted(metrics.limit_per_worker.items())
+    )
+
+
+# (measure, how to read it off a phase): the report's figures, in the order a
+# person reads them; the units are in the names because the cells are bare numbers.
+_FIGURES: tuple[tuple[str, Callable[[PhaseMetrics], Cell]], ...] = (
+    ("runs submitted", lambda m: m.runs_submitted),
+    ("runs finished", lambda m: m.runs_finished),
+    ("runs failed", lambda m: m.runs_failed),
+    ("time to finish (submit -> last run end), s", lambda m: _rounded(m.makespan_s)),
+    ("throughput, runs/s", lambda m: _rounded(m.runs_per_s, 4)),
+    ("GPU steps recorded", lambda m: m.gpu_steps),
+    ("GPU-slot utilisation, %", lambda m: _percent_of(m.slot_utilization)),
+    ("wait for a GPU slot p50, s", lambda m: _rounded(m.gpu_wait_p50_s)),
+    ("slot idle after a release while a step waited p50, s",
+     lambda m: _rounded(m.gcl_handoff_gap_p50_s)),
+    ("slot idle after a release while a step waited p95, s",
+     lambda m: _rounded(m.gcl_handoff_gap_p95_s)),
+    ("release -> next GPU step while runs were queued p50, s",
+     lambda m: _rounded(m.backlog_handoff_gap_p50_s)),
+    ("release -> next GPU step while runs were queued p95, s",
+     lambda m: _rounded(m.backlog_handoff_gap_p95_s)),
+    ("flow-run start (worker starts it -> first task) p50, s",
+     lambda m: _rounded(m.start_up_p50_s)),
+    ("flow-run start (worker starts it -> first task) p95, s",
+     lambda m: _rounded(m.start_up_p95_s)),
+    ("CPU-seconds per flow-run start (mean)", lambda m: _rounded(m.start_cpu_mean_s)),
+    ("peak GPU steps at once / limit, per worker", _peaks_text),
+    ("within every worker's limit", lambda m: "yes" if m.within_limits else "NO"),
+)  # fmt: skip
+
+
+def figure_rows(phases: Sequence[tuple[str, PhaseMetrics]]) -> list[dict[str, Cell]]:
+    """A report's figures as table rows: one row per measure, one column per phase.
+
+    The demo has one phase, the bench several; the same measure reads across.
+    Figures that were not measured (no GPU step waited, say) are ``None``.
+
+    Raises:
+        ValueError: no phase, or two phases of one label (a column each).
+
+    Example:
+        >>> m = summarize([], {"w-1": 2}, submitted=1, finished=1, failed=0,
+        ...               submitted_at=0.0, ended_at=4.0)
+        >>> figure_rows([("demo", m)])[4]
+        {'measure': 'throughput, runs/s', 'demo': 0.25}
+    """
+    labels = [label for label, _ in phases]
+    if not labels:
+        raise ValueError("a report needs at least one phase")
+    if len(set(labels)) != len(labels) or "measure" in labels:
+        raise ValueError(f"phase labels must be distinct and not 'measure': {labels}")
+    return [
+        {"measure": measure, **{label: read(metrics) for label, metrics in phases}}
+        for measure, read in _FIGURES
+    ]

@@ -18,6 +18,7 @@ are imported only when a picture is drawn.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -572,3 +573,113 @@ def write_timeline(path: Path, *phases: TimelinePhase, title: str = "", subtitle
         # include_plotlyjs=True embeds plotly.js: the file opens offline.
         figure.write_html(path, include_plotlyjs=True, full_html=True)
     return path
+
+
+# ---------------------------------------------------------------- markdown (Prefect artifacts)
+
+# One character per bar kind in the text chart. Painted in this order, so the
+# GPU step is drawn over anything it touches and a short one still shows.
+CHART_CHARS: dict[BarKind, str] = {
+    "start-up": ":",
+    "download": "d",
+    "prepare": "p",
+    "wait": ".",
+    "save": "s",
+    "gpu": "G",
+}
+FAILED_CHAR = "X"
+CHART_WIDTH = 72
+
+
+def chart_lines(layout: PhaseLayout, width: int = CHART_WIDTH) -> list[str]:
+    """The phase as fixed-width text: a line per row of runs, then slots held per worker.
+
+    Each column covers ``duration / width`` seconds. A bar paints at least
+    the column it starts in, so a step shorter than a column is not lost. A
+    worker's slot line gives the most slots held during each column (a digit,
+    ``+`` above 9), ``|`` after it its limit.
+
+    Example:
+        >>> steps = [StageRecord("r", "w", "gpu", 0.0, 1.0, 3.0, 1, "gpu:w")]
+        >>> chart_lines(layout_phase(TimelinePhase("x", steps, {"w": 1}, started_at=0.0)), 6)
+        ['w #1        ..GGGG', 'w slots     001111 |1']
+    """
+    if width < 1:
+        raise ValueError(f"width must be at least 1, got {width}")
+    span = layout.duration if layout.duration > 0 else 1.0
+    step = span / width
+
+    def column(moment: float) -> int:
+        return min(width - 1, max(0, math.floor(moment / step)))
+
+    names = [*layout.rows, *(f"{worker} slots" for worker in layout.occupancy)]
+    pad = max([12, *(len(name) + 1 for name in names)])
+    grid = [[" "] * width for _ in layout.rows]
+    order = {kind: index for index, kind in enumerate(CHART_CHARS)}
+    for bar in sorted(layout.bars, key=lambda b: order[b.kind]):
+        first = column(bar.start)
+        last = max(first, math.ceil(bar.end / step) - 1)
+        char = FAILED_CHAR if bar.failed and bar.kind == "gpu" else CHART_CHARS[bar.kind]
+        for index in range(first, min(last, width - 1) + 1):
+            grid[bar.row][index] = char
+    rows = zip(layout.rows, grid, strict=True)
+    lines = [f"{name:<{pad}}{''.join(cells)}" for name, cells in rows]
+    for worker, steps in layout.occupancy.items():
+        held = [0] * width
+        # Each (moment, slots) holds until the next step's moment.
+        for (moment, slots), (until, _) in itertools.pairwise(steps):
+            if slots and until > moment:
+                for index in range(column(moment), column(max(moment, until - step / 2)) + 1):
+                    held[index] = max(held[index], slots)
+        digits = "".join(str(n) if n < 10 else "+" for n in held)
+        lines.append(f"{worker + ' slots':<{pad}}{digits} |{layout.limits.get(worker, 0)}")
+    return lines
+
+
+def timeline_markdown(
+    phases: Sequence[TimelinePhase],
+    title: str,
+    subtitle: str = "",
+    pictures: Sequence[Path] = (),
+    width: int = CHART_WIDTH,
+) -> str:
+    """The timeline as Markdown for a Prefect artifact: a text chart per phase, a legend,
+    the slots each worker held against its limit, and links to the pictures drawn.
+
+    ``pictures`` are files written with ``--timeline``; they stay on the machine
+    that drew them, so the link names the path there.
+
+    Raises:
+        ValueError: no phase.
+    """
+    if not phases:
+        raise ValueError("a timeline needs at least one phase")
+    legend = ", ".join(f"`{CHART_CHARS[kind]}` {BAR_LABELS[kind]}" for kind in CHART_CHARS)
+    parts = [f"# {title}"]
+    if subtitle:
+        parts.append(subtitle)
+    for phase in phases:
+        layout = layout_phase(phase)
+        span = layout.duration
+        parts.append(f"## {_column_title(layout)}")
+        parts.append(
+            f"0 s to {span:.1f} s since the runs were submitted, one column = "
+            f"{(span or 1.0) / width:.2f} s; a row per flow run at a time of each worker."
+        )
+        parts.append("```text\n" + "\n".join(chart_lines(layout, width)) + "\n```")
+        peaks = [
+            f"| {worker} | {max((held for _, held in steps), default=0)} | "
+            f"{layout.limits.get(worker, 0)} |"
+            for worker, steps in layout.occupancy.items()
+        ]
+        parts.append("| worker | most GPU slots held at once | limit |\n|---|---|---|\n"
+                     + "\n".join(peaks))  # fmt: skip
+    parts.append(f"Legend: {legend}, `{FAILED_CHAR}` GPU step failed; slot lines: slots held, "
+                 "`|` then the limit.")  # fmt: skip
+    if pictures:
+        links = "\n".join(f"- [{path.name}]({path.resolve().as_uri()}): `{path.resolve()}`"
+                          for path in pictures)  # fmt: skip
+        parts.append(f"Pictures drawn with `--timeline` (on the machine that ran it):\n{links}")
+    else:
+        parts.append("No picture drawn: `--timeline FILE.png` or `FILE.html` draws one.")
+    return "\n\n".join(parts) + "\n"
