@@ -403,6 +403,17 @@ def peak_memory_mib(device: str) -> float | None:
     return float(torch.cuda.max_memory_allocated(torch.device(device))) / _MIB
 
 
+def device_uuid(device: str) -> str | None:
+    """The CUDA device's UUID as NVML writes it ("GPU-..."); None off CUDA or where
+    torch cannot say (its ``uuid`` property is recent)."""
+    if not device.startswith("cuda"):
+        return None
+    torch = _torch()
+    with contextlib.suppress(Exception):
+        return f"GPU-{torch.cuda.get_device_properties(torch.device(device)).uuid}"
+    return None
+
+
 def reset_peak_memory(device: str) -> None:
     """Start a new peak (``torch.cuda.reset_peak_memory_stats``); nothing off CUDA."""
     if device.startswith("cuda"):

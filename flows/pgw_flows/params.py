@@ -52,6 +52,9 @@ class PipelineParams:
     gpu_memory: str | None = None
     # Other global limits the GPU step holds with its slot ({"licence:x": 1}).
     gpu_also: dict[str, int] | None = None
+    # Publish the GPU step's table artifact; None: PGW_ARTIFACTS on the worker
+    # decides ("0" turns it off), else on.
+    artifacts: bool | None = None
 
     def as_parameters(self) -> dict[str, Any]:
         """Flow-run parameters; ``None`` values are left out so the flow's fallbacks apply."""

@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from pgw_flows.artifacts import artifacts_enabled, publish_gpu_step
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.naming import LAUNCHED_AT_ENV, WORKER_ID_ENV, limit_prefix_from_env
 from prefect_gpu_workers.records import StageRecord, append_record, record_dir_from
@@ -118,6 +119,7 @@ def inference(
     unlimited: bool = False,
     gpu_memory: str | None = None,
     gpu_also: dict[str, int] | None = None,
+    artifacts: bool = True,
 ) -> Inference:
     """The GPU step: everything that touches the GPU happens inside the slot.
 
@@ -125,8 +127,48 @@ def inference(
     file; on CUDA that first calibration runs inside the slot because it uses
     the GPU). ``memory_fraction`` of the device's memory is set aside for the
     step's working set. ``unlimited`` takes no slot at all: only for showing
-    what the limit prevents (``demo --no-limit``).
+    what the limit prevents (``demo --no-limit``). With ``artifacts`` the
+    step publishes its table artifact once its slot is given back, also when
+    it failed, but not when it was stopped (SIGTERM, Ctrl-C: no API call while
+    the process is being stopped).
     """
+    recorded: list[StageRecord] = []
+    try:
+        result = _inference(
+            run_id, batch, occupy, limit_prefix, seconds, simulate, record_dir, fail, batches,
+            memory_fraction, unlimited, gpu_memory, gpu_also, recorded,
+        )  # fmt: skip
+    except Exception:
+        # A failed step's table says why; a stop (BaseException) publishes nothing.
+        if artifacts and recorded:
+            _publish(recorded[0])
+        raise
+    if artifacts and recorded:
+        _publish(recorded[0])
+    return result
+
+
+def _publish(record: StageRecord) -> None:
+    publish_gpu_step(record, _device_uuid(record.device), get_run_logger())
+
+
+def _inference(
+    run_id: str,
+    batch: Batch,
+    occupy: int,
+    limit_prefix: str,
+    seconds: float,
+    simulate: bool,
+    record_dir: str | None,
+    fail: bool,
+    batches: int | None,
+    memory_fraction: float,
+    unlimited: bool,
+    gpu_memory: str | None,
+    gpu_also: dict[str, int] | None,
+    recorded: list[StageRecord],
+) -> Inference:
+    """The GPU step's work; its record is appended to ``recorded`` inside the slot."""
     began = time.time()
     model: Any = None
     device: str | None = None
@@ -209,6 +251,7 @@ def inference(
                     record.memory_gib,
                 )
             _record(record_dir, record)
+            recorded.append(record)
     batches_run = work.batches if work is not None else None
     limit_used = None if limit is None else str(limit)  # a plain str: results are serialized
     return Inference(labels, device or "unknown", limit_used, start, end, batches_run, peak)
@@ -221,6 +264,14 @@ def _calibrated_batches(engine: Any, gpu_s: float) -> int:
     probe = min(1.0, max(0.1, target / 10))
     seconds = encoder.cached_seconds_per_batch(engine, probe, encoder.cache_dir())
     return encoder.batches_for(target, seconds)
+
+
+def _device_uuid(device: str | None) -> str | None:
+    if device is None or not device.startswith("cuda"):
+        return None  # no torch import for a step that never used CUDA
+    from pgw_flows.model import device_uuid
+
+    return device_uuid(device)
 
 
 def _peak_memory(device: str | None) -> float | None:
@@ -269,6 +320,7 @@ def gpu_pipeline(
     unlimited: bool = _DEFAULTS.unlimited,
     gpu_memory: str | None = _DEFAULTS.gpu_memory,
     gpu_also: dict[str, int] | None = _DEFAULTS.gpu_also,
+    artifacts: bool | None = _DEFAULTS.artifacts,
 ) -> dict[str, Any]:
     """Download ``items`` inputs, classify them holding ``occupy`` GPU slots, save.
 
@@ -282,7 +334,8 @@ def gpu_pipeline(
     is set aside by each step (0: only what the model needs); ``unlimited``
     runs the GPU step without a slot (``demo --no-limit`` only); ``gpu_memory``
     places the GPU step by the memory it declares ("20GiB") and ``gpu_also``
-    holds other limits with its slot.
+    holds other limits with its slot. ``artifacts`` publishes the GPU step's
+    table artifact (None: ``PGW_ARTIFACTS`` on the worker decides, else on).
     """
     run_id = str(flow_run.id or uuid.uuid4())
     batch = download(run_id, items, download_s, simulate, record_dir)
@@ -300,6 +353,7 @@ def gpu_pipeline(
         unlimited,
         gpu_memory,
         gpu_also,
+        artifacts_enabled(artifacts, os.environ),
     )
     save(run_id, result, save_s, record_dir)
     return {

@@ -24,6 +24,7 @@ def test_parameters_leave_out_none_so_the_flow_falls_back() -> None:
     parameters = params.as_parameters()
     assert "limit_prefix" not in parameters
     assert "record_dir" not in parameters
+    assert "artifacts" not in parameters  # the worker's PGW_ARTIFACTS decides, else on
     assert parameters["items"] == 2
     assert parameters["simulate"] is True
     named = PipelineParams(limit_prefix="infer", record_dir="/r").as_parameters()
@@ -31,6 +32,6 @@ def test_parameters_leave_out_none_so_the_flow_falls_back() -> None:
     # Every parameter the flow takes can be given, and no other.
     every = dataclasses.replace(
         params, limit_prefix="x", record_dir="/r", gpu_batches=3, gpu_memory="8GiB",
-        gpu_also={"licence:x": 1},
+        gpu_also={"licence:x": 1}, artifacts=False,
     )  # fmt: skip
     assert set(every.as_parameters()) == set(inspect.signature(gpu_pipeline.fn).parameters)
