@@ -1,7 +1,9 @@
 """GPU telemetry: NVML sampled in a background thread, and pure summaries of the samples.
 
 :class:`GpuSampler` reads utilisation and memory of every GPU about four times
-a second while the demo or the bench runs. Without NVML (no driver, no GPU) it
+a second while the demo or the bench runs; :func:`feed_gpu_readings` reads
+them once a second in a worker for its broker's accounting
+(``slots/accounting.py``). Without NVML (no driver, no GPU) it
 starts nothing and says why in one line; callers report that instead of
 numbers. :func:`summarize_samples` and :func:`held_intervals` are pure: the
 samples and the stage records in, means and peaks out.
@@ -12,6 +14,7 @@ GPU) during which a kernel ran, so it says "busy", not "how much of the SMs".
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -20,6 +23,7 @@ from types import TracebackType
 from typing import Any
 
 from prefect_gpu_workers.records import StageRecord
+from prefect_gpu_workers.slots.accounting import GpuReading
 
 DEFAULT_INTERVAL_S = 0.25
 
@@ -49,6 +53,7 @@ class _Nvml:
         except Exception:
             pynvml.nvmlShutdown()
             raise
+        self.uuids = tuple(_uuid(pynvml, handle) for handle in self._handles)
 
     @property
     def gpus(self) -> int:
@@ -74,8 +79,97 @@ class _Nvml:
         self._nvml.nvmlShutdown()
 
 
+def _uuid(pynvml: Any, handle: Any) -> str:
+    """The GPU's ``GPU-...`` UUID; empty when NVML will not say."""
+    try:
+        value = pynvml.nvmlDeviceGetUUID(handle)
+    except Exception:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _open_nvml() -> _Nvml:
     return _Nvml()
+
+
+# How often a worker reads its GPUs for its broker's accounting (NVML's own
+# utilisation is an average over up to a second: reading faster adds nothing).
+WORKER_SAMPLE_S = 1.0
+MIB = 1024 * 1024
+
+
+def readings_by_position(
+    samples: Sequence[GpuSample], nvml_uuids: Sequence[str], worker_uuids: Sequence[str]
+) -> dict[int, GpuReading]:
+    """NVML's readings (by NVML index) as the worker's GPUs (by CUDA position); pure.
+
+    A worker GPU of known UUID gets the NVML device of that UUID; one without
+    (stated capacity) the NVML device of its position's index (CUDA's order is
+    NVML's when ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or on one GPU). A GPU NVML
+    cannot read (a MIG instance: NVML has no utilisation for it) has none.
+
+    Example:
+        >>> a = GpuSample(0.0, 0, 50.0, 1024.0, 2048.0)
+        >>> b = GpuSample(0.0, 1, 100.0, 0.0, 2048.0)
+        >>> found = readings_by_position([a, b], ["GPU-a", "GPU-b"], ["GPU-b", "GPU-a"])
+        >>> {position: reading.utilization for position, reading in found.items()}
+        {0: 1.0, 1: 0.5}
+        >>> found[1].memory_used_bytes
+        1073741824
+    """
+    by_index = {sample.gpu: sample for sample in samples}
+    readings: dict[int, GpuReading] = {}
+    for position, uuid in enumerate(worker_uuids):
+        index = nvml_uuids.index(uuid) if uuid and uuid in nvml_uuids else position
+        sample = by_index.get(index) if not uuid or uuid in nvml_uuids else None
+        if sample is None:
+            continue
+        readings[position] = GpuReading(
+            utilization=min(max(sample.utilization_pct / 100.0, 0.0), 1.0),
+            memory_used_bytes=round(sample.memory_used_mib * MIB),
+            memory_total_bytes=round(sample.memory_total_mib * MIB),
+        )
+    return readings
+
+
+async def feed_gpu_readings(
+    feed: Callable[[dict[int, GpuReading]], None],
+    worker_uuids: Sequence[str],
+    interval_s: float = WORKER_SAMPLE_S,
+    open_nvml: Callable[[], Any] = _open_nvml,
+    say: Callable[[str], None] = print,
+) -> None:
+    """Read the worker's GPUs every ``interval_s`` and ``feed`` the readings, until cancelled.
+
+    Without NVML it says why once and returns (the accounting then has no busy
+    or memory figures). A failed read is said once per distinct reason and
+    tried again at the next interval (a GPU may come back); NVML's calls run
+    in a thread, so a slow driver never holds the event loop.
+    """
+    try:
+        nvml = await asyncio.to_thread(open_nvml)
+    except Exception as exc:  # ImportError, NVMLError, OSError: all mean "no readings"
+        say(f"GPU accounting without utilisation or memory: NVML unavailable: {exc}")
+        return
+    said: set[str] = set()
+    try:
+        if nvml.gpus == 0:
+            say("GPU accounting without utilisation or memory: NVML reports 0 GPUs")
+            return
+        uuids = tuple(getattr(nvml, "uuids", ()) or ("",) * nvml.gpus)
+        while True:
+            try:
+                samples = await asyncio.to_thread(nvml.read, time.time())
+            except Exception as exc:
+                reason = f"NVML read failed: {exc}"
+                if reason not in said:
+                    said.add(reason)
+                    say(reason)
+            else:
+                feed(readings_by_position(samples, uuids, worker_uuids))
+            await asyncio.sleep(interval_s)
+    finally:
+        nvml.close()
 
 
 class GpuSampler:

@@ -75,6 +75,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
 from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, MEMORY_LIMIT_SUFFIX, parse_limit_name
 from prefect_gpu_workers.procfs import env_value
+from prefect_gpu_workers.slots.accounting import GpuAccounting, StepLabels
 from prefect_gpu_workers.slots.give_back import GiveBacks
 from prefect_gpu_workers.slots.grants import (
     GrantQueue,
@@ -91,6 +92,7 @@ from prefect_gpu_workers.slots.leases import (
 )
 from prefect_gpu_workers.slots.metrics import render
 from prefect_gpu_workers.slots.prefect_io import (
+    DeploymentNames,
     LimitInfo,
     LimitUnusable,
     PrefectSlots,
@@ -208,6 +210,10 @@ class SlotBroker:
         self.busy_poll_s = busy_poll_s
         self.clock = clock
         self.stats = BrokerStats()
+        # Per (limit, deployment, flow, task): steps, waits, slot-seconds held;
+        # the worker feeds it NVML readings (busy, memory) where it has them.
+        self.accounting = GpuAccounting()
+        self._deployments = DeploymentNames(lambda: self.prefect)
         self._limits: dict[str, LimitSlots] = {}
         self._holders: dict[int, Holder] = {}
         self._tickets = itertools.count(1)
@@ -394,6 +400,7 @@ class SlotBroker:
 
     def metrics_text(self) -> str:
         """Prometheus exposition text (see ``slots/metrics.py``)."""
+        accounting = self.accounting
         return render(
             self.snapshot(),
             {
@@ -406,7 +413,20 @@ class SlotBroker:
                 "handoff_seconds": self.stats.handoff_seconds,
             },
             self.worker_id,
+            usage=accounting.usage(self.clock()),
+            measured=accounting.measured,
+            readings=accounting.readings,
+            active={name: slots.info.active_slots for name, slots in self._limits.items()},
         )
+
+    async def step_labels(self, labels: dict[str, str]) -> StepLabels:
+        """The accounting labels of a request's ``labels`` (wire.py): a deployment id
+        becomes its deployment's name (one Prefect read per id, kept)."""
+        deployment = labels.get("deployment")
+        deployment_id = labels.get("deployment_id")
+        if not deployment and deployment_id:
+            deployment = await self._deployments.name(UUID(deployment_id))
+        return StepLabels.of(deployment, labels.get("flow"), labels.get("task"))
 
     def intake_open(self, limit: str) -> bool:
         """Whether the worker takes new flow runs now (see :func:`grants.intake_open`)."""
@@ -550,6 +570,9 @@ class SlotBroker:
         occupy = acquire.occupy
         slots = await self._limit_slots(acquire.limit)
         companion_limits = await self._companion_limits(acquire, slots)
+        # Before admission: nothing awaited between admission and the queue (the
+        # run cap counts what is queued).
+        labels = await self.step_labels(acquire.labels)
         holder_info = None
         if acquire.holder is not None:
             # The holder only labels the lease in Prefect's UI: a shape Prefect
@@ -564,7 +587,7 @@ class SlotBroker:
             with contextlib.suppress(ValueError):
                 holder_info = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id))
         slots.queue.request(ticket, occupy, acquire.memory_gib)
-        holder = Holder(ticket, slots.name, occupy, holder_info, self.clock())
+        holder = Holder(ticket, slots.name, occupy, holder_info, self.clock(), labels=labels)
         holder.companions = tuple(
             Holder(next(self._tickets), name, slots_asked, holder_info, holder.queued_at)
             for name, slots_asked in companion_limits
@@ -711,6 +734,15 @@ class SlotBroker:
         holder.leased_at = now
         self.stats.grants += 1
         self.stats.wait_seconds.observe(now - holder.queued_at)
+        self.accounting.granted(
+            holder.ticket,
+            slots.name,
+            holder.labels,
+            holder.occupy,
+            now - holder.queued_at,
+            now,
+            gpu=slots.queue.placement(holder.ticket),
+        )
         if slots.released_with_waiters_at is not None:
             self.stats.handoff_seconds.observe(now - slots.released_with_waiters_at)
             slots.released_with_waiters_at = None
@@ -720,6 +752,7 @@ class SlotBroker:
         locally; then grant the next waiters."""
         if self._holders.pop(holder.ticket, None) is None:
             return
+        self.accounting.released(holder.ticket, self.clock())
         for companion in holder.companions:
             self._holders.pop(companion.ticket, None)
         if holder.lease is not None and slots.queue.waiters:

@@ -55,7 +55,7 @@ from prefect_gpu_workers.naming import (
     parse_memory_mib,
     worker_id_from_env,
 )
-from prefect_gpu_workers.slots.wire import decode, encode
+from prefect_gpu_workers.slots.wire import MAX_LABEL_CHARS, decode, encode
 
 logger = logging.getLogger(__name__)
 _fallback_said = False
@@ -236,10 +236,32 @@ def _lease_holder() -> dict[str, str] | None:
     return None
 
 
+def _step_labels() -> dict[str, str]:
+    """Who asks, for the broker's accounting: the flow's and the task's names, and the
+    flow run's deployment id (the broker reads its name once per deployment).
+
+    Outside a run (a script, a test) there are none: the broker counts ``none``.
+    """
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    labels: dict[str, str] = {}
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx is not None:
+        if flow_ctx.flow is not None:
+            labels["flow"] = flow_ctx.flow.name
+        if flow_ctx.flow_run is not None and flow_ctx.flow_run.deployment_id is not None:
+            labels["deployment_id"] = str(flow_ctx.flow_run.deployment_id)
+    task_ctx = TaskRunContext.get()
+    if task_ctx is not None:
+        labels["task"] = task_ctx.task.name
+    # Cut, not refused: a long name must not fail the step (the broker cuts too).
+    return {key: value[:MAX_LABEL_CHARS] for key, value in labels.items() if value}
+
+
 def _acquire_message(request: GpuSlotRequest) -> bytes:
     message: dict[str, Any] = {
         "op": "acquire", "limit": request.name, "occupy": request.occupy,
-        "holder": _lease_holder(),
+        "holder": _lease_holder(), "labels": _step_labels(),
     }  # fmt: skip
     if request.memory_gib is not None:
         message["memory_gib"] = request.memory_gib

@@ -13,6 +13,7 @@ from enum import Enum
 
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
+from prefect_gpu_workers.slots.accounting import StepLabels
 from prefect_gpu_workers.slots.grants import GrantQueue
 from prefect_gpu_workers.slots.leases import Lease, LeaseHold
 from prefect_gpu_workers.slots.metrics import Histogram
@@ -55,6 +56,9 @@ class Holder:
     # each its own lease.
     companions: tuple[Holder, ...] = ()
     abandoned: bool = False  # the step left before all its leases were taken
+    labels: StepLabels = field(
+        default_factory=StepLabels
+    )  # who asks: what its held time is counted under
 
     @property
     def group(self) -> tuple[Holder, ...]:

@@ -7,13 +7,31 @@ text on ``PATH`` (mode 0600), readable with
 ``curl --unix-socket PATH http://localhost/metrics``. Only ``GET /metrics`` is
 answered; anything else gets 404.
 
-Metrics (label ``limit``, the limit's name):
+Metrics (label ``limit``, the limit's name; every family and its type in
+:data:`EXPORTED`):
 - ``pgw_gpu_slots`` capacity, ``pgw_gpu_slots_held``, ``pgw_gpu_slot_waiters``;
+  ``pgw_gpu_slots_active``: Prefect's ``active_slots`` of the limit at the
+  broker's last read (every 10 s; a leak shows as active > held for minutes);
 - ``pgw_gpu_slot_grants_total``, ``pgw_gpu_slot_reclaimed_total`` (holders that
-  died or left holding), ``pgw_gpu_slot_lost_leases_repaired_total``;
+  died or left holding), ``pgw_gpu_slot_lost_leases_repaired_total`` (label
+  ``worker``);
 - histograms ``pgw_gpu_slot_wait_seconds`` (asked -> Prefect lease taken) and
   ``pgw_gpu_slot_handoff_seconds`` (a holder let go while others waited -> the
-  next lease taken).
+  next lease taken);
+- per step (labels ``limit``, ``deployment``, ``flow``, ``task``; ``none``
+  where there is none; at most 64 sets per limit, the rest as ``other``; see
+  ``slots/accounting.py``): counters ``pgw_gpu_steps_total`` (steps granted),
+  ``pgw_gpu_step_waited_seconds_total``, ``pgw_gpu_step_held_slot_seconds_total``
+  (seconds held x slots, steps still holding counted up to now), and with NVML
+  only ``pgw_gpu_step_busy_slot_seconds_total`` (held slot-seconds weighted by
+  the GPU's utilisation: held minus busy is "held but idle") and
+  ``pgw_gpu_step_memory_byte_seconds_total`` (memory used x seconds held);
+- with NVML only, per GPU (label ``gpu``, the CUDA position):
+  ``pgw_gpu_utilization_ratio`` (0..1), ``pgw_gpu_memory_used_bytes``,
+  ``pgw_gpu_memory_total_bytes``;
+- the worker's drain: ``pgw_worker_draining`` (1 while draining),
+  ``pgw_worker_drain_started_timestamp_seconds`` (0 when not draining),
+  ``pgw_worker_drain_grace_seconds`` (the drain's budget).
 """
 
 from __future__ import annotations
@@ -24,6 +42,8 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from prefect_gpu_workers.slots.accounting import GpuReading, Key, Usage
 
 BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
@@ -65,11 +85,155 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# Every family a worker can export, and its Prometheus type: the dashboard's
+# and the alerts' queries are checked against this.
+EXPORTED: dict[str, str] = {
+    "pgw_gpu_slots": "gauge",
+    "pgw_gpu_slots_held": "gauge",
+    "pgw_gpu_slot_waiters": "gauge",
+    "pgw_gpu_slots_active": "gauge",
+    "pgw_gpu_slot_grants_total": "counter",
+    "pgw_gpu_slot_reclaimed_total": "counter",
+    "pgw_gpu_slot_lost_leases_repaired_total": "counter",
+    "pgw_gpu_slot_wait_seconds": "histogram",
+    "pgw_gpu_slot_handoff_seconds": "histogram",
+    "pgw_gpu_steps_total": "counter",
+    "pgw_gpu_step_waited_seconds_total": "counter",
+    "pgw_gpu_step_held_slot_seconds_total": "counter",
+    "pgw_gpu_step_busy_slot_seconds_total": "counter",
+    "pgw_gpu_step_memory_byte_seconds_total": "counter",
+    "pgw_gpu_utilization_ratio": "gauge",
+    "pgw_gpu_memory_used_bytes": "gauge",
+    "pgw_gpu_memory_total_bytes": "gauge",
+    "pgw_worker_draining": "gauge",
+    "pgw_worker_drain_started_timestamp_seconds": "gauge",
+    "pgw_worker_drain_grace_seconds": "gauge",
+}
+
+_HELP = {
+    "pgw_gpu_slots": "GPU slots of the limit",
+    "pgw_gpu_slots_held": "GPU slots held through the broker",
+    "pgw_gpu_slot_waiters": "GPU steps waiting at the broker",
+    "pgw_gpu_slots_active": "active slots of the limit in Prefect at the broker's last read",
+    "pgw_gpu_slot_grants_total": "grants the broker made",
+    "pgw_gpu_slot_reclaimed_total": "holders that died or left holding their slots",
+    "pgw_gpu_slot_lost_leases_repaired_total": "slots decremented by hand after Prefect lost "
+    "their leases",
+    "pgw_gpu_slot_wait_seconds": "seconds from a step's request to its Prefect lease",
+    "pgw_gpu_slot_handoff_seconds": "seconds from a holder letting go while others waited to "
+    "the next lease",
+    "pgw_gpu_steps_total": "GPU steps granted their slots",
+    "pgw_gpu_step_waited_seconds_total": "seconds GPU steps waited for their slots",
+    "pgw_gpu_step_held_slot_seconds_total": "seconds held x slots held (steps still holding "
+    "counted up to now)",
+    "pgw_gpu_step_busy_slot_seconds_total": "held slot-seconds weighted by the NVML utilisation "
+    "of the step's GPU(s); held minus busy is held but idle",
+    "pgw_gpu_step_memory_byte_seconds_total": "GPU memory used on the step's GPU(s) x seconds held",
+    "pgw_gpu_utilization_ratio": "NVML utilisation of the GPU (0..1), by CUDA position",
+    "pgw_gpu_memory_used_bytes": "GPU memory used, by CUDA position",
+    "pgw_gpu_memory_total_bytes": "GPU memory, by CUDA position",
+    "pgw_worker_draining": "1 while the worker drains (takes no new flow run)",
+    "pgw_worker_drain_started_timestamp_seconds": "unix time the drain began; 0 when not draining",
+    "pgw_worker_drain_grace_seconds": "seconds the drain gives the flow runs in flight",
+}
+
+
+def _header(metric: str) -> list[str]:
+    return [f"# HELP {metric} {_HELP[metric]}", f"# TYPE {metric} {EXPORTED[metric]}"]
+
+
+def _number(value: float) -> str:
+    """A sample value: integers as such, others with microsecond precision."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.6f}"
+
+
+@dataclass
+class DrainGauges:
+    """The worker's drain as gauges: set when the drain begins (SIGTERM, Ctrl-C)."""
+
+    grace_s: float = 0.0
+    draining: bool = False
+    started_at: float = 0.0  # unix time
+
+    def begin(self, now: float) -> None:
+        """The drain began at ``now`` (unix time)."""
+        self.draining, self.started_at = True, now
+
+    def lines(self) -> list[str]:
+        values = {
+            "pgw_worker_draining": 1 if self.draining else 0,
+            "pgw_worker_drain_started_timestamp_seconds": self.started_at if self.draining else 0,
+            "pgw_worker_drain_grace_seconds": self.grace_s,
+        }
+        out: list[str] = []
+        for metric, value in values.items():
+            out += [*_header(metric), f"{metric} {_number(value)}"]
+        return out
+
+
+_USAGE_FAMILIES: tuple[tuple[str, str], ...] = (
+    ("pgw_gpu_steps_total", "steps"),
+    ("pgw_gpu_step_waited_seconds_total", "waited_s"),
+    ("pgw_gpu_step_held_slot_seconds_total", "held_slot_s"),
+    ("pgw_gpu_step_busy_slot_seconds_total", "busy_slot_s"),
+    ("pgw_gpu_step_memory_byte_seconds_total", "memory_byte_s"),
+)
+# Only with NVML: without readings a zero would read as "idle".
+_MEASURED_ONLY = {"pgw_gpu_step_busy_slot_seconds_total", "pgw_gpu_step_memory_byte_seconds_total"}
+
+
+def usage_lines(usage: Mapping[Key, Usage], measured: bool) -> list[str]:
+    """The per-step families from :meth:`GpuAccounting.usage`.
+
+    Args:
+        usage: (limit, labels) -> sums.
+        measured: NVML readings were fed in: the busy and memory families are
+            rendered (else left out, not zero).
+    """
+    lines: list[str] = []
+    for metric, attribute in _USAGE_FAMILIES:
+        if metric in _MEASURED_ONLY and not measured:
+            continue
+        lines += _header(metric)
+        for (limit, labels), sums in sorted(usage.items()):
+            series = (
+                f'limit="{_label(limit)}",deployment="{_label(labels.deployment)}",'
+                f'flow="{_label(labels.flow)}",task="{_label(labels.task)}"'
+            )
+            lines.append(f"{metric}{{{series}}} {_number(getattr(sums, attribute))}")
+    return lines
+
+
+def gpu_lines(readings: Mapping[int, GpuReading]) -> list[str]:
+    """Per-GPU gauges (label ``gpu``, the CUDA position); none without readings."""
+    if not readings:
+        return []
+    values: dict[str, Callable[[GpuReading], float]] = {
+        "pgw_gpu_utilization_ratio": lambda reading: reading.utilization,
+        "pgw_gpu_memory_used_bytes": lambda reading: reading.memory_used_bytes,
+        "pgw_gpu_memory_total_bytes": lambda reading: reading.memory_total_bytes,
+    }
+    lines: list[str] = []
+    for metric, value_of in values.items():
+        lines += _header(metric)
+        lines += [
+            f'{metric}{{gpu="{position}"}} {_number(value_of(reading))}'
+            for position, reading in sorted(readings.items())
+        ]
+    return lines
+
+
 def render(
     snapshot: Mapping[str, Mapping[str, int]],
     counters: Mapping[str, int],
     histograms: Mapping[str, Histogram],
     worker_id: str,
+    usage: Mapping[Key, Usage] | None = None,
+    measured: bool = False,
+    readings: Mapping[int, GpuReading] | None = None,
+    active: Mapping[str, int] | None = None,
 ) -> str:
     """The exposition text for one broker.
 
@@ -78,25 +242,35 @@ def render(
         counters: name -> value, without the ``pgw_gpu_slot_`` prefix and ``_total``.
         histograms: name -> histogram, without the ``pgw_gpu_slot_`` prefix.
         worker_id: the ``worker`` label of the broker-wide series.
+        usage: per (limit, labels) sums (:meth:`GpuAccounting.usage`).
+        measured: whether NVML readings were fed to the accounting.
+        readings: the last NVML reading per CUDA position.
+        active: per limit, Prefect's ``active_slots`` at the broker's last read.
     """
     lines: list[str] = []
     gauges = {
-        "pgw_gpu_slots": ("capacity", "GPU slots of the limit"),
-        "pgw_gpu_slots_held": ("held", "GPU slots held through the broker"),
-        "pgw_gpu_slot_waiters": ("waiters", "GPU steps waiting at the broker"),
+        "pgw_gpu_slots": "capacity",
+        "pgw_gpu_slots_held": "held",
+        "pgw_gpu_slot_waiters": "waiters",
     }
-    for metric, (key, help_text) in gauges.items():
-        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
+    for metric, key in gauges.items():
+        lines += _header(metric)
         for limit, values in sorted(snapshot.items()):
             lines.append(f'{metric}{{limit="{_label(limit)}"}} {values[key]}')
+    if active is not None:
+        lines += _header("pgw_gpu_slots_active")
+        for limit, value in sorted(active.items()):
+            lines.append(f'pgw_gpu_slots_active{{limit="{_label(limit)}"}} {value}')
     worker = f'worker="{_label(worker_id)}"'
     for name, value in sorted(counters.items()):
         metric = f"pgw_gpu_slot_{name}_total"
-        lines += [f"# TYPE {metric} counter", f"{metric}{{{worker}}} {value}"]
+        lines += [*_header(metric), f"{metric}{{{worker}}} {value}"]
     for name, histogram in sorted(histograms.items()):
         metric = f"pgw_gpu_slot_{name}"
-        lines.append(f"# TYPE {metric} histogram")
+        lines += _header(metric)
         lines += histogram.lines(metric, worker)
+    lines += usage_lines(usage or {}, measured)
+    lines += gpu_lines(readings or {})
     return "\n".join(lines) + "\n"
 
 

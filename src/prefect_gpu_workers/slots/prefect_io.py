@@ -6,6 +6,7 @@ the broker decides what may be sent again (``leases.release_action``).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ class LimitInfo:
     limit: int
     active: bool
     read_at: float = 0.0  # the clock when the read was sent: it shows no older state
+    active_slots: int = 0  # Prefect's count of the limit's slots in use at that read
 
 
 # Settings -> the same without the client's retries. Copying Prefect's settings
@@ -112,7 +114,16 @@ class PrefectSlots:
                 limit = await self.client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             return None
-        return LimitInfo(limit.id, limit.limit, limit.active, sent_at)
+        return LimitInfo(limit.id, limit.limit, limit.active, sent_at, limit.active_slots)
+
+    async def read_deployment_name(self, deployment_id: UUID) -> str | None:
+        """The deployment's name; None when Prefect does not know the id."""
+        try:
+            with self._once():
+                deployment = await self.client.read_deployment(deployment_id)
+        except ObjectNotFound:
+            return None
+        return deployment.name
 
     async def try_acquire(
         self, name: str, occupy: int, holder: ConcurrencyLeaseHolder | None
@@ -180,3 +191,52 @@ class PrefectSlots:
             await self.client.release_concurrency_slots(
                 names=[name], slots=occupy, occupancy_seconds=max(held_s, 0.001)
             )
+
+
+# Deployment names kept per broker: one read per deployment id for the life
+# of the worker; a worker that saw more deployments than this reads again.
+MAX_DEPLOYMENT_NAMES = 1024
+# The longest a step's request waits for its deployment's name: past it the
+# step is counted under the id (its grant must not wait on accounting).
+DEPLOYMENT_READ_S = 5.0
+
+
+class DeploymentNames:
+    """Deployment id -> name, read from Prefect once per id, shared by concurrent asks.
+
+    A failed or slow read is not kept (the next step asks again) and names the
+    step by its id meanwhile; an id Prefect does not know is kept, named by itself.
+    """
+
+    def __init__(self, prefect: Callable[[], PrefectSlots], timeout_s: float = DEPLOYMENT_READ_S):
+        self._prefect = prefect
+        self._timeout_s = timeout_s
+        self._names: dict[UUID, str | None] = {}
+        self._reading: dict[UUID, asyncio.Future[str | None]] = {}
+
+    async def name(self, deployment_id: UUID) -> str:
+        """The deployment's name, or its id where the name cannot be read now or at all."""
+        if deployment_id in self._names:
+            return self._names[deployment_id] or str(deployment_id)
+        future = self._reading.get(deployment_id)
+        if future is None:
+            future = asyncio.ensure_future(self._read(deployment_id))
+            # Retrieved here, so that a failure nobody waited for is not logged as lost.
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._reading[deployment_id] = future
+        try:
+            # Shielded: one step giving up must not cancel the read others wait for.
+            found = await asyncio.wait_for(asyncio.shield(future), timeout=self._timeout_s)
+        except Exception:
+            return str(deployment_id)
+        return found or str(deployment_id)
+
+    async def _read(self, deployment_id: UUID) -> str | None:
+        try:
+            found = await self._prefect().read_deployment_name(deployment_id)
+        finally:
+            self._reading.pop(deployment_id, None)
+        if len(self._names) >= MAX_DEPLOYMENT_NAMES:
+            self._names.pop(next(iter(self._names)))  # the oldest read
+        self._names[deployment_id] = found
+        return found

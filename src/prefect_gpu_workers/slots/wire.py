@@ -7,13 +7,18 @@ Standard library only; the broker (``broker.py``) and the step's side
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from uuid import UUID
 
 # Wire format: one JSON object per line, UTF-8, over a Unix stream socket.
 # client -> broker: {"op": "acquire", "limit": NAME, "occupy": N, "holder": {...} | null,
 #                    "memory_gib": G (optional: placed on one GPU, held in the memory limit),
-#                    "also": {LIMIT: N, ...} (optional: other limits held with the grant)}
+#                    "also": {LIMIT: N, ...} (optional: other limits held with the grant),
+#                    "labels": {"deployment": NAME, "deployment_id": UUID, "flow": NAME,
+#                               "task": NAME} (optional, each key optional: who asks, for
+#                               the broker's accounting; the broker resolves a
+#                               deployment_id to its name)}
 #                   {"op": "release"}
 #                   {"op": "stats"}
 # broker -> client: {"event": "granted", "lease_id": ID, "waited_s": S,
@@ -28,6 +33,9 @@ from typing import Any
 MAX_MESSAGE_BYTES = 4096
 # Other limits one request may hold with its grant (``also``).
 MAX_ALSO = 8
+# The keys ``labels`` may carry, and the longest value each may be.
+LABEL_KEYS = ("deployment", "deployment_id", "flow", "task")
+MAX_LABEL_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,8 @@ class AcquireRequest:
     holder: dict[str, Any] | None
     memory_gib: int | None = None
     also: tuple[tuple[str, int], ...] = ()  # sorted by name: the order they are taken in
+    # Who asks (LABEL_KEYS): empty for a client that sends none.
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 def parse_acquire(message: dict[str, Any]) -> AcquireRequest:
@@ -49,7 +59,9 @@ def parse_acquire(message: dict[str, Any]) -> AcquireRequest:
             ``memory_gib`` not a whole number of at least 1 (``true``, ``1.5`` and
             ``null`` are refused, not rounded), ``holder`` neither an object nor
             null, or ``also`` not an object of at most :data:`MAX_ALSO` limit
-            names to whole numbers, or naming ``limit`` itself.
+            names to whole numbers, or naming ``limit`` itself, or ``labels``
+            not an object of strings of at most :data:`MAX_LABEL_CHARS`
+            characters under :data:`LABEL_KEYS` (``deployment_id`` a UUID).
 
     Example:
         >>> parse_acquire({"op": "acquire", "limit": "gpu:w", "occupy": 2}).occupy
@@ -60,6 +72,12 @@ def parse_acquire(message: dict[str, Any]) -> AcquireRequest:
         ValueError: occupy must be a whole number of slots >= 1, got true
         >>> parse_acquire({"limit": "gpu:w", "memory_gib": 20, "also": {"b": 1, "a": 2}}).also
         (('a', 2), ('b', 1))
+        >>> parse_acquire({"limit": "gpu:w", "labels": {"flow": "f", "task": "t"}}).labels
+        {'flow': 'f', 'task': 't'}
+        >>> parse_acquire({"limit": "gpu:w", "labels": {"user": "x"}})
+        Traceback (most recent call last):
+        ...
+        ValueError: labels.user is not a label (deployment, deployment_id, flow, task)
     """
     limit = message.get("limit")
     if not isinstance(limit, str) or not limit:
@@ -77,7 +95,29 @@ def parse_acquire(message: dict[str, Any]) -> AcquireRequest:
         if not name or name == limit:
             raise ValueError(f"also names {json.dumps(name)}: a limit other than {limit}")
         _whole(slots, f"also[{name}]", "slots")
-    return AcquireRequest(limit, occupy, holder, memory_gib, tuple(sorted(also.items())))
+    labels = _labels(message.get("labels"))
+    return AcquireRequest(limit, occupy, holder, memory_gib, tuple(sorted(also.items())), labels)
+
+
+def _labels(value: Any) -> dict[str, str]:
+    """The ``labels`` field checked: absent or null is no labels."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"labels must be an object, got {json.dumps(value)}")
+    for key, text in value.items():
+        if key not in LABEL_KEYS:
+            raise ValueError(f"labels.{key} is not a label ({', '.join(LABEL_KEYS)})")
+        if not isinstance(text, str) or len(text) > MAX_LABEL_CHARS:
+            raise ValueError(
+                f"labels.{key} must be a string of at most {MAX_LABEL_CHARS} characters"
+            )
+    if value.get("deployment_id"):
+        try:
+            UUID(value["deployment_id"])
+        except ValueError:
+            raise ValueError("labels.deployment_id must be a UUID") from None
+    return dict(value)
 
 
 def _whole(value: Any, field: str, unit: str) -> int:

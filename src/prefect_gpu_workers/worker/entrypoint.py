@@ -57,6 +57,7 @@ from prefect_gpu_workers.slots.client import (
     read_limit,
 )
 from prefect_gpu_workers.slots.grants import WorkerGpu
+from prefect_gpu_workers.slots.metrics import DrainGauges
 from prefect_gpu_workers.worker.drain import (
     DEFAULT_DRAIN_S,
     WORKER_NAME_LABEL,
@@ -654,13 +655,18 @@ def _left(deadline: float) -> float:
 
 
 async def run_until_stopped(
-    worker: Any, with_healthcheck: bool, drain_s: float, broker: Any | None = None
+    worker: Any,
+    with_healthcheck: bool,
+    drain_s: float,
+    broker: Any | None = None,
+    drain_gauges: DrainGauges | None = None,
 ) -> DrainReport | None:
     """Run ``worker.start`` until it ends or a signal drains it; the drain's report, if any.
 
     SIGTERM and SIGINT start the drain; a second one ends its wait at once.
     With a ``broker``, waits (up to 10 s) for it to have given the stopped
-    runs' slots back before returning.
+    runs' slots back before returning. ``drain_gauges`` (the metrics') say when
+    the drain began.
     """
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
@@ -676,6 +682,8 @@ async def run_until_stopped(
                 flush=True,
             )
             worker.draining = True
+            if drain_gauges is not None:
+                drain_gauges.begin(time.time())
             stop.set()
 
     def on_late_signal(signum: int) -> None:
@@ -801,23 +809,41 @@ async def serve_worker(
         os.environ[SLOT_BROKER_ENV] = str(broker.socket_path)
         print(f"slot broker for {request.name} on {broker.socket_path}", flush=True)
         print(f"memory requests are placed on {describe_gpus(gpus)}", flush=True)
+        from prefect_gpu_workers.telemetry import feed_gpu_readings
+
+        drain_gauges = DrainGauges(grace_s=drain_s)
+
+        def metrics_text() -> str:
+            return broker.metrics_text() + "\n".join(drain_gauges.lines()) + "\n"
+
         metrics_servers: list[asyncio.AbstractServer] = []
         if metrics_socket is not None:
             from prefect_gpu_workers.slots.metrics import serve_metrics
 
-            metrics_servers.append(await serve_metrics(metrics_socket, broker.metrics_text))
+            metrics_servers.append(await serve_metrics(metrics_socket, metrics_text))
             print(f"slot broker metrics on {metrics_socket}", flush=True)
         if metrics_port is not None:
             from prefect_gpu_workers.slots.metrics import serve_metrics_http
 
-            metrics_servers.append(await serve_metrics_http(metrics_port, broker.metrics_text))
+            metrics_servers.append(await serve_metrics_http(metrics_port, metrics_text))
             print(f"worker metrics on http://0.0.0.0:{metrics_port}/metrics", flush=True)
+        # NVML once a second: the accounting's busy and memory figures, per-GPU gauges.
+        sampling = asyncio.ensure_future(
+            feed_gpu_readings(
+                lambda readings: broker.accounting.sample(readings, broker.clock()),
+                [gpu.uuid for gpu in gpus],
+                say=print_line,
+            )
+        )
         worker = _new_worker(pool, worker_id, flow_runs, broker, request.name, intake, launcher)
         # Only the processes of this worker's runs wait at its broker.
         broker.runs_in_flight = lambda: {str(run_id) for run_id in worker.runs.runs}
         try:
-            return await run_until_stopped(worker, with_healthcheck, drain_s, broker)
+            return await run_until_stopped(worker, with_healthcheck, drain_s, broker, drain_gauges)
         finally:
+            sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampling
             for server in metrics_servers:
                 server.close()
 
