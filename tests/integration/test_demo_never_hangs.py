@@ -102,8 +102,9 @@ def demos(tmp_path: Path) -> Iterator[list[subprocess.Popen[str]]]:
 def test_demo_on_the_embedded_postgres_reports_and_leaves_nothing_running(
     tmp_path: Path,
 ) -> None:
-    """The README's first command, as a newcomer runs it: its own server, two
-    workers, a report, the timeline pictures, and nothing left running."""
+    """The first set-up command (README and docs/index.md: ``./hack/demo``), as a
+    newcomer runs it: its own server, two workers, a report, the timeline
+    pictures, and nothing left running."""
     prefix = f"p{uuid.uuid4().hex[:6]}"
     result = subprocess.run(
         [*CLI, "demo", "--workers", "2", "--runs", "4", "--worker-prefix", prefix,

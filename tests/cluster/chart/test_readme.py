@@ -1,4 +1,6 @@
-"""README's "Try it on the dev control plane" block, run as written against the dev cluster.
+"""The docs' "Try it on the dev control plane" block, run as written against the dev cluster.
+
+The block lives in docs/kubernetes/try-it.md (it moved there from README.md).
 
 Only the two names at its top are replaced (unique ones, as other test runs
 share the cluster); everything else runs verbatim in bash, from the
@@ -26,18 +28,19 @@ from .conftest import Helm
 pytestmark = pytest.mark.cluster
 
 MARKER = "<!-- dev-cluster walkthrough"
+WALKTHROUGH_PAGE = REPO_ROOT / "docs" / "kubernetes" / "try-it.md"
 
 
 def walkthrough() -> str:
-    """The fenced bash block right after the walkthrough marker in README.md."""
-    text = (REPO_ROOT / "README.md").read_text()
+    """The fenced bash block right after the walkthrough marker in the docs page."""
+    text = WALKTHROUGH_PAGE.read_text()
     start = text.index(MARKER)
     match = re.compile(r"```bash\n(.*?)\n```", re.S).search(text, start)
     assert match, "no bash block after the walkthrough marker"
     return match.group(1)
 
 
-def test_readme_dev_cluster_walkthrough_runs_as_written(
+def test_docs_dev_cluster_walkthrough_runs_as_written(
     dev_cluster: DevCluster,
     cluster_helm: Helm,
     prefect_server: LocalPrefectServer,
