@@ -123,6 +123,18 @@ class BrokerThread:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
 
+    def serve_metrics_http(self) -> int:
+        """Serve the broker's metrics over HTTP on 127.0.0.1 (a free port) until exit; the port."""
+        from prefect_gpu_workers.slots.metrics import serve_metrics_http
+
+        assert self.broker is not None
+        assert self._loop is not None
+        server = asyncio.run_coroutine_threadsafe(
+            serve_metrics_http(0, self.broker.metrics_text, host="127.0.0.1"), self._loop
+        ).result(30)
+        port: int = server.sockets[0].getsockname()[1]
+        return port
+
     def describe(self) -> dict[str, Any]:
         """What the ``stats`` op answers: limits, holders and counters since start."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
