@@ -148,6 +148,13 @@ def _add_common(parser: argparse.ArgumentParser, pool: str, workers: int) -> Non
         help="seconds the Prefect API may stay silent before everything started here is "
         f"stopped and the command fails ({DEFAULT_API_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--no-artifacts",
+        dest="artifacts",
+        action="store_false",
+        help="publish no Prefect artifacts: neither the report and timeline (on a run of "
+        "their own) nor each GPU step's table (on its run)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -544,6 +551,7 @@ def _local_options(args: argparse.Namespace) -> dict[str, Any]:
         "database": args.database,
         "api_timeout_s": args.api_timeout,
         "launcher": args.launcher,
+        "artifacts": args.artifacts,
     }
 
 

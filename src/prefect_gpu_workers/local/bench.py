@@ -42,6 +42,7 @@ from rich.console import Console
 
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
+from prefect_gpu_workers.local.artifacts import publish_report
 from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
 from prefect_gpu_workers.local.demo import make_workdir
 from prefect_gpu_workers.local.gpu_work import check_timeline_paths, step_gpus
@@ -58,7 +59,11 @@ from prefect_gpu_workers.local.prefect_ops import active_slots
 from prefect_gpu_workers.local.process_memory import MemoryFigures, ProcessMemorySampler
 from prefect_gpu_workers.local.processes import SESSION_MARKER_ENV, WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
-from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
+from prefect_gpu_workers.local.timeline import (
+    TimelinePhase,
+    timeline_markdown,
+    write_timeline,
+)
 from prefect_gpu_workers.local.views import (
     ProgressView,
     bench_table,
@@ -66,7 +71,7 @@ from prefect_gpu_workers.local.views import (
     plain_printer,
 )
 from prefect_gpu_workers.local.watch import LatencySummary, summarize_latencies
-from prefect_gpu_workers.report import PhaseMetrics, speedup
+from prefect_gpu_workers.report import PhaseMetrics, figure_rows, speedup
 from prefect_gpu_workers.telemetry import (
     GpuSample,
     GpuSampler,
@@ -79,6 +84,8 @@ from prefect_gpu_workers.telemetry import (
 BENCH_DEPLOYMENT = "gpu-pipeline-bench"
 SUBPROCESS_PHASE = "task-level-subprocess"
 NO_LATENCY = summarize_latencies([])
+TIMELINE_TITLE = "prefect-gpu-workers bench: slot broker, Prefect polling, flow-level limiting"
+TIMELINE_SUBTITLE = "stage work simulated (sleeps); same workers, limits and runs in every phase"
 SIMULATION_NOTE = (
     "stage work is simulated: each stage sleeps its duration (GPU = a third of a run); "
     "the figures measure Prefect coordination, not model speed"
@@ -305,7 +312,10 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     console.print(SIMULATION_NOTE)
     slots = capacity_plan.capacity.slots
     g = options.gpu_seconds
-    params = PipelineParams(items=1, download_s=g, gpu_s=g, save_s=g, simulate=True)
+    params = PipelineParams(
+        items=1, download_s=g, gpu_s=g, save_s=g, simulate=True,
+        artifacts=options.step_artifacts,
+    )  # fmt: skip
     ids = worker_ids(options.workers, options.worker_prefix)
     task_flow_runs = flow_runs_to_fill(slots, g, g, g)
     task_plans = tuple(
@@ -363,60 +373,78 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
         load_after_flow_level = load_average() if flow_level else None
         with session.client() as client:
             held = active_slots(client, [plan.limit_name for plan in task_plans])
-    result = BenchResult(
-        options=options,
-        pipeline=params,
-        runs_per_phase=runs,
-        task_level_flow_runs=task_flow_runs,
-        flow_level_flow_runs=slots,
-        task_level=task_level.metrics,
-        flow_level=flow_level.metrics if flow_level else None,
-        task_level_polling=polling.metrics,
-        slots_held_after=held,
-        ceilings=ceilings(slots * options.workers, params),
-        load_after_task_level=load_after_task_level,
-        load_after_flow_level=load_after_flow_level,
-        load_after_task_level_polling=load_after_polling,
-        database=session.database_in_use,
-        database_fallback_reason=session.server.fallback_reason if session.server else None,
-        task_level_api_latency=task_level.api_latency,
-        flow_level_api_latency=flow_level.api_latency if flow_level else NO_LATENCY,
-        task_level_polling_api_latency=polling.api_latency,
-        task_level_subprocess=subprocess_phase.metrics if subprocess_phase else None,
-        memory=memory,
-    )
-    limits = {plan.worker_id: plan.slots for plan in task_plans}
-    timeline_phases = []
-    ran = [("task-level", task_level), ("task-level-polling", polling)]
-    if subprocess_phase is not None:
-        ran.insert(1, (SUBPROCESS_PHASE, subprocess_phase))
-    if flow_level is not None:
-        ran.append(("flow-level", flow_level))
-    for label, batch in ran:
-        samples, reason = sampled[label]
-        summary = summarize_samples(
-            samples, held_intervals(batch.records), gpus=step_gpus(os.environ)
+        result = BenchResult(
+            options=options,
+            pipeline=params,
+            runs_per_phase=runs,
+            task_level_flow_runs=task_flow_runs,
+            flow_level_flow_runs=slots,
+            task_level=task_level.metrics,
+            flow_level=flow_level.metrics if flow_level else None,
+            task_level_polling=polling.metrics,
+            slots_held_after=held,
+            ceilings=ceilings(slots * options.workers, params),
+            load_after_task_level=load_after_task_level,
+            load_after_flow_level=load_after_flow_level,
+            load_after_task_level_polling=load_after_polling,
+            database=session.database_in_use,
+            database_fallback_reason=session.server.fallback_reason if session.server else None,
+            task_level_api_latency=task_level.api_latency,
+            flow_level_api_latency=flow_level.api_latency if flow_level else NO_LATENCY,
+            task_level_polling_api_latency=polling.api_latency,
+            task_level_subprocess=subprocess_phase.metrics if subprocess_phase else None,
+            memory=memory,
         )
-        result.telemetry[label] = summary
-        result.telemetry_lines[label] = describe_telemetry(summary, reason)
-        timeline_phases.append(
-            TimelinePhase(
-                f"{label} (flow runs per worker: "
-                f"{slots if label == 'flow-level' else task_flow_runs})",
-                batch.records,
-                limits,
-                samples,
-                batch.submitted_at,
-                batch.ended_at,
+        limits = {plan.worker_id: plan.slots for plan in task_plans}
+        timeline_phases = []
+        ran = [("task-level", task_level), ("task-level-polling", polling)]
+        if subprocess_phase is not None:
+            ran.insert(1, (SUBPROCESS_PHASE, subprocess_phase))
+        if flow_level is not None:
+            ran.append(("flow-level", flow_level))
+        for label, batch in ran:
+            samples, reason = sampled[label]
+            summary = summarize_samples(
+                samples, held_intervals(batch.records), gpus=step_gpus(os.environ)
             )
-        )
-    for path in options.timelines:
-        written = write_timeline(
-            path,
-            *timeline_phases,
-            title="prefect-gpu-workers bench: slot broker, Prefect polling, flow-level limiting",
-            subtitle="stage work simulated (sleeps); same workers, limits and runs in every phase",
-        )
+            result.telemetry[label] = summary
+            result.telemetry_lines[label] = describe_telemetry(summary, reason)
+            timeline_phases.append(
+                TimelinePhase(
+                    f"{label} (flow runs per worker: "
+                    f"{slots if label == 'flow-level' else task_flow_runs})",
+                    batch.records,
+                    limits,
+                    samples,
+                    batch.submitted_at,
+                    batch.ended_at,
+                )
+            )
+        # Drawn while the server is up, so that the timeline artifact can link them.
+        pictures = [
+            write_timeline(path, *timeline_phases, title=TIMELINE_TITLE, subtitle=TIMELINE_SUBTITLE)
+            for path in options.timelines
+        ]
+        if options.artifacts:
+            with session.client() as client:
+                published = publish_report(
+                    client,
+                    "bench",
+                    options.pool,
+                    figure_rows(labelled_phases(result)),
+                    timeline_markdown(timeline_phases, TIMELINE_TITLE, TIMELINE_SUBTITLE, pictures),
+                    f"{runs} runs per phase on {options.workers} worker(s) of pool {options.pool}; "
+                    + SIMULATION_NOTE,
+                )
+            console.print(
+                published.describe("bench"),
+                style="yellow" if published.error else None,
+                soft_wrap=True,  # a person copies the run's id
+                highlight=False,
+            )
+        else:
+            console.print("artifacts: off (--no-artifacts)")
+    for written in pictures:
         # Never wrapped: a person copies the path.
         console.print(f"timeline: {written}", soft_wrap=True)
     if made_workdir and not options.keep_workdir:
@@ -424,16 +452,23 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
     return result
 
 
-def render(result: BenchResult, console: Console) -> None:
+def labelled_phases(result: BenchResult) -> list[tuple[str, PhaseMetrics]]:
+    """Every phase that ran, named as the report names it (the table's columns)."""
     phases = [(f"task-level, slot broker ({result.options.launcher})", result.task_level)]
-    latencies = [result.task_level_api_latency]
     if result.task_level_subprocess is not None:
         phases.append(("task-level, slot broker (subprocess)", result.task_level_subprocess))
-        latencies.append(NO_LATENCY)
     phases.append(("task-level, Prefect polling", result.task_level_polling))
-    latencies.append(result.task_level_polling_api_latency)
     if result.flow_level is not None:
         phases.append(("flow-level (--flow-runs = slots)", result.flow_level))
+    return phases
+
+
+def render(result: BenchResult, console: Console) -> None:
+    phases = labelled_phases(result)
+    latencies = [result.task_level_api_latency]
+    if result.task_level_subprocess is not None:
+        latencies.append(NO_LATENCY)
+    latencies.append(result.task_level_polling_api_latency)
     if result.flow_level is not None:
         latencies.append(result.flow_level_api_latency)
     console.print(bench_table(phases, result.ratio, latencies))

@@ -17,6 +17,7 @@ from rich.console import Console
 
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import GpuInventory, detect_gpus
+from prefect_gpu_workers.local.artifacts import publish_report
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
 from prefect_gpu_workers.local.gpu_work import (
     GpuStepPlan,
@@ -41,7 +42,11 @@ from prefect_gpu_workers.local.plan import (
 from prefect_gpu_workers.local.process_memory import ProcessMemorySampler
 from prefect_gpu_workers.local.processes import SESSION_MARKER_ENV, WORKER_QUERY_SECONDS_ENV
 from prefect_gpu_workers.local.session import LocalSession
-from prefect_gpu_workers.local.timeline import TimelinePhase, write_timeline
+from prefect_gpu_workers.local.timeline import (
+    TimelinePhase,
+    timeline_markdown,
+    write_timeline,
+)
 from prefect_gpu_workers.local.views import (
     ProgressView,
     describe_memory,
@@ -53,7 +58,7 @@ from prefect_gpu_workers.local.views import (
     worker_table,
 )
 from prefect_gpu_workers.naming import gib_capacity, parse_memory_mib
-from prefect_gpu_workers.report import memory_use
+from prefect_gpu_workers.report import figure_rows, memory_use
 from prefect_gpu_workers.telemetry import (
     GpuSampler,
     describe_telemetry,
@@ -176,6 +181,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
         gpu_batches=step_plan.batches,
         gpu_memory_fraction=step_plan.memory_fraction,
         unlimited=options.no_limit,
+        artifacts=options.step_artifacts,
     )
     workdir, made_workdir = make_workdir(options.workdir, "pgw-demo-")
     console.print(f"work directory (logs, records): {workdir}")
@@ -280,13 +286,6 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                 and not leaked
                 and ok_memory
             )
-    remaining = session.remaining_pids()
-    if remaining:
-        console.print(f"[red]processes still running after shutdown: {remaining}[/red]")
-        ok = False
-    else:
-        console.print("all processes started by the demo have stopped")
-    for path in options.timelines:
         title = "prefect-gpu-workers demo" + (" --no-limit" if options.no_limit else "")
         phase = TimelinePhase(
             "demo (no limit)" if options.no_limit else "demo",
@@ -297,7 +296,41 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             result.ended_at,
             plans[0].gpu_memory_gib,
         )
-        written = write_timeline(path, phase, title=title, subtitle=telemetry)
+        # Drawn while the server is up, so that the timeline artifact can link them.
+        pictures = [
+            write_timeline(path, phase, title=title, subtitle=telemetry)
+            for path in options.timelines
+        ]
+        if options.artifacts:
+            description = (
+                f"{options.runs} runs of {DEMO_DEPLOYMENT} on {len(plans)} worker(s) of pool "
+                f"{options.pool}, {slots} GPU slot(s) each"
+                + ("; GPU step simulated" if p.simulate else "")
+            )
+            with session.client() as client:
+                published = publish_report(
+                    client,
+                    "demo",
+                    options.pool,
+                    figure_rows([(phase.label, metrics)]),
+                    timeline_markdown([phase], title, telemetry, pictures),
+                    description,
+                )
+            console.print(
+                published.describe("demo"),
+                style="yellow" if published.error else None,
+                soft_wrap=True,  # a person copies the run's id
+                highlight=False,
+            )
+        else:
+            console.print("artifacts: off (--no-artifacts)")
+    remaining = session.remaining_pids()
+    if remaining:
+        console.print(f"[red]processes still running after shutdown: {remaining}[/red]")
+        ok = False
+    else:
+        console.print("all processes started by the demo have stopped")
+    for written in pictures:
         # Never wrapped: a person copies the path.
         console.print(f"timeline: {written}", soft_wrap=True)
     if ok and made_workdir and not options.keep_workdir:

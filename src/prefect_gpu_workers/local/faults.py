@@ -240,7 +240,10 @@ def run_faults(options: BenchOptions, console: Console) -> FaultResult:
     capacity = plan_capacity(detect_gpus(), options.gpus, options.slots_per_gpu).capacity
     slots = capacity.slots
     g = options.gpu_seconds
-    params = PipelineParams(items=1, download_s=g, gpu_s=g, save_s=g, simulate=True)
+    params = PipelineParams(
+        items=1, download_s=g, gpu_s=g, save_s=g, simulate=True,
+        artifacts=options.step_artifacts,
+    )  # fmt: skip
     plans = plan_workers(
         worker_ids(options.workers, options.worker_prefix),
         slots,

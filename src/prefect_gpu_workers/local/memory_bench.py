@@ -206,7 +206,10 @@ def fixed_plans(options: MemoryBenchOptions, ids: list[str]) -> tuple[WorkerPlan
 def run_memory_bench(options: MemoryBenchOptions, console: Console) -> MemoryBenchResult:
     """Run the placement and fixed-slot phases (and the licence phase); progress to ``console``."""
     g = options.gpu_seconds
-    params = PipelineParams(items=1, download_s=g / 8, gpu_s=g, save_s=g / 8, simulate=True)
+    params = PipelineParams(
+        items=1, download_s=g / 8, gpu_s=g, save_s=g / 8, simulate=True,
+        artifacts=options.step_artifacts,
+    )  # fmt: skip
     mix = options.mix
     runs = options.runs or 8 * len(mix.pattern) * options.gpus * options.workers
     ids = worker_ids(options.workers, options.worker_prefix)
@@ -324,7 +327,9 @@ def _licence_phase(
     with session.client() as client:
         for name in licences:
             ensure_gpu_limit(client, name, LICENCE_SEATS)
-    params = PipelineParams(items=1, gpu_s=LICENCE_GPU_S, simulate=True)
+    params = PipelineParams(
+        items=1, gpu_s=LICENCE_GPU_S, simulate=True, artifacts=options.step_artifacts
+    )
 
     def vary(index: int, run: PipelineParams) -> PipelineParams:
         # Half the runs name the licences in the other order: the broker takes them

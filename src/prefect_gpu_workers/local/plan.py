@@ -60,6 +60,14 @@ class LocalOptions:
     database: DatabaseKind = "postgres"
     api_timeout_s: float = DEFAULT_API_TIMEOUT_S
     launcher: str = DEFAULT_LAUNCHER
+    # Publish Prefect artifacts: the report and timeline, and each GPU step's table.
+    artifacts: bool = True
+
+    @property
+    def step_artifacts(self) -> bool | None:
+        """The flow's ``artifacts`` parameter: None leaves it to the worker's
+        ``PGW_ARTIFACTS`` (default on); ``--no-artifacts`` turns it off outright."""
+        return None if self.artifacts else False
 
 
 @dataclass(frozen=True)
