@@ -1,7 +1,7 @@
 """The API server, with the CRD's schema and CEL rules, admits or rejects pool specs.
 
 No operator needed: what is rejected here never reaches it. Covers the pod
-template fields, spec.autoscaling and spec.disruption.
+template fields, spec.worker.metricsPort, spec.autoscaling and spec.disruption.
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ def mount(path: str) -> dict[str, Any]:
     return template(volumeMounts=[{"name": "v", "mountPath": path}])
 
 
+def metrics_port(port: Any) -> dict[str, Any]:
+    return {"worker": {"image": "i", "metricsPort": port}}
+
+
 POD_TEMPLATE = "spec.worker.podTemplate"
+METRICS_PORT = "spec.worker.metricsPort"
 HOSTILE_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
     # (id, spec overrides, field named in the error, words of the message)
     ("command", template(command=["sh", "-c", "sleep 1d"]), POD_TEMPLATE, "worker command"),
@@ -94,6 +99,11 @@ HOSTILE_SPECS: list[tuple[str, dict[str, Any], str, str]] = [
      "spec.disruption.maxUnavailable", "block every node drain"),
     ("zero percent budget", {"disruption": {"maxUnavailable": "0%"}},
      "spec.disruption.maxUnavailable", "block every node drain"),
+    ("metrics port below 1024", metrics_port(80), METRICS_PORT, "greater than or equal to 1024"),
+    ("metrics port zero", metrics_port(0), METRICS_PORT, "greater than or equal to 1024"),
+    ("metrics port above 65535", metrics_port(65536), METRICS_PORT, "less than or equal to 65535"),
+    ("metrics port on the health port", metrics_port(8080), METRICS_PORT, "health port"),
+    ("metrics port as text", metrics_port("9400"), METRICS_PORT, "integer"),
     *((f"pod escalation: {e.name}", template(**e.template), e.crd, "")
       for e in POD_ESCALATIONS if e.crd is not None),
 ]  # fmt: skip
@@ -167,3 +177,13 @@ def test_a_full_pod_template_autoscaling_and_budget_are_accepted_with_defaults(
     assert created["disruption"] == {"maxUnavailable": 1}
     percent = base_spec(disruption={"maxUnavailable": "25%"})
     assert pools.create("percent", percent)["spec"]["disruption"] == {"maxUnavailable": "25%"}
+
+
+def test_a_metrics_port_is_accepted_as_written_and_absent_by_default(
+    dev_cluster: DevCluster, namespace: str, crd: None
+) -> None:
+    pools = Pools(dev_cluster, namespace)
+    for port in (1024, 9400, 65535):
+        created = pools.create(f"metrics-{port}", base_spec(**metrics_port(port)))
+        assert created["spec"]["worker"]["metricsPort"] == port
+    assert "metricsPort" not in pools.create("no-metrics", base_spec())["spec"]["worker"]
