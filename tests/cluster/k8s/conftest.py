@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from prefect_gpu_workers.server import LocalPrefectServer
 
 from .cluster import BUILD_TOOLS, DEV_CLUSTER, DevCluster, run
+from .node_workers import NodeWorkers
 from .operator_harness import (
     GROUP_LABEL,
     KIND_LABEL,
@@ -169,3 +172,28 @@ def node_prefect_server(
     server.start(timeout_s=300)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def prefect(node_prefect_server: LocalPrefectServer) -> Iterator[SyncPrefectClient]:
+    """A client of the Prefect server the node's pods use (deployments go there too)."""
+    with (
+        temporary_settings(updates={PREFECT_API_URL: node_prefect_server.api_url}),
+        get_client(sync_client=True) as prefect_client,
+    ):
+        yield prefect_client
+
+
+@pytest.fixture
+def node_workers(
+    operator: OperatorProcess,
+    dev_cluster: DevCluster,
+    namespace: str,
+    real_node: RealNode,
+    project_images: dict[str, Image],
+    node_prefect_server: LocalPrefectServer,
+) -> NodeWorkers:
+    """Pools of this test's namespace on the real node, with the operator running."""
+    api_url = node_prefect_server.api_url
+    pools = Pools(dev_cluster, namespace)
+    return NodeWorkers(real_node, project_images["worker"], api_url, pools, PrefectLimits(api_url))

@@ -13,118 +13,24 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
-import pytest
 import urllib3
 from kubernetes import client, watch
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pgw_flows.deploy import deploy_pipeline
 from pgw_operator.desired import WORKER_UID
 from prefect_gpu_workers.local.prefect_ops import read_runs, submit_runs
 from prefect_gpu_workers.records import StageRecord, read_records
 from prefect_gpu_workers.report import gpu_overlap_per_worker
-from prefect_gpu_workers.server import LocalPrefectServer
 
 from .cluster import DevCluster
-from .operator_harness import OperatorProcess, Pools, PrefectLimits, start_pool, unique, wait_until
+from .node_workers import POD_RECORDS, NodeWorkers, run_params, wait_until_final, worker_status
+from .operator_harness import Pools, unique, wait_until
 from .real_node import Image, RealNode
-
-# Where the flows in worker pods write their stage records: the pod's /tmp
-# emptyDir, which the test reads from the kubelet's directory on this machine.
-POD_RECORDS = "/tmp/records"
-
-
-@pytest.fixture
-def prefect(node_prefect_server: LocalPrefectServer) -> Iterator[SyncPrefectClient]:
-    """A client of the Prefect server the node's pods use (deployments go there too)."""
-    with (
-        temporary_settings(updates={PREFECT_API_URL: node_prefect_server.api_url}),
-        get_client(sync_client=True) as prefect_client,
-    ):
-        yield prefect_client
-
-
-@dataclass(frozen=True)
-class NodeWorkers:
-    """Worker pools on the real node, from the worker image, served by the node's Prefect."""
-
-    node: RealNode
-    worker: Image
-    api_url: str
-    pools: Pools
-    limits: PrefectLimits
-
-    def start(
-        self, name: str, replicas: int, flow_runs: int, grace_s: int = 0
-    ) -> tuple[str, dict[str, dict[str, Any]]]:
-        """Pool ``name``: workers of one fake GPU and 2 slots each. Its work pool, and
-        pod -> limit once it is Ready."""
-        work_pool = unique(f"node-{name}")
-        spec = {
-            "replicas": replicas,
-            "workPool": {"name": work_pool, "flowRunsPerWorker": flow_runs},
-            "prefect": {"apiUrl": self.api_url},
-            "gpu": {"perWorker": 1, "slotsPerGpu": 2},
-            "worker": {
-                "image": self.worker.ref,
-                "imagePullPolicy": "Never",  # imported into the node; no registry
-                "drainGracePeriodSeconds": grace_s,
-                "podTemplate": {
-                    **self.node.placement(),
-                    "env": [{"name": "PREFECT_WORKER_QUERY_SECONDS", "value": "1"}],
-                },
-            },
-        }
-        return work_pool, start_pool(self.pools, self.limits, name, spec)
-
-
-@pytest.fixture
-def node_workers(
-    operator: OperatorProcess,
-    dev_cluster: DevCluster,
-    namespace: str,
-    real_node: RealNode,
-    project_images: dict[str, Image],
-    node_prefect_server: LocalPrefectServer,
-) -> NodeWorkers:
-    """Pools of this test's namespace on the real node, with the operator running."""
-    api_url = node_prefect_server.api_url
-    pools = Pools(dev_cluster, namespace)
-    return NodeWorkers(real_node, project_images["worker"], api_url, pools, PrefectLimits(api_url))
-
-
-def run_params(records: bool, **seconds: float) -> dict[str, Any]:
-    params: dict[str, Any] = {"items": 1, "simulate": True, "download_s": 0.5, "gpu_s": 3.0,
-                              "save_s": 0.5, **seconds}  # fmt: skip
-    if records:
-        params["record_dir"] = POD_RECORDS
-    return params
-
-
-def wait_until_final(prefect: SyncPrefectClient, run_ids: list[UUID], timeout: float = 300) -> Any:
-    return wait_until(
-        lambda: (
-            (found := read_runs(prefect, run_ids))
-            and all(r.state is not None and r.state.is_final() for r in found)
-            and found
-        ),
-        f"{len(run_ids)} flow runs to end",
-        timeout=timeout,
-        interval=1,
-    )
-
-
-def worker_status(pools: Pools, pod: str) -> client.V1ContainerStatus | None:
-    status = pools.core.read_namespaced_pod(pod, pools.namespace).status
-    return next(iter(status.container_statuses or []), None) if status else None
 
 
 def pod_records(node: RealNode, pools: Pools, pods: list[str]) -> list[StageRecord]:
