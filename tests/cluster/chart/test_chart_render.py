@@ -6,6 +6,8 @@ thinks of the output is in test_chart_cluster.py.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from .conftest import (
     by_kind,
     one,
     parse_manifests,
+    tool_bin,
     with_api_url_policy,
 )
 
@@ -275,6 +278,21 @@ def test_helm_lint_strict_is_clean(helm: Helm, tmp_path: Path, name: str) -> Non
         ),
         ({"samplePool": {"gpu": {"perWorker": 1, "wholeNode": True}}}, "at '/samplePool/gpu'"),
         ({"samplePool": {"workPool": "a/b"}}, "at '/samplePool/workPool'"),
+        ({"samplePool": {"metricsPort": 80}}, "at '/samplePool/metricsPort'"),
+        ({"samplePool": {"metricsPort": 8080}}, "at '/samplePool/metricsPort'"),
+        ({"monitoring": {"podMonitor": {"enable": True}}}, "additional properties 'enable'"),
+        (
+            {"monitoring": {"prometheusRule": {"alerts": {"PgwNoSuchAlert": {"for": "5m"}}}}},
+            "additional properties 'PgwNoSuchAlert' not allowed",
+        ),
+        (
+            {"monitoring": {"prometheusRule": {"alerts": {"PgwPoolDegraded": {"for": "soon"}}}}},
+            "at '/monitoring/prometheusRule/alerts/PgwPoolDegraded/for'",
+        ),
+        (
+            {"monitoring": {"dashboard": {"sidecarLabel": "grafana dashboard"}}},
+            "at '/monitoring/dashboard/sidecarLabel'",
+        ),
     ],
 )
 def test_schema_rejects_invalid_values_with_the_path(
@@ -572,6 +590,7 @@ def test_metrics_service_and_service_monitor_render_only_when_enabled(
             "port": "metrics",
             "path": "/metrics",
             "scheme": "http",
+            "honorLabels": True,
             "interval": "15s",
             "scrapeTimeout": "10s",
         }
@@ -594,6 +613,7 @@ def test_sample_pool_renders_a_valid_looking_pool(helm: Helm, tmp_path: Path) ->
         "worker": {
             "image": "ghcr.io/prefect-gpu-workers/worker:0.1.0",
             "imagePullPolicy": "IfNotPresent",
+            "metricsPort": 9400,
         },
     }
 
@@ -845,3 +865,226 @@ def test_no_rbac_means_no_lease_role_either(helm: Helm, tmp_path: Path) -> None:
     manifests = render(helm, tmp_path, {"rbac": {"create": False}})
     assert not by_kind(manifests, "Role")
     assert "--leader-elect" in operator_container(manifests)["args"]
+
+
+# --- monitoring: PrometheusRule, PodMonitor, dashboard ConfigMap --------------------
+
+FILES = CHART / "files"
+MONITORING_ON = {
+    "monitoring": {
+        "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+        "podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "dashboard": {"enabled": True},
+    }
+}
+
+
+def source_alert_groups() -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = yaml.safe_load((FILES / "alerts.yaml").read_text())["groups"]
+    return groups
+
+
+def is_dashboard(manifest: Manifest) -> bool:
+    name: str = manifest["metadata"]["name"]
+    return manifest["kind"] == "ConfigMap" and name.endswith("-dashboard")
+
+
+def test_helm_lint_strict_is_clean_with_monitoring_on(helm: Helm, tmp_path: Path) -> None:
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(with_api_url_policy(MONITORING_ON)))
+    proc = helm("lint", "--strict", str(CHART), "--values", str(values_file), check=False)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "[WARNING]" not in output, output
+
+
+def test_monitoring_objects_are_off_by_default(helm: Helm, tmp_path: Path) -> None:
+    manifests = render(helm, tmp_path)
+    assert not by_kind(manifests, "PrometheusRule")
+    assert not by_kind(manifests, "PodMonitor")
+    assert not [m for m in manifests if is_dashboard(m)]
+    monitoring = chart_values()["monitoring"]
+    assert not any(monitoring[k]["enabled"] for k in ("prometheusRule", "podMonitor", "dashboard"))
+
+
+def test_the_schema_names_every_alert_of_the_file() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    rule_schema = schema["properties"]["monitoring"]["properties"]["prometheusRule"]
+    named = set(rule_schema["properties"]["alerts"]["properties"])
+    assert named == {r["alert"] for g in source_alert_groups() for r in g["rules"]}
+
+
+def test_the_prometheus_rule_carries_the_alerts_file_as_it_is(helm: Helm, tmp_path: Path) -> None:
+    manifests = render(helm, tmp_path, MONITORING_ON)
+    rule = one(manifests, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
+    assert rule["spec"]["groups"] == source_alert_groups()
+
+
+def test_values_drop_alerts_and_change_their_for_severity_labels_and_runbooks(
+    helm: Helm, tmp_path: Path
+) -> None:
+    values = {
+        "monitoring": {
+            "prometheusRule": {
+                "enabled": True,
+                "namespace": "monitoring",
+                "alertLabels": {"team": "ml-platform", "severity": "ignored"},
+                "runbookBaseUrl": "https://example.com/pgw/",
+                "alerts": {
+                    "PgwPoolDegraded": {"for": "45m", "severity": "critical"},
+                    "PgwGpuHeldButIdle": {"enabled": False},
+                },
+            }
+        }
+    }
+    rule = one(render(helm, tmp_path, values), "PrometheusRule")
+    assert rule["metadata"]["namespace"] == "monitoring"
+    rendered = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+    source = {r["alert"]: r for g in source_alert_groups() for r in g["rules"]}
+    assert set(rendered) == set(source) - {"PgwGpuHeldButIdle"}
+    assert rendered["PgwPoolDegraded"]["for"] == "45m"
+    assert rendered["PgwPoolDegraded"]["labels"] == {"severity": "critical", "team": "ml-platform"}
+    for name, r in rendered.items():
+        assert r["expr"] == source[name]["expr"]
+        assert r["labels"]["team"] == "ml-platform"
+        # An alert's own severity wins over the labels for every alert.
+        assert r["labels"]["severity"] != "ignored"
+        assert r["annotations"]["runbook_url"] == (
+            f"https://example.com/pgw/docs/operations.md#{name.lower()}"
+        )
+        if name != "PgwPoolDegraded":
+            assert r["for"] == source[name]["for"]
+
+
+def test_promtool_accepts_the_rendered_rules(helm: Helm, tmp_path: Path) -> None:
+    """The template's changes keep the groups valid rule groups (as the source is)."""
+    values = {
+        "monitoring": {
+            "prometheusRule": {
+                "enabled": True,
+                "alertLabels": {"team": "ml-platform"},
+                "alerts": {"PgwPoolDegraded": {"for": "1h30m", "severity": "page"}},
+            }
+        }
+    }
+    rule = one(render(helm, tmp_path, values), "PrometheusRule")
+    rules_file = tmp_path / "rendered-rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    promtool = tool_bin("promtool") / "promtool"
+    proc = subprocess.run(
+        [str(promtool), "check", "rules", str(rules_file)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS: 6 rules found" in proc.stdout
+
+
+def test_the_pod_monitor_scrapes_worker_pods_metrics_port_and_labels_the_pool(
+    helm: Helm, tmp_path: Path
+) -> None:
+    monitor = one(render(helm, tmp_path, MONITORING_ON), "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"] == {
+        "matchLabels": {
+            "app.kubernetes.io/name": "prefect-gpu-worker",
+            "app.kubernetes.io/component": "worker",
+        }
+    }
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    assert monitor["spec"]["podMetricsEndpoints"] == [
+        {
+            "port": "metrics",
+            "path": "/metrics",
+            "scheme": "http",
+            "interval": "30s",
+            "relabelings": [
+                {
+                    "sourceLabels": ["__meta_kubernetes_pod_label_gpuworkers_dev_pool"],
+                    "targetLabel": "pool",
+                }
+            ],
+        }
+    ]
+
+
+def test_the_pod_monitor_follows_watched_or_named_namespaces(helm: Helm, tmp_path: Path) -> None:
+    watched = {**MONITORING_ON, "watchNamespaces": ["team-a", "team-b"]}
+    monitor = one(render(helm, tmp_path, watched), "PodMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    named = {
+        "watchNamespaces": ["team-a", "team-b"],
+        "monitoring": {
+            "podMonitor": {
+                "enabled": True,
+                "namespaces": ["team-b"],
+                "namespace": "monitoring",
+                "interval": "15s",
+                "scrapeTimeout": "10s",
+            }
+        },
+    }
+    monitor = one(render(helm, tmp_path, named), "PodMonitor")
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-b"]}
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert (endpoint["interval"], endpoint["scrapeTimeout"]) == ("15s", "10s")
+
+
+def test_the_pod_monitor_selects_the_pods_the_operator_makes() -> None:
+    from pgw_operator.desired import pool_labels
+
+    labels = pool_labels("gpu")
+    assert labels["app.kubernetes.io/name"] == "prefect-gpu-worker"
+    assert labels["app.kubernetes.io/component"] == "worker"
+    # The relabeling reads the pool from this label (Prometheus' sanitised name).
+    assert labels["gpuworkers.dev/pool"] == "gpu"
+
+
+def test_the_dashboard_config_map_carries_the_generated_json_for_the_sidecar(
+    helm: Helm, tmp_path: Path
+) -> None:
+    [config_map] = [m for m in render(helm, tmp_path, MONITORING_ON) if is_dashboard(m)]
+    assert config_map["metadata"]["namespace"] == NAMESPACE
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert list(config_map["data"]) == ["prefect-gpu-workers.json"]
+    assert json.loads(config_map["data"]["prefect-gpu-workers.json"]) == json.loads(
+        (FILES / "dashboard.json").read_text()
+    )
+
+
+def test_the_dashboard_s_label_namespace_and_annotations_can_change(
+    helm: Helm, tmp_path: Path
+) -> None:
+    values = {
+        "monitoring": {
+            "dashboard": {
+                "enabled": True,
+                "namespace": "grafana",
+                "sidecarLabel": "example.com/dashboard",
+                "sidecarLabelValue": "yes",
+                "labels": {"team": "ml"},
+                "annotations": {"grafana_folder": "GPU"},
+            }
+        }
+    }
+    [config_map] = [m for m in render(helm, tmp_path, values) if is_dashboard(m)]
+    metadata = config_map["metadata"]
+    assert metadata["namespace"] == "grafana"
+    assert metadata["labels"]["example.com/dashboard"] == "yes"
+    assert metadata["labels"]["team"] == "ml"
+    assert "grafana_dashboard" not in metadata["labels"]
+    assert metadata["annotations"] == {"grafana_folder": "GPU"}
+
+
+def test_the_sample_pool_s_metrics_port_can_be_off(helm: Helm, tmp_path: Path) -> None:
+    values = json.loads(json.dumps(VALUE_SETS["sample-pool"]))
+    values["samplePool"]["metricsPort"] = 0
+    pool = one(render(helm, tmp_path, values), "GpuWorkerPool")
+    assert "metricsPort" not in pool["spec"]["worker"]
