@@ -151,3 +151,40 @@ def test_no_artifacts_leaves_none(prefect_server: LocalPrefectServer, tmp_path: 
     assert all(run.state is not None and run.state.is_completed() for run in runs)
     assert artifacts_of([run.id for run in runs]) == []
     assert report_runs_of(f"demo-{prefix}") == []
+
+
+def test_a_bench_leaves_its_report_with_a_column_and_a_chart_per_phase(
+    prefect_server: LocalPrefectServer, tmp_path: Path
+) -> None:
+    prefix = f"b{uuid.uuid4().hex[:6]}"
+    pool = f"bench-{prefix}"
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect_gpu_workers.cli", "bench", "--json",
+         "--workers", "1", "--runs", "2", "--gpu-seconds", "1", "--poll-seconds", "2",
+         "--skip-flow-level", "--skip-launcher-comparison", "--worker-prefix", prefix,
+         "--pool", pool],
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    json.loads(result.stdout)  # stdout is still the JSON object alone
+    assert "EventsWorker" not in result.stderr
+    found = REPORT_RUN.search(result.stderr)
+    assert found, result.stderr
+    report = {a.key: a for a in artifacts_of([UUID(found.group(2))])}
+    assert set(report) == {"pgw-bench-report", "pgw-bench-timeline"}
+    rows = table(report["pgw-bench-report"])
+    phases = ["task-level, slot broker (fork)", "task-level, Prefect polling"]
+    assert all(list(row) == ["measure", *phases] for row in rows)
+    finished = next(row for row in rows if row["measure"] == "runs finished")
+    assert [finished[phase] for phase in phases] == [2, 2]
+    text = str(report["pgw-bench-timeline"].data)
+    assert text.count("```text") == 2
+    assert "No picture drawn" in text
+    # The GPU steps of both phases ran in the bench's pool and published their tables.
+    runs = runs_of_pool(pool)
+    assert len(runs) == 4
+    steps = artifacts_of([run.id for run in runs])
+    assert sorted(a.key or "" for a in steps) == sorted(f"gpu-step-{run.id}" for run in runs)

@@ -12,16 +12,16 @@ the Artifacts page, its earlier ones in the key's history.
 The run is made through the client rather than by running a flow here: a
 flow run in the demo's own process would bring Prefect's engine (run logs
 shipped to the API, its own signal handling) into the process that must stop
-everything it started on Ctrl-C. The client's artifact events go out from
-Prefect's events thread while the server is up (the session stops it seconds
-later). Publishing never fails the command: an error is one line in yellow,
-and the command goes on.
+everything it started on Ctrl-C. The client's artifact events are sent before
+publishing returns (within a bound), while the server is up. Publishing never
+fails the command: an error is one line in yellow, and the command goes on.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 Command = Literal["demo", "bench"]
 REPORT_TAG = "pgw-report"
+# How long publishing waits for the artifacts' events to be sent (see _wait_for_events_sent).
+EVENTS_TIMEOUT_S = 10.0
 
 
 def report_flow_name(command: Command) -> str:
@@ -167,4 +169,22 @@ def _publish(
         )
     )
     client.set_flow_run_state(run.id, Completed(message=description), force=True)
+    _wait_for_events_sent()
     return Published(run_id=run.id, run_name=name)
+
+
+def _wait_for_events_sent(timeout_s: float = EVENTS_TIMEOUT_S) -> None:
+    """Wait, within ``timeout_s``, until Prefect's events thread has sent the artifacts' events.
+
+    The client emits an event per artifact from a thread of its own. Left
+    queued, they are sent at this process's exit, when the local session has
+    stopped its server, and Prefect says "Still processing items" on the way
+    out. A queue that does not empty in time (a server too slow) is left to
+    Prefect's own exit.
+    """
+    from prefect.events.worker import EventsWorker
+
+    worker = EventsWorker.instance()
+    waiter = threading.Thread(target=worker.wait_until_empty, name="pgw-events", daemon=True)
+    waiter.start()
+    waiter.join(timeout_s)
