@@ -123,6 +123,8 @@ def test_prefect_answering_5xx_degrades_the_pool_until_it_answers_again(
         )
         assert "HTTP 503" in condition["message"]
         assert "injected fault" not in str(pools.get("flaky"))  # answers stay in the log
+        degraded = f'pgw_pool_degraded{{namespace="{namespace}",pool="flaky"}}'
+        wait_until(lambda: operator.metrics().get(degraded) == 1.0, "pgw_pool_degraded 1")
 
         proxy.heal()
         after = wait_until(
@@ -132,6 +134,7 @@ def test_prefect_answering_5xx_degrades_the_pool_until_it_answers_again(
         healed = pools.condition("flaky", "Degraded")
         assert healed is not None
         assert healed["status"] == "False"
+        wait_until(lambda: operator.metrics().get(degraded) == 0.0, "pgw_pool_degraded 0")
         # kopf posts Events from a queue of its own, a moment after the status.
         wait_until(
             lambda: any(e.reason == "Recovered" for e in pools.events("flaky")),
