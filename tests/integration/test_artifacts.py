@@ -9,6 +9,7 @@ Prefect's client, as the UI reads it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ import uuid
 from pathlib import Path
 from uuid import UUID
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -59,10 +61,13 @@ def runs_of_pool(pool: str) -> list[FlowRun]:
 
 
 def artifacts_of(run_ids: list[UUID]) -> list[Artifact]:
+    """The runs' artifacts, less Prefect's own result records (no type, no key: a failed
+    run's persisted exception is one)."""
     with get_client(sync_client=True) as client:
-        return client.read_artifacts(
+        found = client.read_artifacts(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=run_ids))
         )
+    return [artifact for artifact in found if artifact.type is not None]
 
 
 def report_runs_of(pool: str) -> list[FlowRun]:
@@ -188,3 +193,88 @@ def test_a_bench_leaves_its_report_with_a_column_and_a_chart_per_phase(
     assert len(runs) == 4
     steps = artifacts_of([run.id for run in runs])
     assert sorted(a.key or "" for a in steps) == sorted(f"gpu-step-{run.id}" for run in runs)
+
+
+def _limit_for(worker: str) -> None:
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=f"gpu:{worker}", limit=1)
+        )
+
+
+def _flow_run_id(state: object) -> UUID:
+    run_id = state.state_details.flow_run_id  # type: ignore[attr-defined]
+    assert isinstance(run_id, UUID)
+    return run_id
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_failed_gpu_step_publishes_its_table_with_the_error_and_env_zero_publishes_none(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The flow in this process, its step polling Prefect (no broker): the failure path,
+    and the worker's PGW_ARTIFACTS=0 with the parameter left to it."""
+    from pgw_flows.pipeline import gpu_pipeline
+
+    worker = f"f{uuid.uuid4().hex[:6]}"
+    _limit_for(worker)
+    monkeypatch.setenv("WORKER_ID", worker)
+    failed = gpu_pipeline(
+        items=1, simulate=True, fail_in_gpu_step=True, record_dir=str(tmp_path),
+        return_state=True,
+    )  # fmt: skip
+    assert failed.is_failed()
+    (artifact,) = artifacts_of([_flow_run_id(failed)])
+    (row,) = table(artifact)
+    assert str(row["error"]).startswith("InjectedGpuFailure: injected failure")
+    assert row["limit"] == f"gpu:{worker}"
+    assert artifact.description is not None
+    assert "(failed)" in artifact.description
+
+    monkeypatch.setenv("PGW_ARTIFACTS", "0")
+    quiet = gpu_pipeline(items=1, simulate=True, record_dir=str(tmp_path), return_state=True)
+    assert quiet.is_completed()
+    assert artifacts_of([_flow_run_id(quiet)]) == []
+    # The parameter wins over the worker's environment.
+    loud = gpu_pipeline(items=1, simulate=True, artifacts=True, return_state=True)
+    assert loud.is_completed()
+    assert [a.key for a in artifacts_of([_flow_run_id(loud)])] == [f"gpu-step-{_flow_run_id(loud)}"]
+
+
+# Outside a run (as here) Prefect warns that such artifacts are deprecated; a step is in one.
+@pytest.mark.filterwarnings("ignore:Artifact creation outside:FutureWarning")
+def test_an_api_that_refuses_the_artifact_is_one_warning_and_no_failure(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real refusal (nothing listens on the port), no stand-in: publishing returns,
+    says so once, and says nothing the second time."""
+    import socket
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    from pgw_flows import artifacts
+    from prefect_gpu_workers.records import StageRecord
+
+    with socket.socket() as probe:  # a port nothing listens on once it is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    record = StageRecord("r", "w", "gpu", 0.0, 0.5, 1.0, 1, "gpu:w", "simulated")
+    logger = logging.getLogger("test-artifacts")
+    monkeypatch.setattr(artifacts, "_warned", False)  # this process may have warned before
+    with (
+        temporary_settings(
+            updates={
+                PREFECT_API_URL: f"http://127.0.0.1:{port}/api",
+                PREFECT_CLIENT_MAX_RETRIES: 0,
+            }
+        ),
+        caplog.at_level(logging.WARNING, logger="test-artifacts"),
+    ):
+        artifacts.publish_gpu_step(record, None, logger)
+        artifacts.publish_gpu_step(record, None, logger)
+    warnings = [r for r in caplog.records if r.name == "test-artifacts"]
+    assert len(warnings) == 1
+    assert "could not publish the GPU step's artifact" in warnings[0].getMessage()
+    assert "PGW_ARTIFACTS=0" in warnings[0].getMessage()
