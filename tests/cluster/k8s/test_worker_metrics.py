@@ -118,8 +118,10 @@ def test_a_worker_pods_metrics_show_its_deployments_gpu_time_after_a_run(
     step_labels = frozenset({**who, "flow": FLOW_NAME, "task": GPU_TASK}.items())
     assert set(steps) == {step_labels}, steps
     assert steps[step_labels] == 1
-    # The step slept GPU_S inside its slot (one slot): the broker counted at least that.
-    assert held[step_labels] >= GPU_S
+    # The step slept GPU_S inside its slot (one slot), between the broker's grant
+    # and its release: the broker counted that (the step's sleep is by the wall
+    # clock; a 10% margin keeps a clock adjustment meanwhile from failing it).
+    assert held[step_labels] >= 0.9 * GPU_S
     assert waited[step_labels] >= 0
     # Every family the pod exports is in the worker's contract, with its type.
     types = declared_types(text)
