@@ -22,7 +22,7 @@ otherwise (``--poll-seconds``).
 The defaults (one worker with 2 slots, 4 s GPU steps) aim to keep the GPU
 the bottleneck on a small machine: every flow run is a new Python process
 whose start-up costs CPU-seconds, so the CPU caps how many runs per second a
-machine can start (README gives measured figures), and the task-level ceiling
+machine can start (docs/benchmarks.md gives measured figures), and the task-level ceiling
 here is 2 slots / 4 s = 0.5 runs/s. With more slots or shorter steps the bench
 measures the CPU; the output gives both ceilings and the load average so that
 a reader can tell.

@@ -124,7 +124,7 @@ def local_job_variables() -> dict[str, Any]:
     An explicit ``command`` makes the process worker start the engine
     directly. Without it, Prefect 3.9 first starts a workspace-resolving
     Python process per flow run: a second interpreter start-up for every run
-    (README has the CPU it costs), which buys nothing for a module entrypoint
+    (docs/benchmarks.md has the CPU it costs), which buys nothing for a module entrypoint
     with no pull steps. The interpreter is this one: local workers share it.
     """
     return {"command": shlex.join([sys.executable, "-m", "prefect.engine"])}
