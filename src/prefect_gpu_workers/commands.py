@@ -65,6 +65,7 @@ def worker_command(
     gpus: int | None = None,
     gpu_memory: str | None = None,
     metrics_port: int | None = None,
+    metrics_socket: str | None = None,
 ) -> list[str]:
     """The worker entrypoint's command line.
 
@@ -88,6 +89,8 @@ def worker_command(
             cannot read it; the broker places memory requests on it.
         metrics_port: serve the worker's Prometheus metrics over HTTP on
             0.0.0.0 at this TCP port (``--metrics-port``); None serves none.
+        metrics_socket: serve the same text on this Unix socket
+            (``--metrics-socket``, mode 0600: nothing on TCP); None serves none.
 
     Raises:
         ValueError: ``flow_runs`` below 1, a negative ``wait_timeout_s``, an
@@ -128,6 +131,8 @@ def worker_command(
         command += ["--gpu-memory", gpu_memory]
     if metrics_port is not None:
         command += ["--metrics-port", str(metrics_port)]
+    if metrics_socket is not None:
+        command += ["--metrics-socket", metrics_socket]
     return command
 
 

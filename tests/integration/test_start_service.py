@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import (
@@ -255,6 +256,13 @@ def test_two_services_serve_plain_concurrency_within_each_limit(
     with client() as c:
         held = [prefect_ops.read_limit(c, f"gpu:{s.worker_id}") for s in (a, b)]
     assert [limit.active_slots if limit else None for limit in held] == [0, 0]
+    # Each worker serves its metrics on a Unix socket beside its lock (nothing on TCP).
+    for service in (a, b):
+        sock = harness.workdir / "state" / f"{service.worker_id}.metrics.sock"
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, trust_env=False, timeout=10) as http:
+            text = http.get("http://localhost/metrics").raise_for_status().text
+        assert f'pgw_gpu_slots{{limit="gpu:{service.worker_id}"}} 2' in text, text
     print(f"\ntwo-service run: 8 runs, limit 2 per worker, peaks {peaks}, all slots held after "
           f"{all_full_after:.1f}s, all runs final after {total:.1f}s")  # fmt: skip
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,13 @@ from prefect_gpu_workers.service.plan import (
     plan_service,
     watch_seconds,
 )
-from prefect_gpu_workers.service.run import Refused, StartOptions, build_plan, worker_argv
+from prefect_gpu_workers.service.run import (
+    Refused,
+    StartOptions,
+    build_plan,
+    metrics_socket_of,
+    worker_argv,
+)
 from prefect_gpu_workers.service.sizing import parse_memory_size, slots_for_memory
 
 GIB = 2**30
@@ -412,3 +419,13 @@ def test_worker_runs_the_pods_entrypoint_with_its_flow_runs() -> None:
     assert worker_argv(worker, "pool", 45, launcher="subprocess")[-2:] == [
         "--launcher", "subprocess"
     ]  # fmt: skip
+
+
+def test_each_worker_serves_its_metrics_on_a_unix_socket_beside_its_lock() -> None:
+    (worker,) = plan_service("box", devices_from(GpuInventory(), 1), SlotsPerGpu(2)).workers
+    socket_path = metrics_socket_of(Path("/run/prefect-gpu-workers"), worker.name)
+    assert socket_path == Path(f"/run/prefect-gpu-workers/{worker.name}.metrics.sock")
+    argv = worker_argv(worker, "pool", 45, metrics_socket=socket_path)
+    assert argv[-2:] == ["--metrics-socket", str(socket_path)]
+    assert "--metrics-port" not in argv  # a bare machine's worker opens nothing on TCP
+    assert metrics_socket_of(Path("/" + "d" * 90), worker.name) is None

@@ -76,6 +76,8 @@ from prefect_gpu_workers.service.processes import (
 # Exit codes: 0 stopped on request; 1 failed (crash loop, Prefect error);
 # 2 refused (a name in use, bad capacity): restarting will not help.
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED = 0, 1, 2
+# sun_path's size on Linux: a Unix socket's path, its final NUL included.
+UNIX_PATH_MAX = 108
 FLOW_RUN_GRACE_S = 10.0
 WATCH_POLL_S = 2.0
 WORKER_WAIT_FOR_LIMIT_S = 300.0
@@ -106,9 +108,17 @@ class Refused(RuntimeError):
 
 
 def worker_argv(
-    worker: ServiceWorker, pool: str, drain_s: float, launcher: str = DEFAULT_LAUNCHER
+    worker: ServiceWorker,
+    pool: str,
+    drain_s: float,
+    launcher: str = DEFAULT_LAUNCHER,
+    metrics_socket: Path | None = None,
 ) -> list[str]:
-    """The worker entrypoint for ``worker``, through this interpreter (as local mode does)."""
+    """The worker entrypoint for ``worker``, through this interpreter (as local mode does).
+
+    ``metrics_socket``: where the worker serves its Prometheus metrics (a Unix
+    socket: a bare machine's workers open nothing on TCP; see :func:`metrics_socket_of`).
+    """
     return worker_command(
         pool,
         flow_runs=worker.flow_runs,
@@ -119,7 +129,22 @@ def worker_argv(
         launcher=launcher,
         gpus=None if worker.memory is None else worker.memory.gpus,
         gpu_memory=None if worker.memory is None else worker.memory.gpu_memory,
+        metrics_socket=None if metrics_socket is None else str(metrics_socket),
     )
+
+
+def metrics_socket_of(directory: Path, worker: str) -> Path | None:
+    """The Unix socket a service's worker serves its metrics on, beside its name
+    lock; None where that path is too long for a Unix socket (108 bytes on Linux).
+
+    Example:
+        >>> metrics_socket_of(Path("/run/prefect-gpu-workers"), "box-gpu0")
+        PosixPath('/run/prefect-gpu-workers/box-gpu0.metrics.sock')
+        >>> metrics_socket_of(Path("/run/user/1000/prefect-gpu-workers"), "w" * 63) is None
+        True
+    """
+    path = directory / f"{worker}.metrics.sock"
+    return path if len(os.fsencode(path)) < UNIX_PATH_MAX else None
 
 
 def build_plan(
@@ -328,6 +353,7 @@ class StartService:
                 self.options.pool,
                 drain_seconds_within(self.options.drain_timeout_s),
                 self.options.launcher,
+                metrics_socket_of(state_dir(self.env), worker.name),
             ),
             {**self.env, **worker.env(), OWNER_ENV: self.owner, "PATH": self._path()},
             log,
