@@ -27,6 +27,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 
 from pgw_flows.artifacts import artifacts_enabled, publish_gpu_step
@@ -149,7 +150,11 @@ def inference(
 
 
 def _publish(record: StageRecord) -> None:
-    publish_gpu_step(record, _device_uuid(record.device), get_run_logger())
+    try:
+        run_logger = get_run_logger()
+    except MissingContextError:
+        return  # called outside a run (the task's ``.fn``): no run to publish on
+    publish_gpu_step(record, _device_uuid(record.device), run_logger)
 
 
 def _inference(
