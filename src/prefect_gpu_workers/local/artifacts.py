@@ -32,6 +32,7 @@ from prefect_gpu_workers.records import Cell
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
+    from rich.console import Console
 
 Command = Literal["demo", "bench"]
 REPORT_TAG = "pgw-report"
@@ -97,6 +98,19 @@ class Published:
             f"artifacts: {table} and {timeline} on flow run '{self.run_name}' ({self.run_id}); "
             "each GPU step's table on its own run (key gpu-step-<flow run id>)"
         )
+
+
+def print_published(console: Console, published: Published | None, command: Command) -> None:
+    """Say where the report went (``None``: artifacts were off), or why it went nowhere."""
+    if published is None:
+        console.print("artifacts: off (--no-artifacts)")
+        return
+    console.print(
+        published.describe(command),
+        style="yellow" if published.error else None,
+        soft_wrap=True,  # a person copies the run's id
+        highlight=False,
+    )
 
 
 def _report_flow(command: Command) -> Any:

@@ -42,7 +42,7 @@ from rich.console import Console
 
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import detect_gpus
-from prefect_gpu_workers.local.artifacts import publish_report
+from prefect_gpu_workers.local.artifacts import print_published, publish_report
 from prefect_gpu_workers.local.batch import BatchResult, prepare_pool, run_batch
 from prefect_gpu_workers.local.demo import make_workdir
 from prefect_gpu_workers.local.gpu_work import check_timeline_paths, step_gpus
@@ -425,6 +425,7 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
             write_timeline(path, *timeline_phases, title=TIMELINE_TITLE, subtitle=TIMELINE_SUBTITLE)
             for path in options.timelines
         ]
+        published = None
         if options.artifacts:
             with session.client() as client:
                 published = publish_report(
@@ -436,14 +437,7 @@ def run_bench(options: BenchOptions, console: Console) -> BenchResult:
                     f"{runs} runs per phase on {options.workers} worker(s) of pool {options.pool}; "
                     + SIMULATION_NOTE,
                 )
-            console.print(
-                published.describe("bench"),
-                style="yellow" if published.error else None,
-                soft_wrap=True,  # a person copies the run's id
-                highlight=False,
-            )
-        else:
-            console.print("artifacts: off (--no-artifacts)")
+        print_published(console, published, "bench")
     for written in pictures:
         # Never wrapped: a person copies the path.
         console.print(f"timeline: {written}", soft_wrap=True)

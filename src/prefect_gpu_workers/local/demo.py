@@ -17,7 +17,7 @@ from rich.console import Console
 
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.gpu import GpuInventory, detect_gpus
-from prefect_gpu_workers.local.artifacts import publish_report
+from prefect_gpu_workers.local.artifacts import print_published, publish_report
 from prefect_gpu_workers.local.batch import prepare_pool, run_batch
 from prefect_gpu_workers.local.gpu_work import (
     GpuStepPlan,
@@ -301,6 +301,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
             write_timeline(path, phase, title=title, subtitle=telemetry)
             for path in options.timelines
         ]
+        published = None
         if options.artifacts:
             description = (
                 f"{options.runs} runs of {DEMO_DEPLOYMENT} on {len(plans)} worker(s) of pool "
@@ -316,14 +317,7 @@ def run_demo(options: DemoOptions, console: Console) -> int:
                     timeline_markdown([phase], title, telemetry, pictures),
                     description,
                 )
-            console.print(
-                published.describe("demo"),
-                style="yellow" if published.error else None,
-                soft_wrap=True,  # a person copies the run's id
-                highlight=False,
-            )
-        else:
-            console.print("artifacts: off (--no-artifacts)")
+        print_published(console, published, "demo")
     remaining = session.remaining_pids()
     if remaining:
         console.print(f"[red]processes still running after shutdown: {remaining}[/red]")
