@@ -40,7 +40,7 @@ from builders import pool_manifest, pool_spec_dict
 pytestmark = pytest.mark.cluster
 
 HERE = Path(__file__).resolve().parent
-SERVICEMONITOR_STUB = HERE / "servicemonitor-crd-stub.yaml"
+PROMETHEUS_OPERATOR_STUBS = HERE / "prometheus-operator-crd-stubs.yaml"
 GROUP = "gpuworkers.dev"
 CRD_NAME = f"gpuworkerpools.{GROUP}"
 POOL_LABEL = "gpuworkers.dev/pool"
@@ -68,15 +68,20 @@ def list_items(cluster: DevCluster, *args: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def servicemonitor_crd(dev_cluster: DevCluster) -> Iterator[None]:
-    """The ServiceMonitor CRD (a typed subset, see the stub), unless it is there already."""
-    existing = get_json(dev_cluster, "crd", "servicemonitors.monitoring.coreos.com")
-    if existing is None:
-        dev_cluster.kubectl("apply", "--server-side", "-f", str(SERVICEMONITOR_STUB))
-        wait_established(dev_cluster, "servicemonitors.monitoring.coreos.com")
+def prometheus_operator_crds(dev_cluster: DevCluster) -> Iterator[None]:
+    """The Prometheus Operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs
+    (typed subsets, see the stubs), each unless it is there already."""
+    stubs = [doc for doc in yaml.safe_load_all(PROMETHEUS_OPERATOR_STUBS.read_text()) if doc]
+    installed = []
+    for stub in stubs:
+        name = stub["metadata"]["name"]
+        if get_json(dev_cluster, "crd", name) is None:
+            dev_cluster.kubectl("apply", "--server-side", "-f", "-", input=yaml.safe_dump(stub))
+            wait_established(dev_cluster, name)
+            installed.append(name)
     yield
-    if existing is None:
-        dev_cluster.kubectl("delete", "-f", str(SERVICEMONITOR_STUB), "--ignore-not-found")
+    for name in installed:
+        dev_cluster.kubectl("delete", "crd", name, "--ignore-not-found")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +92,7 @@ def gpuworkerpool_crd(dev_cluster: DevCluster) -> None:
     install_crd(dev_cluster)
 
 
-@pytest.mark.usefixtures("servicemonitor_crd", "gpuworkerpool_crd")
+@pytest.mark.usefixtures("prometheus_operator_crds", "gpuworkerpool_crd")
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_rendered_chart_passes_server_side_dry_run(
     dev_cluster: DevCluster, helm: Helm, tmp_path: Path, name: str
@@ -126,6 +131,10 @@ def test_rendered_chart_passes_server_side_dry_run(
             assert any(line.startswith("gpuworkerpool.gpuworkers.dev/") for line in applied)
         if name == "metrics-servicemonitor":
             assert any(line.startswith("servicemonitor.monitoring.coreos.com/") for line in applied)
+        if name == "monitoring":
+            for kind in ("podmonitor", "prometheusrule"):
+                assert any(line.startswith(f"{kind}.monitoring.coreos.com/") for line in applied)
+            assert any(line.startswith("configmap/") for line in applied)
     finally:
         dev_cluster.delete_namespaces(release_ns, *watched)
 

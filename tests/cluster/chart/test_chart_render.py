@@ -112,6 +112,24 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "podDisruptionBudget": {"minAvailable": 2},
     },
     "no-leader-election": {"leaderElection": {"enabled": False}},
+    "monitoring": {
+        "metrics": {"enabled": True, "serviceMonitor": {"enabled": True}},
+        "prefect": {
+            "apiUrl": "http://prefect-server.prefect.svc.cluster.local:4200/api",
+            "allowedApiUrls": ["http://prefect-server.prefect.svc.cluster.local:4200/api"],
+        },
+        "samplePool": {"enabled": True, "workPool": "gpu-demo"},
+        "monitoring": {
+            "prometheusRule": {
+                "enabled": True,
+                "alertLabels": {"team": "ml-platform"},
+                "runbookBaseUrl": "https://example.com/pgw/",
+                "alerts": {"PgwGpuHeldButIdle": {"enabled": False}},
+            },
+            "podMonitor": {"enabled": True, "scrapeTimeout": "10s"},
+            "dashboard": {"enabled": True},
+        },
+    },
 }
 
 FORBIDDEN_VERBS = {"*", "delete", "deletecollection", "update", "escalate", "bind", "impersonate"}
