@@ -10,8 +10,10 @@ not pay for it unless a test needs it.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -104,6 +106,8 @@ def start_worker(
         else:
             deployment_id = like.deployment_id
         log_path = tmp_path / f"{worker}-{len(started)}.log"
+        # A short path: a Unix socket's is at most 107 bytes, tmp_path's may be longer.
+        metrics_socket = Path(tempfile.mkdtemp(prefix="pgw-")) / "metrics.sock"
         env = {
             **os.environ,
             **prefect_server.env(),
@@ -115,10 +119,11 @@ def start_worker(
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "prefect_gpu_workers", "worker", "--pool", pool,
-                 "--flow-runs", str(flow_runs), "--drain-seconds", str(drain_s)],
+                 "--flow-runs", str(flow_runs), "--drain-seconds", str(drain_s),
+                 "--metrics-socket", str(metrics_socket)],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        handle = DrainingWorker(worker, limit, deployment_id, proc, log_path)
+        handle = DrainingWorker(worker, limit, deployment_id, proc, log_path, metrics_socket)
         started.append(handle)
         wait_until(lambda: "slot broker for" in handle.log(), "the worker is up", 180)
         return handle
@@ -126,6 +131,7 @@ def start_worker(
     yield start
     for handle in started:
         stop_process_group(handle.proc, grace_s=30)
+        shutil.rmtree(handle.metrics_socket.parent, ignore_errors=True)
 
 
 @pytest.fixture

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.deployments.runner import RunnerDeployment
 from prefect.types.entrypoint import EntrypointType
+from prometheus_client.parser import text_string_to_metric_families
 
 from pgw_flows.params import PipelineParams
 from prefect_gpu_workers.local.prefect_ops import local_job_variables, read_runs
@@ -26,6 +28,13 @@ class DrainingWorker:
     deployment_id: UUID
     proc: subprocess.Popen[bytes]
     log_path: Path
+    metrics_socket: Path  # its ``--metrics-socket``
+
+    def metrics(self) -> str:
+        """The worker's Prometheus text, read from its Unix socket."""
+        transport = httpx.HTTPTransport(uds=str(self.metrics_socket))
+        with httpx.Client(transport=transport, trust_env=False, timeout=10) as http:
+            return http.get("http://localhost/metrics").raise_for_status().text
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -36,6 +45,16 @@ class DrainingWorker:
             self.deployment_id, parameters=params.as_parameters(), job_variables={"env": env}
         )
         return run.id
+
+
+def metric_sample(text: str, family: str, **labels: str) -> float | None:
+    """The value of the first sample of ``family`` whose labels include ``labels``,
+    in Prometheus text; None when there is none."""
+    for metric in text_string_to_metric_families(text):
+        for sample in metric.samples:
+            if sample.name == family and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return None
 
 
 def states(client: SyncPrefectClient, ids: list[UUID]) -> dict[UUID, tuple[str, str, str]]:

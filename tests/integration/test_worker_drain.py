@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 
 from broker_harness import active_slots, wait_until
 from prefect.client.orchestration import get_client
 from prefect.states import Cancelled, Running
-from worker_harness import DrainingWorker, states
+from worker_harness import DrainingWorker, metric_sample, states
 
 from prefect_gpu_workers.naming import FLOW_RUN_ID_ENV, WORKER_ID_ENV
 from prefect_gpu_workers.procfs import pids_with_env
@@ -35,9 +36,29 @@ def test_sigterm_lets_the_runs_in_flight_finish_and_takes_no_more(
             "both runs are running",
             300,
         )
+        # Both in their GPU step (20 s each), so the drain waits on GPU time.
+        wait_until(
+            lambda: metric_sample(worker.metrics(), "pgw_gpu_slots_held") == 2,
+            "both runs hold their slots at the broker",
+            120,
+        )
+        assert metric_sample(worker.metrics(), "pgw_worker_draining") == 0
+        signalled = time.time()
         worker.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: "draining" in worker.log(), "the worker starts draining", 30)
         late = worker.submit(client, gpu_s=1.0, env={})
+        # What the drain alert reads, and the GPU time of the runs it waits for.
+        text = worker.metrics()
+        assert metric_sample(text, "pgw_worker_draining") == 1
+        began = metric_sample(text, "pgw_worker_drain_started_timestamp_seconds")
+        assert began is not None
+        assert signalled - 1 <= began <= time.time()
+        assert metric_sample(text, "pgw_worker_drain_grace_seconds") == 300
+        held = metric_sample(
+            text, "pgw_gpu_step_held_slot_seconds_total", deployment=f"pipeline-{worker.worker}"
+        )
+        assert held is not None
+        assert held > 0, text
         assert worker.proc.wait(timeout=300) == 0, worker.log()[-3000:]
         after = states(client, [*first, late])
     assert [after[run_id][0] for run_id in first] == ["COMPLETED", "COMPLETED"]

@@ -13,7 +13,7 @@ from broker_harness import BrokerThread, create_limit, start_thread, unique_work
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.utilities.asyncutils import run_coro_as_sync
-from prometheus_client.parser import text_string_to_metric_families
+from worker_harness import metric_sample
 
 from prefect_gpu_workers.naming import SLOT_BROKER_ENV
 from prefect_gpu_workers.server import LocalPrefectServer
@@ -26,12 +26,7 @@ def _scrape(port: int, path: str = "/metrics") -> str:
         return str(response.read().decode())
 
 
-def _sample(text: str, family: str, **labels: str) -> float | None:
-    for metric in text_string_to_metric_families(text):
-        for sample in metric.samples:
-            if sample.name == family and sample.labels == labels:
-                return float(sample.value)
-    return None
+HELD = "pgw_gpu_step_held_slot_seconds_total"
 
 
 async def _deployment(name: str) -> str:
@@ -60,7 +55,10 @@ def test_a_deployments_held_seconds_are_served_over_http(
             # A step still holding is counted up to the scrape.
             wait_until(
                 lambda: (
-                    (_sample(_scrape(port), "pgw_gpu_step_held_slot_seconds_total", **step) or 0)
+                    (
+                        metric_sample(_scrape(port), "pgw_gpu_step_held_slot_seconds_total", **step)
+                        or 0
+                    )
                     > 0
                 ),
                 "the held seconds of a live step grow",
@@ -68,13 +66,13 @@ def test_a_deployments_held_seconds_are_served_over_http(
             sock.sendall(encode({"op": "release"}))
             assert decode(lines.readline())["event"] == "released"
         text = _scrape(port)
-        assert _sample(text, "pgw_gpu_steps_total", **step) == 1
-        held = _sample(text, "pgw_gpu_step_held_slot_seconds_total", **step)
+        assert metric_sample(text, "pgw_gpu_steps_total", **step) == 1
+        held = metric_sample(text, "pgw_gpu_step_held_slot_seconds_total", **step)
         assert held is not None
         assert held > 0
         # Released (answered after the broker let go): it no longer grows.
-        assert _sample(_scrape(port), "pgw_gpu_step_held_slot_seconds_total", **step) == held
-        assert _sample(text, "pgw_gpu_slots_active", limit=limit) is not None
+        assert metric_sample(_scrape(port), HELD, **step) == held
+        assert metric_sample(text, "pgw_gpu_slots_active", limit=limit) is not None
         with pytest.raises(urllib.error.HTTPError) as caught:
             _scrape(port, "/other")
         assert caught.value.code == 404
@@ -103,4 +101,4 @@ def test_a_step_in_a_flow_and_task_is_counted_under_their_names(
         thread.join(120)
         assert not thread.is_alive()
         step = {"limit": limit, "deployment": "none", "flow": "accounted-pipeline"}
-        assert _sample(_scrape(port), "pgw_gpu_steps_total", **step, task="fit-step") == 1
+        assert metric_sample(_scrape(port), "pgw_gpu_steps_total", **step, task="fit-step") == 1
