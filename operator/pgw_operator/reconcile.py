@@ -18,9 +18,10 @@ the periodic resync, everything, with every limit read back from Prefect
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -530,7 +531,7 @@ async def reconcile_pool(
             state.worker_account_applied = False  # apply it again next pass
         await ensure_disruption_budget(pool, state)
     api = await _prefect_api(pool, state, spec, allowed, fresh=scope.full)
-    try:
+    async with _key_read_again_if_refused(state):
         if scope.pool:
             if spec.create_work_pool and state.ensured_work_pool != (spec.api_url, spec.work_pool):
                 if await api.ensure_work_pool(spec.work_pool):
@@ -551,10 +552,6 @@ async def reconcile_pool(
             outcome = await reconcile_limits(
                 pool, state, spec, scope, pods, nodes, objects, api, emit
             )
-    except PrefectError as exc:
-        if exc.reason == "PrefectUnauthorized":
-            await state.aclose()  # read the key again next pass
-        raise
 
     if scope.pods is None:
         state.problems = dict.fromkeys(outcome.problems)
@@ -567,6 +564,18 @@ async def reconcile_pool(
     record_metrics(pool, spec, state.ledger, outcome.done)
     if outcome.failure is not None:
         raise outcome.failure
+
+
+@contextlib.asynccontextmanager
+async def _key_read_again_if_refused(state: PoolState) -> AsyncIterator[None]:
+    """Prefect answered 401: the pool's client is closed, so the next pass reads the
+    API key again (a rotated Secret), whichever pass met it."""
+    try:
+        yield
+    except PrefectError as exc:
+        if exc.reason == "PrefectUnauthorized":
+            await state.aclose()
+        raise
 
 
 async def reconcile_pods(
@@ -587,14 +596,10 @@ async def reconcile_pods(
     """
     spec = PoolSpec.from_dict(dict(pool.spec))
     api = await _prefect_api(pool, state, spec, allowed, fresh=False)
-    try:
+    async with _key_read_again_if_refused(state):
         outcome = await reconcile_limits(
             pool, state, spec, PassScope(pool=False, pods=scope), pods, nodes, objects, api, emit
         )
-    except PrefectError as exc:
-        if exc.reason == "PrefectUnauthorized":
-            await state.aclose()
-        raise
     state.problems.update(dict.fromkeys(outcome.problems))
     state.limit_failure = outcome.failure
     record_metrics(pool, spec, state.ledger, outcome.done)
