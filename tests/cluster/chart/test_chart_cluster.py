@@ -557,6 +557,23 @@ def test_the_operator_s_account_may_change_only_pools_objects_and_the_deletion_c
             apps.create_namespaced_deployment(ns, foreign, dry_run="All")
         assert info.value.status == 403
         assert "of a GpuWorkerPool" in str(info.value.body)
+        # A worker's limit record too: only a pool's (RBAC lets it create any).
+        records = client.CustomObjectsApi(as_operator)
+        record = {
+            "apiVersion": "gpuworkers.dev/v1alpha1", "kind": "GpuWorkerLimit",
+            "metadata": {"name": "not-a-pools"},
+            "spec": {"pool": "p", "pod": "not-a-pools", "restarts": 0, "limits": []},
+        }  # fmt: skip
+        with pytest.raises(client.ApiException) as info:
+            records.create_namespaced_custom_object(
+                "gpuworkers.dev", "v1alpha1", ns, "gpuworkerlimits", record, dry_run="All"
+            )
+        assert info.value.status == 403, info.value.body
+        assert "of a GpuWorkerPool" in str(info.value.body)
+        record["metadata"]["labels"] = {"gpuworkers.dev/pool": "p"}
+        records.create_namespaced_custom_object(
+            "gpuworkers.dev", "v1alpha1", ns, "gpuworkerlimits", record, dry_run="All"
+        )
     finally:
         for name in pods:
             admin.delete_namespaced_pod(name, ns, grace_period_seconds=0)

@@ -756,7 +756,13 @@ def test_the_operator_s_admission_policy_binds_its_own_account_only(
     account = f"system:serviceaccount:{NAMESPACE}:{FULLNAME}"
     assert condition["expression"] == f'request.userInfo.username == "{account}"'
     resources = {r["resources"][0] for r in policy["matchConstraints"]["resourceRules"]}
-    assert resources == {"pods", "deployments", "poddisruptionbudgets", "serviceaccounts"}
+    assert resources == {
+        "pods",
+        "deployments",
+        "poddisruptionbudgets",
+        "serviceaccounts",
+        "gpuworkerlimits",
+    }
     off = render(helm, tmp_path, {"operatorAdmissionPolicy": False})
     assert all(m["metadata"]["name"] != name for m in off)
 
