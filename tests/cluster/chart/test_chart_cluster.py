@@ -559,7 +559,7 @@ def test_the_operator_s_account_may_change_only_pools_objects_and_the_deletion_c
         assert "of a GpuWorkerPool" in str(info.value.body)
         # A worker's limit record too: only a pool's (RBAC lets it create any).
         records = client.CustomObjectsApi(as_operator)
-        record = {
+        record: dict[str, Any] = {
             "apiVersion": "gpuworkers.dev/v1alpha1", "kind": "GpuWorkerLimit",
             "metadata": {"name": "not-a-pools"},
             "spec": {"pool": "p", "pod": "not-a-pools", "restarts": 0, "limits": []},
