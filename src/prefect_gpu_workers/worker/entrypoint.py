@@ -827,23 +827,27 @@ async def serve_worker(
 
             metrics_servers.append(await serve_metrics_http(metrics_port, metrics_text))
             print(f"worker metrics on http://0.0.0.0:{metrics_port}/metrics", flush=True)
-        # NVML once a second: the accounting's busy and memory figures, per-GPU gauges.
-        sampling = asyncio.ensure_future(
-            feed_gpu_readings(
-                lambda readings: broker.accounting.sample(readings, broker.clock()),
-                [gpu.uuid for gpu in gpus],
-                say=print_line,
+        # NVML once a second: the accounting's busy and memory figures, per-GPU
+        # gauges. Only read where the metrics are served: nobody else reads them.
+        sampling = None
+        if metrics_servers:
+            sampling = asyncio.ensure_future(
+                feed_gpu_readings(
+                    lambda readings: broker.accounting.sample(readings, broker.clock()),
+                    [gpu.uuid for gpu in gpus],
+                    say=print_line,
+                )
             )
-        )
         worker = _new_worker(pool, worker_id, flow_runs, broker, request.name, intake, launcher)
         # Only the processes of this worker's runs wait at its broker.
         broker.runs_in_flight = lambda: {str(run_id) for run_id in worker.runs.runs}
         try:
             return await run_until_stopped(worker, with_healthcheck, drain_s, broker, drain_gauges)
         finally:
-            sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampling
+            if sampling is not None:
+                sampling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampling
             for server in metrics_servers:
                 server.close()
 
