@@ -142,48 +142,26 @@ def publish_report(
         markdown: the timeline (:func:`local.timeline.timeline_markdown`).
         description: one line shown above both artifacts.
     """
-    try:
-        return _publish(client, command, pool, table, markdown, description)
-    except Exception as exc:  # any failure: the report is a courtesy, the batch is done
-        return Published(error=f"{type(exc).__name__}: {exc}"[:300])
-
-
-def _publish(
-    client: SyncPrefectClient,
-    command: Command,
-    pool: str,
-    table: Sequence[dict[str, Cell]],
-    markdown: str,
-    description: str,
-) -> Published:
     from prefect.client.schemas.actions import ArtifactCreate
     from prefect.states import Completed, Running
 
     name = report_run_name(command, time.time())
-    run = client.create_flow_run(
-        _report_flow(command), name=name, tags=report_tags(pool), state=Running()
-    )
     table_key, timeline_key = report_keys(command)
-    client.create_artifact(
-        ArtifactCreate(
-            key=table_key,
-            type="table",
-            description=description,
-            data=table_json(table),
-            flow_run_id=run.id,
+    try:
+        artifacts = ((table_key, "table", table_json(table)), (timeline_key, "markdown", markdown))
+        run = client.create_flow_run(
+            _report_flow(command), name=name, tags=report_tags(pool), state=Running()
         )
-    )
-    client.create_artifact(
-        ArtifactCreate(
-            key=timeline_key,
-            type="markdown",
-            description=description,
-            data=markdown,
-            flow_run_id=run.id,
-        )
-    )
-    client.set_flow_run_state(run.id, Completed(message=description), force=True)
-    _wait_for_events_sent()
+        for key, kind, data in artifacts:
+            client.create_artifact(
+                ArtifactCreate(
+                    key=key, type=kind, description=description, data=data, flow_run_id=run.id
+                )
+            )
+        client.set_flow_run_state(run.id, Completed(message=description), force=True)
+        _wait_for_events_sent()
+    except Exception as exc:  # any failure: the report is a courtesy, the batch is done
+        return Published(error=f"{type(exc).__name__}: {exc}"[:300])
     return Published(run_id=run.id, run_name=name)
 
 
